@@ -1,0 +1,87 @@
+//! The library's error type: every failure a caller can cause or meet, each
+//! with a message that says what went wrong and what to do about it.
+
+use std::path::PathBuf;
+
+use crate::run::RunStatus;
+
+/// What can go wrong in modrun's library calls.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A run with this id is queued or running, so it cannot be added or started again.
+    #[error("run {run_id} is already active ({status}); wait for it to finish or cancel it first")]
+    RunActive {
+        /// The id that is in use.
+        run_id: String,
+        /// Its current status.
+        status: RunStatus,
+    },
+
+    /// No run with this id is recorded.
+    #[error("run {0} not found")]
+    RunNotFound(String),
+
+    /// The run already reached a terminal status; its record is final.
+    #[error("run {run_id} is already {status}; a finished run cannot change")]
+    RunFinished {
+        /// The finished run.
+        run_id: String,
+        /// Its terminal status.
+        status: RunStatus,
+    },
+
+    /// A status change that the status flow does not allow.
+    #[error("run {run_id} cannot go from {from} to {to}")]
+    InvalidTransition {
+        /// The run concerned.
+        run_id: String,
+        /// Its current status.
+        from: RunStatus,
+        /// The status that was asked for.
+        to: RunStatus,
+    },
+
+    /// The manager's queue of waiting runs is full.
+    #[error("too many runs waiting: {queued} queued, the limit is {limit}; retry once some finish")]
+    QueueFull {
+        /// How many runs are waiting.
+        queued: usize,
+        /// The configured bound.
+        limit: usize,
+    },
+
+    /// The manager is shutting down and takes no new work.
+    #[error("the task manager is shutting down and accepts no new runs")]
+    ShuttingDown,
+
+    /// A status name that is not one of modrun's.
+    #[error(
+        "unknown run status {0:?}; expected one of queued, running, completed, failed, cancelled"
+    )]
+    UnknownStatus(String),
+
+    /// The registry database could not be opened or used.
+    #[error("run registry at {}: {message}", path.display())]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// What went wrong, in words.
+        message: String,
+    },
+
+    /// A stored value could not be read back (the database was edited by hand, or is damaged).
+    #[error("run registry holds a value it cannot read: {0}")]
+    Corrupt(String),
+
+    /// A time the registry cannot store.
+    #[error("time {0} is outside the years 1677 to 2262 that the run registry stores")]
+    TimeOutOfRange(chrono::DateTime<chrono::Utc>),
+
+    /// The registry's storage thread is gone (it was closed, or it panicked).
+    #[error("the run registry is closed")]
+    RegistryClosed,
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,52 @@
+//! modrun runs work as tracked background tasks: start it and get a run id
+//! at once, watch its status change in a run registry, cancel it, and shut
+//! down without losing anything.
+//!
+//! - [`Run`] and [`RunStatus`]: one invocation and the status flow it follows.
+//! - [`RunRegistry`]: the record of runs and of every status change, in
+//!   memory or in a SQLite file that survives crashes.
+//! - [`BackgroundTaskManager`]: starts futures as tracked tasks, with limits,
+//!   cancellation and graceful shutdown.
+//!
+//! # Quick start
+//!
+//! ```
+//! use modrun::{BackgroundTaskManager, Run, RunRegistry, RunStatus};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> anyhow::Result<()> {
+//! let registry = RunRegistry::in_memory();
+//! let manager = BackgroundTaskManager::new(registry.clone());
+//!
+//! let run = Run::new("my-module", "My Module")
+//!     .with_parameters(serde_json::json!({"key": "value"}));
+//! registry.add_run(&run).await?;
+//!
+//! // Returns at once; the work goes on in the background.
+//! let run_id = manager
+//!     .start_task(run, async {
+//!         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+//!         anyhow::Ok("result")
+//!     })
+//!     .await?;
+//! assert!(manager.is_task_active(&run_id));
+//!
+//! // Before shutting down:
+//! manager.wait_all().await;
+//! let history = registry.history(&run_id).await?;
+//! let statuses: Vec<RunStatus> = history.iter().map(|change| change.status).collect();
+//! assert_eq!(statuses, [RunStatus::Queued, RunStatus::Running, RunStatus::Completed]);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod manager;
+pub mod registry;
+pub mod run;
+
+pub use error::{Error, Result};
+pub use manager::{BackgroundTaskManager, CancelReason, ShutdownReport, TaskLimits, TaskOutput};
+pub use registry::{RunEvent, RunFilter, RunRegistry, RunStore};
+pub use run::{Progress, Run, RunStatus, StatusChange, Transition};

@@ -1,0 +1,540 @@
+//! The background task manager: starts work as tracked tokio tasks, records
+//! every status change in the registry, cancels, limits and shuts down.
+//!
+//! The registry is the one judge of how a run ends: the task and a canceller
+//! both ask it for a terminal status, and its conditional
+//! [`transition`](RunRegistry::transition) lets exactly one of them win.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::registry::{Existing, RunRegistry};
+use crate::run::{EXIT_FAILURE, EXIT_PANIC, Run, RunStatus, Transition};
+
+/// Bounds on the work a manager takes on. The default bounds nothing, as the
+/// guide's manager did; a server should set both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskLimits {
+    /// At most this many tasks run at once; the others wait, `Queued`, in
+    /// the order they were started.
+    pub max_concurrent: Option<usize>,
+    /// At most this many tasks wait for a slot; past it, `start_task` is
+    /// refused with [`Error::QueueFull`]. Only applies with `max_concurrent`.
+    pub max_queued: Option<usize>,
+}
+
+/// Why a run was cancelled; recorded as its history message and error message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelReason {
+    /// Somebody asked for it.
+    User,
+    /// The manager was shutting down and the run did not finish within the grace period.
+    Shutdown,
+    /// Another reason, in words.
+    Other(String),
+}
+
+impl fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CancelReason::User => f.write_str("cancelled by user"),
+            CancelReason::Shutdown => f.write_str("cancelled: shutdown"),
+            CancelReason::Other(reason) => write!(f, "cancelled: {reason}"),
+        }
+    }
+}
+
+/// What a task's work returns, turned into a run's outcome: `Ok` output is
+/// stored as JSON (`Completed`), an error's message makes the run `Failed`.
+pub trait TaskOutput {
+    /// The output as JSON, or the error message.
+    fn into_outcome(self) -> Result<Value, String>;
+}
+
+impl TaskOutput for () {
+    fn into_outcome(self) -> Result<Value, String> {
+        Ok(Value::Null)
+    }
+}
+
+impl<T: Serialize, E: fmt::Display> TaskOutput for Result<T, E> {
+    fn into_outcome(self) -> Result<Value, String> {
+        match self {
+            // `{:#}` shows an error's whole chain where it has one (anyhow).
+            Err(e) => Err(format!("{e:#}")),
+            Ok(output) => serde_json::to_value(output)
+                .map_err(|e| format!("the task's output cannot be stored as JSON: {e}")),
+        }
+    }
+}
+
+/// What [`BackgroundTaskManager::shutdown`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Runs cancelled because they outlived the grace period.
+    pub cancelled: Vec<String>,
+    /// Tasks still executing when shutdown returned: work that ignored
+    /// cancellation by never yielding. Their runs are recorded `Cancelled`.
+    pub still_running: usize,
+}
+
+/// Starts work as tracked background tasks: fire-and-forget, with every
+/// status change recorded in a [`RunRegistry`].
+///
+/// Cheap to clone: clones share the same tasks.
+///
+/// # Examples
+///
+/// ```
+/// use modrun::{BackgroundTaskManager, Run, RunRegistry, RunStatus};
+///
+/// # #[tokio::main]
+/// # async fn main() -> modrun::Result<()> {
+/// let registry = RunRegistry::in_memory();
+/// let manager = BackgroundTaskManager::new(registry.clone());
+///
+/// let run = Run::new("greeter", "Greeter");
+/// let run_id = manager
+///     .start_task(run, async { Ok::<_, std::io::Error>("hello") })
+///     .await?;
+///
+/// manager.wait_all().await;
+/// let run = registry.get_run(&run_id).await?.expect("recorded");
+/// assert_eq!(run.status, RunStatus::Completed);
+/// assert_eq!(run.output, Some("hello".into()));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct BackgroundTaskManager {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for BackgroundTaskManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackgroundTaskManager")
+            .field("active", &self.active_task_count())
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    registry: RunRegistry,
+    limits: TaskLimits,
+    state: Mutex<State>,
+    /// Spawned tasks whose future has not ended yet (cancelled ones included
+    /// until they stop), and a wake-up for `wait_all` when it reaches zero.
+    tasks: AtomicUsize,
+    idle: Notify,
+    next_task: AtomicU64,
+    shutting_down: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    /// Runs this manager owns that are not finished: queued or running.
+    active: HashMap<String, Tracked>,
+    /// Slots in use, when `max_concurrent` is set.
+    running: usize,
+    /// Tasks waiting for a slot, first come first served.
+    waiting: VecDeque<(String, oneshot::Sender<Slot>)>,
+}
+
+struct Tracked {
+    /// Tells the task to stop.
+    token: CancellationToken,
+    /// Tells this task from a later one that reuses its run id.
+    task: u64,
+    started: bool,
+}
+
+impl BackgroundTaskManager {
+    /// A manager recording into `registry`, with no limits.
+    #[must_use]
+    pub fn new(registry: RunRegistry) -> BackgroundTaskManager {
+        BackgroundTaskManager::with_limits(registry, TaskLimits::default())
+    }
+
+    /// A manager recording into `registry`, bounded by `limits`.
+    #[must_use]
+    pub fn with_limits(registry: RunRegistry, limits: TaskLimits) -> BackgroundTaskManager {
+        BackgroundTaskManager {
+            inner: Arc::new(Inner {
+                registry,
+                limits,
+                state: Mutex::new(State::default()),
+                tasks: AtomicUsize::new(0),
+                idle: Notify::new(),
+                next_task: AtomicU64::new(0),
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The registry this manager records into.
+    #[must_use]
+    pub fn registry(&self) -> &RunRegistry {
+        &self.inner.registry
+    }
+
+    /// Starts `work` in the background as run `run`, and returns the run id
+    /// as soon as the run is recorded — never waiting for the work.
+    ///
+    /// The run is recorded `Queued` (added if the registry does not have it;
+    /// a finished run with the same id is replaced), becomes `Running` when
+    /// its work really starts, and ends `Completed` with the work's output,
+    /// `Failed` with its error (or panic) message, or `Cancelled`.
+    ///
+    /// Refused, with nothing started, when a run with this id is already
+    /// queued or running ([`Error::RunActive`]), when the queue is full
+    /// ([`Error::QueueFull`]) or the manager is shutting down
+    /// ([`Error::ShuttingDown`]).
+    pub async fn start_task<F>(&self, run: Run, work: F) -> Result<String>
+    where
+        F: Future + Send + 'static,
+        F::Output: TaskOutput,
+    {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let run = run.requeued();
+        let (task, slot) = self.admit(&run.run_id)?;
+        // The task records the run itself, so that once a start has begun it
+        // completes even if our caller stops waiting: no run is left `Queued`
+        // with nothing to start it.
+        let (recorded, on_recorded) = oneshot::channel();
+        let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
+        let run_id = run.run_id.clone();
+        tokio::spawn(execute(task, slot, run, recorded, work).instrument(span));
+        on_recorded.await.map_err(|_| Error::RegistryClosed)??;
+        Ok(run_id)
+    }
+
+    /// Reserves the id and a slot (or a place in the queue) for a new run.
+    /// Nothing awaits between this and spawning the task that owns the
+    /// reservation, which releases it when it ends.
+    fn admit(&self, run_id: &str) -> Result<(TaskEnd, Pending)> {
+        let mut state = self.inner.lock();
+        if let Some(tracked) = state.active.get(run_id) {
+            return Err(Error::RunActive {
+                run_id: run_id.to_owned(),
+                status: if tracked.started {
+                    RunStatus::Running
+                } else {
+                    RunStatus::Queued
+                },
+            });
+        }
+        let slot = match self.inner.limits.max_concurrent {
+            None => Pending::Unlimited,
+            Some(max) if state.running < max => {
+                state.running += 1;
+                Pending::Ready(Slot::new(self.inner.clone()))
+            }
+            Some(_) => {
+                let limit = self.inner.limits.max_queued.unwrap_or(usize::MAX);
+                if state.waiting.len() >= limit {
+                    return Err(Error::QueueFull {
+                        queued: state.waiting.len(),
+                        limit,
+                    });
+                }
+                let (grant, granted) = oneshot::channel();
+                state.waiting.push_back((run_id.to_owned(), grant));
+                Pending::Waiting(granted)
+            }
+        };
+        let token = CancellationToken::new();
+        let task = self.inner.next_task.fetch_add(1, Ordering::Relaxed);
+        state.active.insert(
+            run_id.to_owned(),
+            Tracked {
+                token: token.clone(),
+                task,
+                started: false,
+            },
+        );
+        self.inner.tasks.fetch_add(1, Ordering::AcqRel);
+        let end = TaskEnd {
+            inner: self.inner.clone(),
+            run_id: run_id.to_owned(),
+            token,
+            task,
+        };
+        Ok((end, slot))
+    }
+
+    /// Cancels an active run: `true` if it was queued or running and is now
+    /// recorded `Cancelled`; `false` if this manager does not know it or it
+    /// finished first (its status then stays as it was).
+    ///
+    /// The work is stopped at its next `.await`.
+    pub async fn cancel_task(&self, run_id: &str) -> Result<bool> {
+        self.cancel_task_because(run_id, CancelReason::User).await
+    }
+
+    /// [`cancel_task`](Self::cancel_task), recording `reason`.
+    pub async fn cancel_task_because(&self, run_id: &str, reason: CancelReason) -> Result<bool> {
+        let Some((token, task)) = self
+            .inner
+            .lock()
+            .active
+            .get(run_id)
+            .map(|tracked| (tracked.token.clone(), tracked.task))
+        else {
+            return Ok(false);
+        };
+        let recorded = self
+            .inner
+            .registry
+            .transition(&Transition::cancelled(run_id, reason.to_string()))
+            .await?;
+        if recorded {
+            token.cancel();
+            self.inner.forget(run_id, task);
+            tracing::info!(run_id, %reason, "run cancelled");
+        }
+        Ok(recorded)
+    }
+
+    /// Waits until every task started so far has ended (cancelled ones
+    /// included, once their work has stopped). Never fails: outcomes are in
+    /// the registry.
+    pub async fn wait_all(&self) {
+        loop {
+            let idle = self.inner.idle.notified();
+            if self.inner.tasks.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Stops taking new runs, waits up to `grace` for the active ones, then
+    /// cancels the rest (reason: shutdown), waits up to `grace` again for
+    /// their work to stop, and flushes the registry.
+    pub async fn shutdown(&self, grace: Duration) -> Result<ShutdownReport> {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        let mut report = ShutdownReport::default();
+        if tokio::time::timeout(grace, self.wait_all()).await.is_err() {
+            for run_id in self.active_task_ids() {
+                if self
+                    .cancel_task_because(&run_id, CancelReason::Shutdown)
+                    .await?
+                {
+                    report.cancelled.push(run_id);
+                }
+            }
+            if tokio::time::timeout(grace, self.wait_all()).await.is_err() {
+                report.still_running = self.inner.tasks.load(Ordering::Acquire);
+            }
+        }
+        self.inner.registry.flush().await?;
+        Ok(report)
+    }
+
+    /// How many runs are queued or running.
+    #[must_use]
+    pub fn active_task_count(&self) -> usize {
+        self.inner.lock().active.len()
+    }
+
+    /// The ids of the runs that are queued or running.
+    #[must_use]
+    pub fn active_task_ids(&self) -> Vec<String> {
+        self.inner.lock().active.keys().cloned().collect()
+    }
+
+    /// Whether the run is queued or running in this manager.
+    #[must_use]
+    pub fn is_task_active(&self, run_id: &str) -> bool {
+        self.inner.lock().active.contains_key(run_id)
+    }
+
+    /// How many runs wait for a slot.
+    #[must_use]
+    pub fn queued_task_count(&self) -> usize {
+        self.inner.lock().waiting.len()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section is a few map and queue operations that do
+        // not panic halfway, so a poisoned lock still guards consistent state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops a run from the active set, and from the queue if it waits there;
+    /// only if it is still the same task, not a later run reusing the id.
+    fn forget(&self, run_id: &str, task: u64) {
+        let mut state = self.lock();
+        if state
+            .active
+            .get(run_id)
+            .is_some_and(|tracked| tracked.task == task)
+        {
+            state.active.remove(run_id);
+            state.waiting.retain(|(waiting, _)| waiting != run_id);
+        }
+    }
+
+    fn mark_started(&self, run_id: &str) {
+        if let Some(tracked) = self.lock().active.get_mut(run_id) {
+            tracked.started = true;
+        }
+    }
+
+    /// Gives a freed slot to the first waiting task, or returns it to the pool.
+    fn release_slot(self: &Arc<Self>) {
+        loop {
+            let next = {
+                let mut state = self.lock();
+                match state.waiting.pop_front() {
+                    Some((_, grant)) => grant,
+                    None => {
+                        state.running -= 1;
+                        return;
+                    }
+                }
+            };
+            // A waiter that is gone (cancelled) hands the slot back: try the next.
+            match next.send(Slot::new(self.clone())) {
+                Ok(()) => return,
+                Err(mut slot) => slot.owner = None,
+            }
+        }
+    }
+}
+
+/// A place among the tasks allowed to run at once; freed when dropped.
+struct Slot {
+    owner: Option<Arc<Inner>>,
+}
+
+impl Slot {
+    fn new(owner: Arc<Inner>) -> Slot {
+        Slot { owner: Some(owner) }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(owner) = self.owner.take() {
+            owner.release_slot();
+        }
+    }
+}
+
+enum Pending {
+    Unlimited,
+    Ready(Slot),
+    Waiting(oneshot::Receiver<Slot>),
+}
+
+/// A task's hold on its run id and on the live task count, released when
+/// the task's future ends, however it ends.
+struct TaskEnd {
+    inner: Arc<Inner>,
+    run_id: String,
+    token: CancellationToken,
+    task: u64,
+}
+
+impl Drop for TaskEnd {
+    fn drop(&mut self) {
+        self.inner.forget(&self.run_id, self.task);
+        if self.inner.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.idle.notify_waiters();
+        }
+    }
+}
+
+async fn execute<F>(
+    end: TaskEnd,
+    slot: Pending,
+    run: Run,
+    recorded: oneshot::Sender<Result<()>>,
+    work: F,
+) where
+    F: Future + Send + 'static,
+    F::Output: TaskOutput,
+{
+    let (inner, run_id, token) = (&end.inner, end.run_id.as_str(), &end.token);
+    let inserted = inner.registry.insert(&run, Existing::AdoptQueued).await;
+    drop(run);
+    let failed = inserted.is_err();
+    let _ = recorded.send(inserted);
+    if failed {
+        return;
+    }
+    let _slot = match slot {
+        Pending::Unlimited => None,
+        Pending::Ready(slot) => Some(slot),
+        Pending::Waiting(granted) => tokio::select! {
+            biased;
+            () = token.cancelled() => return,
+            slot = granted => match slot {
+                Ok(slot) => Some(slot),
+                Err(_) => return,
+            },
+        },
+    };
+    if token.is_cancelled() {
+        return;
+    }
+    match inner
+        .registry
+        .transition(&Transition::running(run_id))
+        .await
+    {
+        Ok(true) => inner.mark_started(run_id),
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record the run as running; not starting it");
+            return;
+        }
+    }
+    let outcome = tokio::select! {
+        biased;
+        () = token.cancelled() => return,
+        outcome = AssertUnwindSafe(work).catch_unwind() => outcome,
+    };
+    let change = match outcome.map(TaskOutput::into_outcome) {
+        Ok(Ok(output)) => Transition::completed(run_id, output),
+        Ok(Err(message)) => {
+            tracing::warn!(error = %message, "run failed");
+            Transition::failed(run_id, EXIT_FAILURE, message)
+        }
+        Err(panic) => {
+            let message = format!("the task panicked: {}", panic_message(panic.as_ref()));
+            tracing::error!(error = %message, "run failed");
+            Transition::failed(run_id, EXIT_PANIC, message)
+        }
+    };
+    if let Err(e) = inner.registry.transition(&change).await {
+        tracing::error!(error = %e, status = %change.to, "cannot record the run's end");
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic value that is not a string)")
+}

@@ -1,0 +1,166 @@
+//! The in-memory backend: a hash map under one lock, for tests, embedding,
+//! and hosts that do not need runs to outlive the process.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{Existing, RunFilter, RunStore};
+use crate::error::{Error, Result};
+use crate::run::{Progress, Run, StatusChange, Transition};
+
+/// Runs kept in this process's memory. Status changes cost O(1) whatever the
+/// number of runs; listings scan every run.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    runs: Mutex<HashMap<String, Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    run: Run,
+    history: Vec<StatusChange>,
+}
+
+impl MemoryStore {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding the lock cannot leave an entry half-written
+        // (every mutation is a single assignment or push), so poisoning is ignored.
+        self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl RunStore for MemoryStore {
+    async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
+        let mut runs = self.lock();
+        let first = StatusChange {
+            status: run.status,
+            at: run.created_at,
+            message: None,
+        };
+        match runs.get_mut(&run.run_id) {
+            None => {
+                runs.insert(
+                    run.run_id.clone(),
+                    Entry {
+                        run: run.clone(),
+                        history: vec![first],
+                    },
+                );
+            }
+            Some(entry) if entry.run.status.is_terminal() => {
+                *entry = Entry {
+                    run: run.clone(),
+                    history: vec![first],
+                };
+            }
+            Some(entry)
+                if existing == Existing::AdoptQueued
+                    && entry.run.status == crate::RunStatus::Queued =>
+            {
+                entry.run = run.clone();
+            }
+            Some(entry) => {
+                return Err(Error::RunActive {
+                    run_id: run.run_id.clone(),
+                    status: entry.run.status,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()> {
+        let mut runs = self.lock();
+        let entry = runs
+            .get_mut(&run.run_id)
+            .ok_or_else(|| Error::RunNotFound(run.run_id.clone()))?;
+        let from = entry.run.status;
+        if from.is_terminal() {
+            return Err(Error::RunFinished {
+                run_id: run.run_id.clone(),
+                status: from,
+            });
+        }
+        if let Some(change) = change {
+            if !from.can_become(change.status) {
+                return Err(Error::InvalidTransition {
+                    run_id: run.run_id.clone(),
+                    from,
+                    to: change.status,
+                });
+            }
+            entry.history.push(change.clone());
+        }
+        entry.run = run.clone();
+        Ok(())
+    }
+
+    async fn transition(&self, change: &Transition) -> Result<Option<String>> {
+        let mut runs = self.lock();
+        let Some(entry) = runs.get_mut(&change.run_id) else {
+            return Ok(None);
+        };
+        if !entry.run.status.can_become(change.to) {
+            return Ok(None);
+        }
+        entry.run.apply(change);
+        entry.history.push(change.status_change());
+        Ok(Some(entry.run.module_id.clone()))
+    }
+
+    async fn set_progress(&self, run_id: &str, progress: &Progress) -> Result<Option<String>> {
+        let mut runs = self.lock();
+        match runs.get_mut(run_id) {
+            Some(entry) if entry.run.status.is_active() => {
+                entry.run.progress = Some(progress.clone());
+                Ok(Some(entry.run.module_id.clone()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn get(&self, run_id: &str) -> Result<Option<Run>> {
+        Ok(self.lock().get(run_id).map(|entry| entry.run.clone()))
+    }
+
+    async fn list(&self, filter: &RunFilter) -> Result<Vec<Run>> {
+        let mut matching: Vec<Run> = self
+            .lock()
+            .values()
+            .filter(|entry| filter.matches(&entry.run))
+            .map(|entry| entry.run.clone())
+            .collect();
+        // Newest first; the id breaks ties so the order is stable.
+        matching.sort_unstable_by(|a, b| (b.created_at, &b.run_id).cmp(&(a.created_at, &a.run_id)));
+        if let Some(limit) = filter.limit {
+            matching.truncate(limit);
+        }
+        Ok(matching)
+    }
+
+    async fn history(&self, run_id: &str) -> Result<Vec<StatusChange>> {
+        Ok(self
+            .lock()
+            .get(run_id)
+            .map(|entry| entry.history.clone())
+            .unwrap_or_default())
+    }
+
+    async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {
+        let mut runs = self.lock();
+        let before = runs.len();
+        runs.retain(|_, entry| {
+            !(entry.run.status.is_terminal()
+                && entry.run.completed_at.is_some_and(|at| at < cutoff))
+        });
+        Ok(before - runs.len())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}

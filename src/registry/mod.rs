@@ -1,0 +1,361 @@
+//! The run registry: the record of every run and of every status change it
+//! went through, behind one small storage trait with interchangeable backends.
+//!
+//! [`RunRegistry`] is the handle everything else holds (cheap to clone). It
+//! keeps the rules that do not depend on where runs are stored — which status
+//! changes are allowed, what a history entry is, which events to publish —
+//! while a [`RunStore`] does the storing: [`MemoryStore`] for tests and
+//! embedding, [`SqliteStore`] for a registry that survives restarts and crashes.
+
+mod memory;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+pub use memory::MemoryStore;
+pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
+
+use crate::error::Result;
+use crate::run::{Progress, Run, RunStatus, StatusChange, Transition};
+
+/// How many events a slow subscriber may fall behind before it misses some
+/// (it is then told how many it missed, see [`broadcast::error::RecvError::Lagged`]).
+const EVENT_BUFFER: usize = 4096;
+
+/// Which runs a listing returns. Listings are always newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunFilter {
+    /// Only runs in one of these statuses (all statuses when empty).
+    pub statuses: Vec<RunStatus>,
+    /// Only runs of this module.
+    pub module_id: Option<String>,
+    /// At most this many runs.
+    pub limit: Option<usize>,
+}
+
+impl RunFilter {
+    /// Whether `run` passes the status and module conditions (not the limit).
+    #[must_use]
+    pub fn matches(&self, run: &Run) -> bool {
+        (self.statuses.is_empty() || self.statuses.contains(&run.status))
+            && self.module_id.as_ref().is_none_or(|m| *m == run.module_id)
+    }
+}
+
+/// What the registry tells its subscribers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RunEvent {
+    /// A run entered a status (including being added as `Queued`).
+    Status {
+        /// The run.
+        run_id: String,
+        /// Its module.
+        module_id: String,
+        /// The status entered, when and why.
+        change: StatusChange,
+    },
+    /// A running run reported progress.
+    Progress {
+        /// The run.
+        run_id: String,
+        /// Its module.
+        module_id: String,
+        /// What it reported.
+        progress: Progress,
+    },
+}
+
+impl RunEvent {
+    /// The run the event is about.
+    #[must_use]
+    pub fn run_id(&self) -> &str {
+        match self {
+            RunEvent::Status { run_id, .. } | RunEvent::Progress { run_id, .. } => run_id,
+        }
+    }
+}
+
+/// How an insert treats a run id that is already recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Replace a finished run; refuse an active one.
+    ReplaceFinished,
+    /// Also take over a `Queued` one (keeping its history), as a task
+    /// manager does for a run its caller added before starting it.
+    AdoptQueued,
+}
+
+/// Where runs are stored. Each backend passes the same contract tests
+/// (`tests/all/registry_contract.rs`); [`RunRegistry`] is the API to use.
+///
+/// Every method returns once its change is as durable as the backend makes
+/// it (for [`SqliteStore`]: committed).
+#[async_trait]
+pub trait RunStore: Send + Sync + 'static {
+    /// Records `run` with a one-entry history (its status at `created_at`).
+    /// An id already recorded is treated as `existing` says.
+    async fn insert(&self, run: &Run, existing: Existing) -> Result<()>;
+
+    /// Replaces the record of `run`, appending `change` to its history when
+    /// given. Fails if the run is unknown or finished, or if `change` is not
+    /// allowed from the stored status.
+    async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()>;
+
+    /// Applies `change` if the flow allows it from the stored status, and
+    /// returns the run's module id; `None` when it did not apply (unknown
+    /// run, or the flow forbids it — typically: the run already finished).
+    async fn transition(&self, change: &Transition) -> Result<Option<String>>;
+
+    /// Records progress of an active run; returns its module id, or `None`
+    /// if the run is unknown or finished.
+    async fn set_progress(&self, run_id: &str, progress: &Progress) -> Result<Option<String>>;
+
+    /// One run.
+    async fn get(&self, run_id: &str) -> Result<Option<Run>>;
+
+    /// Runs matching `filter`, newest first.
+    async fn list(&self, filter: &RunFilter) -> Result<Vec<Run>>;
+
+    /// The status changes of a run, oldest first (empty if unknown).
+    async fn history(&self, run_id: &str) -> Result<Vec<StatusChange>>;
+
+    /// Deletes finished runs completed before `cutoff`, with their history;
+    /// returns how many.
+    async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize>;
+
+    /// Returns once every change made so far is durable.
+    async fn flush(&self) -> Result<()>;
+}
+
+/// The record of runs and of every status change, shared by everything that
+/// starts, watches or serves runs.
+///
+/// Cheap to clone: clones share one store and one event stream.
+///
+/// # Examples
+///
+/// ```
+/// use modrun::{Run, RunRegistry, RunStatus};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> modrun::Result<()> {
+/// let registry = RunRegistry::in_memory();
+/// let run = Run::new("hello", "Hello");
+/// registry.add_run(&run).await?;
+///
+/// let stored = registry.get_run(&run.run_id).await?.expect("just added");
+/// assert_eq!(stored.status, RunStatus::Queued);
+/// assert_eq!(registry.active_runs().await?.len(), 1);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RunRegistry {
+    store: Arc<dyn RunStore>,
+    events: broadcast::Sender<RunEvent>,
+}
+
+impl std::fmt::Debug for RunRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunRegistry")
+            .field("subscribers", &self.events.receiver_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunRegistry {
+    /// A registry over any store.
+    #[must_use]
+    pub fn new(store: impl RunStore) -> RunRegistry {
+        RunRegistry {
+            store: Arc::new(store),
+            events: broadcast::channel(EVENT_BUFFER).0,
+        }
+    }
+
+    /// A registry that lives in this process's memory only.
+    #[must_use]
+    pub fn in_memory() -> RunRegistry {
+        RunRegistry::new(MemoryStore::default())
+    }
+
+    /// A registry in a SQLite file (created if missing), with default options.
+    ///
+    /// Runs that a previous process left `Queued` or `Running` are marked
+    /// `Failed` ("interrupted") before this returns; see [`SqliteStore::open`].
+    pub fn open_sqlite(path: impl AsRef<std::path::Path>) -> Result<RunRegistry> {
+        Ok(RunRegistry::new(SqliteStore::open(
+            path,
+            SqliteOptions::default(),
+        )?))
+    }
+
+    /// Records a new run. Its history starts with its status at `created_at`.
+    ///
+    /// A finished run with the same id is replaced (its old history goes with
+    /// it); a queued or running one is refused with [`Error::RunActive`](crate::Error::RunActive).
+    pub async fn add_run(&self, run: &Run) -> Result<()> {
+        self.insert(run, Existing::ReplaceFinished).await
+    }
+
+    /// Records `run` as [`RunStore::insert`] does, and publishes the event.
+    pub async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
+        self.store.insert(run, existing).await?;
+        self.publish(|| RunEvent::Status {
+            run_id: run.run_id.clone(),
+            module_id: run.module_id.clone(),
+            change: StatusChange {
+                status: run.status,
+                at: run.created_at,
+                message: None,
+            },
+        });
+        Ok(())
+    }
+
+    /// Replaces a run's record with `run`. If its status differs from the
+    /// stored one, the change must be allowed by the status flow and is
+    /// added to the history (with `error_message` as its message).
+    ///
+    /// A finished run cannot be updated: [`Error::RunFinished`](crate::Error::RunFinished).
+    pub async fn update_run(&self, run: &Run) -> Result<()> {
+        let stored = self
+            .store
+            .get(&run.run_id)
+            .await?
+            .ok_or_else(|| crate::Error::RunNotFound(run.run_id.clone()))?;
+        let change = (stored.status != run.status).then(|| StatusChange {
+            status: run.status,
+            at: Utc::now(),
+            message: run.error_message.clone(),
+        });
+        self.store.replace(run, change.as_ref()).await?;
+        if let Some(change) = change {
+            self.publish(|| RunEvent::Status {
+                run_id: run.run_id.clone(),
+                module_id: run.module_id.clone(),
+                change,
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies a status change if the flow allows it from the run's current
+    /// status. Returns whether it applied: of two racing terminal changes,
+    /// exactly one returns `true`.
+    pub async fn transition(&self, change: &Transition) -> Result<bool> {
+        let Some(module_id) = self.store.transition(change).await? else {
+            return Ok(false);
+        };
+        self.publish(|| RunEvent::Status {
+            run_id: change.run_id.clone(),
+            module_id,
+            change: change.status_change(),
+        });
+        Ok(true)
+    }
+
+    /// Records the progress an active run reported. Returns `false` if the
+    /// run is unknown or already finished.
+    pub async fn set_progress(&self, run_id: &str, progress: Progress) -> Result<bool> {
+        let Some(module_id) = self.store.set_progress(run_id, &progress).await? else {
+            return Ok(false);
+        };
+        self.publish(|| RunEvent::Progress {
+            run_id: run_id.to_owned(),
+            module_id,
+            progress,
+        });
+        Ok(true)
+    }
+
+    /// One run, if recorded.
+    pub async fn get_run(&self, run_id: &str) -> Result<Option<Run>> {
+        self.store.get(run_id).await
+    }
+
+    /// Runs matching `filter`, newest first.
+    pub async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>> {
+        self.store.list(filter).await
+    }
+
+    /// Runs that are `Queued` or `Running`, newest first.
+    pub async fn active_runs(&self) -> Result<Vec<Run>> {
+        self.list_runs(&RunFilter {
+            statuses: vec![RunStatus::Queued, RunStatus::Running],
+            ..RunFilter::default()
+        })
+        .await
+    }
+
+    /// Runs of one module, newest first.
+    pub async fn runs_by_module(&self, module_id: &str) -> Result<Vec<Run>> {
+        self.list_runs(&RunFilter {
+            module_id: Some(module_id.to_owned()),
+            ..RunFilter::default()
+        })
+        .await
+    }
+
+    /// Runs in one status, newest first.
+    pub async fn runs_by_status(&self, status: RunStatus) -> Result<Vec<Run>> {
+        self.list_runs(&RunFilter {
+            statuses: vec![status],
+            ..RunFilter::default()
+        })
+        .await
+    }
+
+    /// The `limit` newest runs.
+    pub async fn recent_runs(&self, limit: usize) -> Result<Vec<Run>> {
+        self.list_runs(&RunFilter {
+            limit: Some(limit),
+            ..RunFilter::default()
+        })
+        .await
+    }
+
+    /// Every status change of a run, oldest first, with its time and reason.
+    /// Empty for an unknown run.
+    pub async fn history(&self, run_id: &str) -> Result<Vec<StatusChange>> {
+        self.store.history(run_id).await
+    }
+
+    /// Deletes finished runs that completed more than `older_than` ago, with
+    /// their history, and returns how many. Active runs are never deleted.
+    pub async fn cleanup_old_runs(&self, older_than: Duration) -> Result<usize> {
+        let age = chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
+        let cutoff = Utc::now()
+            .checked_sub_signed(age)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        self.store.cleanup(cutoff).await
+    }
+
+    /// Returns once every change made so far is durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.store.flush().await
+    }
+
+    /// A stream of every status change and progress report from now on.
+    ///
+    /// A subscriber that falls more than a few thousand events behind is told
+    /// how many it missed and goes on from the newest.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.events.subscribe()
+    }
+
+    fn publish(&self, event: impl FnOnce() -> RunEvent) {
+        // Building the event costs allocations: skip it when nobody listens.
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(event());
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! A run — one invocation of a module — and the status flow it follows.
+//!
+//! Every run moves `Queued → Running → Completed | Failed | Cancelled`, and a
+//! run may also end straight from `Queued` (cancelled while waiting, or failed
+//! because its host died). Once a run is in a terminal status it never changes
+//! again; [`RunStatus::can_become`] is the single place that flow is written down.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::Error;
+
+/// The exit code recorded for a run that completed.
+pub const EXIT_SUCCESS: i32 = 0;
+/// The exit code recorded for a run whose work returned an error or timed out.
+pub const EXIT_FAILURE: i32 = 1;
+/// The exit code recorded for a run whose work panicked (as a Rust process does).
+pub const EXIT_PANIC: i32 = 101;
+/// The exit code recorded for a cancelled run (as a shell reports Ctrl-C).
+pub const EXIT_CANCELLED: i32 = 130;
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Recorded, waiting to start.
+    Queued,
+    /// Its work is executing.
+    Running,
+    /// Its work finished successfully.
+    Completed,
+    /// Its work returned an error, panicked, timed out, or was interrupted.
+    Failed,
+    /// It was cancelled (by a user, or by shutdown).
+    Cancelled,
+}
+
+impl RunStatus {
+    /// Every status, in flow order.
+    pub const ALL: [RunStatus; 5] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+
+    /// The stable lowercase name used in storage, JSON and the CLI.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the run is over: `Completed`, `Failed` or `Cancelled`.
+    #[must_use]
+    pub const fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled
+        )
+    }
+
+    /// Whether the run is still `Queued` or `Running`.
+    #[must_use]
+    pub const fn is_active(self) -> bool {
+        !self.is_terminal()
+    }
+
+    /// Whether the status flow allows going from `self` to `next`.
+    ///
+    /// ```
+    /// use modrun::RunStatus;
+    /// assert!(RunStatus::Queued.can_become(RunStatus::Running));
+    /// assert!(RunStatus::Queued.can_become(RunStatus::Cancelled));
+    /// assert!(!RunStatus::Running.can_become(RunStatus::Queued));
+    /// assert!(!RunStatus::Completed.can_become(RunStatus::Failed));
+    /// ```
+    #[must_use]
+    pub const fn can_become(self, next: RunStatus) -> bool {
+        match self {
+            RunStatus::Queued => !matches!(next, RunStatus::Queued),
+            RunStatus::Running => next.is_terminal(),
+            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled => false,
+        }
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl FromStr for RunStatus {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| Error::UnknownStatus(s.to_owned()))
+    }
+}
+
+/// How far a run has come, as its work last reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Done fraction, from 0.0 to 1.0.
+    pub fraction: f64,
+    /// What the work is doing now.
+    pub message: String,
+}
+
+/// One invocation of a module, as the registry records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// Unique id (a UUID unless the caller chose another).
+    pub run_id: String,
+    /// The module that runs.
+    pub module_id: String,
+    /// The module's human name.
+    pub module_name: String,
+    /// Where the run is in its life.
+    pub status: RunStatus,
+    /// When the run was created.
+    pub created_at: DateTime<Utc>,
+    /// When its work started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a terminal status.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// The parameters it was started with.
+    pub parameters: Map<String, Value>,
+    /// 0 when completed; see the `EXIT_*` constants for the others.
+    pub exit_code: Option<i32>,
+    /// Why it failed or was cancelled.
+    pub error_message: Option<String>,
+    /// What its work returned.
+    pub output: Option<Value>,
+    /// The last progress its work reported.
+    pub progress: Option<Progress>,
+    /// The content hash of the module version that ran.
+    pub module_version: Option<String>,
+}
+
+impl Run {
+    /// A new `Queued` run with a fresh id, created now, with no parameters.
+    ///
+    /// Ids are UUID v7: unique like v4, and ordered by creation time, which
+    /// keeps the registry's indexes append-mostly.
+    ///
+    /// ```
+    /// use modrun::{Run, RunStatus};
+    /// let run = Run::new("hello", "Hello");
+    /// assert_eq!(run.status, RunStatus::Queued);
+    /// assert_eq!(run.run_id.len(), 36);
+    /// ```
+    #[must_use]
+    pub fn new(module_id: impl Into<String>, module_name: impl Into<String>) -> Run {
+        Run {
+            run_id: uuid::Uuid::now_v7().to_string(),
+            module_id: module_id.into(),
+            module_name: module_name.into(),
+            status: RunStatus::Queued,
+            created_at: Utc::now(),
+            started_at: None,
+            completed_at: None,
+            parameters: Map::new(),
+            exit_code: None,
+            error_message: None,
+            output: None,
+            progress: None,
+            module_version: None,
+        }
+    }
+
+    /// The same run with these parameters.
+    ///
+    /// ```
+    /// use modrun::Run;
+    /// let run = Run::new("hello", "Hello").with_parameters(serde_json::json!({"name": "Ada"}));
+    /// assert_eq!(run.parameters["name"], "Ada");
+    /// ```
+    ///
+    /// A value that is not a JSON object is stored under the key `"value"`.
+    #[must_use]
+    pub fn with_parameters(mut self, parameters: Value) -> Run {
+        self.parameters = match parameters {
+            Value::Object(map) => map,
+            Value::Null => Map::new(),
+            other => Map::from_iter([("value".to_owned(), other)]),
+        };
+        self
+    }
+
+    /// The same run with this id instead of a fresh one.
+    #[must_use]
+    pub fn with_id(mut self, run_id: impl Into<String>) -> Run {
+        self.run_id = run_id.into();
+        self
+    }
+
+    /// This run reset to a fresh `Queued` state: everything its earlier
+    /// attempt recorded (times, outcome, progress) is cleared, and
+    /// `created_at` is now.
+    #[must_use]
+    pub(crate) fn requeued(mut self) -> Run {
+        self.status = RunStatus::Queued;
+        self.created_at = Utc::now();
+        self.started_at = None;
+        self.completed_at = None;
+        self.exit_code = None;
+        self.error_message = None;
+        self.output = None;
+        self.progress = None;
+        self
+    }
+
+    /// Applies a status change to this record, as every backend does.
+    pub(crate) fn apply(&mut self, change: &Transition) {
+        self.status = change.to;
+        if change.to == RunStatus::Running {
+            self.started_at = Some(change.at);
+        }
+        if change.to.is_terminal() {
+            self.completed_at = Some(change.at);
+            self.exit_code = change.exit_code;
+            self.error_message = change.error_message.clone();
+            if change.output.is_some() {
+                self.output = change.output.clone();
+            }
+        }
+    }
+}
+
+/// One entry of a run's history: a status it entered, when, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusChange {
+    /// The status entered.
+    pub status: RunStatus,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Why, where there is more to say (an error, who cancelled).
+    pub message: Option<String>,
+}
+
+/// A status change asked of the registry: it applies only if the flow allows
+/// it from the run's current status, so of two racing changes to a terminal
+/// status exactly one wins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// The run to change.
+    pub run_id: String,
+    /// The status to enter.
+    pub to: RunStatus,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The history entry's message.
+    pub message: Option<String>,
+    /// The exit code, for a terminal status.
+    pub exit_code: Option<i32>,
+    /// The error message, for `Failed` or `Cancelled`.
+    pub error_message: Option<String>,
+    /// The work's output, for `Completed`.
+    pub output: Option<Value>,
+}
+
+impl Transition {
+    /// The run started its work now.
+    #[must_use]
+    pub fn running(run_id: impl Into<String>) -> Transition {
+        Transition::new(run_id, RunStatus::Running)
+    }
+
+    /// The run's work succeeded now with this output.
+    #[must_use]
+    pub fn completed(run_id: impl Into<String>, output: Value) -> Transition {
+        Transition {
+            exit_code: Some(EXIT_SUCCESS),
+            output: Some(output),
+            ..Transition::new(run_id, RunStatus::Completed)
+        }
+    }
+
+    /// The run failed now, for this reason.
+    #[must_use]
+    pub fn failed(
+        run_id: impl Into<String>,
+        exit_code: i32,
+        error: impl Into<String>,
+    ) -> Transition {
+        let error = error.into();
+        Transition {
+            message: Some(error.clone()),
+            exit_code: Some(exit_code),
+            error_message: Some(error),
+            ..Transition::new(run_id, RunStatus::Failed)
+        }
+    }
+
+    /// The run was cancelled now, for this reason.
+    #[must_use]
+    pub fn cancelled(run_id: impl Into<String>, reason: impl Into<String>) -> Transition {
+        let reason = reason.into();
+        Transition {
+            message: Some(reason.clone()),
+            exit_code: Some(EXIT_CANCELLED),
+            error_message: Some(reason),
+            ..Transition::new(run_id, RunStatus::Cancelled)
+        }
+    }
+
+    fn new(run_id: impl Into<String>, to: RunStatus) -> Transition {
+        Transition {
+            run_id: run_id.into(),
+            to,
+            at: Utc::now(),
+            message: None,
+            exit_code: None,
+            error_message: None,
+            output: None,
+        }
+    }
+
+    /// The history entry this change adds.
+    #[must_use]
+    pub fn status_change(&self) -> StatusChange {
+        StatusChange {
+            status: self.to,
+            at: self.at,
+            message: self.message.clone(),
+        }
+    }
+}

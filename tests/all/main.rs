@@ -1,0 +1,16 @@
+//! modrun's integration tests: one binary, one module per part of the product.
+
+/// The contract every registry backend passes: the same tests, run against
+/// the in-memory and the SQLite store.
+mod registry_contract;
+
+/// What only the SQLite registry promises: reopening, crash recovery, clear
+/// errors for bad files, durability of acknowledged writes under SIGKILL.
+mod sqlite;
+
+/// The background task manager: status flow, failures, panics, cancellation
+/// races, limits and queueing, shutdown.
+mod manager;
+
+/// Helpers shared by the tests: temporary registries and waiting with deadlines.
+mod support;

@@ -1,0 +1,522 @@
+use std::time::Duration;
+
+use modrun::{Error, Progress, Run, RunEvent, RunFilter, RunRegistry, RunStatus, Transition};
+use serde_json::json;
+
+use crate::support::statuses;
+
+/// Runs each contract test once per backend.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let backend = crate::support::memory_registry();
+                    super::$name(backend.registry.clone()).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let backend = crate::support::sqlite_registry();
+                    super::$name(backend.registry.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    a_run_reads_back_as_it_was_added,
+    unknown_runs_are_absent,
+    history_records_every_status_change_in_order,
+    a_finished_run_never_changes_again,
+    update_run_replaces_the_record_and_logs_status_changes,
+    update_run_refuses_what_the_flow_forbids,
+    an_active_id_cannot_be_added_twice,
+    a_finished_id_is_replaced_with_a_fresh_history,
+    queries_filter_and_order_newest_first,
+    cleanup_deletes_only_old_finished_runs,
+    progress_is_stored_for_active_runs_only,
+    subscribers_see_every_change_in_order,
+    racing_terminal_changes_have_exactly_one_winner,
+    status_changes_stay_cheap_with_many_runs,
+);
+
+fn sample_run(module: &str) -> Run {
+    Run::new(module, format!("{module} module")).with_parameters(json!({
+        "name": "Zoë 🌍",
+        "count": 3,
+        "nested": {"list": [1, 2.5, null, true]},
+    }))
+}
+
+async fn a_run_reads_back_as_it_was_added(registry: RunRegistry) {
+    let mut run = sample_run("hello");
+    run.module_version = Some("sha256:abc".into());
+    registry.add_run(&run).await.unwrap();
+    assert_eq!(
+        registry.get_run(&run.run_id).await.unwrap(),
+        Some(run.clone())
+    );
+    let history = registry.history(&run.run_id).await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].status, RunStatus::Queued);
+    assert_eq!(history[0].at, run.created_at);
+}
+
+async fn unknown_runs_are_absent(registry: RunRegistry) {
+    assert_eq!(registry.get_run("no-such-run").await.unwrap(), None);
+    assert!(registry.history("no-such-run").await.unwrap().is_empty());
+    assert!(
+        !registry
+            .transition(&Transition::running("no-such-run"))
+            .await
+            .unwrap()
+    );
+    let missing = Run::new("hello", "Hello").with_id("no-such-run");
+    assert!(matches!(
+        registry.update_run(&missing).await,
+        Err(Error::RunNotFound(id)) if id == "no-such-run"
+    ));
+}
+
+async fn history_records_every_status_change_in_order(registry: RunRegistry) {
+    let run = sample_run("hello");
+    registry.add_run(&run).await.unwrap();
+    assert!(
+        registry
+            .transition(&Transition::running(&run.run_id))
+            .await
+            .unwrap()
+    );
+    let done = Transition::completed(&run.run_id, json!({"greeting": "hi"}));
+    assert!(registry.transition(&done).await.unwrap());
+
+    let stored = registry.get_run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Completed);
+    assert_eq!(stored.exit_code, Some(0));
+    assert_eq!(stored.output, Some(json!({"greeting": "hi"})));
+    assert_eq!(stored.completed_at, Some(done.at));
+    let started = stored.started_at.expect("started_at set");
+    assert!(stored.created_at <= started && started <= done.at);
+
+    let history = registry.history(&run.run_id).await.unwrap();
+    let seen: Vec<_> = history.iter().map(|c| c.status).collect();
+    assert_eq!(
+        seen,
+        [RunStatus::Queued, RunStatus::Running, RunStatus::Completed]
+    );
+    assert!(history.windows(2).all(|pair| pair[0].at <= pair[1].at));
+    assert_eq!(history[1].at, started);
+}
+
+async fn a_finished_run_never_changes_again(registry: RunRegistry) {
+    let run = sample_run("hello");
+    registry.add_run(&run).await.unwrap();
+    let failed = Transition::failed(&run.run_id, 1, "boom");
+    assert!(registry.transition(&failed).await.unwrap());
+    for late in [
+        Transition::running(&run.run_id),
+        Transition::completed(&run.run_id, json!(1)),
+        Transition::cancelled(&run.run_id, "cancelled by user"),
+        Transition::failed(&run.run_id, 1, "again"),
+    ] {
+        assert!(
+            !registry.transition(&late).await.unwrap(),
+            "{:?} applied",
+            late.to
+        );
+    }
+    assert!(
+        !registry
+            .set_progress(
+                &run.run_id,
+                Progress {
+                    fraction: 0.5,
+                    message: "late".into()
+                }
+            )
+            .await
+            .unwrap()
+    );
+    let mut edited = registry.get_run(&run.run_id).await.unwrap().unwrap();
+    edited.error_message = Some("rewritten".into());
+    assert!(matches!(
+        registry.update_run(&edited).await,
+        Err(Error::RunFinished {
+            status: RunStatus::Failed,
+            ..
+        })
+    ));
+
+    let stored = registry.get_run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Failed);
+    assert_eq!(stored.error_message.as_deref(), Some("boom"));
+    assert_eq!(stored.progress, None);
+    let history = registry.history(&run.run_id).await.unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1].message.as_deref(), Some("boom"));
+}
+
+async fn update_run_replaces_the_record_and_logs_status_changes(registry: RunRegistry) {
+    let mut run = sample_run("hello");
+    registry.add_run(&run).await.unwrap();
+
+    run.module_version = Some("v2".into());
+    registry.update_run(&run).await.unwrap();
+    assert_eq!(statuses(&registry, &run.run_id).await, [RunStatus::Queued]);
+
+    run.status = RunStatus::Running;
+    run.started_at = Some(chrono::Utc::now());
+    registry.update_run(&run).await.unwrap();
+    run.status = RunStatus::Failed;
+    run.error_message = Some("disk full".into());
+    run.exit_code = Some(1);
+    registry.update_run(&run).await.unwrap();
+
+    assert_eq!(
+        registry.get_run(&run.run_id).await.unwrap(),
+        Some(run.clone())
+    );
+    let history = registry.history(&run.run_id).await.unwrap();
+    let seen: Vec<_> = history.iter().map(|c| c.status).collect();
+    assert_eq!(
+        seen,
+        [RunStatus::Queued, RunStatus::Running, RunStatus::Failed]
+    );
+    assert_eq!(history[2].message.as_deref(), Some("disk full"));
+}
+
+async fn update_run_refuses_what_the_flow_forbids(registry: RunRegistry) {
+    let mut run = sample_run("hello");
+    registry.add_run(&run).await.unwrap();
+    assert!(
+        registry
+            .transition(&Transition::running(&run.run_id))
+            .await
+            .unwrap()
+    );
+    run.status = RunStatus::Queued;
+    assert!(matches!(
+        registry.update_run(&run).await,
+        Err(Error::InvalidTransition {
+            from: RunStatus::Running,
+            to: RunStatus::Queued,
+            ..
+        })
+    ));
+    assert_eq!(
+        statuses(&registry, &run.run_id).await,
+        [RunStatus::Queued, RunStatus::Running]
+    );
+}
+
+async fn an_active_id_cannot_be_added_twice(registry: RunRegistry) {
+    let run = sample_run("hello");
+    registry.add_run(&run).await.unwrap();
+    let again = sample_run("other").with_id(&run.run_id);
+    let refused = registry.add_run(&again).await.unwrap_err();
+    assert!(matches!(
+        refused,
+        Error::RunActive {
+            status: RunStatus::Queued,
+            ..
+        }
+    ));
+    assert!(refused.to_string().contains(&run.run_id), "{refused}");
+    assert_eq!(registry.get_run(&run.run_id).await.unwrap(), Some(run));
+}
+
+async fn a_finished_id_is_replaced_with_a_fresh_history(registry: RunRegistry) {
+    let first = sample_run("hello");
+    registry.add_run(&first).await.unwrap();
+    registry
+        .transition(&Transition::running(&first.run_id))
+        .await
+        .unwrap();
+    registry
+        .transition(&Transition::completed(&first.run_id, json!("one")))
+        .await
+        .unwrap();
+
+    let second = sample_run("other").with_id(&first.run_id);
+    registry.add_run(&second).await.unwrap();
+    assert_eq!(registry.get_run(&first.run_id).await.unwrap(), Some(second));
+    assert_eq!(
+        statuses(&registry, &first.run_id).await,
+        [RunStatus::Queued]
+    );
+}
+
+async fn queries_filter_and_order_newest_first(registry: RunRegistry) {
+    let mut ids = Vec::new();
+    for (index, module) in ["a", "b", "a", "c", "a"].into_iter().enumerate() {
+        let mut run = sample_run(module);
+        // Distinct, increasing creation times, whatever the clock's resolution.
+        run.created_at = chrono::DateTime::from_timestamp(1_700_000_000 + index as i64, 0).unwrap();
+        registry.add_run(&run).await.unwrap();
+        ids.push(run.run_id);
+    }
+    registry
+        .transition(&Transition::running(&ids[1]))
+        .await
+        .unwrap();
+    registry
+        .transition(&Transition::running(&ids[2]))
+        .await
+        .unwrap();
+    registry
+        .transition(&Transition::completed(&ids[2], json!(null)))
+        .await
+        .unwrap();
+    registry
+        .transition(&Transition::cancelled(&ids[3], "cancelled by user"))
+        .await
+        .unwrap();
+
+    let ids_of = |runs: Vec<Run>| runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>();
+    let newest_first = |picks: &[usize]| picks.iter().map(|&i| ids[i].clone()).collect::<Vec<_>>();
+
+    assert_eq!(
+        ids_of(registry.active_runs().await.unwrap()),
+        newest_first(&[4, 1, 0])
+    );
+    assert_eq!(
+        ids_of(registry.runs_by_module("a").await.unwrap()),
+        newest_first(&[4, 2, 0])
+    );
+    assert!(registry.runs_by_module("zzz").await.unwrap().is_empty());
+    assert_eq!(
+        ids_of(registry.runs_by_status(RunStatus::Completed).await.unwrap()),
+        newest_first(&[2])
+    );
+    assert_eq!(
+        ids_of(registry.runs_by_status(RunStatus::Running).await.unwrap()),
+        newest_first(&[1])
+    );
+    assert_eq!(
+        ids_of(registry.recent_runs(3).await.unwrap()),
+        newest_first(&[4, 3, 2])
+    );
+    assert_eq!(registry.recent_runs(0).await.unwrap(), vec![]);
+    let filtered = registry
+        .list_runs(&RunFilter {
+            statuses: vec![RunStatus::Queued, RunStatus::Completed],
+            module_id: Some("a".into()),
+            limit: Some(2),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids_of(filtered), newest_first(&[4, 2]));
+}
+
+async fn cleanup_deletes_only_old_finished_runs(registry: RunRegistry) {
+    let old_done = sample_run("a");
+    let old_failed = sample_run("a");
+    let recent_done = sample_run("a");
+    let old_active = sample_run("a");
+    for run in [&old_done, &old_failed, &recent_done, &old_active] {
+        registry.add_run(run).await.unwrap();
+    }
+    let long_ago = chrono::Utc::now() - chrono::Duration::days(30);
+    let mut done = Transition::completed(&old_done.run_id, json!(1));
+    done.at = long_ago;
+    let mut failed = Transition::failed(&old_failed.run_id, 1, "x");
+    failed.at = long_ago;
+    registry.transition(&done).await.unwrap();
+    registry.transition(&failed).await.unwrap();
+    registry
+        .transition(&Transition::completed(&recent_done.run_id, json!(2)))
+        .await
+        .unwrap();
+    let mut running = Transition::running(&old_active.run_id);
+    running.at = long_ago;
+    registry.transition(&running).await.unwrap();
+
+    let day = Duration::from_secs(86_400);
+    assert_eq!(registry.cleanup_old_runs(day).await.unwrap(), 2);
+    assert_eq!(registry.get_run(&old_done.run_id).await.unwrap(), None);
+    assert!(
+        registry
+            .history(&old_failed.run_id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        registry
+            .get_run(&recent_done.run_id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        registry
+            .get_run(&old_active.run_id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(registry.cleanup_old_runs(day).await.unwrap(), 0);
+    assert_eq!(registry.cleanup_old_runs(Duration::MAX).await.unwrap(), 0);
+    assert_eq!(registry.cleanup_old_runs(Duration::ZERO).await.unwrap(), 1);
+}
+
+async fn progress_is_stored_for_active_runs_only(registry: RunRegistry) {
+    let run = sample_run("countdown");
+    registry.add_run(&run).await.unwrap();
+    registry
+        .transition(&Transition::running(&run.run_id))
+        .await
+        .unwrap();
+    let progress = Progress {
+        fraction: 0.25,
+        message: "one of four".into(),
+    };
+    assert!(
+        registry
+            .set_progress(&run.run_id, progress.clone())
+            .await
+            .unwrap()
+    );
+    let stored = registry.get_run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(stored.progress, Some(progress));
+    assert!(
+        !registry
+            .set_progress(
+                "no-such-run",
+                Progress {
+                    fraction: 1.0,
+                    message: String::new()
+                }
+            )
+            .await
+            .unwrap()
+    );
+    // Progress is not a status change.
+    assert_eq!(
+        statuses(&registry, &run.run_id).await,
+        [RunStatus::Queued, RunStatus::Running]
+    );
+}
+
+async fn subscribers_see_every_change_in_order(registry: RunRegistry) {
+    let mut events = registry.subscribe();
+    let run = sample_run("hello");
+    registry.add_run(&run).await.unwrap();
+    registry
+        .transition(&Transition::running(&run.run_id))
+        .await
+        .unwrap();
+    registry
+        .set_progress(
+            &run.run_id,
+            Progress {
+                fraction: 0.5,
+                message: "half".into(),
+            },
+        )
+        .await
+        .unwrap();
+    registry
+        .transition(&Transition::cancelled(&run.run_id, "cancelled by user"))
+        .await
+        .unwrap();
+    // Refused changes publish nothing.
+    registry
+        .transition(&Transition::running(&run.run_id))
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let event = tokio::time::timeout(crate::support::DEADLINE, events.recv())
+            .await
+            .expect("event within the deadline")
+            .expect("no lag");
+        assert_eq!(event.run_id(), run.run_id);
+        seen.push(match event {
+            RunEvent::Status {
+                change, module_id, ..
+            } => {
+                assert_eq!(module_id, "hello");
+                change.status.to_string()
+            }
+            RunEvent::Progress { progress, .. } => format!("progress {}", progress.fraction),
+        });
+    }
+    assert_eq!(seen, ["queued", "running", "progress 0.5", "cancelled"]);
+    assert!(events.try_recv().is_err(), "no event for a refused change");
+}
+
+async fn racing_terminal_changes_have_exactly_one_winner(registry: RunRegistry) {
+    for _ in 0..50 {
+        let run = sample_run("race");
+        registry.add_run(&run).await.unwrap();
+        registry
+            .transition(&Transition::running(&run.run_id))
+            .await
+            .unwrap();
+        let changes = [
+            Transition::completed(&run.run_id, json!("done")),
+            Transition::cancelled(&run.run_id, "cancelled by user"),
+            Transition::failed(&run.run_id, 1, "failed"),
+        ];
+        let handles: Vec<_> = changes
+            .into_iter()
+            .map(|change| {
+                let registry = registry.clone();
+                tokio::spawn(
+                    async move { (change.to, registry.transition(&change).await.unwrap()) },
+                )
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for handle in handles {
+            let (status, won) = handle.await.unwrap();
+            if won {
+                winners.push(status);
+            }
+        }
+        assert_eq!(winners.len(), 1, "winners: {winners:?}");
+        let stored = registry.get_run(&run.run_id).await.unwrap().unwrap();
+        assert_eq!(stored.status, winners[0]);
+        let history = statuses(&registry, &run.run_id).await;
+        assert_eq!(history, [RunStatus::Queued, RunStatus::Running, winners[0]]);
+    }
+}
+
+async fn status_changes_stay_cheap_with_many_runs(registry: RunRegistry) {
+    // Not a timing test (that is the benchmark's job): it checks that a
+    // registry holding thousands of runs still finds and changes each one.
+    let runs: Vec<Run> = (0..2_000).map(|_| sample_run("bulk")).collect();
+    let writes = runs.iter().map(|run| {
+        let registry = registry.clone();
+        let run = run.clone();
+        async move { registry.add_run(&run).await }
+    });
+    for result in futures_util::future::join_all(writes).await {
+        result.unwrap();
+    }
+    let changes = runs.iter().map(|run| {
+        let registry = registry.clone();
+        let id = run.run_id.clone();
+        async move { registry.transition(&Transition::running(&id)).await }
+    });
+    for applied in futures_util::future::join_all(changes).await {
+        assert!(applied.unwrap());
+    }
+    assert_eq!(
+        registry
+            .runs_by_status(RunStatus::Running)
+            .await
+            .unwrap()
+            .len(),
+        2_000
+    );
+    assert_eq!(registry.recent_runs(10).await.unwrap().len(), 10);
+}

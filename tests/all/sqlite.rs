@@ -1,0 +1,311 @@
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use modrun::registry::{SqliteOptions, SqliteStore};
+use modrun::{Error, Run, RunRegistry, RunStatus, Transition};
+use serde_json::json;
+
+use crate::support::statuses;
+
+fn open(path: &Path) -> RunRegistry {
+    RunRegistry::open_sqlite(path).expect("open registry")
+}
+
+fn open_error(path: &Path) -> String {
+    match SqliteStore::open(path, SqliteOptions::default()) {
+        Ok(_) => panic!("{} opened, but it should have been refused", path.display()),
+        Err(e) => {
+            assert!(matches!(e, Error::Database { .. }), "{e:?}");
+            e.to_string()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_registry_has_the_same_runs_and_histories() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let (finished, waiting) = {
+        let registry = open(&path);
+        let finished = Run::new("hello", "Hello").with_parameters(json!({"name": "Ada"}));
+        registry.add_run(&finished).await.unwrap();
+        registry
+            .transition(&Transition::running(&finished.run_id))
+            .await
+            .unwrap();
+        registry
+            .transition(&Transition::completed(
+                &finished.run_id,
+                json!({"greeting": "Hi Ada"}),
+            ))
+            .await
+            .unwrap();
+        let waiting = Run::new("hello", "Hello");
+        registry.add_run(&waiting).await.unwrap();
+        registry
+            .transition(&Transition::cancelled(&waiting.run_id, "cancelled by user"))
+            .await
+            .unwrap();
+        let finished_run = registry.get_run(&finished.run_id).await.unwrap().unwrap();
+        let history = registry.history(&finished.run_id).await.unwrap();
+        (
+            (finished_run, history),
+            registry.get_run(&waiting.run_id).await.unwrap().unwrap(),
+        )
+    };
+
+    let registry = open(&path);
+    assert_eq!(
+        registry.get_run(&finished.0.run_id).await.unwrap(),
+        Some(finished.0.clone())
+    );
+    assert_eq!(
+        registry.history(&finished.0.run_id).await.unwrap(),
+        finished.1
+    );
+    assert_eq!(
+        registry.get_run(&waiting.run_id).await.unwrap(),
+        Some(waiting.clone())
+    );
+    assert_eq!(
+        statuses(&registry, &waiting.run_id).await,
+        [RunStatus::Queued, RunStatus::Cancelled]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_left_unfinished_are_marked_interrupted_on_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let (queued, running, completed) = (Run::new("a", "A"), Run::new("b", "B"), Run::new("c", "C"));
+    {
+        let registry = open(&path);
+        for run in [&queued, &running, &completed] {
+            registry.add_run(run).await.unwrap();
+        }
+        registry
+            .transition(&Transition::running(&running.run_id))
+            .await
+            .unwrap();
+        registry
+            .transition(&Transition::completed(&completed.run_id, json!(7)))
+            .await
+            .unwrap();
+        // Dropped with two runs unfinished: what a crashed process leaves.
+    }
+
+    let registry = open(&path);
+    for (run, before) in [
+        (&queued, vec![RunStatus::Queued]),
+        (&running, vec![RunStatus::Queued, RunStatus::Running]),
+    ] {
+        let stored = registry.get_run(&run.run_id).await.unwrap().unwrap();
+        assert_eq!(stored.status, RunStatus::Failed);
+        assert!(
+            stored
+                .error_message
+                .as_deref()
+                .unwrap()
+                .starts_with("interrupted")
+        );
+        assert!(stored.completed_at.is_some());
+        let history = registry.history(&run.run_id).await.unwrap();
+        let mut expected = before;
+        expected.push(RunStatus::Failed);
+        assert_eq!(
+            history.iter().map(|c| c.status).collect::<Vec<_>>(),
+            expected
+        );
+        assert!(
+            history
+                .last()
+                .unwrap()
+                .message
+                .as_deref()
+                .unwrap()
+                .starts_with("interrupted")
+        );
+    }
+    let untouched = registry.get_run(&completed.run_id).await.unwrap().unwrap();
+    assert_eq!(untouched.status, RunStatus::Completed);
+    assert_eq!(untouched.output, Some(json!(7)));
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused_not_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let garbage = b"this is not a database, it is a shopping list\n".repeat(200);
+    std::fs::write(&path, &garbage).unwrap();
+    let message = open_error(&path);
+    assert!(message.contains("not a SQLite database"), "{message}");
+    assert!(message.contains("registry.db"), "{message}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        garbage,
+        "the file was changed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    {
+        let registry = open(&path);
+        for _ in 0..200 {
+            registry.add_run(&Run::new("a", "A")).await.unwrap();
+        }
+    }
+    // Overwrite everything after the header page with noise.
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 8192, "the database should span several pages");
+    for (index, byte) in bytes.iter_mut().enumerate().skip(100) {
+        *byte = (index * 7919 % 251) as u8;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let message = open_error(&path);
+    assert!(
+        message.contains("damaged")
+            || message.contains("not a SQLite database")
+            || message.contains("malformed"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_path_that_cannot_hold_a_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let message = open_error(dir.path());
+    assert!(
+        message.contains(&dir.path().display().to_string()),
+        "{message}"
+    );
+
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, "x").unwrap();
+    let message = open_error(&file.join("registry.db"));
+    assert!(message.contains("directory"), "{message}");
+}
+
+#[test]
+fn a_registry_in_use_by_another_process_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let _first = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let message = open_error(&path);
+    assert!(
+        message.contains("in use by another modrun process"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_database_from_a_newer_modrun_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    drop(SqliteStore::open(&path, SqliteOptions::default()).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", 999).unwrap();
+    drop(conn);
+    let message = open_error(&path);
+    assert!(message.contains("schema version is 999"), "{message}");
+}
+
+/// The environment variable that makes [`crash_child`] do its work.
+const CRASH_CHILD: &str = "MODRUN_TEST_CRASH_DB";
+
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sqlite::crash_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_CHILD, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The child prints a line per acknowledged write; kill it in the middle of the stream.
+    let mut acknowledged = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(record) = line.strip_prefix("ack ") {
+            acknowledged.push(record.to_owned());
+            if acknowledged.len() == 3_000 {
+                child.kill().unwrap();
+                break;
+            }
+        }
+    }
+    child.wait().unwrap();
+    assert_eq!(acknowledged.len(), 3_000, "the child stopped early");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let registry = open(&path);
+        for record in &acknowledged {
+            let (run_id, status) = record.split_once(' ').unwrap();
+            let run = registry.get_run(run_id).await.unwrap();
+            let run = run.unwrap_or_else(|| panic!("acknowledged run {run_id} was lost"));
+            match status {
+                // A run reported completed stays completed.
+                "completed" => assert_eq!(run.status, RunStatus::Completed, "{run_id}"),
+                // A run only added was unfinished at the crash: now interrupted (or it
+                // completed after, and that was committed too).
+                _ => assert!(
+                    matches!(run.status, RunStatus::Failed | RunStatus::Completed),
+                    "{run_id} is {}",
+                    run.status
+                ),
+            }
+        }
+    });
+}
+
+/// Not a test on its own: the child process of [`acknowledged_writes_survive_sigkill`].
+/// It writes runs as fast as it can, printing each acknowledged write, until killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run as a child process by acknowledged_writes_survive_sigkill"]
+async fn crash_child() {
+    let Some(path) = std::env::var_os(CRASH_CHILD) else {
+        return;
+    };
+    let registry = open(Path::new(&path));
+    let (acks, mut printed) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        // Standard output is line-buffered: each line leaves as it is printed.
+        while let Some(line) = printed.recv().await {
+            println!("ack {line}");
+        }
+    });
+    for _ in 0..8 {
+        let registry = registry.clone();
+        let acks = acks.clone();
+        tokio::spawn(async move {
+            loop {
+                let run = Run::new("crash", "Crash");
+                registry.add_run(&run).await.unwrap();
+                acks.send(format!("{} queued", run.run_id)).unwrap();
+                registry
+                    .transition(&Transition::running(&run.run_id))
+                    .await
+                    .unwrap();
+                registry
+                    .transition(&Transition::completed(&run.run_id, json!(null)))
+                    .await
+                    .unwrap();
+                acks.send(format!("{} completed", run.run_id)).unwrap();
+            }
+        });
+    }
+    // Write until killed.
+    std::future::pending::<()>().await;
+}
