@@ -12,7 +12,12 @@ use modrun::{Run, RunFilter, RunRegistry, RunStatus};
 #[command(name = "modrun", version, about)]
 struct Cli {
     /// The run registry (a SQLite file; created if missing).
-    #[arg(long, global = true, default_value = ".modrun/registry.db", env = "MODRUN_DB")]
+    #[arg(
+        long,
+        global = true,
+        default_value = ".modrun/registry.db",
+        env = "MODRUN_DB"
+    )]
     db: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
@@ -114,7 +119,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn print_runs(runs: &[Run]) {
-    println!("{:<36}  {:<20}  {:<9}  {:<25}  ERROR", "RUN", "MODULE", "STATUS", "CREATED");
+    println!(
+        "{:<36}  {:<20}  {:<9}  {:<25}  ERROR",
+        "RUN", "MODULE", "STATUS", "CREATED"
+    );
     for run in runs {
         println!(
             "{:<36}  {:<20}  {:<9}  {:<25}  {}",

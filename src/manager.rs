@@ -219,7 +219,9 @@ impl BackgroundTaskManager {
         let (recorded, on_recorded) = oneshot::channel();
         let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
         let run_id = run.run_id.clone();
-        tokio::spawn(execute(task, slot, run, recorded, work).instrument(span));
+        // Boxed: the task's future then holds a pointer, not the whole record,
+        // for as long as the work runs.
+        tokio::spawn(execute(task, slot, Box::new(run), recorded, work).instrument(span));
         on_recorded.await.map_err(|_| Error::RegistryClosed)??;
         Ok(run_id)
     }
@@ -467,7 +469,7 @@ impl Drop for TaskEnd {
 async fn execute<F>(
     end: TaskEnd,
     slot: Pending,
-    run: Run,
+    run: Box<Run>,
     recorded: oneshot::Sender<Result<()>>,
     work: F,
 ) where
@@ -497,12 +499,15 @@ async fn execute<F>(
     if token.is_cancelled() {
         return;
     }
+    // Marked before the registry is, so that whoever sees `Running` there
+    // also sees the task as started here.
+    inner.mark_started(run_id);
     match inner
         .registry
         .transition(&Transition::running(run_id))
         .await
     {
-        Ok(true) => inner.mark_started(run_id),
+        Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
             tracing::error!(error = %e, "cannot record the run as running; not starting it");

@@ -15,7 +15,9 @@ use crate::run::{Progress, Run, StatusChange, Transition};
 /// number of runs; listings scan every run.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    runs: Mutex<HashMap<String, Entry>>,
+    // Boxed entries keep the table's slots small: a table sized for growth
+    // has a third or more of its slots empty, and each costs its full size.
+    runs: Mutex<HashMap<String, Box<Entry>>>,
 }
 
 #[derive(Debug)]
@@ -25,7 +27,7 @@ struct Entry {
 }
 
 impl MemoryStore {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Box<Entry>>> {
         // A panic while holding the lock cannot leave an entry half-written
         // (every mutation is a single assignment or push), so poisoning is ignored.
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
@@ -45,14 +47,14 @@ impl RunStore for MemoryStore {
             None => {
                 runs.insert(
                     run.run_id.clone(),
-                    Entry {
+                    Box::new(Entry {
                         run: run.clone(),
                         history: vec![first],
-                    },
+                    }),
                 );
             }
             Some(entry) if entry.run.status.is_terminal() => {
-                *entry = Entry {
+                **entry = Entry {
                     run: run.clone(),
                     history: vec![first],
                 };

@@ -83,6 +83,8 @@ pub struct SqliteStore {
     path: PathBuf,
     writes: Option<mpsc::Sender<Write>>,
     writer: Option<JoinHandle<()>>,
+    stop_checkpoints: Option<mpsc::Sender<()>>,
+    checkpointer: Option<JoinHandle<()>>,
     readers: Mutex<Vec<Connection>>,
     max_readers: usize,
     _lock: File,
@@ -151,11 +153,20 @@ impl SqliteStore {
             .name("modrun-registry".into())
             .spawn(move || write_loop(conn, queue, max_batch, &thread_path))
             .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
+        let checkpoints = Connection::open(&path)
+            .map_err(|e| fail(format!("cannot open it for checkpoints: {}", describe(&e))))?;
+        let (stop_checkpoints, stopped) = mpsc::channel();
+        let checkpointer = std::thread::Builder::new()
+            .name("modrun-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoints, &stopped))
+            .map_err(|e| fail(format!("cannot start its checkpoint thread: {e}")))?;
 
         Ok(SqliteStore {
             path,
             writes: Some(writes),
             writer: Some(writer),
+            stop_checkpoints: Some(stop_checkpoints),
+            checkpointer: Some(checkpointer),
             readers: Mutex::new(Vec::new()),
             max_readers: options.readers.max(1),
             _lock: lock,
@@ -215,8 +226,12 @@ impl Drop for SqliteStore {
         // Closing the queue ends the writer once it has committed what it
         // holds; waiting for it means the file is complete when we return.
         drop(self.writes.take());
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
+        drop(self.stop_checkpoints.take());
+        for thread in [self.writer.take(), self.checkpointer.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = thread.join();
         }
     }
 }
@@ -265,9 +280,13 @@ impl RunStore for SqliteStore {
             let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1");
             let mut values: Vec<String> = Vec::new();
             if !filter.statuses.is_empty() {
-                let marks = vec!["?"; filter.statuses.len()].join(", ");
-                sql.push_str(&format!(" AND status IN ({marks})"));
-                values.extend(filter.statuses.iter().map(|s| s.as_str().to_owned()));
+                // Status names are ours, not the caller's: safe to inline, and
+                // inlined the planner can prove the active-runs index applies.
+                let names: Vec<String> = filter.statuses.iter().map(|s| format!("'{s}'")).collect();
+                sql.push_str(&format!(" AND status IN ({})", names.join(", ")));
+                if filter.statuses.iter().all(|s| s.is_active()) {
+                    sql.push_str(" AND status IN ('queued', 'running')");
+                }
             }
             if let Some(module_id) = &filter.module_id {
                 sql.push_str(" AND module_id = ?");
@@ -293,7 +312,8 @@ impl RunStore for SqliteStore {
         let run_id = run_id.to_owned();
         self.read(move |conn| {
             conn.prepare_cached(
-                "SELECT status, at, message FROM run_history WHERE run_id = ?1 ORDER BY seq",
+                "SELECT h.status, h.at, h.message FROM run_history h JOIN runs r ON h.run = r.id \
+                 WHERE r.run_id = ?1 ORDER BY h.seq",
             )?
             .query_map([run_id], |row| {
                 Ok(StatusChange {
@@ -358,7 +378,10 @@ fn prepare_writer(conn: &mut Connection, synchronous: Synchronous) -> Result<(),
         },
     )
     .map_err(|e| describe(&e))?;
+    // A 64 MiB page cache. Checkpoints (copying the log into the database
+    // file) are the checkpoint thread's job, not the writer's.
     conn.pragma_update(None, "cache_size", -65536)
+        .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 0))
         .map_err(|e| describe(&e))?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(())
@@ -406,9 +429,23 @@ fn mark_interrupted(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// How often the checkpoint thread copies the log into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Checkpoints the log beside the writer, so that commits never wait for
+/// one; stops when the store is dropped. A passive checkpoint never blocks
+/// the writer or readers: what it cannot copy now it copies next time.
+fn checkpoint_loop(conn: &Connection, stop: &mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "run registry checkpoint failed; retrying later");
+        }
+    }
+}
+
 fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>, max_batch: usize, path: &Path) {
     let mut batch = Vec::with_capacity(max_batch);
-    while let Ok(first) = queue.recv() {
+    while let Some(first) = next_write(&queue) {
         batch.push(first);
         while batch.len() < max_batch {
             match queue.try_recv() {
@@ -417,6 +454,29 @@ fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>, max_batch: usi
             }
         }
         commit_batch(&mut conn, &mut batch, path);
+    }
+}
+
+/// How long the writer keeps looking for more work before it sleeps.
+const WRITER_LINGER: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// The next write, or `None` once every sender is gone.
+///
+/// Under load, writes arrive every few microseconds: the writer lingers a
+/// moment (yielding its core) before it blocks, because waking a sleeping
+/// thread costs each sender a system call and the writer a context switch,
+/// more than the write itself.
+fn next_write(queue: &mpsc::Receiver<Write>) -> Option<Write> {
+    let since = std::time::Instant::now();
+    loop {
+        match queue.try_recv() {
+            Ok(write) => return Some(write),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if since.elapsed() < WRITER_LINGER => {
+                std::thread::yield_now();
+            }
+            Err(mpsc::TryRecvError::Empty) => return queue.recv().ok(),
+        }
     }
 }
 
@@ -498,17 +558,18 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outc
         Write::Insert(run, existing, _) => insert(tx, run, *existing)?,
         Write::Replace(run, change, _) => replace(tx, run, change.as_ref())?,
         Write::Transition(change, _) => Outcome::Applied(apply_transition(tx, change)?),
-        Write::Progress(run_id, progress, _) => Outcome::Applied(
-            tx.prepare_cached(
-                "UPDATE runs SET progress_fraction = ?2, progress_message = ?3 \
-                 WHERE run_id = ?1 AND status IN ('queued', 'running') RETURNING module_id",
-            )?
-            .query_row(
-                params![run_id, progress.fraction, progress.message],
-                |row| row.get(0),
-            )
-            .optional()?,
-        ),
+        Write::Progress(run_id, progress, _) => {
+            match current(tx, run_id)? {
+                Some(stored) if stored.status.is_active() => {
+                    tx.prepare_cached(
+                    "UPDATE runs SET progress_fraction = ?2, progress_message = ?3 WHERE id = ?1",
+                )?
+                .execute(params![stored.id, progress.fraction, progress.message])?;
+                    Outcome::Applied(Some(stored.module_id))
+                }
+                _ => Outcome::Applied(None),
+            }
+        }
         Write::Cleanup(cutoff, _) => {
             // A cutoff before 1677 deletes nothing, one after 2262 everything.
             let cutoff = cutoff
@@ -519,7 +580,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outc
                     i64::MAX
                 });
             tx.execute(
-                "DELETE FROM run_history WHERE run_id IN (SELECT run_id FROM runs \
+                "DELETE FROM run_history WHERE run IN (SELECT id FROM runs \
                  WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1)",
                 [cutoff],
             )?;
@@ -533,13 +594,24 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outc
     })
 }
 
-/// The stored status and history length of a run.
-fn current(
-    tx: &rusqlite::Transaction<'_>,
-    run_id: &str,
-) -> rusqlite::Result<Option<(RunStatus, i64)>> {
-    tx.prepare_cached("SELECT status, history_len FROM runs WHERE run_id = ?1")?
-        .query_row([run_id], |row| Ok((column_status(row, 0)?, row.get(1)?)))
+/// What the write path needs of a stored run.
+struct Stored {
+    id: i64,
+    status: RunStatus,
+    history_len: i64,
+    module_id: String,
+}
+
+fn current(tx: &rusqlite::Transaction<'_>, run_id: &str) -> rusqlite::Result<Option<Stored>> {
+    tx.prepare_cached("SELECT id, status, history_len, module_id FROM runs WHERE run_id = ?1")?
+        .query_row([run_id], |row| {
+            Ok(Stored {
+                id: row.get(0)?,
+                status: column_status(row, 1)?,
+                history_len: row.get(2)?,
+                module_id: row.get(3)?,
+            })
+        })
         .optional()
 }
 
@@ -548,38 +620,41 @@ fn insert(
     run: &Run,
     existing: Existing,
 ) -> rusqlite::Result<Outcome> {
-    let history_len = match current(tx, &run.run_id)? {
-        None => 0,
-        Some((status, _)) if status.is_terminal() => {
-            tx.prepare_cached("DELETE FROM run_history WHERE run_id = ?1")?
-                .execute([&run.run_id])?;
-            tx.prepare_cached("DELETE FROM runs WHERE run_id = ?1")?
-                .execute([&run.run_id])?;
-            0
+    // The common case, a new id, takes one statement; only a conflict looks further.
+    if let Some(id) = insert_run(tx, run)? {
+        add_history(tx, id, 0, &first_change(run))?;
+        return Ok(Outcome::Done);
+    }
+    match current(tx, &run.run_id)? {
+        Some(stored) if stored.status.is_terminal() => {
+            tx.prepare_cached("DELETE FROM run_history WHERE run = ?1")?
+                .execute([stored.id])?;
+            tx.prepare_cached("DELETE FROM runs WHERE id = ?1")?
+                .execute([stored.id])?;
+            let id = insert_run(tx, run)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+            add_history(tx, id, 0, &first_change(run))?;
+            Ok(Outcome::Done)
         }
-        Some((RunStatus::Queued, len)) if existing == Existing::AdoptQueued => {
-            write_run(tx, run, len, false)?;
-            return Ok(Outcome::Done);
+        Some(stored) if stored.status == RunStatus::Queued && existing == Existing::AdoptQueued => {
+            update_run(tx, run, stored.history_len)?;
+            Ok(Outcome::Done)
         }
-        Some((status, _)) => {
-            return Ok(Outcome::Failed(Error::RunActive {
-                run_id: run.run_id.clone(),
-                status,
-            }));
-        }
-    };
-    write_run(tx, run, history_len + 1, true)?;
-    add_history(
-        tx,
-        &run.run_id,
-        history_len,
-        &StatusChange {
-            status: run.status,
-            at: run.created_at,
-            message: None,
-        },
-    )?;
-    Ok(Outcome::Done)
+        Some(stored) => Ok(Outcome::Failed(Error::RunActive {
+            run_id: run.run_id.clone(),
+            status: stored.status,
+        })),
+        // The insert met a conflict, so the row exists within this transaction.
+        None => Err(rusqlite::Error::QueryReturnedNoRows),
+    }
+}
+
+/// The history entry a run starts with.
+fn first_change(run: &Run) -> StatusChange {
+    StatusChange {
+        status: run.status,
+        at: run.created_at,
+        message: None,
+    }
 }
 
 fn replace(
@@ -587,9 +662,10 @@ fn replace(
     run: &Run,
     change: Option<&StatusChange>,
 ) -> rusqlite::Result<Outcome> {
-    let Some((from, len)) = current(tx, &run.run_id)? else {
+    let Some(stored) = current(tx, &run.run_id)? else {
         return Ok(Outcome::Failed(Error::RunNotFound(run.run_id.clone())));
     };
+    let from = stored.status;
     if from.is_terminal() {
         return Ok(Outcome::Failed(Error::RunFinished {
             run_id: run.run_id.clone(),
@@ -605,62 +681,78 @@ fn replace(
             }));
         }
         Some(change) => {
-            write_run(tx, run, len + 1, false)?;
-            add_history(tx, &run.run_id, len, change)?;
+            update_run(tx, run, stored.history_len + 1)?;
+            add_history(tx, stored.id, stored.history_len, change)?;
         }
-        None => write_run(tx, run, len, false)?,
+        None => update_run(tx, run, stored.history_len)?,
     }
     Ok(Outcome::Done)
 }
 
-fn write_run(
-    tx: &rusqlite::Transaction<'_>,
-    run: &Run,
-    history_len: i64,
-    new: bool,
-) -> rusqlite::Result<()> {
-    let sql = if new {
-        "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
-         completed_at, parameters, exit_code, error_message, output, progress_fraction, \
-         progress_message, module_version, history_len) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
-    } else {
+/// Inserts a new row with a one-entry history length; `None` if the id is taken.
+///
+/// (No `RETURNING` here or below: SQLite builds a temporary table for it on
+/// every execution, which costs more than the statement.)
+fn insert_run(tx: &rusqlite::Transaction<'_>, run: &Run) -> rusqlite::Result<Option<i64>> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
+             completed_at, parameters, exit_code, error_message, output, progress_fraction, \
+             progress_message, module_version, history_len) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+             ON CONFLICT (run_id) DO NOTHING",
+        )?
+        .execute(run_values(run, 1)?)?;
+    Ok((inserted == 1).then(|| tx.last_insert_rowid()))
+}
+
+/// Writes the whole record over the stored one.
+fn update_run(tx: &rusqlite::Transaction<'_>, run: &Run, history_len: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
         "UPDATE runs SET module_id = ?2, module_name = ?3, status = ?4, created_at = ?5, \
          started_at = ?6, completed_at = ?7, parameters = ?8, exit_code = ?9, \
          error_message = ?10, output = ?11, progress_fraction = ?12, progress_message = ?13, \
-         module_version = ?14, history_len = ?15 WHERE run_id = ?1"
-    };
-    tx.prepare_cached(sql)?.execute(params![
-        run.run_id,
-        run.module_id,
-        run.module_name,
-        run.status.as_str(),
-        nanos(run.created_at)?,
-        run.started_at.map(nanos).transpose()?,
-        run.completed_at.map(nanos).transpose()?,
-        json_text(&run.parameters)?,
-        run.exit_code,
-        run.error_message,
-        run.output.as_ref().map(json_text).transpose()?,
-        run.progress.as_ref().map(|p| p.fraction),
-        run.progress.as_ref().map(|p| p.message.as_str()),
-        run.module_version,
-        history_len,
-    ])?;
+         module_version = ?14, history_len = ?15 WHERE run_id = ?1",
+    )?
+    .execute(run_values(run, history_len)?)?;
     Ok(())
+}
+
+/// The fifteen column values of a record, in `RUN_COLUMNS` order then `history_len`.
+fn run_values(
+    run: &Run,
+    history_len: i64,
+) -> rusqlite::Result<[Box<dyn rusqlite::ToSql + '_>; 15]> {
+    Ok([
+        Box::new(run.run_id.as_str()),
+        Box::new(run.module_id.as_str()),
+        Box::new(run.module_name.as_str()),
+        Box::new(run.status.as_str()),
+        Box::new(nanos(run.created_at)?),
+        Box::new(run.started_at.map(nanos).transpose()?),
+        Box::new(run.completed_at.map(nanos).transpose()?),
+        Box::new(json_text(&run.parameters)?),
+        Box::new(run.exit_code),
+        Box::new(run.error_message.as_deref()),
+        Box::new(run.output.as_ref().map(json_text).transpose()?),
+        Box::new(run.progress.as_ref().map(|p| p.fraction)),
+        Box::new(run.progress.as_ref().map(|p| p.message.as_str())),
+        Box::new(run.module_version.as_deref()),
+        Box::new(history_len),
+    ])
 }
 
 fn add_history(
     tx: &rusqlite::Transaction<'_>,
-    run_id: &str,
+    id: i64,
     seq: i64,
     change: &StatusChange,
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO run_history (run_id, seq, status, at, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO run_history (run, seq, status, at, message) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
-        run_id,
+        id,
         seq,
         change.status.as_str(),
         nanos(change.at)?,
@@ -674,42 +766,40 @@ fn apply_transition(
     tx: &rusqlite::Transaction<'_>,
     change: &Transition,
 ) -> rusqlite::Result<Option<String>> {
-    let Some((from, len)) = current(tx, &change.run_id)? else {
+    let Some(stored) = current(tx, &change.run_id)? else {
         return Ok(None);
     };
-    if !from.can_become(change.to) {
+    if !stored.status.can_become(change.to) {
         return Ok(None);
     }
     let at = nanos(change.at)?;
-    let module_id: String = if change.to.is_terminal() {
+    if change.to.is_terminal() {
         tx.prepare_cached(
             "UPDATE runs SET status = ?2, completed_at = ?3, exit_code = ?4, error_message = ?5, \
-             output = coalesce(?6, output), history_len = ?7 WHERE run_id = ?1 RETURNING module_id",
+             output = coalesce(?6, output), history_len = ?7 WHERE id = ?1",
         )?
-        .query_row(
-            params![
-                change.run_id,
-                change.to.as_str(),
-                at,
-                change.exit_code,
-                change.error_message,
-                change.output.as_ref().map(json_text).transpose()?,
-                len + 1
-            ],
-            |row| row.get(0),
-        )?
+        .execute(params![
+            stored.id,
+            change.to.as_str(),
+            at,
+            change.exit_code,
+            change.error_message,
+            change.output.as_ref().map(json_text).transpose()?,
+            stored.history_len + 1,
+        ])?;
     } else {
         tx.prepare_cached(
-            "UPDATE runs SET status = ?2, started_at = ?3, history_len = ?4 \
-             WHERE run_id = ?1 RETURNING module_id",
+            "UPDATE runs SET status = ?2, started_at = ?3, history_len = ?4 WHERE id = ?1",
         )?
-        .query_row(
-            params![change.run_id, change.to.as_str(), at, len + 1],
-            |row| row.get(0),
-        )?
-    };
-    add_history(tx, &change.run_id, len, &change.status_change())?;
-    Ok(Some(module_id))
+        .execute(params![
+            stored.id,
+            change.to.as_str(),
+            at,
+            stored.history_len + 1
+        ])?;
+    }
+    add_history(tx, stored.id, stored.history_len, &change.status_change())?;
+    Ok(Some(stored.module_id))
 }
 
 fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {

@@ -535,18 +535,27 @@ async fn a_start_abandoned_by_its_caller_still_runs_to_the_end() {
         },
     );
     // Poll a start once (it waits for the registry's commit), then drop it,
-    // as a server does when its client hangs up.
-    let run = Run::new("a", "A");
-    let mut start = Box::pin(manager.start_task(run.clone(), async { AnyResult::Ok("ran") }));
-    let first_poll =
-        std::future::poll_fn(|cx| std::task::Poll::Ready(start.as_mut().poll(cx))).await;
-    assert!(
-        first_poll.is_pending(),
-        "the start should be waiting for its commit"
+    // as a server does when its client hangs up. A start may, rarely, finish
+    // within its first poll; try until one is truly abandoned while waiting.
+    let mut abandoned = Vec::new();
+    for _ in 0..100 {
+        let run = Run::new("a", "A");
+        let mut start = Box::pin(manager.start_task(run.clone(), async { AnyResult::Ok("ran") }));
+        let first_poll =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(start.as_mut().poll(cx))).await;
+        drop(start);
+        manager.wait_all().await;
+        if first_poll.is_pending() {
+            abandoned.push(run.run_id);
+            break;
+        }
+    }
+    assert_eq!(
+        abandoned.len(),
+        1,
+        "no start was ever still waiting after one poll"
     );
-    drop(start);
-    manager.wait_all().await;
-    let recorded = registry.get_run(&run.run_id).await.unwrap().unwrap();
+    let recorded = registry.get_run(&abandoned[0]).await.unwrap().unwrap();
     assert_eq!(recorded.status, RunStatus::Completed, "never left queued");
     assert_eq!(recorded.output, Some(json!("ran")));
     // Its slot was given back: another run starts and completes.
