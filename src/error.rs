@@ -78,6 +78,49 @@ pub enum Error {
     #[error("time {0} is outside the years 1677 to 2262 that the run registry stores")]
     TimeOutOfRange(chrono::DateTime<chrono::Utc>),
 
+    /// No module with this id is loaded.
+    #[error("no module {0:?} is loaded; list the loaded modules to see which are")]
+    UnknownModule(String),
+
+    /// A module id that is not a safe name.
+    #[error("{0:?} is not a module id: use 1 to 64 lowercase letters, digits, '-' or '_'")]
+    InvalidModuleId(String),
+
+    /// Parameters that the module's schema rejects.
+    #[error("parameters for module {module_id} are invalid: {}", problems.join("; "))]
+    InvalidParameters {
+        /// The module.
+        module_id: String,
+        /// Each problem, naming the field.
+        problems: Vec<String>,
+    },
+
+    /// A component file that could not be loaded.
+    #[error("module file {}: {message}", path.display())]
+    ModuleLoad {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+
+    /// The plugins directory could not be read.
+    #[error("plugins directory {}: {message}", path.display())]
+    PluginsDir {
+        /// The directory.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+
+    /// The WebAssembly engine could not be set up.
+    #[error("WebAssembly engine: {0}")]
+    Engine(String),
+
+    /// Building plugin sources failed.
+    #[error("building plugins: {0}")]
+    Build(String),
+
     /// The registry's storage thread is gone (it was closed, or it panicked).
     #[error("the run registry is closed")]
     RegistryClosed,

@@ -43,10 +43,14 @@
 
 pub mod error;
 pub mod manager;
+pub mod module;
 pub mod registry;
 pub mod run;
 
 pub use error::{Error, Result};
-pub use manager::{BackgroundTaskManager, CancelReason, ShutdownReport, TaskLimits, TaskOutput};
+pub use manager::{
+    BackgroundTaskManager, CancelReason, Failure, ShutdownReport, TaskLimits, TaskOutput,
+};
+pub use module::{HostConfig, ModuleHost, ModuleRunner};
 pub use registry::{RunEvent, RunFilter, RunRegistry, RunStore};
-pub use run::{Progress, Run, RunStatus, StatusChange, Transition};
+pub use run::{LogEntry, LogLevel, LogSource, Progress, Run, RunStatus, StatusChange, Transition};

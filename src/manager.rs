@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -57,26 +57,47 @@ impl fmt::Display for CancelReason {
     }
 }
 
+/// Why a task's work failed, as the run records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The run's error message.
+    pub message: String,
+    /// The run's exit code (see the `EXIT_*` constants in [`run`](crate::run)).
+    pub exit_code: i32,
+}
+
+impl Failure {
+    /// A failure with [`EXIT_FAILURE`].
+    #[must_use]
+    pub fn new(message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            exit_code: EXIT_FAILURE,
+        }
+    }
+}
+
 /// What a task's work returns, turned into a run's outcome: `Ok` output is
-/// stored as JSON (`Completed`), an error's message makes the run `Failed`.
+/// stored as JSON (`Completed`), a failure makes the run `Failed`.
 pub trait TaskOutput {
-    /// The output as JSON, or the error message.
-    fn into_outcome(self) -> Result<Value, String>;
+    /// The output as JSON, or why the work failed.
+    fn into_outcome(self) -> Result<Value, Failure>;
 }
 
 impl TaskOutput for () {
-    fn into_outcome(self) -> Result<Value, String> {
+    fn into_outcome(self) -> Result<Value, Failure> {
         Ok(Value::Null)
     }
 }
 
 impl<T: Serialize, E: fmt::Display> TaskOutput for Result<T, E> {
-    fn into_outcome(self) -> Result<Value, String> {
+    fn into_outcome(self) -> Result<Value, Failure> {
         match self {
             // `{:#}` shows an error's whole chain where it has one (anyhow).
-            Err(e) => Err(format!("{e:#}")),
-            Ok(output) => serde_json::to_value(output)
-                .map_err(|e| format!("the task's output cannot be stored as JSON: {e}")),
+            Err(e) => Err(Failure::new(format!("{e:#}"))),
+            Ok(output) => serde_json::to_value(output).map_err(|e| {
+                Failure::new(format!("the task's output cannot be stored as JSON: {e}"))
+            }),
         }
     }
 }
@@ -208,6 +229,22 @@ impl BackgroundTaskManager {
         F: Future + Send + 'static,
         F::Output: TaskOutput,
     {
+        self.start_gated_task(run, None, work).await
+    }
+
+    /// [`start_task`](Self::start_task), with the run also waiting, `Queued`,
+    /// for a permit of `gate` (first come first served) before it starts:
+    /// how a module's own limit on concurrent runs is kept.
+    pub(crate) async fn start_gated_task<F>(
+        &self,
+        run: Run,
+        gate: Option<Arc<Semaphore>>,
+        work: F,
+    ) -> Result<String>
+    where
+        F: Future + Send + 'static,
+        F::Output: TaskOutput,
+    {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
@@ -221,7 +258,7 @@ impl BackgroundTaskManager {
         let run_id = run.run_id.clone();
         // Boxed: the task's future then holds a pointer, not the whole record,
         // for as long as the work runs.
-        tokio::spawn(execute(task, slot, Box::new(run), recorded, work).instrument(span));
+        tokio::spawn(execute(task, slot, gate, Box::new(run), recorded, work).instrument(span));
         on_recorded.await.map_err(|_| Error::RegistryClosed)??;
         Ok(run_id)
     }
@@ -469,6 +506,7 @@ impl Drop for TaskEnd {
 async fn execute<F>(
     end: TaskEnd,
     slot: Pending,
+    gate: Option<Arc<Semaphore>>,
     run: Box<Run>,
     recorded: oneshot::Sender<Result<()>>,
     work: F,
@@ -492,6 +530,17 @@ async fn execute<F>(
             () = token.cancelled() => return,
             slot = granted => match slot {
                 Ok(slot) => Some(slot),
+                Err(_) => return,
+            },
+        },
+    };
+    let _permit = match gate {
+        None => None,
+        Some(gate) => tokio::select! {
+            biased;
+            () = token.cancelled() => return,
+            permit = gate.acquire_owned() => match permit {
+                Ok(permit) => Some(permit),
                 Err(_) => return,
             },
         },
@@ -521,9 +570,9 @@ async fn execute<F>(
     };
     let change = match outcome.map(TaskOutput::into_outcome) {
         Ok(Ok(output)) => Transition::completed(run_id, output),
-        Ok(Err(message)) => {
-            tracing::warn!(error = %message, "run failed");
-            Transition::failed(run_id, EXIT_FAILURE, message)
+        Ok(Err(failure)) => {
+            tracing::warn!(error = %failure.message, "run failed");
+            Transition::failed(run_id, failure.exit_code, failure.message)
         }
         Err(panic) => {
             let message = format!("the task panicked: {}", panic_message(panic.as_ref()));

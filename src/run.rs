@@ -16,8 +16,10 @@ use crate::error::Error;
 
 /// The exit code recorded for a run that completed.
 pub const EXIT_SUCCESS: i32 = 0;
-/// The exit code recorded for a run whose work returned an error or timed out.
+/// The exit code recorded for a run whose work returned an error or trapped.
 pub const EXIT_FAILURE: i32 = 1;
+/// The exit code recorded for a run that ran out of time (as `timeout(1)` reports it).
+pub const EXIT_TIMEOUT: i32 = 124;
 /// The exit code recorded for a run whose work panicked (as a Rust process does).
 pub const EXIT_PANIC: i32 = 101;
 /// The exit code recorded for a cancelled run (as a shell reports Ctrl-C).
@@ -150,6 +152,51 @@ pub struct Run {
     pub progress: Option<Progress>,
     /// The content hash of the module version that ran.
     pub module_version: Option<String>,
+    /// What the run's work logged (for a module: its log calls, then its
+    /// captured standard output and error), capped by the host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<LogEntry>,
+}
+
+/// How much a log entry matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Fine detail.
+    Trace,
+    /// Detail for whoever debugs the module.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Something looks wrong.
+    Warn,
+    /// Something failed.
+    Error,
+}
+
+/// Where a log entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogSource {
+    /// The module's `log` calls (or the host, about the run).
+    Log,
+    /// The module's standard output.
+    Stdout,
+    /// The module's standard error.
+    Stderr,
+}
+
+/// One line of a run's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// When it was written (for captured output: when the run ended).
+    pub at: DateTime<Utc>,
+    /// How much it matters.
+    pub level: LogLevel,
+    /// Where it came from.
+    pub source: LogSource,
+    /// The text.
+    pub message: String,
 }
 
 impl Run {
@@ -180,6 +227,7 @@ impl Run {
             output: None,
             progress: None,
             module_version: None,
+            log: Vec::new(),
         }
     }
 
@@ -222,6 +270,7 @@ impl Run {
         self.error_message = None;
         self.output = None;
         self.progress = None;
+        self.log.clear();
         self
     }
 

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::{Existing, RunFilter, RunStore};
 use crate::error::{Error, Result};
-use crate::run::{Progress, Run, StatusChange, Transition};
+use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
 
 /// Runs kept in this process's memory. Status changes cost O(1) whatever the
 /// number of runs; listings scan every run.
@@ -123,6 +123,16 @@ impl RunStore for MemoryStore {
             }
             _ => Ok(None),
         }
+    }
+
+    async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
+        Ok(match self.lock().get_mut(run_id) {
+            Some(entry) => {
+                entry.run.log = log.to_vec();
+                true
+            }
+            None => false,
+        })
     }
 
     async fn get(&self, run_id: &str) -> Result<Option<Run>> {

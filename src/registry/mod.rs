@@ -22,7 +22,7 @@ pub use memory::MemoryStore;
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 use crate::error::Result;
-use crate::run::{Progress, Run, RunStatus, StatusChange, Transition};
+use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
 
 /// How many events a slow subscriber may fall behind before it misses some
 /// (it is then told how many it missed, see [`broadcast::error::RecvError::Lagged`]).
@@ -61,6 +61,15 @@ pub enum RunEvent {
         /// The status entered, when and why.
         change: StatusChange,
     },
+    /// A running run wrote to its log.
+    Log {
+        /// The run.
+        run_id: String,
+        /// Its module.
+        module_id: String,
+        /// What it wrote.
+        entry: LogEntry,
+    },
     /// A running run reported progress.
     Progress {
         /// The run.
@@ -77,7 +86,9 @@ impl RunEvent {
     #[must_use]
     pub fn run_id(&self) -> &str {
         match self {
-            RunEvent::Status { run_id, .. } | RunEvent::Progress { run_id, .. } => run_id,
+            RunEvent::Status { run_id, .. }
+            | RunEvent::Log { run_id, .. }
+            | RunEvent::Progress { run_id, .. } => run_id,
         }
     }
 }
@@ -116,6 +127,11 @@ pub trait RunStore: Send + Sync + 'static {
     /// Records progress of an active run; returns its module id, or `None`
     /// if the run is unknown or finished.
     async fn set_progress(&self, run_id: &str, progress: &Progress) -> Result<Option<String>>;
+
+    /// Replaces a run's log, whatever its status (a log is not a status
+    /// change: a cancelled run's log is saved after it was cancelled).
+    /// Returns `false` if the run is unknown.
+    async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool>;
 
     /// One run.
     async fn get(&self, run_id: &str) -> Result<Option<Run>>;
@@ -274,6 +290,22 @@ impl RunRegistry {
             progress,
         });
         Ok(true)
+    }
+
+    /// Saves a run's log (replacing what was saved), whatever its status.
+    /// Returns `false` if the run is unknown.
+    pub async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
+        self.store.set_log(run_id, log).await
+    }
+
+    /// Tells subscribers, as it happens, that a run wrote to its log. Nothing
+    /// is stored: [`set_log`](Self::set_log) saves the log.
+    pub fn publish_log(&self, run_id: &str, module_id: &str, entry: &LogEntry) {
+        self.publish(|| RunEvent::Log {
+            run_id: run_id.to_owned(),
+            module_id: module_id.to_owned(),
+            entry: entry.clone(),
+        });
     }
 
     /// One run, if recorded.

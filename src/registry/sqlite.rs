@@ -33,10 +33,13 @@ use tokio::sync::oneshot;
 
 use super::{Existing, RunFilter, RunStore};
 use crate::error::{Error, Result};
-use crate::run::{EXIT_FAILURE, Progress, Run, RunStatus, StatusChange, Transition};
+use crate::run::{EXIT_FAILURE, LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
 
 /// The schema, one migration per schema version, applied in order.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_run_log.sql"),
+];
 
 /// The message recorded on runs found unfinished when the registry opens.
 pub const INTERRUPTED: &str =
@@ -44,7 +47,7 @@ pub const INTERRUPTED: &str =
 
 const RUN_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
      completed_at, parameters, exit_code, error_message, output, progress_fraction, \
-     progress_message, module_version";
+     progress_message, module_version, log";
 
 /// How hard SQLite works to keep a commit through a power loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -105,6 +108,7 @@ enum Write {
     Replace(Run, Option<StatusChange>, Reply<()>),
     Transition(Transition, Reply<Option<String>>),
     Progress(String, Progress, Reply<Option<String>>),
+    Log(String, Vec<LogEntry>, Reply<bool>),
     Cleanup(DateTime<Utc>, Reply<usize>),
     Flush(Reply<()>),
 }
@@ -261,6 +265,11 @@ impl RunStore for SqliteStore {
 
     async fn set_progress(&self, run_id: &str, progress: &Progress) -> Result<Option<String>> {
         self.write(|reply| Write::Progress(run_id.to_owned(), progress.clone(), reply))
+            .await
+    }
+
+    async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
+        self.write(|reply| Write::Log(run_id.to_owned(), log.to_vec(), reply))
             .await
     }
 
@@ -541,6 +550,12 @@ fn answer(write: Write, outcome: Outcome) {
                 _ => None,
             }));
         }
+        Write::Log(.., reply) => {
+            let _ = reply.send(outcome.into_result(|o| match o {
+                Outcome::Count(n) => Some(n == 1),
+                _ => None,
+            }));
+        }
         Write::Cleanup(_, reply) => {
             let _ = reply.send(outcome.into_result(|o| match o {
                 Outcome::Count(n) => Some(n),
@@ -570,6 +585,10 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outc
                 _ => Outcome::Applied(None),
             }
         }
+        Write::Log(run_id, log, _) => Outcome::Count(
+            tx.prepare_cached("UPDATE runs SET log = ?2 WHERE run_id = ?1")?
+                .execute(params![run_id, log_text(log)?])?,
+        ),
         Write::Cleanup(cutoff, _) => {
             // A cutoff before 1677 deletes nothing, one after 2262 everything.
             let cutoff = cutoff
@@ -698,8 +717,8 @@ fn insert_run(tx: &rusqlite::Transaction<'_>, run: &Run) -> rusqlite::Result<Opt
         .prepare_cached(
             "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
              completed_at, parameters, exit_code, error_message, output, progress_fraction, \
-             progress_message, module_version, history_len) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+             progress_message, module_version, log, history_len) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
              ON CONFLICT (run_id) DO NOTHING",
         )?
         .execute(run_values(run, 1)?)?;
@@ -712,17 +731,17 @@ fn update_run(tx: &rusqlite::Transaction<'_>, run: &Run, history_len: i64) -> ru
         "UPDATE runs SET module_id = ?2, module_name = ?3, status = ?4, created_at = ?5, \
          started_at = ?6, completed_at = ?7, parameters = ?8, exit_code = ?9, \
          error_message = ?10, output = ?11, progress_fraction = ?12, progress_message = ?13, \
-         module_version = ?14, history_len = ?15 WHERE run_id = ?1",
+         module_version = ?14, log = ?15, history_len = ?16 WHERE run_id = ?1",
     )?
     .execute(run_values(run, history_len)?)?;
     Ok(())
 }
 
-/// The fifteen column values of a record, in `RUN_COLUMNS` order then `history_len`.
+/// The column values of a record, in `RUN_COLUMNS` order then `history_len`.
 fn run_values(
     run: &Run,
     history_len: i64,
-) -> rusqlite::Result<[Box<dyn rusqlite::ToSql + '_>; 15]> {
+) -> rusqlite::Result<[Box<dyn rusqlite::ToSql + '_>; 16]> {
     Ok([
         Box::new(run.run_id.as_str()),
         Box::new(run.module_id.as_str()),
@@ -738,6 +757,7 @@ fn run_values(
         Box::new(run.progress.as_ref().map(|p| p.fraction)),
         Box::new(run.progress.as_ref().map(|p| p.message.as_str())),
         Box::new(run.module_version.as_deref()),
+        Box::new(log_text(&run.log)?),
         Box::new(history_len),
     ])
 }
@@ -829,6 +849,10 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
             None => None,
         },
         module_version: row.get(13)?,
+        log: match row.get::<_, Option<String>>(14)? {
+            Some(text) => parse_json(14, &text)?,
+            None => Vec::new(),
+        },
     })
 }
 
@@ -853,6 +877,14 @@ fn parse_json<T: serde::de::DeserializeOwned>(index: usize, text: &str) -> rusql
     serde_json::from_str(text).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, e.into())
     })
+}
+
+fn log_text(log: &[LogEntry]) -> rusqlite::Result<Option<String>> {
+    if log.is_empty() {
+        Ok(None)
+    } else {
+        json_text(&log).map(Some)
+    }
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> rusqlite::Result<String> {

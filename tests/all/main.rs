@@ -12,5 +12,9 @@ mod sqlite;
 /// races, limits and queueing, shutdown.
 mod manager;
 
+/// WebAssembly modules: loading plugins, sandboxed runs, hostile plugins,
+/// cancellation of guests, grants.
+mod modules;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;

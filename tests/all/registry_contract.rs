@@ -447,6 +447,7 @@ async fn subscribers_see_every_change_in_order(registry: RunRegistry) {
                 change.status.to_string()
             }
             RunEvent::Progress { progress, .. } => format!("progress {}", progress.fraction),
+            RunEvent::Log { entry, .. } => format!("log {}", entry.message),
         });
     }
     assert_eq!(seen, ["queued", "running", "progress 0.5", "cancelled"]);

@@ -71,3 +71,56 @@ pub async fn statuses(registry: &RunRegistry, run_id: &str) -> Vec<RunStatus> {
         .map(|change| change.status)
         .collect()
 }
+
+/// The plugin components the tests use, built once per test binary from
+/// `plugins/` (the bundled ones) and `tests/plugins/` (the hostile ones).
+pub fn built_plugins() -> &'static std::path::Path {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let scratch = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let out = scratch.join("plugins");
+        for workspace in [root.join("plugins"), root.join("tests/plugins")] {
+            modrun::module::build_plugins(&workspace, &scratch.join("plugins-target"), &out)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        out
+    })
+}
+
+/// A fresh plugins directory holding copies of the named built components.
+pub fn plugins_dir(ids: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    for id in ids {
+        let file = format!("{id}.wasm");
+        std::fs::copy(built_plugins().join(&file), dir.path().join(&file))
+            .unwrap_or_else(|e| panic!("copy {file}: {e}"));
+    }
+    dir
+}
+
+/// A host configuration small enough for many hosts to live at once in the
+/// test binary.
+pub fn test_host_config() -> modrun::HostConfig {
+    modrun::HostConfig {
+        max_instances: 64,
+        ..modrun::HostConfig::default()
+    }
+}
+
+/// Polls until the run is finished, failing the test after [`DEADLINE`].
+pub async fn wait_for_end(registry: &RunRegistry, run_id: &str) -> Run {
+    let start = Instant::now();
+    loop {
+        if let Some(run) = registry.get_run(run_id).await.expect("registry read")
+            && run.status.is_terminal()
+        {
+            return run;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "run {run_id} did not finish within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

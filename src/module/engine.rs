@@ -1,0 +1,94 @@
+//! The WebAssembly engine: one per host, configured for sandboxed runs, with
+//! the epoch ticker that lets every running module yield and time out.
+
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::manifest::ModuleLimits;
+use crate::error::{Error, Result};
+
+/// How a module host is set up. The defaults suit a server on a small machine.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Limits of modules that have no manifest saying otherwise.
+    pub default_limits: ModuleLimits,
+    /// The most memory any manifest may grant one run, in bytes.
+    pub memory_ceiling: usize,
+    /// The most runs executing at once across all modules (the pooling
+    /// allocator reserves this many instance slots up front).
+    pub max_instances: u32,
+    /// Component files larger than this are refused unread.
+    pub max_module_bytes: u64,
+    /// Bytes of standard output, and of standard error, kept per run.
+    pub output_cap: usize,
+    /// Log entries kept per run; later ones are counted, not kept.
+    pub log_cap: usize,
+    /// How often running modules yield and check their deadline.
+    pub epoch_tick: Duration,
+    /// Native stack a module's WebAssembly may use (deeper recursion traps).
+    pub max_wasm_stack: usize,
+}
+
+impl Default for HostConfig {
+    fn default() -> HostConfig {
+        HostConfig {
+            default_limits: ModuleLimits::default(),
+            memory_ceiling: 1 << 30,
+            max_instances: 1000,
+            max_module_bytes: 64 << 20,
+            output_cap: 64 << 10,
+            log_cap: 1000,
+            epoch_tick: Duration::from_millis(1),
+            max_wasm_stack: 1 << 20,
+        }
+    }
+}
+
+/// Builds the engine and starts its epoch ticker.
+pub(crate) fn new_engine(config: &HostConfig) -> Result<Engine> {
+    let mut wasm = Config::new();
+    // Cancellation and timeouts: every tick, a running module's epoch
+    // deadline passes and it yields to tokio (see the runner's callback).
+    wasm.epoch_interruption(true);
+    // We call modules one at a time per Store and need none of the
+    // component-model async machinery; switched on, it made a trivial run
+    // several times slower.
+    wasm.concurrency_support(false);
+    wasm.max_wasm_stack(config.max_wasm_stack);
+    // The fiber stack an async call runs on must hold the wasm stack plus
+    // the host functions it calls.
+    wasm.async_stack_size(config.max_wasm_stack + (1 << 20));
+
+    let mut pooling = PoolingAllocationConfig::default();
+    pooling
+        .total_component_instances(config.max_instances)
+        .total_core_instances(config.max_instances.saturating_mul(4))
+        .total_memories(config.max_instances.saturating_mul(2))
+        .total_tables(config.max_instances.saturating_mul(4))
+        .total_stacks(config.max_instances)
+        .max_memory_size(config.memory_ceiling);
+    wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+
+    let engine = Engine::new(&wasm)
+        .map_err(|e| Error::Engine(format!("cannot create the engine: {e:#}")))?;
+    start_ticker(&engine, config.epoch_tick)?;
+    Ok(engine)
+}
+
+/// Increments the engine's epoch every `tick` until the engine is dropped:
+/// the thread holds only a weak handle.
+fn start_ticker(engine: &Engine, tick: Duration) -> Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("modrun-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(tick);
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::Engine(format!("cannot start the epoch ticker: {e}")))
+}

@@ -1,0 +1,27 @@
+//! The WebAssembly side: each module is a component from the plugins
+//! directory, run in a fresh sandbox per run under the task manager.
+//!
+//! - [`ModuleHost`] loads and checks components and keeps the current
+//!   version of each module (`loader`), on one engine (`engine`).
+//! - [`ModuleRunner`] starts runs: validates parameters against the
+//!   module's schema, records the run, and executes it with its limits
+//!   (`runner`), through the host functions of `host`.
+//! - [`Manifest`] is a module's limits and grants (`manifest`).
+//! - [`build_plugins`] builds plugin sources into components (`build`).
+
+mod bindings;
+mod build;
+mod engine;
+mod host;
+mod loader;
+mod manifest;
+mod output;
+mod runner;
+
+pub use build::{BuiltPlugin, build_plugins};
+pub use engine::HostConfig;
+pub use loader::{
+    LoadFailure, LoadReport, ModuleHost, ModuleInfo, ModuleSummary, is_safe_module_id,
+};
+pub use manifest::{DirGrant, Grants, Manifest, ModuleLimits};
+pub use runner::ModuleRunner;

@@ -1,0 +1,116 @@
+//! Captured standard output and error of a run: kept up to a cap, the rest
+//! counted and dropped, so a flooding module neither fails nor fills memory.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+
+/// One captured stream. Clones share the same buffer.
+#[derive(Debug, Clone)]
+pub struct CappedOutput {
+    inner: Arc<Mutex<Captured>>,
+}
+
+#[derive(Debug)]
+struct Captured {
+    kept: Vec<u8>,
+    cap: usize,
+    dropped: u64,
+}
+
+impl CappedOutput {
+    /// A stream that keeps at most `cap` bytes.
+    pub fn new(cap: usize) -> CappedOutput {
+        CappedOutput {
+            inner: Arc::new(Mutex::new(Captured {
+                kept: Vec::new(),
+                cap,
+                dropped: 0,
+            })),
+        }
+    }
+
+    fn accept(&self, bytes: &[u8]) {
+        let mut captured = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let room = captured.cap - captured.kept.len();
+        let kept = bytes.len().min(room);
+        captured.kept.extend_from_slice(&bytes[..kept]);
+        captured.dropped += (bytes.len() - kept) as u64;
+    }
+
+    /// What was captured, as text, with a marker saying how much was dropped.
+    pub fn text(&self) -> String {
+        let captured = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut text = String::from_utf8_lossy(&captured.kept).into_owned();
+        if captured.dropped > 0 {
+            text.push_str(&format!(
+                "\n[output truncated: {} more bytes dropped after the first {}]",
+                captured.dropped,
+                captured.kept.len()
+            ));
+        }
+        text
+    }
+}
+
+impl IsTerminal for CappedOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CappedOutput {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for CappedOutput {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for CappedOutput {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        self.accept(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        // Always writable: what is over the cap is counted, not refused.
+        Ok(64 * 1024)
+    }
+}
+
+impl AsyncWrite for CappedOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.accept(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

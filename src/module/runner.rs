@@ -1,0 +1,368 @@
+//! The module runner: checks a start request, records the run, and executes
+//! it through the task manager in a fresh, bounded sandbox.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
+use wasmtime::Store;
+use wasmtime::Trap;
+use wasmtime_wasi::{FsPerms, WasiCtx};
+
+use super::host::{HostState, RunContext, RunLog};
+use super::loader::{LoadedModule, ModuleHost, is_safe_module_id};
+use super::manifest::Grants;
+use super::output::CappedOutput;
+use crate::error::{Error, Result};
+use crate::manager::{BackgroundTaskManager, Failure, TaskOutput};
+use crate::registry::RunRegistry;
+use crate::run::{EXIT_PANIC, EXIT_TIMEOUT, Run};
+
+/// Starts runs of loaded modules as tracked tasks.
+///
+/// Cheap to clone: clones share the host, the manager and the per-module limits.
+#[derive(Clone, Debug)]
+pub struct ModuleRunner {
+    host: ModuleHost,
+    manager: BackgroundTaskManager,
+    gates: Arc<Mutex<HashMap<String, Gate>>>,
+}
+
+/// The semaphore that keeps a module's `max_concurrent`, and that limit.
+type Gate = (usize, Arc<Semaphore>);
+
+impl ModuleRunner {
+    /// A runner of `host`'s modules, through `manager`.
+    #[must_use]
+    pub fn new(host: ModuleHost, manager: BackgroundTaskManager) -> ModuleRunner {
+        ModuleRunner {
+            host,
+            manager,
+            gates: Arc::default(),
+        }
+    }
+
+    /// The module host.
+    #[must_use]
+    pub fn host(&self) -> &ModuleHost {
+        &self.host
+    }
+
+    /// The task manager.
+    #[must_use]
+    pub fn manager(&self) -> &BackgroundTaskManager {
+        &self.manager
+    }
+
+    /// The registry runs are recorded in.
+    #[must_use]
+    pub fn registry(&self) -> &RunRegistry {
+        self.manager.registry()
+    }
+
+    /// Starts a run of `module_id` with `parameters` (a JSON object, or null
+    /// for none) and returns its id once it is recorded `Queued`.
+    ///
+    /// An unknown module ([`Error::UnknownModule`]) or parameters that fail
+    /// the module's schema ([`Error::InvalidParameters`]) record no run.
+    pub async fn start(&self, module_id: &str, parameters: Value) -> Result<String> {
+        if !is_safe_module_id(module_id) {
+            return Err(Error::InvalidModuleId(module_id.to_owned()));
+        }
+        let module = self
+            .host
+            .get(module_id)
+            .ok_or_else(|| Error::UnknownModule(module_id.to_owned()))?;
+        let parameters = match parameters {
+            Value::Null => Map::new(),
+            Value::Object(map) => map,
+            other => {
+                return Err(Error::InvalidParameters {
+                    module_id: module_id.to_owned(),
+                    problems: vec![format!(
+                        "parameters must be a JSON object, not {}",
+                        json_kind(&other)
+                    )],
+                });
+            }
+        };
+        let as_value = Value::Object(parameters);
+        let problems: Vec<String> = module
+            .validator
+            .iter_errors(&as_value)
+            .map(|error| {
+                let path = error.instance_path().to_string();
+                let field = if path.is_empty() {
+                    "parameters".to_owned()
+                } else {
+                    path
+                };
+                format!("{field}: {error}")
+            })
+            .collect();
+        if !problems.is_empty() {
+            return Err(Error::InvalidParameters {
+                module_id: module_id.to_owned(),
+                problems,
+            });
+        }
+        let Value::Object(parameters) = as_value else {
+            unreachable!("built as an object above")
+        };
+        let summary = &module.summary;
+        let mut run = Run::new(module_id, &summary.info.name);
+        run.parameters = parameters;
+        run.module_version = Some(summary.content_hash.clone());
+
+        let gate = summary
+            .manifest
+            .limits
+            .max_concurrent
+            .map(|max| self.gate(module_id, max));
+        let work = execute(
+            self.host.clone(),
+            module.clone(),
+            self.registry().clone(),
+            run.run_id.clone(),
+            serde_json::to_string(&run.parameters).expect("a JSON map always serializes"),
+        );
+        self.manager.start_gated_task(run, gate, work).await
+    }
+
+    /// Cancels a run ([`BackgroundTaskManager::cancel_task`]), and nudges
+    /// every running module to yield at once, so that a cancelled module in
+    /// a tight loop stops now rather than at the next epoch tick.
+    pub async fn cancel(&self, run_id: &str) -> Result<bool> {
+        let cancelled = self.manager.cancel_task(run_id).await?;
+        if cancelled {
+            self.host.engine().increment_epoch();
+        }
+        Ok(cancelled)
+    }
+
+    fn gate(&self, module_id: &str, max: usize) -> Arc<Semaphore> {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = gates
+            .entry(module_id.to_owned())
+            .or_insert_with(|| (max, Arc::new(Semaphore::new(max))));
+        if entry.0 != max {
+            // The manifest changed: new runs use the new limit.
+            *entry = (max, Arc::new(Semaphore::new(max)));
+        }
+        entry.1.clone()
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// How a module run ended, for the manager to record.
+struct ModuleOutcome(Result<Value, Failure>);
+
+impl TaskOutput for ModuleOutcome {
+    fn into_outcome(self) -> Result<Value, Failure> {
+        self.0
+    }
+}
+
+/// Saves the run's log when the run ends — also when it is cancelled or
+/// times out and its future is dropped midway.
+struct LogSaver {
+    registry: RunRegistry,
+    run_id: String,
+    log: Arc<Mutex<RunLog>>,
+    stdout: CappedOutput,
+    stderr: CappedOutput,
+    saved: bool,
+}
+
+impl LogSaver {
+    fn entries(&self) -> Vec<crate::run::LogEntry> {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish(&self.stdout.text(), &self.stderr.text())
+    }
+
+    async fn save(mut self) {
+        self.saved = true;
+        let entries = self.entries();
+        if let Err(e) = self.registry.set_log(&self.run_id, &entries).await {
+            tracing::warn!(error = %e, "cannot save the run's log");
+        }
+    }
+}
+
+impl Drop for LogSaver {
+    fn drop(&mut self) {
+        if self.saved {
+            return;
+        }
+        let entries = self.entries();
+        let (registry, run_id) = (self.registry.clone(), std::mem::take(&mut self.run_id));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = registry.set_log(&run_id, &entries).await {
+                    tracing::warn!(error = %e, "cannot save the stopped run's log");
+                }
+            });
+        }
+    }
+}
+
+/// Runs a module once in a fresh Store: a Store is dynamic state that a
+/// trap can leave inconsistent, so none is ever reused.
+async fn execute(
+    host: ModuleHost,
+    module: Arc<LoadedModule>,
+    registry: RunRegistry,
+    run_id: String,
+    parameters: String,
+) -> ModuleOutcome {
+    let config = host.config();
+    let limits = &module.summary.manifest.limits;
+    let stdout = CappedOutput::new(config.output_cap);
+    let stderr = CappedOutput::new(config.output_cap);
+    let log = Arc::new(Mutex::new(RunLog::new(config.log_cap)));
+    let saver = LogSaver {
+        registry: registry.clone(),
+        run_id: run_id.clone(),
+        log: log.clone(),
+        stdout: stdout.clone(),
+        stderr: stderr.clone(),
+        saved: false,
+    };
+    let wasi = match sandbox(&module.summary.manifest.grants, &stdout, &stderr) {
+        Ok(wasi) => wasi,
+        Err(failure) => {
+            saver.save().await;
+            return ModuleOutcome(Err(failure));
+        }
+    };
+    let context = RunContext {
+        run_id,
+        module_id: module.summary.info.id.clone(),
+        registry,
+        log,
+        span: tracing::Span::current(),
+    };
+    let mut store = Store::new(
+        host.engine(),
+        HostState::new(wasi, limits.memory_bytes, Some(context)),
+    );
+    store.limiter(|state| &mut state.limiter);
+    // Yield to tokio at every epoch tick: the timeout below and a cancel can
+    // then act even while the module spins without calling the host.
+    store.epoch_deadline_callback(|_| Ok(wasmtime::UpdateDeadline::Yield(1)));
+    store.set_epoch_deadline(1);
+
+    let finished = {
+        let call = async {
+            let instance = module.pre.instantiate_async(&mut store).await?;
+            instance
+                .modrun_plugin_plugin()
+                .call_run(&mut store, &parameters)
+                .await
+        };
+        tokio::time::timeout(limits.timeout, call).await
+    };
+    let outcome = match finished {
+        Err(_) => Err(Failure {
+            message: format!("timed out after {}", seconds(limits.timeout)),
+            exit_code: EXIT_TIMEOUT,
+        }),
+        Ok(Ok(Ok(text))) => serde_json::from_str(&text)
+            .map_err(|e| Failure::new(format!("the module returned output that is not JSON: {e}"))),
+        Ok(Ok(Err(message))) => Err(Failure::new(message)),
+        Ok(Err(error)) => Err(trap_failure(&error, store.data(), &stderr.text())),
+    };
+    saver.save().await;
+    ModuleOutcome(outcome)
+}
+
+/// The module's WASI: nothing but clocks, random numbers and captured
+/// output, plus what its manifest grants.
+fn sandbox(
+    grants: &Grants,
+    stdout: &CappedOutput,
+    stderr: &CappedOutput,
+) -> std::result::Result<WasiCtx, Failure> {
+    let mut wasi = WasiCtx::builder();
+    wasi.stdout(stdout.clone()).stderr(stderr.clone());
+    for name in &grants.env {
+        if let Ok(value) = std::env::var(name) {
+            wasi.env(name, value);
+        }
+    }
+    for dir in &grants.dirs {
+        let perms = if dir.writable {
+            FsPerms::ReadWrite
+        } else {
+            FsPerms::ReadOnly
+        };
+        wasi.preopened_dir(&dir.host, &dir.guest, perms)
+            .map_err(|e| {
+                Failure::new(format!(
+                    "cannot open the granted directory {}: {e:#}",
+                    dir.host.display()
+                ))
+            })?;
+    }
+    Ok(wasi.build())
+}
+
+/// A readable reason for a run that trapped.
+fn trap_failure(error: &wasmtime::Error, state: &HostState, stderr: &str) -> Failure {
+    if state.limiter.exceeded {
+        return Failure::new(format!(
+            "the module exceeded its memory limit of {} and was stopped",
+            mebibytes(state.limiter.limit())
+        ));
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::StackOverflow) => {
+            Failure::new("the module overflowed its stack (recursion too deep) and was stopped")
+        }
+        Some(Trap::UnreachableCodeReached) if stderr.contains("panicked at") => Failure {
+            message: format!("the module panicked: {}", panic_message(stderr)),
+            exit_code: EXIT_PANIC,
+        },
+        Some(trap) => Failure::new(format!("the module trapped: {trap}")),
+        None => Failure::new(format!("the module failed: {error:#}")),
+    }
+}
+
+/// The message of a Rust panic as the guest's standard library printed it:
+/// the lines after "panicked at <place>:" up to the backtrace note.
+fn panic_message(stderr: &str) -> String {
+    let after = stderr
+        .rsplit_once("panicked at ")
+        .map_or(stderr, |(_, rest)| rest);
+    let mut lines = after.lines();
+    let place = lines.next().unwrap_or_default().trim_end_matches(':');
+    let message: Vec<&str> = lines
+        .take_while(|line| !line.starts_with("note: "))
+        .collect();
+    format!("{} (at {place})", message.join("\n").trim())
+}
+
+fn mebibytes(bytes: usize) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+fn seconds(duration: std::time::Duration) -> String {
+    format!("{}s", duration.as_secs_f64())
+}
