@@ -10,5 +10,5 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use exports::modrun::plugin::plugin::Info;
-pub use modrun::plugin::host::{Host, Level};
+pub use self::exports::modrun::plugin::plugin::Info;
+pub use self::modrun::plugin::host::{Host, Level};
