@@ -1,61 +1,105 @@
-//! The task-management guide's Quick Start, in Rust: a registry, a manager,
-//! a few background tasks (one succeeds, one fails, one is cancelled), their
-//! statuses and histories.
+//! The task-management guide's Quick Start, in Rust and with real modules:
+//! a registry, a manager, a module host loading `plugins/`, a run of `hello`
+//! and one of `countdown` watched through the event stream, the countdown
+//! cancelled a third of the way, then `wait_all`.
 //!
-//! Run it with `cargo run --release --example quickstart`; the runs are kept
-//! in `.modrun/registry.db`, so `cargo run -- runs` lists them afterwards.
+//! Run it with `cargo run --release --example quickstart`. It first builds
+//! the bundled plugin sources into `plugins/*.wasm` (quick when nothing
+//! changed). Runs are kept in `.modrun/registry.db`: `cargo run -- runs`
+//! lists them afterwards.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use modrun::{BackgroundTaskManager, Run, RunRegistry, RunStatus, TaskLimits};
+use modrun::module::build_plugins;
+use modrun::{
+    BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunEvent, RunRegistry,
+    TaskLimits,
+};
 use serde_json::json;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let registry = RunRegistry::open_sqlite(".modrun/registry.db")?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let plugins = root.join("plugins");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("plugins");
+    println!("building the bundled plugins…");
+    for plugin in build_plugins(&plugins, &target, &plugins)? {
+        println!("  {} -> {}", plugin.id, plugin.path.display());
+    }
+
+    // The guide's setup: a registry and a manager; plus the module host.
+    let registry = RunRegistry::open_sqlite(root.join(".modrun/registry.db"))?;
     let limits = TaskLimits {
-        max_concurrent: Some(4),
+        max_concurrent: Some(8),
         max_queued: Some(100),
     };
     let manager = BackgroundTaskManager::with_limits(registry.clone(), limits);
-
-    // Fire and forget: each start returns the run id at once.
-    let greet = Run::new("greeter", "Greeter").with_parameters(json!({"name": "Ada"}));
-    let greet_id = manager
-        .start_task(greet, async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            anyhow::Ok(json!({"greeting": "Hello, Ada"}))
-        })
-        .await?;
-    let broken_id = manager
-        .start_task(Run::new("broken", "Broken"), async {
-            anyhow::Result::<()>::Err(anyhow::anyhow!("the input file is empty"))
-        })
-        .await?;
-    let endless_id = manager
-        .start_task(Run::new("endless", "Endless"), async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            #[allow(unreachable_code)]
-            ()
-        })
-        .await?;
-    println!("started {} tasks", manager.active_task_count());
-
-    // Watch until the quick ones are done, then cancel the endless one.
-    while manager.is_task_active(&greet_id) || manager.is_task_active(&broken_id) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let host = ModuleHost::new(HostConfig::default())?;
+    let report = host.load_dir(&plugins).await?;
+    println!("loaded modules: {}", report.loaded.join(", "));
+    for failure in &report.failed {
+        println!("  not loaded: {}: {}", failure.path.display(), failure.error);
     }
-    manager.cancel_task(&endless_id).await?;
-    manager.wait_all().await;
+    let runner = ModuleRunner::new(host, manager.clone());
 
-    for run_id in [&greet_id, &broken_id, &endless_id] {
+    // Fire and forget: each start returns the run id once it is recorded.
+    let mut events = registry.subscribe();
+    let hello = runner
+        .start("hello", json!({"name": "Ada", "times": 3}))
+        .await?;
+    let countdown = runner
+        .start("countdown", json!({"seconds": 6, "step_ms": 250}))
+        .await?;
+    println!("started hello {hello} and countdown {countdown}");
+
+    // Watch the runs' events until both are over; cancel the countdown a
+    // third of the way through.
+    let mut finished = 0;
+    while finished < 2 {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await?? {
+            RunEvent::Status {
+                run_id,
+                module_id,
+                change,
+            } => {
+                println!("{module_id:<10} {}", change.status);
+                if change.status.is_terminal() && (run_id == hello || run_id == countdown) {
+                    finished += 1;
+                }
+            }
+            RunEvent::Progress {
+                run_id,
+                module_id,
+                progress,
+            } => {
+                println!(
+                    "{module_id:<10} {:>3.0}%  {}",
+                    progress.fraction * 100.0,
+                    progress.message
+                );
+                if run_id == countdown && progress.fraction >= 1.0 / 3.0 {
+                    runner.cancel(&countdown).await?;
+                }
+            }
+            RunEvent::Log {
+                module_id, entry, ..
+            } => println!("{module_id:<10} log: {}", entry.message),
+        }
+    }
+
+    // Before shutting down:
+    manager.wait_all().await;
+    for run_id in [&hello, &countdown] {
         let run = registry.get_run(run_id).await?.expect("recorded");
         println!("\n{} ({}): {}", run.module_name, run.run_id, run.status);
-        match run.status {
-            RunStatus::Completed => println!("  output: {}", run.output.unwrap_or_default()),
-            _ => println!("  error: {}", run.error_message.unwrap_or_default()),
+        if let Some(output) = &run.output {
+            println!("  output: {output}");
+        }
+        if let Some(error) = &run.error_message {
+            println!("  error: {error}");
         }
         for change in registry.history(run_id).await? {
             println!("  {}  {}", change.at.format("%H:%M:%S%.3f"), change.status);
