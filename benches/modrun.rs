@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench modrun` for the full run, `cargo bench --bench modrun -- --quick`
 //! for one under a minute (smaller counts; the same rows). Naming groups
-//! (`throughput`, `status-change`, `memory`) runs only those.
+//! (`throughput`, `status-change`, `memory`, `wasm`) runs only those.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
@@ -46,6 +46,8 @@ fn live_bytes() -> isize {
 const PRODUCERS: usize = 64;
 
 struct Sizes {
+    wasm_calls: usize,
+    sleeping_runs: usize,
     tasks: usize,
     history: usize,
     changes: usize,
@@ -64,6 +66,8 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|arg| arg == "--quick");
     let sizes = if quick {
         Sizes {
+            wasm_calls: 2_000,
+            sleeping_runs: 10_000,
             tasks: 50_000,
             history: 100_000,
             changes: 20_000,
@@ -71,6 +75,8 @@ fn main() -> anyhow::Result<()> {
         }
     } else {
         Sizes {
+            wasm_calls: 20_000,
+            sleeping_runs: 10_000,
             tasks: 300_000,
             history: 100_000,
             changes: 100_000,
@@ -98,6 +104,12 @@ fn main() -> anyhow::Result<()> {
         }
         if wanted("memory") {
             memory_per_task(&sizes, &mut rows).await?;
+        }
+        if wanted("commit") {
+            commit_latency(dir.path(), &mut rows).await?;
+        }
+        if wanted("wasm") {
+            wasm_figures(&sizes, dir.path(), &mut rows).await?;
         }
         anyhow::Ok(())
     })?;
@@ -359,6 +371,414 @@ async fn memory_per_task(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(
         baseline: format!("{total:.0}"),
         ratio: record / total,
         goal: "(split of the row above)",
+    });
+    Ok(())
+}
+
+/// Builds the bundled and the test plugins once for the WebAssembly rows.
+fn bench_plugins() -> anyhow::Result<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+    let out = target.join("bench-plugins");
+    for workspace in ["plugins", "tests/plugins"] {
+        modrun::module::build_plugins(&root.join(workspace), &target.join("plugins"), &out)?;
+    }
+    Ok(out)
+}
+
+/// The store data of the bare-wasmtime baseline: WASI and nothing else.
+struct Bare {
+    wasi: wasmtime_wasi::WasiCtx,
+    table: wasmtime::component::ResourceTable,
+}
+
+impl wasmtime_wasi::WasiView for Bare {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Bare wasmtime on modrun's engine configuration: instantiate `hello` from
+/// an `InstancePre` and call `run`, `count` times from [`PRODUCERS`] tasks
+/// (or one task when `sequential`); returns calls per second.
+async fn bare_wasmtime_per_second(
+    component: &std::path::Path,
+    config: wasmtime::Config,
+    count: usize,
+    sequential: bool,
+) -> anyhow::Result<f64> {
+    use wasmtime::component::{Component, Linker};
+    let engine = wasmtime::Engine::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let component = Component::from_file(&engine, component).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut linker: Linker<Bare> = Linker::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut host = linker
+        .instance("modrun:plugin/host@0.1.0")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for name in ["log", "progress"] {
+        host.func_new_async(name, |_, _, _, _| Box::new(async { Ok(()) }))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let pre = linker
+        .instantiate_pre(&component)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plugin = component
+        .get_export_index(None, "modrun:plugin/plugin@0.1.0")
+        .ok_or_else(|| anyhow::anyhow!("no plugin export"))?;
+    let run = component
+        .get_export_index(Some(&plugin), "run")
+        .ok_or_else(|| anyhow::anyhow!("no run export"))?;
+    let call = move || {
+        let (pre, run, engine) = (pre.clone(), run, engine.clone());
+        async move {
+            let wasi = wasmtime_wasi::WasiCtx::builder().build();
+            let table = wasmtime::component::ResourceTable::new();
+            let mut store = wasmtime::Store::new(&engine, Bare { wasi, table });
+            store.set_epoch_deadline(u64::MAX / 2);
+            let instance = pre
+                .instantiate_async(&mut store)
+                .await
+                .expect("instantiate");
+            let func = instance
+                .get_typed_func::<(&str,), (Result<String, String>,)>(&mut store, &run)
+                .expect("run's type");
+            let (output,) = func
+                .call_async(&mut store, (r#"{"name":"Ada"}"#,))
+                .await
+                .expect("call");
+            output.expect("hello succeeds");
+        }
+    };
+    let producers = if sequential { 1 } else { PRODUCERS };
+    let begin = Instant::now();
+    let tasks: Vec<_> = (0..producers)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                for _ in 0..count / producers {
+                    call().await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await?;
+    }
+    Ok((count / producers * producers) as f64 / begin.elapsed().as_secs_f64())
+}
+
+/// modrun end to end: `start("hello")` until `Completed` is recorded.
+async fn modrun_runs_per_second(
+    plugins: &std::path::Path,
+    registry: RunRegistry,
+    count: usize,
+    sequential: bool,
+) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(plugins.join("hello.wasm"), dir.path().join("hello.wasm"))?;
+    let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
+    host.load_dir(dir.path()).await?;
+    let manager = BackgroundTaskManager::new(registry);
+    let runner = modrun::ModuleRunner::new(host, manager.clone());
+    let producers = if sequential { 1 } else { PRODUCERS };
+    let begin = Instant::now();
+    let tasks: Vec<_> = (0..producers)
+        .map(|_| {
+            let (runner, manager) = (runner.clone(), manager.clone());
+            tokio::spawn(async move {
+                for _ in 0..count / producers {
+                    runner
+                        .start("hello", serde_json::json!({"name": "Ada"}))
+                        .await
+                        .expect("start");
+                    if sequential {
+                        manager.wait_all().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await?;
+    }
+    manager.wait_all().await;
+    let rate = (count / producers * producers) as f64 / begin.elapsed().as_secs_f64();
+    let failed = manager
+        .registry()
+        .runs_by_status(modrun::RunStatus::Failed)
+        .await?;
+    anyhow::ensure!(
+        failed.is_empty(),
+        "runs failed: {:?}",
+        failed[0].error_message
+    );
+    Ok(rate)
+}
+
+fn resident_bytes() -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))?;
+    Ok(kib * 1024.0)
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * fraction).round() as usize]
+}
+
+async fn wasm_figures(
+    sizes: &Sizes,
+    dir: &std::path::Path,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let plugins = bench_plugins()?;
+    let hello = plugins.join("hello.wasm");
+    let calls = sizes.wasm_calls;
+    let config = modrun::HostConfig::default();
+
+    for sequential in [true, false] {
+        let shape = if sequential {
+            "sequential"
+        } else {
+            "all cores"
+        };
+        let bare =
+            bare_wasmtime_per_second(&hello, config.wasmtime_config(), calls, sequential).await?;
+        let memory =
+            modrun_runs_per_second(&plugins, RunRegistry::in_memory(), calls, sequential).await?;
+        let db = dir.join(format!("wasm-{shape}.db").replace(' ', "-"));
+        let sqlite =
+            modrun_runs_per_second(&plugins, RunRegistry::open_sqlite(db)?, calls, sequential)
+                .await?;
+        rows.push(Row {
+            name: if sequential {
+                "hello runs/s, in-memory, sequential"
+            } else {
+                "hello runs/s, in-memory, all cores"
+            },
+            value: format!("{memory:.0}"),
+            baseline: format!("{bare:.0}"),
+            ratio: memory / bare,
+            goal: ">= 0.6 x bare wasmtime (instantiate+call)",
+        });
+        rows.push(Row {
+            name: if sequential {
+                "hello runs/s, SQLite, sequential"
+            } else {
+                "hello runs/s, SQLite, all cores"
+            },
+            value: format!("{sqlite:.0}"),
+            baseline: format!("{bare:.0}"),
+            ratio: sqlite / bare,
+            goal: ">= 0.6 x bare wasmtime (instantiate+call)",
+        });
+    }
+    cancel_latency(&plugins, rows).await?;
+    sleeping_run_memory(&plugins, sizes, rows).await?;
+    Ok(())
+}
+
+/// Latency from `cancel` to `Cancelled` recorded, for each of 100 guests
+/// spinning at once; baseline: cancelling 100 idle (awaiting) plain tasks.
+async fn cancel_latency(plugins: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(plugins.join("spin.wasm"), dir.path().join("spin.wasm"))?;
+    let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
+    host.load_dir(dir.path()).await?;
+    let manager = BackgroundTaskManager::new(RunRegistry::in_memory());
+    let runner = modrun::ModuleRunner::new(host, manager.clone());
+
+    let mut spinning = Vec::new();
+    for _ in 0..100 {
+        spinning.push(runner.start("spin", serde_json::json!({})).await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while manager
+        .registry()
+        .runs_by_status(modrun::RunStatus::Running)
+        .await?
+        .len()
+        < 100
+    {
+        anyhow::ensure!(Instant::now() < deadline, "spinning runs did not all start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Cancel from a task on the runtime's workers, as a request handler would.
+    let measuring = tokio::spawn(async move {
+        let mut latencies = Vec::new();
+        for run_id in spinning {
+            let begin = Instant::now();
+            assert!(runner.cancel(&run_id).await.expect("cancel"));
+            latencies.push(begin.elapsed());
+        }
+        latencies
+    });
+    let mut spin_latencies = measuring.await?;
+    let stop_begin = Instant::now();
+    manager.wait_all().await;
+    let all_stopped = stop_begin.elapsed();
+
+    let idle_manager = BackgroundTaskManager::new(RunRegistry::in_memory());
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(
+            idle_manager
+                .start_task(Run::new("idle", "Idle"), std::future::pending::<()>())
+                .await?,
+        );
+    }
+    let measuring = tokio::spawn({
+        let manager = idle_manager.clone();
+        async move {
+            let mut latencies = Vec::new();
+            for run_id in idle {
+                let begin = Instant::now();
+                assert!(manager.cancel_task(&run_id).await.expect("cancel"));
+                latencies.push(begin.elapsed());
+            }
+            latencies
+        }
+    });
+    let mut idle_latencies = measuring.await?;
+    idle_manager.wait_all().await;
+    spin_latencies.sort();
+    idle_latencies.sort();
+    let p99 = percentile(&spin_latencies, 0.99);
+    let idle_p99 = percentile(&idle_latencies, 0.99);
+    rows.push(Row {
+        name: "cancel spinning guest -> Cancelled, p99 us (100)",
+        value: format!("{:.1}", p99.as_secs_f64() * 1e6),
+        baseline: format!("{:.1}", idle_p99.as_secs_f64() * 1e6),
+        ratio: p99.as_secs_f64() / idle_p99.as_secs_f64(),
+        goal: "<= 1000 us (baseline: idle plain tasks)",
+    });
+    rows.push(Row {
+        name: "  p50 us",
+        value: format!(
+            "{:.1}",
+            percentile(&spin_latencies, 0.5).as_secs_f64() * 1e6
+        ),
+        baseline: format!(
+            "{:.1}",
+            percentile(&idle_latencies, 0.5).as_secs_f64() * 1e6
+        ),
+        ratio: percentile(&spin_latencies, 0.5).as_secs_f64()
+            / percentile(&idle_latencies, 0.5).as_secs_f64(),
+        goal: "",
+    });
+    rows.push(Row {
+        name: "  all 100 guests stopped after last cancel, ms",
+        value: format!("{:.2}", all_stopped.as_secs_f64() * 1e3),
+        baseline: "-".into(),
+        ratio: f64::NAN,
+        goal: "(reported)",
+    });
+    Ok(())
+}
+
+/// Resident memory per in-flight `countdown` run (sleeping in WASI), guest
+/// memory included; baseline: the same number of plain sleeping tasks.
+async fn sleeping_run_memory(
+    plugins: &std::path::Path,
+    sizes: &Sizes,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let count = sizes.sleeping_runs;
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(
+        plugins.join("countdown.wasm"),
+        dir.path().join("countdown.wasm"),
+    )?;
+    let config = modrun::HostConfig {
+        max_instances: u32::try_from(count)? + 16,
+        ..modrun::HostConfig::default()
+    };
+    let host = modrun::ModuleHost::new(config)?;
+    host.load_dir(dir.path()).await?;
+
+    let plain = BackgroundTaskManager::new(RunRegistry::in_memory());
+    let before = resident_bytes()?;
+    for _ in 0..count {
+        plain
+            .start_task(
+                Run::new("sleeper", "Sleeper"),
+                tokio::time::sleep(Duration::from_secs(600)),
+            )
+            .await?;
+    }
+    let plain_bytes = (resident_bytes()? - before) / count as f64;
+
+    let manager = BackgroundTaskManager::new(RunRegistry::in_memory());
+    let runner = modrun::ModuleRunner::new(host, manager.clone());
+    let before = resident_bytes()?;
+    for _ in 0..count {
+        runner
+            .start(
+                "countdown",
+                serde_json::json!({"seconds": 600, "step_ms": 60000}),
+            )
+            .await?;
+    }
+    // Every run has logged its start: all are inside the guest, sleeping.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let running = manager
+            .registry()
+            .runs_by_status(modrun::RunStatus::Running)
+            .await?
+            .len();
+        if running == count {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {running} of {count} runs started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_run = (resident_bytes()? - before) / count as f64;
+    manager.shutdown(Duration::ZERO).await?;
+    plain.shutdown(Duration::ZERO).await?;
+    rows.push(Row {
+        name: "resident memory per sleeping countdown run, KB",
+        value: format!("{:.1}", per_run / 1024.0),
+        baseline: format!("{:.1}", plain_bytes / 1024.0),
+        ratio: per_run / plain_bytes,
+        goal: "<= 100 KB, guest memory included (baseline: plain task)",
+    });
+    Ok(())
+}
+
+/// One write at a time, each waiting for its commit: the latency a lone
+/// caller sees. Baseline: the same writes to the in-memory registry.
+async fn commit_latency(dir: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let writes = 2_000;
+    let time = |registry: RunRegistry| async move {
+        let begin = Instant::now();
+        for _ in 0..writes {
+            registry
+                .add_run(&Run::new("lone", "Lone"))
+                .await
+                .expect("add");
+        }
+        begin.elapsed().as_secs_f64() * 1e6 / writes as f64
+    };
+    let sqlite = time(RunRegistry::open_sqlite(dir.join("lone.db"))?).await;
+    let memory = time(RunRegistry::in_memory()).await;
+    rows.push(Row {
+        name: "one awaited SQLite write, sequential, us",
+        value: format!("{sqlite:.1}"),
+        baseline: format!("{memory:.1}"),
+        ratio: sqlite / memory,
+        goal: "(reported; baseline: in-memory)",
     });
     Ok(())
 }

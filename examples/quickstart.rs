@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use modrun::module::build_plugins;
 use modrun::{
-    BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunEvent, RunRegistry,
-    TaskLimits,
+    BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunEvent, RunRegistry, TaskLimits,
 };
 use serde_json::json;
 
@@ -41,7 +40,11 @@ async fn main() -> anyhow::Result<()> {
     let report = host.load_dir(&plugins).await?;
     println!("loaded modules: {}", report.loaded.join(", "));
     for failure in &report.failed {
-        println!("  not loaded: {}: {}", failure.path.display(), failure.error);
+        println!(
+            "  not loaded: {}: {}",
+            failure.path.display(),
+            failure.error
+        );
     }
     let runner = ModuleRunner::new(host, manager.clone());
 

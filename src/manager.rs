@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::registry::{Existing, RunRegistry};
-use crate::run::{EXIT_FAILURE, EXIT_PANIC, Run, RunStatus, Transition};
+use crate::run::{EXIT_FAILURE, EXIT_PANIC, LogEntry, Run, RunStatus, Transition};
 
 /// Bounds on the work a manager takes on. The default bounds nothing, as the
 /// guide's manager did; a server should set both.
@@ -79,9 +79,14 @@ impl Failure {
 
 /// What a task's work returns, turned into a run's outcome: `Ok` output is
 /// stored as JSON (`Completed`), a failure makes the run `Failed`.
-pub trait TaskOutput {
+pub trait TaskOutput: Sized {
     /// The output as JSON, or why the work failed.
     fn into_outcome(self) -> Result<Value, Failure>;
+
+    /// The outcome and the log to save with it (none by default).
+    fn into_report(self) -> (Result<Value, Failure>, Option<Vec<LogEntry>>) {
+        (self.into_outcome(), None)
+    }
 }
 
 impl TaskOutput for () {
@@ -250,12 +255,12 @@ impl BackgroundTaskManager {
         }
         let run = run.requeued();
         let (task, slot) = self.admit(&run.run_id)?;
+        let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
+        let run_id = run.run_id.clone();
         // The task records the run itself, so that once a start has begun it
         // completes even if our caller stops waiting: no run is left `Queued`
         // with nothing to start it.
         let (recorded, on_recorded) = oneshot::channel();
-        let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
-        let run_id = run.run_id.clone();
         // Boxed: the task's future then holds a pointer, not the whole record,
         // for as long as the work runs.
         tokio::spawn(execute(task, slot, gate, Box::new(run), recorded, work).instrument(span));
@@ -568,7 +573,11 @@ async fn execute<F>(
         () = token.cancelled() => return,
         outcome = AssertUnwindSafe(work).catch_unwind() => outcome,
     };
-    let change = match outcome.map(TaskOutput::into_outcome) {
+    let (outcome, log) = match outcome.map(TaskOutput::into_report) {
+        Ok((outcome, log)) => (Ok(outcome), log),
+        Err(panic) => (Err(panic), None),
+    };
+    let mut change = match outcome {
         Ok(Ok(output)) => Transition::completed(run_id, output),
         Ok(Err(failure)) => {
             tracing::warn!(error = %failure.message, "run failed");
@@ -580,6 +589,7 @@ async fn execute<F>(
             Transition::failed(run_id, EXIT_PANIC, message)
         }
     };
+    change.log = log;
     if let Err(e) = inner.registry.transition(&change).await {
         tracing::error!(error = %e, status = %change.to, "cannot record the run's end");
     }

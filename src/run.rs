@@ -287,6 +287,9 @@ impl Run {
             if change.output.is_some() {
                 self.output = change.output.clone();
             }
+            if let Some(log) = &change.log {
+                self.log = log.clone();
+            }
         }
     }
 }
@@ -321,6 +324,8 @@ pub struct Transition {
     pub error_message: Option<String>,
     /// The work's output, for `Completed`.
     pub output: Option<Value>,
+    /// The run's log, saved with a terminal status (none: keep what is saved).
+    pub log: Option<Vec<LogEntry>>,
 }
 
 impl Transition {
@@ -377,6 +382,7 @@ impl Transition {
             exit_code: None,
             error_message: None,
             output: None,
+            log: None,
         }
     }
 

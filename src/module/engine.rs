@@ -45,31 +45,45 @@ impl Default for HostConfig {
     }
 }
 
+impl HostConfig {
+    /// The wasmtime configuration modrun's engine uses: for embedders and
+    /// benchmarks that compare modrun with bare wasmtime on equal terms.
+    #[must_use]
+    pub fn wasmtime_config(&self) -> Config {
+        let config = self;
+        let mut wasm = Config::new();
+        // Cancellation and timeouts: every tick, a running module's epoch
+        // deadline passes and it yields to tokio (see the runner's callback).
+        wasm.epoch_interruption(true);
+        // We call modules one at a time per Store and need none of the
+        // component-model async machinery (measured here: it made a trivial
+        // run several times slower). It is not even compiled in: wasmtime's
+        // `component-model-async` feature stays off.
+        wasm.concurrency_support(false);
+        wasm.max_wasm_stack(config.max_wasm_stack);
+        // The fiber stack an async call runs on must hold the wasm stack plus
+        // the host functions it calls.
+        wasm.async_stack_size(config.max_wasm_stack + (1 << 20));
+
+        let mut pooling = PoolingAllocationConfig::default();
+        pooling
+            .total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances.saturating_mul(4))
+            .total_memories(config.max_instances.saturating_mul(2))
+            .total_tables(config.max_instances.saturating_mul(4))
+            .total_stacks(config.max_instances)
+            .max_memory_size(config.memory_ceiling);
+        // Reserve address space for the largest memory a run may have, not the
+        // default 4 GiB per slot: thousands of slots then fit comfortably.
+        wasm.memory_reservation(config.memory_ceiling as u64);
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
+        wasm
+    }
+}
+
 /// Builds the engine and starts its epoch ticker.
 pub(crate) fn new_engine(config: &HostConfig) -> Result<Engine> {
-    let mut wasm = Config::new();
-    // Cancellation and timeouts: every tick, a running module's epoch
-    // deadline passes and it yields to tokio (see the runner's callback).
-    wasm.epoch_interruption(true);
-    // We call modules one at a time per Store and need none of the
-    // component-model async machinery; switched on, it made a trivial run
-    // several times slower.
-    wasm.concurrency_support(false);
-    wasm.max_wasm_stack(config.max_wasm_stack);
-    // The fiber stack an async call runs on must hold the wasm stack plus
-    // the host functions it calls.
-    wasm.async_stack_size(config.max_wasm_stack + (1 << 20));
-
-    let mut pooling = PoolingAllocationConfig::default();
-    pooling
-        .total_component_instances(config.max_instances)
-        .total_core_instances(config.max_instances.saturating_mul(4))
-        .total_memories(config.max_instances.saturating_mul(2))
-        .total_tables(config.max_instances.saturating_mul(4))
-        .total_stacks(config.max_instances)
-        .max_memory_size(config.memory_ceiling);
-    wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
-
+    let wasm = config.wasmtime_config();
     let engine = Engine::new(&wasm)
         .map_err(|e| Error::Engine(format!("cannot create the engine: {e:#}")))?;
     start_ticker(&engine, config.epoch_tick)?;

@@ -211,7 +211,10 @@ impl Host for HostState {
             fraction,
             message: capped(message),
         };
-        if let Err(e) = run.registry.set_progress(&run.run_id, progress).await {
+        if let Err(e) = run
+            .registry
+            .report_progress(&run.run_id, &run.module_id, progress)
+        {
             run.span
                 .in_scope(|| tracing::warn!(error = %e, "cannot record the run's progress"));
         }

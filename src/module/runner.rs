@@ -17,7 +17,7 @@ use super::output::CappedOutput;
 use crate::error::{Error, Result};
 use crate::manager::{BackgroundTaskManager, Failure, TaskOutput};
 use crate::registry::RunRegistry;
-use crate::run::{EXIT_PANIC, EXIT_TIMEOUT, Run};
+use crate::run::{EXIT_PANIC, EXIT_TIMEOUT, LogEntry, Run};
 
 /// Starts runs of loaded modules as tracked tasks.
 ///
@@ -165,17 +165,22 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-/// How a module run ended, for the manager to record.
-struct ModuleOutcome(Result<Value, Failure>);
+/// How a module run ended, and its log, for the manager to record together.
+struct ModuleOutcome(Result<Value, Failure>, Vec<LogEntry>);
 
 impl TaskOutput for ModuleOutcome {
     fn into_outcome(self) -> Result<Value, Failure> {
         self.0
     }
+
+    fn into_report(self) -> (Result<Value, Failure>, Option<Vec<LogEntry>>) {
+        (self.0, Some(self.1))
+    }
 }
 
-/// Saves the run's log when the run ends — also when it is cancelled or
-/// times out and its future is dropped midway.
+/// Hands over the run's log when the run ends, to be saved with its
+/// terminal status; saves it itself when the run's future is dropped midway
+/// (cancelled), where nothing else would.
 struct LogSaver {
     registry: RunRegistry,
     run_id: String,
@@ -186,19 +191,16 @@ struct LogSaver {
 }
 
 impl LogSaver {
-    fn entries(&self) -> Vec<crate::run::LogEntry> {
+    fn entries(&self) -> Vec<LogEntry> {
         self.log
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .finish(&self.stdout.text(), &self.stderr.text())
     }
 
-    async fn save(mut self) {
+    fn finish(mut self) -> Vec<LogEntry> {
         self.saved = true;
-        let entries = self.entries();
-        if let Err(e) = self.registry.set_log(&self.run_id, &entries).await {
-            tracing::warn!(error = %e, "cannot save the run's log");
-        }
+        self.entries()
     }
 }
 
@@ -243,10 +245,7 @@ async fn execute(
     };
     let wasi = match sandbox(&module.summary.manifest.grants, &stdout, &stderr) {
         Ok(wasi) => wasi,
-        Err(failure) => {
-            saver.save().await;
-            return ModuleOutcome(Err(failure));
-        }
+        Err(failure) => return ModuleOutcome(Err(failure), saver.finish()),
     };
     let context = RunContext {
         run_id,
@@ -285,8 +284,7 @@ async fn execute(
         Ok(Ok(Err(message))) => Err(Failure::new(message)),
         Ok(Err(error)) => Err(trap_failure(&error, store.data(), &stderr.text())),
     };
-    saver.save().await;
-    ModuleOutcome(outcome)
+    ModuleOutcome(outcome, saver.finish())
 }
 
 /// The module's WASI: nothing but clocks, random numbers and captured

@@ -38,25 +38,28 @@ impl MemoryStore {
 impl RunStore for MemoryStore {
     async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
         let mut runs = self.lock();
-        let first = StatusChange {
+        // Room for the usual life of a run (queued, running, an end) and no
+        // more: growing a Vec by doubling would reserve four.
+        let mut first = Vec::with_capacity(3);
+        first.push(StatusChange {
             status: run.status,
             at: run.created_at,
             message: None,
-        };
+        });
         match runs.get_mut(&run.run_id) {
             None => {
                 runs.insert(
                     run.run_id.clone(),
                     Box::new(Entry {
                         run: run.clone(),
-                        history: vec![first],
+                        history: first,
                     }),
                 );
             }
             Some(entry) if entry.run.status.is_terminal() => {
                 **entry = Entry {
                     run: run.clone(),
-                    history: vec![first],
+                    history: first,
                 };
             }
             Some(entry)
@@ -123,6 +126,15 @@ impl RunStore for MemoryStore {
             }
             _ => Ok(None),
         }
+    }
+
+    fn record_progress(&self, run_id: &str, progress: &Progress) -> Result<()> {
+        if let Some(entry) = self.lock().get_mut(run_id)
+            && entry.run.status.is_active()
+        {
+            entry.run.progress = Some(progress.clone());
+        }
+        Ok(())
     }
 
     async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {

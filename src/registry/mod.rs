@@ -128,6 +128,11 @@ pub trait RunStore: Send + Sync + 'static {
     /// if the run is unknown or finished.
     async fn set_progress(&self, run_id: &str, progress: &Progress) -> Result<Option<String>>;
 
+    /// Records progress of an active run without waiting for it to be
+    /// durable (progress is frequent, and the next status change commits
+    /// it). Ignored for an unknown or finished run.
+    fn record_progress(&self, run_id: &str, progress: &Progress) -> Result<()>;
+
     /// Replaces a run's log, whatever its status (a log is not a status
     /// change: a cancelled run's log is saved after it was cancelled).
     /// Returns `false` if the run is unknown.
@@ -290,6 +295,19 @@ impl RunRegistry {
             progress,
         });
         Ok(true)
+    }
+
+    /// Records the progress a running run of `module_id` reported and tells
+    /// subscribers, without waiting for the record to be durable: what a
+    /// module host does on every progress call.
+    pub fn report_progress(&self, run_id: &str, module_id: &str, progress: Progress) -> Result<()> {
+        self.store.record_progress(run_id, &progress)?;
+        self.publish(|| RunEvent::Progress {
+            run_id: run_id.to_owned(),
+            module_id: module_id.to_owned(),
+            progress,
+        });
+        Ok(())
     }
 
     /// Saves a run's log (replacing what was saved), whatever its status.

@@ -268,6 +268,16 @@ impl RunStore for SqliteStore {
             .await
     }
 
+    fn record_progress(&self, run_id: &str, progress: &Progress) -> Result<()> {
+        // Queued like any write, in order; nobody waits for its commit.
+        let (reply, _) = oneshot::channel();
+        self.writes
+            .as_ref()
+            .ok_or(Error::RegistryClosed)?
+            .send(Write::Progress(run_id.to_owned(), progress.clone(), reply))
+            .map_err(|_| Error::RegistryClosed)
+    }
+
     async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
         self.write(|reply| Write::Log(run_id.to_owned(), log.to_vec(), reply))
             .await
@@ -454,7 +464,8 @@ fn checkpoint_loop(conn: &Connection, stop: &mpsc::Receiver<()>) {
 
 fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>, max_batch: usize, path: &Path) {
     let mut batch = Vec::with_capacity(max_batch);
-    while let Some(first) = next_write(&queue) {
+    let mut busy = false;
+    while let Some(first) = next_write(&queue, busy) {
         batch.push(first);
         while batch.len() < max_batch {
             match queue.try_recv() {
@@ -462,26 +473,31 @@ fn write_loop(mut conn: Connection, queue: mpsc::Receiver<Write>, max_batch: usi
                 Err(_) => break,
             }
         }
+        busy = batch.len() >= BUSY_BATCH;
         commit_batch(&mut conn, &mut batch, path);
     }
 }
 
-/// How long the writer keeps looking for more work before it sleeps.
+/// A batch this large means writes are pouring in: worth lingering for more.
+const BUSY_BATCH: usize = 8;
+
+/// How long a busy writer keeps looking for more work before it sleeps.
 const WRITER_LINGER: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// The next write, or `None` once every sender is gone.
 ///
-/// Under load, writes arrive every few microseconds: the writer lingers a
-/// moment (yielding its core) before it blocks, because waking a sleeping
-/// thread costs each sender a system call and the writer a context switch,
-/// more than the write itself.
-fn next_write(queue: &mpsc::Receiver<Write>) -> Option<Write> {
+/// Under load (`busy`), writes arrive every few microseconds: the writer
+/// lingers a moment, yielding its core, before it blocks, because waking a
+/// sleeping thread costs each sender a system call and the writer a context
+/// switch, more than the write itself. When writes come one at a time it
+/// blocks at once, leaving the core to whoever is producing them.
+fn next_write(queue: &mpsc::Receiver<Write>, busy: bool) -> Option<Write> {
     let since = std::time::Instant::now();
     loop {
         match queue.try_recv() {
             Ok(write) => return Some(write),
             Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) if since.elapsed() < WRITER_LINGER => {
+            Err(mpsc::TryRecvError::Empty) if busy && since.elapsed() < WRITER_LINGER => {
                 std::thread::yield_now();
             }
             Err(mpsc::TryRecvError::Empty) => return queue.recv().ok(),
@@ -796,7 +812,8 @@ fn apply_transition(
     if change.to.is_terminal() {
         tx.prepare_cached(
             "UPDATE runs SET status = ?2, completed_at = ?3, exit_code = ?4, error_message = ?5, \
-             output = coalesce(?6, output), history_len = ?7 WHERE id = ?1",
+             output = coalesce(?6, output), log = coalesce(?7, log), history_len = ?8 \
+             WHERE id = ?1",
         )?
         .execute(params![
             stored.id,
@@ -805,6 +822,7 @@ fn apply_transition(
             change.exit_code,
             change.error_message,
             change.output.as_ref().map(json_text).transpose()?,
+            change.log.as_deref().map(log_text).transpose()?.flatten(),
             stored.history_len + 1,
         ])?;
     } else {
