@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench modrun` for the full run, `cargo bench --bench modrun -- --quick`
 //! for one under a minute (smaller counts; the same rows). Naming groups
-//! (`throughput`, `status-change`, `memory`, `wasm`) runs only those.
+//! (`throughput`, `status-change`, `memory`, `commit`, `wasm`, `reload`) runs only those.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
@@ -107,6 +107,9 @@ fn main() -> anyhow::Result<()> {
         }
         if wanted("commit") {
             commit_latency(dir.path(), &mut rows).await?;
+        }
+        if wanted("reload") {
+            reload_figures(&mut rows).await?;
         }
         if wanted("wasm") {
             wasm_figures(&sizes, dir.path(), &mut rows).await?;
@@ -779,6 +782,144 @@ async fn commit_latency(dir: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::R
         baseline: format!("{memory:.1}"),
         ratio: sqlite / memory,
         goal: "(reported; baseline: in-memory)",
+    });
+    Ok(())
+}
+
+/// `component` with a custom section appended: the same behaviour, another
+/// content hash (and so another cache entry).
+fn variant(component: &[u8], index: usize) -> Vec<u8> {
+    fn leb128(mut value: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"modrun-bench";
+    let payload = index.to_string();
+    let mut section = Vec::new();
+    leb128(name.len(), &mut section);
+    section.extend_from_slice(name);
+    section.extend_from_slice(payload.as_bytes());
+    let mut out = component.to_vec();
+    out.push(0);
+    leb128(section.len(), &mut out);
+    out.extend_from_slice(&section);
+    out
+}
+
+async fn reload_figures(rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let plugins = bench_plugins()?;
+    let versions = [
+        std::fs::read(plugins.join("countdown.wasm"))?,
+        std::fs::read(plugins.join("countdown_v2.wasm"))?,
+    ];
+    let cache = tempfile::tempdir()?;
+    let config = || modrun::HostConfig {
+        cache_dir: Some(cache.path().join("compiled")),
+        ..modrun::HostConfig::default()
+    };
+
+    // Reload latency: a new version renamed into place, until a run starts on it.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("countdown.wasm");
+    std::fs::write(&path, &versions[0])?;
+    let host = modrun::ModuleHost::new(config())?;
+    host.load_dir(dir.path()).await?;
+    let _reloader = host.watch(dir.path(), modrun::module::DEFAULT_DEBOUNCE)?;
+    let runner = modrun::ModuleRunner::new(
+        host.clone(),
+        BackgroundTaskManager::new(RunRegistry::in_memory()),
+    );
+    let mut watched = Vec::new();
+    for swap in 1..=20 {
+        let bytes = &versions[swap % 2];
+        let partial = dir.path().join(".countdown.wasm.partial");
+        std::fs::write(&partial, bytes)?;
+        let mut events = host.subscribe();
+        let begin = Instant::now();
+        std::fs::rename(&partial, &path)?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), events.recv()).await?? {
+                modrun::module::ReloadEvent::Loaded { .. } => break,
+                modrun::module::ReloadEvent::Failed { error, .. } => anyhow::bail!("{error}"),
+                _ => {}
+            }
+        }
+        let run_id = runner
+            .start("countdown", serde_json::json!({"seconds": 0}))
+            .await?;
+        watched.push(begin.elapsed());
+        let run = runner.registry().get_run(&run_id).await?.expect("recorded");
+        anyhow::ensure!(run.module_version == host.module("countdown").map(|m| m.content_hash));
+    }
+    runner.manager().wait_all().await;
+    // Baseline: the same swaps loaded directly, no watcher or debounce.
+    let mut direct = Vec::new();
+    for swap in 1..=20 {
+        std::fs::write(&path, &versions[swap % 2])?;
+        let begin = Instant::now();
+        host.load_file(&path).await?;
+        direct.push(begin.elapsed());
+    }
+    watched.sort();
+    direct.sort();
+    let (p95, direct_p95) = (percentile(&watched, 0.95), percentile(&direct, 0.95));
+    rows.push(Row {
+        name: "reload: rename -> first run on new version, p95 ms",
+        value: format!("{:.1}", p95.as_secs_f64() * 1e3),
+        baseline: format!("{:.1}", direct_p95.as_secs_f64() * 1e3),
+        ratio: p95.as_secs_f64() / direct_p95.as_secs_f64(),
+        goal: "<= 250 ms, debounce included (baseline: direct load_file)",
+    });
+
+    // Cold start: 50 distinct modules, first with an empty cache, then again.
+    let modules = 50;
+    let hello = std::fs::read(plugins.join("hello.wasm"))?;
+    let dirs: Vec<tempfile::TempDir> = (0..modules)
+        .map(|index| {
+            let dir = tempfile::tempdir()?;
+            std::fs::write(dir.path().join("hello.wasm"), variant(&hello, index))?;
+            Ok(dir)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let cold_start = |host: modrun::ModuleHost| {
+        let dirs: Vec<std::path::PathBuf> = dirs.iter().map(|d| d.path().to_path_buf()).collect();
+        async move {
+            let begin = Instant::now();
+            let loads = dirs.iter().map(|dir| host.load_dir(dir));
+            for report in futures_util::future::join_all(loads).await {
+                anyhow::ensure!(report?.failed.is_empty(), "a module failed to load");
+            }
+            anyhow::Ok((begin.elapsed(), host.compile_stats()))
+        }
+    };
+    let fresh_cache = tempfile::tempdir()?;
+    let with = |dir: &std::path::Path| modrun::HostConfig {
+        cache_dir: Some(dir.join("compiled")),
+        ..modrun::HostConfig::default()
+    };
+    let (uncached, stats) = cold_start(modrun::ModuleHost::new(with(fresh_cache.path()))?).await?;
+    anyhow::ensure!(
+        stats.compiled == modules as u64,
+        "expected {modules} compiles: {stats:?}"
+    );
+    let (cached, stats) = cold_start(modrun::ModuleHost::new(with(fresh_cache.path()))?).await?;
+    anyhow::ensure!(
+        stats.cache_hits == modules as u64,
+        "expected {modules} cache hits: {stats:?}"
+    );
+    rows.push(Row {
+        name: "cold start, 50 modules, with cache, ms per module",
+        value: format!("{:.2}", cached.as_secs_f64() * 1e3 / modules as f64),
+        baseline: format!("{:.2}", uncached.as_secs_f64() * 1e3 / modules as f64),
+        ratio: cached.as_secs_f64() / uncached.as_secs_f64(),
+        goal: "<= 1 ms per module (baseline: same, compiling)",
     });
     Ok(())
 }

@@ -1,11 +1,14 @@
-//! The `modrun` command: inspect the run registry.
+//! The `modrun` command: build plugins, develop them live, inspect runs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use modrun::module::build_plugins;
 use modrun::{Run, RunFilter, RunRegistry, RunStatus};
+
+mod dev;
 
 /// Run sandboxed WebAssembly plugins as tracked background tasks.
 #[derive(Parser)]
@@ -45,6 +48,19 @@ enum Command {
         /// The run id.
         run: String,
     },
+    /// Build the plugin sources (a Cargo workspace) into components.
+    Build {
+        /// The plugin workspace; components are placed beside its crates.
+        #[arg(long, default_value = "plugins")]
+        plugins: PathBuf,
+    },
+    /// Develop plugins live: rebuild a plugin when its source changes, and
+    /// hot-reload the modules (a broken edit keeps the last good version).
+    Dev {
+        /// The plugin workspace, which is also the plugins directory.
+        #[arg(long, default_value = "plugins")]
+        plugins: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +70,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "modrun=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -73,8 +90,30 @@ fn main() -> ExitCode {
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Build { plugins } => {
+            let started = std::time::Instant::now();
+            let built = tokio::task::spawn_blocking(move || {
+                build_plugins(&plugins, &plugins.join("target"), &plugins)
+            })
+            .await??;
+            for plugin in &built {
+                let state = if plugin.changed { "built" } else { "unchanged" };
+                println!("{:<20} {state:<9} {}", plugin.id, plugin.path.display());
+            }
+            println!(
+                "{} plugin(s) in {:.1}s",
+                built.len(),
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Dev { plugins } => return dev::run(&plugins, &cli.db).await,
+        _ => {}
+    }
     let registry = RunRegistry::open_sqlite(&cli.db)?;
     match cli.command {
+        Command::Build { .. } | Command::Dev { .. } => unreachable!("handled above"),
         Command::Runs {
             status,
             module,

@@ -28,6 +28,11 @@ pub struct HostConfig {
     pub epoch_tick: Duration,
     /// Native stack a module's WebAssembly may use (deeper recursion traps).
     pub max_wasm_stack: usize,
+    /// Where compiled components are kept, by content hash, so a restart or
+    /// a revert to an earlier version does not compile again. `None`: no
+    /// cache. It must be modrun's own directory, never the plugins
+    /// directory: what is in it is loaded as machine code.
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for HostConfig {
@@ -41,6 +46,7 @@ impl Default for HostConfig {
             log_cap: 1000,
             epoch_tick: Duration::from_millis(1),
             max_wasm_stack: 1 << 20,
+            cache_dir: None,
         }
     }
 }

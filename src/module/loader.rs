@@ -2,7 +2,9 @@
 //! one, and keeps the current version of every module.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::WasiCtx;
@@ -52,6 +55,43 @@ pub struct ModuleSummary {
     pub loaded_at: DateTime<Utc>,
     /// Its limits and grants.
     pub manifest: Manifest,
+    /// The last failed attempt to load a newer version of it, if that is
+    /// the latest news: this version keeps serving meanwhile.
+    pub last_error: Option<LoadFailure>,
+}
+
+/// What happened when the host (re)loaded a file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ReloadEvent {
+    /// A version of a module is now current.
+    Loaded {
+        /// The module.
+        module_id: String,
+        /// The version now current.
+        content_hash: String,
+    },
+    /// A file failed to load; any previous version keeps serving.
+    Failed {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: String,
+    },
+    /// A module's file is gone: no new runs of it (runs in flight finish).
+    Retired {
+        /// The module.
+        module_id: String,
+    },
+}
+
+/// How many components were compiled, and how many came from the cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CompileStats {
+    /// Components compiled from WebAssembly.
+    pub compiled: u64,
+    /// Components loaded, already compiled, from the cache directory.
+    pub cache_hits: u64,
 }
 
 /// A file that could not be loaded, and why.
@@ -91,10 +131,15 @@ pub struct ModuleHost {
 
 struct HostInner {
     engine: Engine,
+    /// Ties cached machine code to this engine's settings and this modrun.
+    engine_key: String,
     linker: Linker<HostState>,
     config: HostConfig,
     modules: RwLock<HashMap<String, Arc<LoadedModule>>>,
     failures: RwLock<BTreeMap<PathBuf, LoadFailure>>,
+    compiled: AtomicU64,
+    cache_hits: AtomicU64,
+    events: broadcast::Sender<ReloadEvent>,
 }
 
 impl std::fmt::Debug for ModuleHost {
@@ -113,15 +158,48 @@ impl ModuleHost {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| Module::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s))
             .map_err(|e| Error::Engine(format!("cannot link the host functions: {e:#}")))?;
+        if let Some(cache) = &config.cache_dir {
+            prepare_cache_dir(cache)?;
+        }
+        let engine_key = {
+            let mut hasher = std::hash::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut hasher);
+            env!("CARGO_PKG_VERSION").hash(&mut hasher);
+            format!("{:016x}", hasher.finish())
+        };
         Ok(ModuleHost {
             inner: Arc::new(HostInner {
                 engine,
+                engine_key,
                 linker,
                 config,
                 modules: RwLock::new(HashMap::new()),
                 failures: RwLock::new(BTreeMap::new()),
+                compiled: AtomicU64::new(0),
+                cache_hits: AtomicU64::new(0),
+                events: broadcast::channel(1024).0,
             }),
         })
+    }
+
+    /// How many components this host compiled, and how many it took from
+    /// its cache instead.
+    #[must_use]
+    pub fn compile_stats(&self) -> CompileStats {
+        CompileStats {
+            compiled: self.inner.compiled.load(Ordering::Relaxed),
+            cache_hits: self.inner.cache_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A stream of what every (re)load does, from now on.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<ReloadEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn publish(&self, event: ReloadEvent) {
+        let _ = self.inner.events.send(event);
     }
 
     /// The host's configuration.
@@ -138,6 +216,7 @@ impl ModuleHost {
     /// async threads. A file that fails is reported and skipped; the others
     /// load.
     pub async fn load_dir(&self, dir: &Path) -> Result<LoadReport> {
+        self.check_cache_outside(dir)?;
         let entries = std::fs::read_dir(dir).map_err(|e| Error::PluginsDir {
             path: dir.to_path_buf(),
             message: e.to_string(),
@@ -181,18 +260,33 @@ impl ModuleHost {
         match result {
             Ok(loaded) => {
                 failures.remove(path);
+                drop(failures);
                 let summary = loaded.summary.clone();
+                let mut modules = self
+                    .inner
+                    .modules
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some(current) = modules.get(&summary.info.id).map(|m| &m.summary)
+                    && current.content_hash == summary.content_hash
+                    && current.manifest == summary.manifest
+                    && current.path == summary.path
+                {
+                    // Touched, not changed: the running version stays, as it was.
+                    return Ok(current.clone());
+                }
                 tracing::info!(
                     module_id = %summary.info.id,
                     version = %summary.content_hash,
                     path = %path.display(),
                     "module loaded"
                 );
-                self.inner
-                    .modules
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(summary.info.id.clone(), Arc::new(loaded));
+                modules.insert(summary.info.id.clone(), Arc::new(loaded));
+                drop(modules);
+                self.publish(ReloadEvent::Loaded {
+                    module_id: summary.info.id.clone(),
+                    content_hash: summary.content_hash.clone(),
+                });
                 Ok(summary)
             }
             Err(error) => {
@@ -205,6 +299,11 @@ impl ModuleHost {
                         at: Utc::now(),
                     },
                 );
+                drop(failures);
+                self.publish(ReloadEvent::Failed {
+                    path: path.to_path_buf(),
+                    error: error.to_string(),
+                });
                 Err(error)
             }
         }
@@ -262,6 +361,7 @@ impl ModuleHost {
                 path: path.to_path_buf(),
                 loaded_at: Utc::now(),
                 manifest,
+                last_error: None,
             },
             pre,
             validator,
@@ -288,10 +388,74 @@ impl ModuleHost {
                     .into(),
             );
         }
-        let content_hash = format!("sha256:{:x}", Sha256::digest(&bytes));
-        let component = Component::new(&self.inner.engine, &bytes)
+        let digest = format!("{:x}", Sha256::digest(&bytes));
+        let component = self.component(&bytes, &digest)?;
+        Ok((component, format!("sha256:{digest}")))
+    }
+
+    /// The compiled component for `bytes`: from the cache when it holds
+    /// this content compiled by this engine, else compiled (and cached).
+    fn component(&self, bytes: &[u8], digest: &str) -> std::result::Result<Component, String> {
+        let cached = self
+            .inner
+            .config
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{digest}-{}.cwasm", self.inner.engine_key)));
+        if let Some(file) = cached.as_ref().filter(|file| file.is_file()) {
+            // Read, not mapped: a file changed under a mapping would crash
+            // the host (SIGBUS) the next time a run executes that code.
+            let loaded = std::fs::read(file)
+                .map_err(|e| e.to_string())
+                .and_then(|code| {
+                    // SAFETY: deserializing runs the bytes as machine code. Only
+                    // `store_in_cache` writes this directory, with what this
+                    // engine compiled; it is never the plugins directory
+                    // (checked in `load_dir`) and is created private to this user.
+                    unsafe { Component::deserialize(&self.inner.engine, &code) }
+                        .map_err(|e| format!("{e:#}"))
+                });
+            match loaded {
+                Ok(component) => {
+                    self.inner.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(component);
+                }
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "dropping an unusable cache entry");
+                    let _ = std::fs::remove_file(file);
+                }
+            }
+        }
+        let component = Component::new(&self.inner.engine, bytes)
             .map_err(|e| format!("it is not a valid component: {e:#}"))?;
-        Ok((component, content_hash))
+        self.inner.compiled.fetch_add(1, Ordering::Relaxed);
+        if let Some(file) = &cached
+            && let Err(e) = store_in_cache(&component, file)
+        {
+            tracing::warn!(file = %file.display(), error = %e, "cannot cache a compiled module");
+        }
+        Ok(component)
+    }
+
+    /// Refuses a plugins directory that holds the cache: whoever can write
+    /// plugins must not be able to plant machine code.
+    fn check_cache_outside(&self, plugins: &Path) -> Result<()> {
+        let Some(cache) = &self.inner.config.cache_dir else {
+            return Ok(());
+        };
+        let (Ok(cache), Ok(plugins)) = (cache.canonicalize(), plugins.canonicalize()) else {
+            return Ok(());
+        };
+        if cache.starts_with(&plugins) {
+            return Err(Error::PluginsDir {
+                path: plugins,
+                message: format!(
+                    "it contains the compiled-module cache {}; keep the cache elsewhere",
+                    cache.display()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Calls `describe` in a fresh, bounded sandbox.
@@ -336,16 +500,31 @@ impl ModuleHost {
     /// One loaded module.
     #[must_use]
     pub fn module(&self, module_id: &str) -> Option<ModuleSummary> {
-        self.get(module_id).map(|module| module.summary.clone())
+        self.get(module_id)
+            .map(|module| self.with_last_error(&module.summary))
     }
 
     /// Every loaded module, by id.
     #[must_use]
     pub fn modules(&self) -> Vec<ModuleSummary> {
         let modules = self.inner.modules.read().unwrap_or_else(|e| e.into_inner());
-        let mut summaries: Vec<_> = modules.values().map(|m| m.summary.clone()).collect();
+        let mut summaries: Vec<_> = modules
+            .values()
+            .map(|m| self.with_last_error(&m.summary))
+            .collect();
         summaries.sort_by(|a, b| a.info.id.cmp(&b.info.id));
         summaries
+    }
+
+    fn with_last_error(&self, summary: &ModuleSummary) -> ModuleSummary {
+        let failures = self
+            .inner
+            .failures
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut summary = summary.clone();
+        summary.last_error = failures.get(&summary.path).cloned();
+        summary
     }
 
     /// The ids of the loaded modules, sorted.
@@ -369,12 +548,40 @@ impl ModuleHost {
     /// Stops offering a module for new runs (runs in flight finish).
     /// Returns whether it was loaded.
     pub fn retire(&self, module_id: &str) -> bool {
-        self.inner
+        let retired = self
+            .inner
             .modules
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(module_id)
-            .is_some()
+            .is_some();
+        if retired {
+            tracing::info!(module_id, "module retired");
+            self.publish(ReloadEvent::Retired {
+                module_id: module_id.to_owned(),
+            });
+        }
+        retired
+    }
+
+    /// Brings module `id` of `dir` up to date with the files there: loads
+    /// `<id>.wasm` if present (a failure keeps the previous version), or
+    /// retires the module if its file is gone.
+    pub async fn refresh(&self, dir: &Path, id: &str) {
+        let wasm = dir.join(format!("{id}.wasm"));
+        if wasm.is_file() {
+            let _ = self.load_file(&wasm).await;
+            return;
+        }
+        self.inner
+            .failures
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&wasm);
+        let from_here = self.get(id).is_some_and(|m| m.summary.path == wasm);
+        if from_here {
+            self.retire(id);
+        }
     }
 }
 
@@ -387,6 +594,26 @@ pub fn is_safe_module_id(id: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && id.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// Creates the cache directory, private to this user.
+fn prepare_cache_dir(dir: &Path) -> Result<()> {
+    let fail = |e: std::io::Error| Error::Engine(format!("cache directory {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Writes a compiled component into the cache: whole or not at all.
+fn store_in_cache(component: &Component, file: &Path) -> std::result::Result<(), String> {
+    let bytes = component.serialize().map_err(|e| format!("{e:#}"))?;
+    let partial = file.with_extension(format!("partial-{}", std::process::id()));
+    std::fs::write(&partial, bytes).map_err(|e| e.to_string())?;
+    std::fs::rename(&partial, file).map_err(|e| e.to_string())
 }
 
 /// The module id a component file is named for.

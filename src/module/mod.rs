@@ -7,6 +7,7 @@
 //!   module's schema, records the run, and executes it with its limits
 //!   (`runner`), through the host functions of `host`.
 //! - [`Manifest`] is a module's limits and grants (`manifest`).
+//! - [`Reloader`] keeps a host in step with its plugins directory (`reload`).
 //! - [`build_plugins`] builds plugin sources into components (`build`).
 
 mod bindings;
@@ -16,12 +17,15 @@ mod host;
 mod loader;
 mod manifest;
 mod output;
+mod reload;
 mod runner;
 
 pub use build::{BuiltPlugin, build_plugins};
 pub use engine::HostConfig;
 pub use loader::{
-    LoadFailure, LoadReport, ModuleHost, ModuleInfo, ModuleSummary, is_safe_module_id,
+    CompileStats, LoadFailure, LoadReport, ModuleHost, ModuleInfo, ModuleSummary, ReloadEvent,
+    is_safe_module_id,
 };
 pub use manifest::{DirGrant, Grants, Manifest, ModuleLimits};
+pub use reload::{DEFAULT_DEBOUNCE, Reloader, changes_content};
 pub use runner::ModuleRunner;

@@ -16,5 +16,9 @@ mod manager;
 /// cancellation of guests, grants.
 mod modules;
 
+/// Hot reload: swapping, breaking, deleting and rewriting components under a
+/// running host, and the compiled-module cache.
+mod reload;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;
