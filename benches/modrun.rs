@@ -755,7 +755,7 @@ async fn sleeping_run_memory(
         value: format!("{:.1}", per_run / 1024.0),
         baseline: format!("{:.1}", plain_bytes / 1024.0),
         ratio: per_run / plain_bytes,
-        goal: "<= 100 KB, guest memory included (baseline: plain task)",
+        goal: "<= 100 KB, guest memory included (baseline: plain task's heap)",
     });
     Ok(())
 }
