@@ -55,11 +55,25 @@ struct Sizes {
 }
 
 struct Row {
-    name: &'static str,
+    name: String,
     value: String,
     baseline: String,
     ratio: f64,
     goal: &'static str,
+}
+
+impl Row {
+    /// A row of a figure and its baseline, both measured in this run, shown
+    /// with `decimals` digits.
+    fn measured(name: &str, value: f64, baseline: f64, decimals: usize, goal: &'static str) -> Row {
+        Row {
+            name: name.to_owned(),
+            value: format!("{value:.decimals$}"),
+            baseline: format!("{baseline:.decimals$}"),
+            ratio: value / baseline,
+            goal,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -192,23 +206,23 @@ async fn task_throughput(
 
     let memory = BackgroundTaskManager::new(RunRegistry::in_memory());
     let in_memory = tasks_per_second(&memory, sizes.tasks).await;
-    rows.push(Row {
-        name: "tasks started->completed /s, in-memory registry",
-        value: format!("{in_memory:.0}"),
-        baseline: format!("{baseline:.0}"),
-        ratio: in_memory / baseline,
-        goal: ">= 200000/s (baseline: bare tokio spawn+join)",
-    });
+    rows.push(Row::measured(
+        "tasks started->completed /s, in-memory registry",
+        in_memory,
+        baseline,
+        0,
+        ">= 200000/s (baseline: bare tokio spawn+join)",
+    ));
 
     let sqlite = BackgroundTaskManager::new(RunRegistry::open_sqlite(dir.join("throughput.db"))?);
     let on_disk = tasks_per_second(&sqlite, sizes.tasks).await;
-    rows.push(Row {
-        name: "tasks started->completed /s, SQLite registry",
-        value: format!("{on_disk:.0}"),
-        baseline: format!("{baseline:.0}"),
-        ratio: on_disk / baseline,
-        goal: ">= 50000/s (baseline: bare tokio spawn+join)",
-    });
+    rows.push(Row::measured(
+        "tasks started->completed /s, SQLite registry",
+        on_disk,
+        baseline,
+        0,
+        ">= 50000/s (baseline: bare tokio spawn+join)",
+    ));
     Ok(())
 }
 
@@ -291,25 +305,25 @@ async fn status_change_cost(
     let baseline = change_cost_us(&empty, 0, sizes.changes).await?;
     let full = RunRegistry::open_sqlite(dir.join("history.db"))?;
     let with_history = change_cost_us(&full, sizes.history, sizes.changes).await?;
-    rows.push(Row {
-        name: "SQLite status change, us, 100k runs already stored",
-        value: format!("{with_history:.2}"),
-        baseline: format!("{baseline:.2}"),
-        ratio: with_history / baseline,
-        goal: "<= 10 us, ratio ~1 (baseline: empty registry)",
-    });
+    rows.push(Row::measured(
+        "SQLite status change, us, 100k runs already stored",
+        with_history,
+        baseline,
+        2,
+        "<= 10 us, ratio ~1 (baseline: empty registry)",
+    ));
 
     let empty = RunRegistry::in_memory();
     let baseline = change_cost_us(&empty, 0, sizes.changes).await?;
     let full = RunRegistry::in_memory();
     let with_history = change_cost_us(&full, sizes.history, sizes.changes).await?;
-    rows.push(Row {
-        name: "in-memory status change, us, 100k runs stored",
-        value: format!("{with_history:.2}"),
-        baseline: format!("{baseline:.2}"),
-        ratio: with_history / baseline,
-        goal: "ratio ~1 (baseline: empty registry)",
-    });
+    rows.push(Row::measured(
+        "in-memory status change, us, 100k runs stored",
+        with_history,
+        baseline,
+        2,
+        "ratio ~1 (baseline: empty registry)",
+    ));
     Ok(())
 }
 
@@ -361,20 +375,20 @@ async fn memory_per_task(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(
     let total = (live_bytes() - before) as f64 / count as f64;
     manager.shutdown(Duration::ZERO).await?;
 
-    rows.push(Row {
-        name: "host memory per in-flight task, bytes (100k)",
-        value: format!("{total:.0}"),
-        baseline: format!("{bare:.0}"),
-        ratio: total / bare,
-        goal: "<= 2048 B (baseline: bare parked tokio task)",
-    });
-    rows.push(Row {
-        name: "  of which run record + history in registry, bytes",
-        value: format!("{record:.0}"),
-        baseline: format!("{total:.0}"),
-        ratio: record / total,
-        goal: "(split of the row above)",
-    });
+    rows.push(Row::measured(
+        "host memory per in-flight task, bytes (100k)",
+        total,
+        bare,
+        0,
+        "<= 2048 B (baseline: bare parked tokio task)",
+    ));
+    rows.push(Row::measured(
+        "  of which run record + history in registry, bytes",
+        record,
+        total,
+        0,
+        "(split of the row above)",
+    ));
     Ok(())
 }
 
@@ -560,28 +574,15 @@ async fn wasm_figures(
         let sqlite =
             modrun_runs_per_second(&plugins, RunRegistry::open_sqlite(db)?, calls, sequential)
                 .await?;
-        rows.push(Row {
-            name: if sequential {
-                "hello runs/s, in-memory, sequential"
-            } else {
-                "hello runs/s, in-memory, all cores"
-            },
-            value: format!("{memory:.0}"),
-            baseline: format!("{bare:.0}"),
-            ratio: memory / bare,
-            goal: ">= 0.6 x bare wasmtime (instantiate+call)",
-        });
-        rows.push(Row {
-            name: if sequential {
-                "hello runs/s, SQLite, sequential"
-            } else {
-                "hello runs/s, SQLite, all cores"
-            },
-            value: format!("{sqlite:.0}"),
-            baseline: format!("{bare:.0}"),
-            ratio: sqlite / bare,
-            goal: ">= 0.6 x bare wasmtime (instantiate+call)",
-        });
+        for (registry, rate) in [("in-memory", memory), ("SQLite", sqlite)] {
+            rows.push(Row {
+                name: format!("hello runs/s, {registry}, {shape}"),
+                value: format!("{rate:.0}"),
+                baseline: format!("{bare:.0}"),
+                ratio: rate / bare,
+                goal: ">= 0.6 x bare wasmtime (instantiate+call)",
+            });
+        }
     }
     cancel_latency(&plugins, rows).await?;
     sleeping_run_memory(&plugins, sizes, rows).await?;
@@ -613,17 +614,11 @@ async fn cancel_latency(plugins: &std::path::Path, rows: &mut Vec<Row>) -> anyho
         anyhow::ensure!(Instant::now() < deadline, "spinning runs did not all start");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Cancel from a task on the runtime's workers, as a request handler would.
-    let measuring = tokio::spawn(async move {
-        let mut latencies = Vec::new();
-        for run_id in spinning {
-            let begin = Instant::now();
-            assert!(runner.cancel(&run_id).await.expect("cancel"));
-            latencies.push(begin.elapsed());
-        }
-        latencies
-    });
-    let mut spin_latencies = measuring.await?;
+    let spin_latencies = time_cancels(spinning, move |run_id| {
+        let runner = runner.clone();
+        async move { runner.cancel(&run_id).await }
+    })
+    .await?;
     let stop_begin = Instant::now();
     manager.wait_all().await;
     let all_stopped = stop_begin.elapsed();
@@ -637,33 +632,24 @@ async fn cancel_latency(plugins: &std::path::Path, rows: &mut Vec<Row>) -> anyho
                 .await?,
         );
     }
-    let measuring = tokio::spawn({
-        let manager = idle_manager.clone();
-        async move {
-            let mut latencies = Vec::new();
-            for run_id in idle {
-                let begin = Instant::now();
-                assert!(manager.cancel_task(&run_id).await.expect("cancel"));
-                latencies.push(begin.elapsed());
-            }
-            latencies
-        }
-    });
-    let mut idle_latencies = measuring.await?;
+    let manager = idle_manager.clone();
+    let idle_latencies = time_cancels(idle, move |run_id| {
+        let manager = manager.clone();
+        async move { manager.cancel_task(&run_id).await }
+    })
+    .await?;
     idle_manager.wait_all().await;
-    spin_latencies.sort();
-    idle_latencies.sort();
     let p99 = percentile(&spin_latencies, 0.99);
     let idle_p99 = percentile(&idle_latencies, 0.99);
     rows.push(Row {
-        name: "cancel spinning guest -> Cancelled, p99 us (100)",
+        name: "cancel spinning guest -> Cancelled, p99 us (100)".into(),
         value: format!("{:.1}", p99.as_secs_f64() * 1e6),
         baseline: format!("{:.1}", idle_p99.as_secs_f64() * 1e6),
         ratio: p99.as_secs_f64() / idle_p99.as_secs_f64(),
         goal: "<= 1000 us (baseline: idle plain tasks)",
     });
     rows.push(Row {
-        name: "  p50 us",
+        name: "  p50 us".into(),
         value: format!(
             "{:.1}",
             percentile(&spin_latencies, 0.5).as_secs_f64() * 1e6
@@ -677,13 +663,34 @@ async fn cancel_latency(plugins: &std::path::Path, rows: &mut Vec<Row>) -> anyho
         goal: "",
     });
     rows.push(Row {
-        name: "  all 100 guests stopped after last cancel, ms",
+        name: "  all 100 guests stopped after last cancel, ms".into(),
         value: format!("{:.2}", all_stopped.as_secs_f64() * 1e3),
         baseline: "-".into(),
         ratio: f64::NAN,
         goal: "(reported)",
     });
     Ok(())
+}
+
+/// Cancels each run, one after another, from a task on the runtime's
+/// workers (as a request handler would); returns the latencies, sorted.
+async fn time_cancels<F, Fut>(run_ids: Vec<String>, cancel: F) -> anyhow::Result<Vec<Duration>>
+where
+    F: Fn(String) -> Fut + Send + 'static,
+    Fut: Future<Output = modrun::Result<bool>> + Send,
+{
+    let mut latencies = tokio::spawn(async move {
+        let mut latencies = Vec::new();
+        for run_id in run_ids {
+            let begin = Instant::now();
+            assert!(cancel(run_id).await.expect("cancel"), "the run was active");
+            latencies.push(begin.elapsed());
+        }
+        latencies
+    })
+    .await?;
+    latencies.sort();
+    Ok(latencies)
 }
 
 /// Resident memory per in-flight `countdown` run (sleeping in WASI), guest
@@ -751,7 +758,7 @@ async fn sleeping_run_memory(
     manager.shutdown(Duration::ZERO).await?;
     plain.shutdown(Duration::ZERO).await?;
     rows.push(Row {
-        name: "resident memory per sleeping countdown run, KB",
+        name: "resident memory per sleeping countdown run, KB".into(),
         value: format!("{:.1}", per_run / 1024.0),
         baseline: format!("{:.1}", plain_bytes / 1024.0),
         ratio: per_run / plain_bytes,
@@ -776,13 +783,13 @@ async fn commit_latency(dir: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::R
     };
     let sqlite = time(RunRegistry::open_sqlite(dir.join("lone.db"))?).await;
     let memory = time(RunRegistry::in_memory()).await;
-    rows.push(Row {
-        name: "one awaited SQLite write, sequential, us",
-        value: format!("{sqlite:.1}"),
-        baseline: format!("{memory:.1}"),
-        ratio: sqlite / memory,
-        goal: "(reported; baseline: in-memory)",
-    });
+    rows.push(Row::measured(
+        "one awaited SQLite write, sequential, us",
+        sqlite,
+        memory,
+        1,
+        "(reported; baseline: in-memory)",
+    ));
     Ok(())
 }
 
@@ -871,7 +878,7 @@ async fn reload_figures(rows: &mut Vec<Row>) -> anyhow::Result<()> {
     direct.sort();
     let (p95, direct_p95) = (percentile(&watched, 0.95), percentile(&direct, 0.95));
     rows.push(Row {
-        name: "reload: rename -> first run on new version, p95 ms",
+        name: "reload: rename -> first run on new version, p95 ms".into(),
         value: format!("{:.1}", p95.as_secs_f64() * 1e3),
         baseline: format!("{:.1}", direct_p95.as_secs_f64() * 1e3),
         ratio: p95.as_secs_f64() / direct_p95.as_secs_f64(),
@@ -915,7 +922,7 @@ async fn reload_figures(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         "expected {modules} cache hits: {stats:?}"
     );
     rows.push(Row {
-        name: "cold start, 50 modules, with cache, ms per module",
+        name: "cold start, 50 modules, with cache, ms per module".into(),
         value: format!("{:.2}", cached.as_secs_f64() * 1e3 / modules as f64),
         baseline: format!("{:.2}", uncached.as_secs_f64() * 1e3 / modules as f64),
         ratio: cached.as_secs_f64() / uncached.as_secs_f64(),
