@@ -9,7 +9,10 @@
 //! when a [`RunStore`] method returns, its change is committed: an id
 //! returned by the task manager was recorded before it was handed out, and a
 //! terminal status that anyone could read is in the file. Reads use separate
-//! connections and see committed data only.
+//! connections and see committed data only. The one write nobody waits for
+//! is [`RunStore::record_progress`]: it is queued in order with the run's
+//! other writes and committed with the next batch, so a crash can lose the
+//! last progress report, never a status.
 //!
 //! The database runs in WAL mode. With [`Synchronous::Normal`] (the default)
 //! a commit survives the process being killed at any point; the last commits
