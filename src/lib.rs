@@ -42,6 +42,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod http;
 pub mod manager;
 pub mod module;
 pub mod registry;

@@ -1,14 +1,19 @@
-//! The `modrun` command: build plugins, develop them live, inspect runs.
+//! The `modrun` command: serve the API, run a module once, build and develop
+//! plugins, inspect and cancel runs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::time::Duration;
+
 use modrun::module::build_plugins;
-use modrun::{Run, RunFilter, RunRegistry, RunStatus};
+use modrun::{HostConfig, ModuleHost, Run, RunFilter, RunRegistry, RunStatus, TaskLimits};
 
 mod dev;
+mod oneshot;
+mod serve;
 
 /// Run sandboxed WebAssembly plugins as tracked background tasks.
 #[derive(Parser)]
@@ -31,6 +36,63 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API over the plugins directory (hot reload included).
+    Serve {
+        /// The address to listen on. Anything but loopback needs --token.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: std::net::SocketAddr,
+        /// The plugins directory.
+        #[arg(long, default_value = "plugins")]
+        plugins: PathBuf,
+        /// Keep runs in memory only, not in --db.
+        #[arg(long)]
+        in_memory: bool,
+        /// A bearer token every request but /health must carry.
+        #[arg(long, env = "MODRUN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// On SIGTERM or Ctrl-C, how long running runs may take to finish
+        /// before they are cancelled, in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        grace: f64,
+        /// The most runs executing at once; the rest wait, queued.
+        #[arg(long, default_value_t = 64)]
+        max_concurrent: usize,
+        /// The most runs waiting; past it, starts are refused (HTTP 429).
+        #[arg(long, default_value_t = 1024)]
+        max_queued: usize,
+    },
+    /// Run a module once, here: progress on standard error, output as JSON
+    /// on standard output. Exit code: 0 completed, 1 failed, 101 panicked,
+    /// 124 timed out, 130 cancelled (Ctrl-C), 2 bad request.
+    Run {
+        /// The module to run.
+        module: String,
+        /// Parameters as key=value (values that parse as JSON are JSON).
+        pairs: Vec<String>,
+        /// Parameters as a JSON object (key=value pairs are added to it).
+        #[arg(long)]
+        params: Option<String>,
+        /// The plugins directory.
+        #[arg(long, default_value = "plugins")]
+        plugins: PathBuf,
+    },
+    /// List the modules of a plugins directory and the files that fail to load.
+    Modules {
+        /// The plugins directory.
+        #[arg(long, default_value = "plugins")]
+        plugins: PathBuf,
+    },
+    /// Cancel a run through a running server.
+    Cancel {
+        /// The run id.
+        run: String,
+        /// The server.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "MODRUN_SERVER")]
+        server: String,
+        /// The server's bearer token, if it has one.
+        #[arg(long, env = "MODRUN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// List runs, newest first.
     Runs {
         /// Only runs in this status (queued, running, completed, failed, cancelled).
@@ -64,15 +126,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A server or the dev loop tells what it does; a one-shot command only
+    // what went wrong. RUST_LOG overrides both.
+    let quiet = !matches!(cli.command, Command::Serve { .. } | Command::Dev { .. });
+    let default_filter = if quiet { "modrun=warn" } else { "modrun=info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "modrun=info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -109,11 +175,85 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Dev { plugins } => return dev::run(&plugins, &cli.db).await,
-        _ => {}
+        Command::Serve {
+            bind,
+            plugins,
+            in_memory,
+            token,
+            grace,
+            max_concurrent,
+            max_queued,
+        } => {
+            let grace = Duration::try_from_secs_f64(grace)
+                .map_err(|_| anyhow::anyhow!("--grace must be a number of seconds, not {grace}"))?;
+            let limits = TaskLimits {
+                max_concurrent: Some(max_concurrent.max(1)),
+                max_queued: Some(max_queued),
+            };
+            let options = serve::ServeOptions {
+                bind,
+                plugins,
+                db: cli.db,
+                in_memory,
+                token,
+                grace,
+                limits,
+            };
+            return serve::run(options).await;
+        }
+        Command::Run {
+            module,
+            pairs,
+            params,
+            plugins,
+        } => {
+            let parameters = match oneshot::parameters(&pairs, params.as_deref()) {
+                Ok(parameters) => parameters,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(oneshot::EXIT_USAGE));
+                }
+            };
+            return oneshot::run(&plugins, &module, parameters).await;
+        }
+        Command::Modules { plugins } => {
+            let host = ModuleHost::new(HostConfig::default())?;
+            let report = host.load_dir(&plugins).await?;
+            if cli.json {
+                let listing =
+                    serde_json::json!({"modules": host.modules(), "failures": report.failed});
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                println!(
+                    "{:<20}  {:<10}  {:<20}  DESCRIPTION",
+                    "MODULE", "VERSION", "CONTENT"
+                );
+                for module in host.modules() {
+                    println!(
+                        "{:<20}  {:<10}  {:<20}  {}",
+                        module.info.id,
+                        module.info.version,
+                        &module.content_hash[..19.min(module.content_hash.len())],
+                        module.info.description
+                    );
+                }
+                for failure in &report.failed {
+                    println!("not loaded: {}: {}", failure.path.display(), failure.error);
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Cancel { run, server, token } => return cancel(&server, &run, token.as_deref()),
+        Command::Runs { .. } | Command::Show { .. } => {}
     }
     let registry = RunRegistry::open_sqlite(&cli.db)?;
     match cli.command {
-        Command::Build { .. } | Command::Dev { .. } => unreachable!("handled above"),
+        Command::Build { .. }
+        | Command::Dev { .. }
+        | Command::Serve { .. }
+        | Command::Run { .. }
+        | Command::Modules { .. }
+        | Command::Cancel { .. } => unreachable!("handled above"),
         Command::Runs {
             status,
             module,
@@ -171,5 +311,40 @@ fn print_runs(runs: &[Run]) {
             run.created_at.format("%Y-%m-%d %H:%M:%S%.3f"),
             run.error_message.as_deref().unwrap_or("")
         );
+    }
+}
+
+/// Cancels a run through a server's API: exit 0 when cancelled, 1 when it
+/// had already finished, 2 when the server does not know it.
+fn cancel(server: &str, run_id: &str, token: Option<&str>) -> anyhow::Result<ExitCode> {
+    let url = format!("{}/runs/{run_id}", server.trim_end_matches('/'));
+    let mut request = ureq::delete(&url);
+    if let Some(token) = token {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut response = request
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .with_context(|| format!("cannot reach the server at {server}"))?;
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.body_mut().read_json().unwrap_or_default();
+    match status {
+        200 => {
+            println!("cancelled {run_id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        409 => {
+            println!("run {run_id} had already finished: {}", body["status"]);
+            Ok(ExitCode::FAILURE)
+        }
+        _ => {
+            let message = body["error"]["message"]
+                .as_str()
+                .unwrap_or("no reason given");
+            eprintln!("error: the server answered {status}: {message}");
+            Ok(ExitCode::from(2))
+        }
     }
 }
