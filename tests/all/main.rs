@@ -20,5 +20,9 @@ mod modules;
 /// running host, and the compiled-module cache.
 mod reload;
 
+/// The HTTP API, called in process: every endpoint, every error, the token,
+/// the event stream, the OpenAPI document.
+mod http;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;
