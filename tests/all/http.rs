@@ -18,7 +18,13 @@ async fn app(token: Option<&str>) -> (Router, ModuleRunner, tempfile::TempDir) {
     (router(state), runner, dir)
 }
 
-async fn call(app: &Router, method: &str, uri: &str, body: &str, token: Option<&str>) -> (StatusCode, Value) {
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (StatusCode, Value) {
     let mut request = Request::builder().method(method).uri(uri);
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
@@ -29,7 +35,9 @@ async fn call(app: &Router, method: &str, uri: &str, body: &str, token: Option<&
         .await
         .unwrap();
     let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, value)
@@ -51,14 +59,24 @@ async fn wait_finished(app: &Router, run_id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_started_over_http_is_followed_to_its_end() {
     let (app, _, _dir) = app(None).await;
-    let (status, body) = call(&app, "POST", "/modules/hello/runs", r#"{"name": "Ada"}"#, None).await;
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/modules/hello/runs",
+        r#"{"name": "Ada"}"#,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["status"], "queued");
     let run_id = body["run_id"].as_str().unwrap().to_owned();
 
     let finished = wait_finished(&app, &run_id).await;
     assert_eq!(finished["run"]["status"], "completed");
-    assert_eq!(finished["run"]["output"], json!({"greeting": "Hello, Ada!"}));
+    assert_eq!(
+        finished["run"]["output"],
+        json!({"greeting": "Hello, Ada!"})
+    );
     let history: Vec<&str> = finished["history"]
         .as_array()
         .unwrap()
@@ -72,7 +90,14 @@ async fn a_run_started_over_http_is_followed_to_its_end() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     wait_finished(&app, body["task_id"].as_str().unwrap()).await;
 
-    let (status, body) = call(&app, "GET", "/runs?module=hello&status=completed&limit=1", "", None).await;
+    let (status, body) = call(
+        &app,
+        "GET",
+        "/runs?module=hello&status=completed&limit=1",
+        "",
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["runs"].as_array().unwrap().len(), 1);
     let (_, body) = call(&app, "GET", "/runs?module=countdown", "", None).await;
@@ -84,36 +109,124 @@ async fn a_run_started_over_http_is_followed_to_its_end() {
     let (_, body) = call(&app, "GET", "/tasks/active", "", None).await;
     assert_eq!(body, json!({"count": 0, "queued": 0, "tasks": []}));
     let (_, body) = call(&app, "GET", "/modules", "", None).await;
-    let ids: Vec<&str> = body["modules"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = body["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["countdown", "hello"]);
     let (_, body) = call(&app, "GET", "/modules/hello", "", None).await;
-    assert!(body["content_hash"].as_str().unwrap().starts_with("sha256:"));
+    assert!(
+        body["content_hash"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
     assert_eq!(body["parameters_schema"]["type"], "object");
     let (_, body) = call(&app, "GET", "/health", "", None).await;
     assert_eq!(body["status"], "ok");
     let (status, metrics) = call(&app, "GET", "/metrics", "", None).await;
     assert_eq!(status, StatusCode::OK);
     let metrics = metrics.as_str().unwrap().to_owned();
-    assert!(metrics.contains("modrun_runs_total{status=\"completed\"} 2"), "{metrics}");
-    assert!(metrics.contains("modrun_run_duration_seconds_count 2"), "{metrics}");
+    assert!(
+        metrics.contains("modrun_runs_total{status=\"completed\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("modrun_run_duration_seconds_count 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_request_gets_a_clear_json_error_and_records_no_run() {
     let (app, runner, _dir) = app(None).await;
     let cases = [
-        ("POST", "/modules/nope/runs", "{}", StatusCode::NOT_FOUND, "unknown_module"),
-        ("POST", "/modules/hello/runs", r#"{"name": 5}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameters"),
-        ("POST", "/modules/hello/runs", r#"{"name": "#, StatusCode::BAD_REQUEST, "malformed_json"),
-        ("POST", "/modules/hello/runs", "[1, 2]", StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameters"),
-        ("POST", "/modules/%2e%2e/runs", "{}", StatusCode::BAD_REQUEST, "invalid_module_id"),
-        ("POST", "/modules/..%2Fetc/runs", "{}", StatusCode::BAD_REQUEST, "invalid_module_id"),
-        ("POST", "/modules/%2Fetc%2Fpasswd/runs", "{}", StatusCode::BAD_REQUEST, "invalid_module_id"),
-        ("POST", "/modules/a%00b/runs", "{}", StatusCode::BAD_REQUEST, "invalid_module_id"),
-        ("GET", "/modules/Hello", "", StatusCode::BAD_REQUEST, "invalid_module_id"),
-        ("GET", "/runs/no-such-run", "", StatusCode::NOT_FOUND, "unknown_run"),
-        ("DELETE", "/runs/no-such-run", "", StatusCode::NOT_FOUND, "unknown_run"),
-        ("GET", "/no/such/endpoint", "", StatusCode::NOT_FOUND, "no_such_endpoint"),
+        (
+            "POST",
+            "/modules/nope/runs",
+            "{}",
+            StatusCode::NOT_FOUND,
+            "unknown_module",
+        ),
+        (
+            "POST",
+            "/modules/hello/runs",
+            r#"{"name": 5}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameters",
+        ),
+        (
+            "POST",
+            "/modules/hello/runs",
+            r#"{"name": "#,
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "POST",
+            "/modules/hello/runs",
+            "[1, 2]",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameters",
+        ),
+        (
+            "POST",
+            "/modules/%2e%2e/runs",
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "invalid_module_id",
+        ),
+        (
+            "POST",
+            "/modules/..%2Fetc/runs",
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "invalid_module_id",
+        ),
+        (
+            "POST",
+            "/modules/%2Fetc%2Fpasswd/runs",
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "invalid_module_id",
+        ),
+        (
+            "POST",
+            "/modules/a%00b/runs",
+            "{}",
+            StatusCode::BAD_REQUEST,
+            "invalid_module_id",
+        ),
+        (
+            "GET",
+            "/modules/Hello",
+            "",
+            StatusCode::BAD_REQUEST,
+            "invalid_module_id",
+        ),
+        (
+            "GET",
+            "/runs/no-such-run",
+            "",
+            StatusCode::NOT_FOUND,
+            "unknown_run",
+        ),
+        (
+            "DELETE",
+            "/runs/no-such-run",
+            "",
+            StatusCode::NOT_FOUND,
+            "unknown_run",
+        ),
+        (
+            "GET",
+            "/no/such/endpoint",
+            "",
+            StatusCode::NOT_FOUND,
+            "no_such_endpoint",
+        ),
     ];
     for (method, uri, body, status, code) in cases {
         let (got, answer) = call(&app, method, uri, body, None).await;
@@ -122,12 +235,18 @@ async fn every_bad_request_gets_a_clear_json_error_and_records_no_run() {
         assert!(!answer["error"]["message"].as_str().unwrap().is_empty());
     }
     let (_, answer) = call(&app, "POST", "/modules/hello/runs", r#"{"name": 5}"#, None).await;
-    assert_eq!(answer["error"]["details"][0], "/name: 5 is not of type \"string\"");
+    assert_eq!(
+        answer["error"]["details"][0],
+        "/name: 5 is not of type \"string\""
+    );
     let huge = format!(r#"{{"name": "{}"}}"#, "x".repeat(300 << 10));
     let (status, answer) = call(&app, "POST", "/modules/hello/runs", &huge, None).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
     assert_eq!(answer["error"]["code"], "body_too_large");
-    assert!(runner.registry().recent_runs(10).await.unwrap().is_empty(), "no run recorded");
+    assert!(
+        runner.registry().recent_runs(10).await.unwrap().is_empty(),
+        "no run recorded"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +268,14 @@ async fn a_configured_token_is_required_everywhere_but_health() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_over_http_tells_cancelled_from_finished() {
     let (app, _, _dir) = app(None).await;
-    let (_, body) = call(&app, "POST", "/modules/countdown/runs", r#"{"seconds": 30, "step_ms": 20}"#, None).await;
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/modules/countdown/runs",
+        r#"{"seconds": 30, "step_ms": 20}"#,
+        None,
+    )
+    .await;
     let run_id = body["run_id"].as_str().unwrap().to_owned();
     let start = std::time::Instant::now();
     loop {
@@ -161,7 +287,11 @@ async fn cancel_over_http_tells_cancelled_from_finished() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let (status, body) = call(&app, "DELETE", &format!("/runs/{run_id}"), "", None).await;
-    assert_eq!((status, body["success"].clone()), (StatusCode::OK, json!(true)), "{body}");
+    assert_eq!(
+        (status, body["success"].clone()),
+        (StatusCode::OK, json!(true)),
+        "{body}"
+    );
     let (status, body) = call(&app, "DELETE", &format!("/tasks/{run_id}"), "", None).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["success"], false);
@@ -173,11 +303,22 @@ async fn cancel_over_http_tells_cancelled_from_finished() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_stream_opens_with_a_snapshot_then_follows_the_run() {
     let (app, _, _dir) = app(None).await;
-    let (_, body) = call(&app, "POST", "/modules/countdown/runs", r#"{"seconds": 0.2, "step_ms": 50}"#, None).await;
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/modules/countdown/runs",
+        r#"{"seconds": 0.2, "step_ms": 50}"#,
+        None,
+    )
+    .await;
     let run_id = body["run_id"].as_str().unwrap().to_owned();
     let response = app
         .clone()
-        .oneshot(Request::get(format!("/events?run_id={run_id}")).body(Body::empty()).unwrap())
+        .oneshot(
+            Request::get(format!("/events?run_id={run_id}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -199,9 +340,17 @@ async fn the_event_stream_opens_with_a_snapshot_then_follows_the_run() {
     })
     .await
     .expect("the run's end arrived on the stream");
-    assert_eq!(events.first().map(String::as_str), Some("snapshot"), "{text}");
+    assert_eq!(
+        events.first().map(String::as_str),
+        Some("snapshot"),
+        "{text}"
+    );
     assert!(events.iter().any(|e| e == "progress"), "{events:?}");
-    assert_eq!(events.last().map(String::as_str), Some("status"), "{events:?}");
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("status"),
+        "{events:?}"
+    );
     assert!(text.contains(&run_id));
     let (status, _) = call(&app, "GET", "/events?run_id=unknown", "", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -214,7 +363,9 @@ async fn the_openapi_document_lists_exactly_the_served_endpoints() {
     assert_eq!(status, StatusCode::OK);
     let paths = doc["paths"].as_object().unwrap();
     for (path, operations) in paths {
-        let mut concrete = path.replace("{module_id}", "hello").replace("{run_id}", "some-run");
+        let mut concrete = path
+            .replace("{module_id}", "hello")
+            .replace("{run_id}", "some-run");
         if path == "/events" {
             // The stream of all runs never ends; one unknown run answers at once.
             concrete.push_str("?run_id=some-run");
@@ -228,9 +379,24 @@ async fn the_openapi_document_lists_exactly_the_served_endpoints() {
         }
     }
     // And what is served is documented.
-    for path in ["/health", "/modules", "/modules/{module_id}", "/modules/{module_id}/runs",
-                 "/modules/{module_id}/run-async", "/runs", "/runs/active", "/tasks/active",
-                 "/runs/{run_id}", "/tasks/{run_id}", "/events", "/metrics", "/openapi.json"] {
-        assert!(paths.contains_key(path), "{path} is served but not documented");
+    for path in [
+        "/health",
+        "/modules",
+        "/modules/{module_id}",
+        "/modules/{module_id}/runs",
+        "/modules/{module_id}/run-async",
+        "/runs",
+        "/runs/active",
+        "/tasks/active",
+        "/runs/{run_id}",
+        "/tasks/{run_id}",
+        "/events",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} is served but not documented"
+        );
     }
 }

@@ -24,5 +24,9 @@ mod reload;
 /// the event stream, the OpenAPI document.
 mod http;
 
+/// `modrun serve` and `modrun run` as real processes: SIGTERM, kill -9 and
+/// restart, a flood of starts past the limits, exit codes.
+mod server;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;

@@ -1,0 +1,328 @@
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use modrun::{RunRegistry, RunStatus};
+use serde_json::{Value, json};
+
+use crate::support::{DEADLINE, plugins_dir};
+
+/// A `modrun serve` process on an ephemeral loopback port.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(plugins: &Path, db: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_modrun"))
+            .args(["serve", "--bind", "127.0.0.1:0", "--plugins"])
+            .arg(plugins)
+            .arg("--db")
+            .arg(db)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("modrun serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_owned();
+        Server {
+            child,
+            base: address,
+        }
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = ureq::post(&format!("{}{path}", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_json(body)
+            .expect("request sent");
+        read(response)
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let response = ureq::get(&format!("{}{path}", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .expect("request sent");
+        read(response)
+    }
+
+    fn start_run(&self, module: &str, parameters: Value) -> String {
+        let (status, body) = self.post(&format!("/modules/{module}/runs"), &parameters);
+        assert_eq!(status, 202, "{body}");
+        body["run_id"].as_str().unwrap().to_owned()
+    }
+
+    fn wait_status(&self, run_id: &str, wanted: &str) {
+        let start = Instant::now();
+        loop {
+            let (_, body) = self.get(&format!("/runs/{run_id}"));
+            if body["run"]["status"] == wanted {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{run_id} never became {wanted}: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    fn terminate(mut self) -> i32 {
+        let pid = self.child.id().to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(killed.success());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the server did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let body = response.body_mut().read_json().unwrap_or(Value::Null);
+    (status, body)
+}
+
+async fn stored(db: &Path) -> RunRegistry {
+    RunRegistry::open_sqlite(db).expect("the registry opens after the server")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_quick_runs_cancels_the_rest_and_exits_zero() {
+    let plugins = plugins_dir(&["hello", "countdown"]);
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("registry.db");
+    let server = Server::start(plugins.path(), &db, &["--grace", "0.5"]);
+    let quick = server.start_run("hello", json!({"name": "Ada"}));
+    server.wait_status(&quick, "completed");
+    let slow: Vec<String> = (0..3)
+        .map(|_| server.start_run("countdown", json!({"seconds": 60, "step_ms": 50})))
+        .collect();
+    for run_id in &slow {
+        server.wait_status(run_id, "running");
+    }
+    assert_eq!(server.terminate(), 0);
+
+    let registry = stored(&db).await;
+    assert_eq!(
+        registry.get_run(&quick).await.unwrap().unwrap().status,
+        RunStatus::Completed
+    );
+    for run_id in &slow {
+        let run = registry.get_run(run_id).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Cancelled, "{run_id}");
+        assert_eq!(run.error_message.as_deref(), Some("cancelled: shutdown"));
+    }
+    assert!(registry.active_runs().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_a_restart_keeps_every_run_and_marks_the_unfinished_interrupted() {
+    let plugins = plugins_dir(&["hello", "countdown"]);
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("registry.db");
+    let mut server = Server::start(plugins.path(), &db, &[]);
+    let done = server.start_run("hello", json!({"name": "kept"}));
+    server.wait_status(&done, "completed");
+    let running: Vec<String> = (0..3)
+        .map(|_| server.start_run("countdown", json!({"seconds": 60, "step_ms": 50})))
+        .collect();
+    for run_id in &running {
+        server.wait_status(run_id, "running");
+    }
+    server.child.kill().unwrap(); // SIGKILL: no chance to clean up
+    server.child.wait().unwrap();
+    drop(server);
+
+    let restarted = Server::start(plugins.path(), &db, &[]);
+    let (_, body) = restarted.get(&format!("/runs/{done}"));
+    assert_eq!(body["run"]["status"], "completed");
+    assert_eq!(body["run"]["output"], json!({"greeting": "Hello, kept!"}));
+    for run_id in &running {
+        let (status, body) = restarted.get(&format!("/runs/{run_id}"));
+        assert_eq!(status, 200, "handed-out run {run_id} lost: {body}");
+        assert_eq!(body["run"]["status"], "failed");
+        assert!(
+            body["run"]["error_message"]
+                .as_str()
+                .unwrap()
+                .starts_with("interrupted")
+        );
+        let statuses: Vec<&str> = body["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(statuses, ["queued", "running", "failed"]);
+    }
+    assert_eq!(restarted.terminate(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_starts_past_the_limits_gets_429s_and_loses_nothing() {
+    let plugins = plugins_dir(&["countdown"]);
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("registry.db");
+    let server = Server::start(
+        plugins.path(),
+        &db,
+        &[
+            "--max-concurrent",
+            "4",
+            "--max-queued",
+            "100",
+            "--grace",
+            "30",
+        ],
+    );
+    let base = server.base.clone();
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                for _ in 0..100 {
+                    let response = ureq::post(&format!("{base}/modules/countdown/runs"))
+                        .config()
+                        .http_status_as_error(false)
+                        .build()
+                        .send_json(json!({"seconds": 0.02, "step_ms": 10}))
+                        .expect("request sent");
+                    outcomes.push(read(response));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for client in clients {
+        for (status, body) in client.join().unwrap() {
+            match status {
+                202 => accepted.push(body["run_id"].as_str().unwrap().to_owned()),
+                429 => {
+                    assert_eq!(body["error"]["code"], "queue_full");
+                    refused += 1;
+                }
+                other => panic!("unexpected {other}: {body}"),
+            }
+        }
+    }
+    assert_eq!(accepted.len() + refused, 2000);
+    assert!(refused > 0, "the limits were never reached");
+    let start = Instant::now();
+    loop {
+        let (_, body) = server.get("/runs/active");
+        if body["count"] == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "runs never drained: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.terminate(), 0);
+    let registry = stored(&db).await;
+    for run_id in &accepted {
+        let run = registry
+            .get_run(run_id)
+            .await
+            .unwrap()
+            .expect("accepted run kept");
+        assert_eq!(
+            run.status,
+            RunStatus::Completed,
+            "{run_id}: {:?}",
+            run.error_message
+        );
+    }
+    assert_eq!(
+        registry.recent_runs(5000).await.unwrap().len(),
+        accepted.len()
+    );
+}
+
+#[test]
+fn a_non_loopback_bind_without_a_token_is_refused() {
+    let output = Command::new(env!("CARGO_BIN_EXE_modrun"))
+        .args(["serve", "--bind", "0.0.0.0:0", "--in-memory"])
+        .env_remove("MODRUN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("without a token"), "{stderr}");
+}
+
+#[test]
+fn modrun_run_reports_through_its_exit_code() {
+    let plugins = plugins_dir(&["hello", "spin", "panic", "trap"]);
+    std::fs::write(
+        plugins.path().join("spin.toml"),
+        "[limits]\ntimeout_secs = 0.3\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_modrun"))
+            .arg("run")
+            .args(args)
+            .arg("--plugins")
+            .arg(plugins.path())
+            .output()
+            .unwrap()
+    };
+    let ok = run(&["hello", "name=Ada", "times=2"]);
+    assert_eq!(ok.status.code(), Some(0));
+    let output: Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(output, json!({"greeting": "Hello, Ada! Hello, Ada!"}));
+    assert!(String::from_utf8_lossy(&ok.stderr).contains("[info] greeting Ada"));
+
+    let with_json = run(&["hello", "--params", r#"{"name": "Bo"}"#]);
+    assert_eq!(with_json.status.code(), Some(0));
+    for (args, code, words) in [
+        (&["hello", "name=5"][..], 2, "is not of type"),
+        (&["hello", "oops"][..], 2, "not key=value"),
+        (&["nope"][..], 2, "no module \"nope\""),
+        (&["spin"][..], 124, "timed out after 0.3s"),
+        (&["panic"][..], 101, "panicked"),
+        (&["trap"][..], 1, "unreachable"),
+    ] {
+        let result = run(args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(words), "{args:?}: {stderr}");
+    }
+}
