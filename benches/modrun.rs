@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench modrun` for the full run, `cargo bench --bench modrun -- --quick`
 //! for one under a minute (smaller counts; the same rows). Naming groups
-//! (`throughput`, `status-change`, `memory`, `commit`, `wasm`, `reload`) runs only those.
+//! (`throughput`, `status-change`, `memory`, `commit`, `wasm`, `reload`, `http`) runs only those.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
@@ -124,6 +124,9 @@ fn main() -> anyhow::Result<()> {
         }
         if wanted("reload") {
             reload_figures(&mut rows).await?;
+        }
+        if wanted("http") {
+            http_figures(&sizes, dir.path(), &mut rows).await?;
         }
         if wanted("wasm") {
             wasm_figures(&sizes, dir.path(), &mut rows).await?;
@@ -927,6 +930,80 @@ async fn reload_figures(rows: &mut Vec<Row>) -> anyhow::Result<()> {
         baseline: format!("{:.2}", uncached.as_secs_f64() * 1e3 / modules as f64),
         ratio: cached.as_secs_f64() / uncached.as_secs_f64(),
         goal: "<= 1 ms per module (baseline: same, compiling)",
+    });
+    Ok(())
+}
+
+/// Runs of `hello` started over HTTP on loopback until all are `Completed`
+/// (SQLite), against the library doing the same in this run; and the p99
+/// latency of the start request.
+async fn http_figures(sizes: &Sizes, dir: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let plugins = bench_plugins()?;
+    let runs = sizes.wasm_calls;
+    let library =
+        modrun_runs_per_second(&plugins, RunRegistry::open_sqlite(dir.join("http-library.db"))?, runs, false)
+            .await?;
+
+    let modules = tempfile::tempdir()?;
+    std::fs::copy(plugins.join("hello.wasm"), modules.path().join("hello.wasm"))?;
+    let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
+    host.load_dir(modules.path()).await?;
+    let limits = modrun::TaskLimits {
+        max_concurrent: Some(64),
+        max_queued: Some(100_000),
+    };
+    let manager =
+        BackgroundTaskManager::with_limits(RunRegistry::open_sqlite(dir.join("http.db"))?, limits);
+    let runner = modrun::ModuleRunner::new(host, manager.clone());
+    let app = modrun::http::router(modrun::http::AppState::new(runner, None));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/modules/hello/runs", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let clients = 16;
+    let begin = Instant::now();
+    let load = tokio::task::spawn_blocking(move || {
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || {
+                    let agent = ureq::Agent::new_with_defaults();
+                    let mut latencies = Vec::new();
+                    for _ in 0..runs / clients {
+                        let started = Instant::now();
+                        let response = agent
+                            .post(&url)
+                            .send_json(serde_json::json!({"name": "Ada"}))
+                            .expect("start accepted");
+                        assert_eq!(response.status().as_u16(), 202);
+                        latencies.push(started.elapsed());
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|thread| thread.join().expect("client"))
+            .collect::<Vec<Duration>>()
+    });
+    let mut latencies = load.await?;
+    manager.wait_all().await;
+    let over_http = latencies.len() as f64 / begin.elapsed().as_secs_f64();
+    latencies.sort();
+    rows.push(Row::measured(
+        "hello runs/s over HTTP, SQLite, start->completed",
+        over_http,
+        library,
+        0,
+        ">= 0.5 x the library (baseline: library, all cores)",
+    ));
+    rows.push(Row {
+        name: "  p99 latency of the start request, ms".into(),
+        value: format!("{:.2}", percentile(&latencies, 0.99).as_secs_f64() * 1e3),
+        baseline: format!("{:.2}", percentile(&latencies, 0.5).as_secs_f64() * 1e3),
+        ratio: percentile(&latencies, 0.99).as_secs_f64() / percentile(&latencies, 0.5).as_secs_f64(),
+        goal: "(reported; baseline: p50)",
     });
     Ok(())
 }
