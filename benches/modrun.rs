@@ -937,15 +937,26 @@ async fn reload_figures(rows: &mut Vec<Row>) -> anyhow::Result<()> {
 /// Runs of `hello` started over HTTP on loopback until all are `Completed`
 /// (SQLite), against the library doing the same in this run; and the p99
 /// latency of the start request.
-async fn http_figures(sizes: &Sizes, dir: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+async fn http_figures(
+    sizes: &Sizes,
+    dir: &std::path::Path,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
     let plugins = bench_plugins()?;
     let runs = sizes.wasm_calls;
-    let library =
-        modrun_runs_per_second(&plugins, RunRegistry::open_sqlite(dir.join("http-library.db"))?, runs, false)
-            .await?;
+    let library = modrun_runs_per_second(
+        &plugins,
+        RunRegistry::open_sqlite(dir.join("http-library.db"))?,
+        runs,
+        false,
+    )
+    .await?;
 
     let modules = tempfile::tempdir()?;
-    std::fs::copy(plugins.join("hello.wasm"), modules.path().join("hello.wasm"))?;
+    std::fs::copy(
+        plugins.join("hello.wasm"),
+        modules.path().join("hello.wasm"),
+    )?;
     let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
     host.load_dir(modules.path()).await?;
     let limits = modrun::TaskLimits {
@@ -1002,7 +1013,8 @@ async fn http_figures(sizes: &Sizes, dir: &std::path::Path, rows: &mut Vec<Row>)
         name: "  p99 latency of the start request, ms".into(),
         value: format!("{:.2}", percentile(&latencies, 0.99).as_secs_f64() * 1e3),
         baseline: format!("{:.2}", percentile(&latencies, 0.5).as_secs_f64() * 1e3),
-        ratio: percentile(&latencies, 0.99).as_secs_f64() / percentile(&latencies, 0.5).as_secs_f64(),
+        ratio: percentile(&latencies, 0.99).as_secs_f64()
+            / percentile(&latencies, 0.5).as_secs_f64(),
         goal: "(reported; baseline: p50)",
     });
     Ok(())

@@ -326,3 +326,99 @@ fn modrun_run_reports_through_its_exit_code() {
         assert!(stderr.contains(words), "{args:?}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_followed_through_the_event_stream_and_cancelled_by_the_cli() {
+    let plugins = plugins_dir(&["hello", "countdown"]);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(plugins.path(), &data.path().join("registry.db"), &[]);
+
+    // Follow a countdown through /events until it completes.
+    let run_id = server.start_run("countdown", json!({"seconds": 0.3, "step_ms": 50}));
+    let response = ureq::get(&format!("{}/events?run_id={run_id}", server.base))
+        .call()
+        .unwrap();
+    let mut seen = Vec::new();
+    let lines = BufReader::new(response.into_body().into_reader()).lines();
+    for line in lines {
+        let line = line.unwrap();
+        if let Some(event) = line.strip_prefix("event: ") {
+            seen.push(event.to_owned());
+        }
+        if line.starts_with("data: ") && line.contains("\"status\":\"completed\"") {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("snapshot"),
+        "{seen:?}"
+    );
+    assert!(seen.iter().any(|e| e == "progress"), "{seen:?}");
+    assert_eq!(seen.last().map(String::as_str), Some("status"), "{seen:?}");
+
+    // Cancel one mid-countdown with `modrun cancel`.
+    let long = server.start_run("countdown", json!({"seconds": 60, "step_ms": 50}));
+    server.wait_status(&long, "running");
+    let cancel = |run_id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_modrun"))
+            .args(["cancel", run_id, "--server", &server.base])
+            .output()
+            .unwrap()
+    };
+    let first = cancel(&long);
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    server.wait_status(&long, "cancelled");
+    let again = cancel(&long);
+    assert_eq!(again.status.code(), Some(1), "already finished");
+    let unknown = cancel("no-such-run");
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
+}
+
+#[test]
+fn ctrl_c_cancels_a_modrun_run_and_exits_130() {
+    let plugins = plugins_dir(&["countdown"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modrun"))
+        .args(["run", "countdown", "seconds=60", "step_ms=50", "--plugins"])
+        .arg(plugins.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it reports progress: the run is under way.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains('%') {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "modrun run ended early"
+        );
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < DEADLINE, "modrun run ignored Ctrl-C");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(130));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(rest.contains("cancelled by user"), "{rest}");
+}
