@@ -60,6 +60,16 @@ pub struct ModuleSummary {
     pub last_error: Option<LoadFailure>,
 }
 
+impl LoadFailure {
+    fn new(path: &Path, error: &Error) -> LoadFailure {
+        LoadFailure {
+            path: path.to_path_buf(),
+            error: error.to_string(),
+            at: Utc::now(),
+        }
+    }
+}
+
 /// What happened when the host (re)loaded a file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -237,11 +247,7 @@ impl ModuleHost {
         for (path, result) in futures_util::future::join_all(loads).await {
             match result {
                 Ok(summary) => report.loaded.push(summary.info.id),
-                Err(error) => report.failed.push(LoadFailure {
-                    path,
-                    error: error.to_string(),
-                    at: Utc::now(),
-                }),
+                Err(error) => report.failed.push(LoadFailure::new(&path, &error)),
             }
         }
         Ok(report)
@@ -291,14 +297,7 @@ impl ModuleHost {
             }
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "module not loaded");
-                failures.insert(
-                    path.to_path_buf(),
-                    LoadFailure {
-                        path: path.to_path_buf(),
-                        error: error.to_string(),
-                        at: Utc::now(),
-                    },
-                );
+                failures.insert(path.to_path_buf(), LoadFailure::new(path, &error));
                 drop(failures);
                 self.publish(ReloadEvent::Failed {
                     path: path.to_path_buf(),

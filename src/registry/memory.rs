@@ -27,6 +27,15 @@ struct Entry {
 }
 
 impl MemoryStore {
+    /// Records progress of an active run; returns its module id, or `None`
+    /// if the run is unknown or finished.
+    fn apply_progress(&self, run_id: &str, progress: &Progress) -> Option<String> {
+        let mut runs = self.lock();
+        let entry = runs.get_mut(run_id).filter(|e| e.run.status.is_active())?;
+        entry.run.progress = Some(progress.clone());
+        Some(entry.run.module_id.clone())
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Box<Entry>>> {
         // A panic while holding the lock cannot leave an entry half-written
         // (every mutation is a single assignment or push), so poisoning is ignored.
@@ -118,22 +127,11 @@ impl RunStore for MemoryStore {
     }
 
     async fn set_progress(&self, run_id: &str, progress: &Progress) -> Result<Option<String>> {
-        let mut runs = self.lock();
-        match runs.get_mut(run_id) {
-            Some(entry) if entry.run.status.is_active() => {
-                entry.run.progress = Some(progress.clone());
-                Ok(Some(entry.run.module_id.clone()))
-            }
-            _ => Ok(None),
-        }
+        Ok(self.apply_progress(run_id, progress))
     }
 
     fn record_progress(&self, run_id: &str, progress: &Progress) -> Result<()> {
-        if let Some(entry) = self.lock().get_mut(run_id)
-            && entry.run.status.is_active()
-        {
-            entry.run.progress = Some(progress.clone());
-        }
+        self.apply_progress(run_id, progress);
         Ok(())
     }
 

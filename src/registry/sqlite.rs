@@ -186,14 +186,20 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Queues a write and waits for its commit.
     async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T> {
         let (reply, answer) = oneshot::channel();
+        self.enqueue(make(reply))?;
+        answer.await.map_err(|_| Error::RegistryClosed)?
+    }
+
+    /// Hands a write to the writer thread, in order with all the others.
+    fn enqueue(&self, write: Write) -> Result<()> {
         self.writes
             .as_ref()
             .ok_or(Error::RegistryClosed)?
-            .send(make(reply))
-            .map_err(|_| Error::RegistryClosed)?;
-        answer.await.map_err(|_| Error::RegistryClosed)?
+            .send(write)
+            .map_err(|_| Error::RegistryClosed)
     }
 
     /// Runs `query` on a pooled read connection, off the async threads.
@@ -274,11 +280,7 @@ impl RunStore for SqliteStore {
     fn record_progress(&self, run_id: &str, progress: &Progress) -> Result<()> {
         // Queued like any write, in order; nobody waits for its commit.
         let (reply, _) = oneshot::channel();
-        self.writes
-            .as_ref()
-            .ok_or(Error::RegistryClosed)?
-            .send(Write::Progress(run_id.to_owned(), progress.clone(), reply))
-            .map_err(|_| Error::RegistryClosed)
+        self.enqueue(Write::Progress(run_id.to_owned(), progress.clone(), reply))
     }
 
     async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
