@@ -37,25 +37,17 @@ pub fn build_plugins(
             workspace.display()
         )));
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .args(["build", "--release", "--target", "wasm32-wasip2"])
-        .args(["--message-format", "json-render-diagnostics"])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(target_dir)
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .map_err(|e| Error::Build(format!("cannot run cargo: {e}")))?;
+    let mut output = cargo_build(&manifest, target_dir)?;
+    if !output.status.success() && missing_target(&output.stderr) && add_target(workspace) {
+        output = cargo_build(&manifest, target_dir)?;
+    }
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let hint =
-            if stderr.contains("wasm32-wasip2") && stderr.contains("target may not be installed") {
-                "\nInstall the target with: rustup target add wasm32-wasip2"
-            } else {
-                ""
-            };
+        let hint = if missing_target(&output.stderr) {
+            "\nInstall the target with: rustup target add wasm32-wasip2"
+        } else {
+            ""
+        };
         return Err(Error::Build(format!(
             "cargo build failed:\n{}{hint}",
             stderr.trim_end()
@@ -83,6 +75,40 @@ pub fn build_plugins(
     }
     built.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(built)
+}
+
+fn cargo_build(manifest: &Path, target_dir: &Path) -> Result<std::process::Output> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    Command::new(cargo)
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .arg("--manifest-path")
+        .arg(manifest)
+        .arg("--target-dir")
+        .arg(target_dir)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .map_err(|e| Error::Build(format!("cannot run cargo: {e}")))
+}
+
+/// Whether cargo failed because the toolchain lacks the `wasm32-wasip2` target.
+fn missing_target(stderr: &[u8]) -> bool {
+    let stderr = String::from_utf8_lossy(stderr);
+    (stderr.contains("wasm32-wasip2") && stderr.contains("target may not be installed"))
+        || stderr.contains("can't find crate for `core`")
+}
+
+/// Adds the `wasm32-wasip2` target with rustup, for the toolchain that
+/// builds `workspace`. A toolchain that was already installed when the
+/// project's `rust-toolchain.toml` first met it does not get the target by
+/// itself; without rustup this is the user's step, and the error says so.
+fn add_target(workspace: &Path) -> bool {
+    tracing::info!("the wasm32-wasip2 target is missing; adding it with rustup");
+    Command::new("rustup")
+        .args(["target", "add", "wasm32-wasip2"])
+        .current_dir(workspace)
+        .status()
+        .is_ok_and(|status| status.success())
 }
 
 /// Copies a built component into `out_dir` unless it is already there.
