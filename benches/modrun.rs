@@ -968,37 +968,15 @@ async fn http_figures(
     let runner = modrun::ModuleRunner::new(host, manager.clone());
     let app = modrun::http::router(modrun::http::AppState::new(runner, None));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/modules/hello/runs", listener.local_addr()?);
+    let address = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let clients = 16;
+    let connections = 32;
     let begin = Instant::now();
-    let load = tokio::task::spawn_blocking(move || {
-        let threads: Vec<_> = (0..clients)
-            .map(|_| {
-                let url = url.clone();
-                std::thread::spawn(move || {
-                    let agent = ureq::Agent::new_with_defaults();
-                    let mut latencies = Vec::new();
-                    for _ in 0..runs / clients {
-                        let started = Instant::now();
-                        let response = agent
-                            .post(&url)
-                            .send_json(serde_json::json!({"name": "Ada"}))
-                            .expect("start accepted");
-                        assert_eq!(response.status().as_u16(), 202);
-                        latencies.push(started.elapsed());
-                    }
-                    latencies
-                })
-            })
-            .collect();
-        threads
-            .into_iter()
-            .flat_map(|thread| thread.join().expect("client"))
-            .collect::<Vec<Duration>>()
-    });
-    let mut latencies = load.await?;
+    let load = load_generator(address, "/modules/hello/runs", r#"{"name":"Ada"}"#, connections, runs);
+    let mut latencies = tokio::task::spawn_blocking(move || load.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the load generator panicked"))??;
     manager.wait_all().await;
     let over_http = latencies.len() as f64 / begin.elapsed().as_secs_f64();
     latencies.sort();
@@ -1018,4 +996,84 @@ async fn http_figures(
         goal: "(reported; baseline: p50)",
     });
     Ok(())
+}
+
+/// A small HTTP/1.1 load generator on a thread of its own (one core's worth
+/// of event loop, as `wrk` or `oha` would be): `connections` keep-alive
+/// connections, each POSTing `body` to `path` one request after another,
+/// `requests` in all. Every answer must be 202. Returns each request's latency.
+fn load_generator(
+    address: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    connections: usize,
+    requests: usize,
+) -> std::thread::JoinHandle<anyhow::Result<Vec<Duration>>> {
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let request = std::sync::Arc::new(request);
+            let clients: Vec<_> = (0..connections)
+                .map(|client| {
+                    let request = request.clone();
+                    let count = requests / connections + usize::from(client < requests % connections);
+                    tokio::spawn(async move { keep_alive_client(address, &request, count).await })
+                })
+                .collect();
+            let mut latencies = Vec::with_capacity(requests);
+            for client in clients {
+                latencies.extend(client.await??);
+            }
+            Ok(latencies)
+        })
+    })
+}
+
+/// Sends `request` `count` times on one connection, reading each response
+/// (headers and a `Content-Length` body) before the next.
+async fn keep_alive_client(
+    address: std::net::SocketAddr,
+    request: &[u8],
+    count: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let mut buffer = Vec::with_capacity(4096);
+    let mut latencies = Vec::with_capacity(count);
+    for _ in 0..count {
+        let sent = Instant::now();
+        stream.write_all(request).await?;
+        let (head_end, body_length) = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&buffer[..end])?;
+                let status = head.split(' ').nth(1).unwrap_or_default();
+                anyhow::ensure!(status == "202", "start refused: {head}");
+                let length = head
+                    .lines()
+                    .find_map(|line| {
+                        let (name, value) = line.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().ok())?
+                    })
+                    .ok_or_else(|| anyhow::anyhow!("no Content-Length in {head}"))?;
+                break (end + 4, length);
+            }
+            anyhow::ensure!(stream.read_buf(&mut buffer).await? > 0, "server closed");
+        };
+        while buffer.len() < head_end + body_length {
+            anyhow::ensure!(stream.read_buf(&mut buffer).await? > 0, "server closed");
+        }
+        buffer.drain(..head_end + body_length);
+        latencies.push(sent.elapsed());
+    }
+    Ok(latencies)
 }
