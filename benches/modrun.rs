@@ -586,10 +586,62 @@ async fn wasm_figures(
                 goal: ">= 0.6 x bare wasmtime (instantiate+call)",
             });
         }
+        if sequential {
+            // What no SQLite registry can beat one run at a time: the bare
+            // run plus the two commits the durability contract waits for
+            // (the run before its id is handed out, its end before anyone
+            // is told), each as cheap as SQLite makes it.
+            let commit = raw_commit_seconds(dir)?;
+            let ceiling = 1.0 / (1.0 / bare + 2.0 * commit);
+            rows.push(Row {
+                name: "  ceiling: bare run + 2 raw SQLite commits, runs/s".into(),
+                value: format!("{ceiling:.0}"),
+                baseline: format!("{bare:.0}"),
+                ratio: ceiling / bare,
+                goal: "(reported: the most a durable SQLite run can reach)",
+            });
+            rows.push(Row::measured(
+                "  one raw SQLite commit (run + history rows), us",
+                commit * 1e6,
+                1e6 / bare,
+                1,
+                "(reported; baseline: one bare run, us)",
+            ));
+        }
     }
     cancel_latency(&plugins, rows).await?;
     sleeping_run_memory(&plugins, sizes, rows).await?;
     Ok(())
+}
+
+/// The cheapest durable record of a new run SQLite offers, in seconds: on
+/// the calling thread (no writer thread, no wake-ups), in WAL mode with
+/// `synchronous = NORMAL` as modrun opens it, insert a run row and its
+/// first history row on modrun's schema and commit.
+fn raw_commit_seconds(dir: &std::path::Path) -> anyhow::Result<f64> {
+    let path = dir.join("raw-commit.db");
+    let _ = std::fs::remove_file(&path);
+    let conn = rusqlite::Connection::open(&path)?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(include_str!("../src/registry/migrations/0001_init.sql"))?;
+    conn.execute_batch(include_str!("../src/registry/migrations/0002_run_log.sql"))?;
+    let commits = 2_000;
+    let begin = Instant::now();
+    for index in 0..commits {
+        let tx = conn.unchecked_transaction()?;
+        tx.prepare_cached(
+            "INSERT INTO runs (run_id, module_id, module_name, status, created_at, parameters, \
+             history_len) VALUES (?1, 'hello', 'Hello', 'queued', ?2, '{}', 1)",
+        )?
+        .execute(rusqlite::params![uuid::Uuid::now_v7().to_string(), index])?;
+        tx.prepare_cached(
+            "INSERT INTO run_history (run, seq, status, at) VALUES (?1, 0, 'queued', ?2)",
+        )?
+        .execute(rusqlite::params![tx.last_insert_rowid(), index])?;
+        tx.commit()?;
+    }
+    Ok(begin.elapsed().as_secs_f64() / f64::from(commits))
 }
 
 /// Latency from `cancel` to `Cancelled` recorded, for each of 100 guests
@@ -973,7 +1025,13 @@ async fn http_figures(
 
     let connections = 32;
     let begin = Instant::now();
-    let load = load_generator(address, "/modules/hello/runs", r#"{"name":"Ada"}"#, connections, runs);
+    let load = load_generator(
+        address,
+        "/modules/hello/runs",
+        r#"{"name":"Ada"}"#,
+        connections,
+        runs,
+    );
     let mut latencies = tokio::task::spawn_blocking(move || load.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the load generator panicked"))??;
@@ -1024,7 +1082,8 @@ fn load_generator(
             let clients: Vec<_> = (0..connections)
                 .map(|client| {
                     let request = request.clone();
-                    let count = requests / connections + usize::from(client < requests % connections);
+                    let count =
+                        requests / connections + usize::from(client < requests % connections);
                     tokio::spawn(async move { keep_alive_client(address, &request, count).await })
                 })
                 .collect();
