@@ -61,6 +61,18 @@ pub enum Error {
     )]
     UnknownStatus(String),
 
+    /// The registry file is held by another modrun process (a running
+    /// server): open it with [`SqliteReader`](crate::registry::SqliteReader)
+    /// to read it meanwhile.
+    #[error(
+        "run registry at {}: it is in use by another modrun process; stop that one or choose another file",
+        path.display()
+    )]
+    RegistryInUse {
+        /// The database file.
+        path: PathBuf,
+    },
+
     /// The registry database could not be opened or used.
     #[error("run registry at {}: {message}", path.display())]
     Database {

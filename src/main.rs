@@ -1,7 +1,7 @@
 //! The `modrun` command: serve the API, run a module once, build and develop
 //! plugins, inspect and cancel runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -9,7 +9,10 @@ use clap::{Parser, Subcommand};
 use std::time::Duration;
 
 use modrun::module::build_plugins;
-use modrun::{HostConfig, ModuleHost, Run, RunFilter, RunRegistry, RunStatus, TaskLimits};
+use modrun::registry::SqliteReader;
+use modrun::{
+    HostConfig, ModuleHost, Run, RunFilter, RunRegistry, RunStatus, StatusChange, TaskLimits,
+};
 
 mod dev;
 mod oneshot;
@@ -246,7 +249,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel { run, server, token } => return cancel(&server, &run, token.as_deref()),
         Command::Runs { .. } | Command::Show { .. } => {}
     }
-    let registry = RunRegistry::open_sqlite(&cli.db)?;
+    let registry = Records::open(&cli.db)?;
     match cli.command {
         Command::Build { .. }
         | Command::Dev { .. }
@@ -264,7 +267,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 module_id: module,
                 limit: Some(limit),
             };
-            let runs = registry.list_runs(&filter).await?;
+            let runs = registry.list(&filter).await?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&runs)?);
             } else {
@@ -273,7 +276,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Show { run } => {
             let found = registry
-                .get_run(&run)
+                .get(&run)
                 .await?
                 .with_context(|| format!("no run {run} in {}", cli.db.display()))?;
             let history = registry.history(&run).await?;
@@ -295,6 +298,47 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The registry as `runs` and `show` read it: opened as its owner when no
+/// other process holds it (so runs a crashed process left unfinished are
+/// marked interrupted first), or read beside the server that holds it.
+enum Records {
+    Owned(RunRegistry),
+    Shared(SqliteReader),
+}
+
+impl Records {
+    fn open(path: &Path) -> modrun::Result<Records> {
+        match RunRegistry::open_sqlite(path) {
+            Ok(registry) => Ok(Records::Owned(registry)),
+            Err(modrun::Error::RegistryInUse { .. }) => {
+                Ok(Records::Shared(SqliteReader::open(path)?))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list(&self, filter: &RunFilter) -> modrun::Result<Vec<Run>> {
+        match self {
+            Records::Owned(registry) => registry.list_runs(filter).await,
+            Records::Shared(reader) => reader.list(filter),
+        }
+    }
+
+    async fn get(&self, run_id: &str) -> modrun::Result<Option<Run>> {
+        match self {
+            Records::Owned(registry) => registry.get_run(run_id).await,
+            Records::Shared(reader) => reader.get(run_id),
+        }
+    }
+
+    async fn history(&self, run_id: &str) -> modrun::Result<Vec<StatusChange>> {
+        match self {
+            Records::Owned(registry) => registry.history(run_id).await,
+            Records::Shared(reader) => reader.history(run_id),
+        }
+    }
 }
 
 fn print_runs(runs: &[Run]) {

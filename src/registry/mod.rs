@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub use memory::MemoryStore;
-pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
+pub use sqlite::{SqliteOptions, SqliteReader, SqliteStore, Synchronous};
 
 use crate::error::Result;
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};

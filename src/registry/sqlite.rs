@@ -120,8 +120,9 @@ impl SqliteStore {
     /// Opens (or creates) the registry at `path`.
     ///
     /// Fails with a clear [`Error::Database`] if the file is not a SQLite
-    /// database, is damaged, cannot be written, was written by a newer
-    /// modrun, or is in use by another process — never by starting empty.
+    /// database, is damaged, cannot be written or was written by a newer
+    /// modrun, and with [`Error::RegistryInUse`] if another process holds
+    /// it — never by starting empty.
     pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<SqliteStore> {
         let path = path.as_ref().to_path_buf();
         let fail = |message: String| Error::Database {
@@ -132,7 +133,7 @@ impl SqliteStore {
             std::fs::create_dir_all(parent)
                 .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
         }
-        let lock = take_lock(&path).map_err(fail)?;
+        let lock = take_lock(&path)?;
 
         let mut conn = Connection::open(&path)
             .map_err(|e| fail(format!("cannot open the file: {}", describe(&e))))?;
@@ -290,65 +291,17 @@ impl RunStore for SqliteStore {
 
     async fn get(&self, run_id: &str) -> Result<Option<Run>> {
         let run_id = run_id.to_owned();
-        self.read(move |conn| {
-            conn.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1"))?
-                .query_row([run_id], read_run)
-                .optional()
-        })
-        .await
+        self.read(move |conn| select_run(conn, &run_id)).await
     }
 
     async fn list(&self, filter: &RunFilter) -> Result<Vec<Run>> {
         let filter = filter.clone();
-        self.read(move |conn| {
-            let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1");
-            let mut values: Vec<String> = Vec::new();
-            if !filter.statuses.is_empty() {
-                // Status names are ours, not the caller's: safe to inline, and
-                // inlined the planner can prove the active-runs index applies.
-                let names: Vec<String> = filter.statuses.iter().map(|s| format!("'{s}'")).collect();
-                sql.push_str(&format!(" AND status IN ({})", names.join(", ")));
-                if filter.statuses.iter().all(|s| s.is_active()) {
-                    sql.push_str(" AND status IN ('queued', 'running')");
-                }
-            }
-            if let Some(module_id) = &filter.module_id {
-                sql.push_str(" AND module_id = ?");
-                values.push(module_id.clone());
-            }
-            sql.push_str(" ORDER BY created_at DESC, run_id DESC");
-            if let Some(limit) = filter.limit {
-                sql.push_str(&format!(
-                    " LIMIT {}",
-                    i64::try_from(limit).unwrap_or(i64::MAX)
-                ));
-            }
-            let mut statement = conn.prepare_cached(&sql)?;
-            let runs = statement
-                .query_map(rusqlite::params_from_iter(values), read_run)?
-                .collect::<rusqlite::Result<Vec<Run>>>()?;
-            Ok(runs)
-        })
-        .await
+        self.read(move |conn| select_runs(conn, &filter)).await
     }
 
     async fn history(&self, run_id: &str) -> Result<Vec<StatusChange>> {
         let run_id = run_id.to_owned();
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT h.status, h.at, h.message FROM run_history h JOIN runs r ON h.run = r.id \
-                 WHERE r.run_id = ?1 ORDER BY h.seq",
-            )?
-            .query_map([run_id], |row| {
-                Ok(StatusChange {
-                    status: column_status(row, 0)?,
-                    at: column_time(row, 1)?,
-                    message: row.get(2)?,
-                })
-            })?
-            .collect()
-        })
-        .await
+        self.read(move |conn| select_history(conn, &run_id)).await
     }
 
     async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {
@@ -360,7 +313,81 @@ impl RunStore for SqliteStore {
     }
 }
 
-fn take_lock(path: &Path) -> std::result::Result<File, String> {
+/// A read-only view of a registry file that another process (a running
+/// `modrun serve`) owns: what `modrun runs` and `modrun show` use while a
+/// server holds the file. It takes no lock and changes nothing, not even
+/// runs a crashed process left unfinished; WAL mode lets it read beside the
+/// owner's writes, and it sees what was committed.
+pub struct SqliteReader {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl std::fmt::Debug for SqliteReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteReader")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteReader {
+    /// Opens the registry at `path` for reading. Fails with a clear
+    /// [`Error::Database`] if it is missing, not a registry, or written by
+    /// a newer modrun.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteReader> {
+        let path = path.as_ref().to_path_buf();
+        let fail = |message: String| Error::Database {
+            path: path.clone(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(fail("no such file".into()));
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| fail(format!("cannot open the file: {}", describe(&e))))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| fail(describe(&e)))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|e| fail(describe(&e)))?;
+        let known = MIGRATIONS.len() as i64;
+        if version == 0 {
+            return Err(fail("it is not a modrun run registry (no schema)".into()));
+        }
+        if version > known {
+            return Err(fail(format!(
+                "its schema version is {version}, newer than this modrun knows ({known}); \
+                 use a newer modrun"
+            )));
+        }
+        Ok(SqliteReader { path, conn })
+    }
+
+    /// One run.
+    pub fn get(&self, run_id: &str) -> Result<Option<Run>> {
+        select_run(&self.conn, run_id).map_err(|e| storage_error(&self.path, &e))
+    }
+
+    /// Runs matching `filter`, newest first.
+    pub fn list(&self, filter: &RunFilter) -> Result<Vec<Run>> {
+        select_runs(&self.conn, filter).map_err(|e| storage_error(&self.path, &e))
+    }
+
+    /// The status changes of a run, oldest first (empty if unknown).
+    pub fn history(&self, run_id: &str) -> Result<Vec<StatusChange>> {
+        select_history(&self.conn, run_id).map_err(|e| storage_error(&self.path, &e))
+    }
+}
+
+fn take_lock(path: &Path) -> Result<File> {
+    let fail = |message: String| Error::Database {
+        path: path.to_path_buf(),
+        message,
+    };
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock = File::options()
@@ -368,13 +395,13 @@ fn take_lock(path: &Path) -> std::result::Result<File, String> {
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|e| format!("cannot create its lock file: {e}"))?;
+        .map_err(|e| fail(format!("cannot create its lock file: {e}")))?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
-        Err(std::fs::TryLockError::WouldBlock) => Err(
-            "it is in use by another modrun process; stop that one or choose another file".into(),
-        ),
-        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock it: {e}")),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::RegistryInUse {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(fail(format!("cannot lock it: {e}"))),
     }
 }
 
@@ -843,6 +870,57 @@ fn apply_transition(
     }
     add_history(tx, stored.id, stored.history_len, &change.status_change())?;
     Ok(Some(stored.module_id))
+}
+
+fn select_run(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Run>> {
+    conn.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1"))?
+        .query_row([run_id], read_run)
+        .optional()
+}
+
+fn select_runs(conn: &Connection, filter: &RunFilter) -> rusqlite::Result<Vec<Run>> {
+    let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1");
+    let mut values: Vec<String> = Vec::new();
+    if !filter.statuses.is_empty() {
+        // Status names are ours, not the caller's: safe to inline, and
+        // inlined the planner can prove the active-runs index applies.
+        let names: Vec<String> = filter.statuses.iter().map(|s| format!("'{s}'")).collect();
+        sql.push_str(&format!(" AND status IN ({})", names.join(", ")));
+        if filter.statuses.iter().all(|s| s.is_active()) {
+            sql.push_str(" AND status IN ('queued', 'running')");
+        }
+    }
+    if let Some(module_id) = &filter.module_id {
+        sql.push_str(" AND module_id = ?");
+        values.push(module_id.clone());
+    }
+    sql.push_str(" ORDER BY created_at DESC, run_id DESC");
+    if let Some(limit) = filter.limit {
+        sql.push_str(&format!(
+            " LIMIT {}",
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ));
+    }
+    let mut statement = conn.prepare_cached(&sql)?;
+    let runs = statement
+        .query_map(rusqlite::params_from_iter(values), read_run)?
+        .collect::<rusqlite::Result<Vec<Run>>>()?;
+    Ok(runs)
+}
+
+fn select_history(conn: &Connection, run_id: &str) -> rusqlite::Result<Vec<StatusChange>> {
+    conn.prepare_cached(
+        "SELECT h.status, h.at, h.message FROM run_history h JOIN runs r ON h.run = r.id \
+         WHERE r.run_id = ?1 ORDER BY h.seq",
+    )?
+    .query_map([run_id], |row| {
+        Ok(StatusChange {
+            status: column_status(row, 0)?,
+            at: column_time(row, 1)?,
+            message: row.get(2)?,
+        })
+    })?
+    .collect()
 }
 
 fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {

@@ -422,3 +422,61 @@ fn ctrl_c_cancels_a_modrun_run_and_exits_130() {
     std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
     assert!(rest.contains("cancelled by user"), "{rest}");
 }
+
+#[test]
+fn runs_and_show_read_the_registry_while_a_server_holds_it() {
+    let plugins = plugins_dir(&["hello", "countdown"]);
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("registry.db");
+    let server = Server::start(plugins.path(), &db, &["--grace", "0.2"]);
+    let done = server.start_run("hello", json!({"name": "Ada"}));
+    server.wait_status(&done, "completed");
+    let running = server.start_run("countdown", json!({"seconds": 60, "step_ms": 50}));
+    server.wait_status(&running, "running");
+
+    let modrun = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_modrun"))
+            .args(args)
+            .arg("--db")
+            .arg(&db)
+            .arg("--json")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let runs = modrun(&["runs"]);
+    let listed: Vec<(&str, &str)> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| {
+            (
+                run["run_id"].as_str().unwrap(),
+                run["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [(running.as_str(), "running"), (done.as_str(), "completed")]
+    );
+    let active = modrun(&["runs", "--status", "running"]);
+    assert_eq!(active.as_array().unwrap().len(), 1, "{active}");
+
+    let shown = modrun(&["show", &done]);
+    assert_eq!(shown["run"]["output"]["greeting"], "Hello, Ada!");
+    let statuses: Vec<&str> = shown["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|change| change["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["queued", "running", "completed"]);
+
+    // Reading changed nothing: the server still owns the run, and ends it.
+    assert_eq!(server.terminate(), 0);
+    let after = modrun(&["show", &running]);
+    assert_eq!(after["run"]["status"], "cancelled", "{after}");
+}

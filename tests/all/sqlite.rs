@@ -2,7 +2,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use modrun::registry::{SqliteOptions, SqliteStore};
+use modrun::registry::{SqliteOptions, SqliteReader, SqliteStore};
 use modrun::{Error, Run, RunRegistry, RunStatus, Transition};
 use serde_json::json;
 
@@ -189,16 +189,63 @@ fn a_path_that_cannot_hold_a_database_is_refused() {
     assert!(message.contains("directory"), "{message}");
 }
 
-#[test]
-fn a_registry_in_use_by_another_process_is_refused() {
+#[tokio::test]
+async fn a_registry_in_use_by_another_process_is_refused_but_can_be_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.db");
-    let _first = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-    let message = open_error(&path);
+    let first = RunRegistry::new(SqliteStore::open(&path, SqliteOptions::default()).unwrap());
+    let error = SqliteStore::open(&path, SqliteOptions::default()).unwrap_err();
+    assert!(matches!(error, Error::RegistryInUse { .. }), "{error:?}");
     assert!(
-        message.contains("in use by another modrun process"),
-        "{message}"
+        error
+            .to_string()
+            .contains("in use by another modrun process"),
+        "{error}"
     );
+
+    // Meanwhile it can be read, and the reader sees each commit.
+    let reader = SqliteReader::open(&path).unwrap();
+    let run = Run::new("hello", "Hello");
+    first.add_run(&run).await.unwrap();
+    assert_eq!(
+        reader.get(&run.run_id).unwrap().unwrap().status,
+        RunStatus::Queued
+    );
+    first
+        .transition(&Transition::running(&run.run_id))
+        .await
+        .unwrap();
+    let history: Vec<RunStatus> = reader
+        .history(&run.run_id)
+        .unwrap()
+        .iter()
+        .map(|change| change.status)
+        .collect();
+    assert_eq!(history, [RunStatus::Queued, RunStatus::Running]);
+    assert_eq!(reader.list(&modrun::RunFilter::default()).unwrap().len(), 1);
+}
+
+#[test]
+fn a_reader_refuses_what_is_not_a_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.db");
+    let empty = dir.path().join("empty.db");
+    rusqlite::Connection::open(&empty)
+        .unwrap()
+        .execute_batch("CREATE TABLE other (x)")
+        .unwrap();
+    let garbage = dir.path().join("garbage.db");
+    std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
+    for (path, words) in [
+        (&missing, "no such file"),
+        (&empty, "not a modrun run registry"),
+        (&garbage, "not a SQLite database"),
+    ] {
+        let error = SqliteReader::open(path).unwrap_err();
+        assert!(matches!(error, Error::Database { .. }), "{error:?}");
+        assert!(error.to_string().contains(words), "{error}");
+    }
+    assert!(!missing.exists(), "reading never creates a file");
 }
 
 #[test]
