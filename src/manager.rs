@@ -232,7 +232,7 @@ impl BackgroundTaskManager {
     pub async fn start_task<F>(&self, run: Run, work: F) -> Result<String>
     where
         F: Future + Send + 'static,
-        F::Output: TaskOutput + Send,
+        F::Output: TaskOutput,
     {
         self.start_gated_task(run, None, work).await
     }
@@ -248,7 +248,7 @@ impl BackgroundTaskManager {
     ) -> Result<String>
     where
         F: Future + Send + 'static,
-        F::Output: TaskOutput + Send,
+        F::Output: TaskOutput,
     {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -517,7 +517,7 @@ async fn execute<F>(
     work: F,
 ) where
     F: Future + Send + 'static,
-    F::Output: TaskOutput + Send,
+    F::Output: TaskOutput,
 {
     let (inner, run_id, token) = (&end.inner, end.run_id.as_str(), &end.token);
     let inserted = inner.registry.insert(&run, Existing::AdoptQueued).await;
@@ -556,39 +556,23 @@ async fn execute<F>(
     // Marked before the registry is, so that whoever sees `Running` there
     // also sees the task as started here.
     inner.mark_started(run_id);
-    // `Running` is queued first, in order with the run's other writes, but
-    // the work does not wait for its commit: it starts at once and is
-    // stopped if the change turns out not to apply (the run was cancelled
-    // first) or cannot be recorded. The end is recorded only after it.
-    let stop = token.child_token();
-    let (running, outcome) = tokio::join!(
-        async {
-            let running = inner
-                .registry
-                .transition(&Transition::running(run_id))
-                .await;
-            if !matches!(running, Ok(true)) {
-                stop.cancel();
-            }
-            running
-        },
-        async {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => None,
-                outcome = AssertUnwindSafe(work).catch_unwind() => Some(outcome),
-            }
-        },
-    );
-    match running {
+    match inner
+        .registry
+        .transition(&Transition::running(run_id))
+        .await
+    {
         Ok(true) => {}
         Ok(false) => return,
         Err(e) => {
-            tracing::error!(error = %e, "cannot record the run as running; stopped it");
+            tracing::error!(error = %e, "cannot record the run as running; not starting it");
             return;
         }
     }
-    let Some(outcome) = outcome else { return };
+    let outcome = tokio::select! {
+        biased;
+        () = token.cancelled() => return,
+        outcome = AssertUnwindSafe(work).catch_unwind() => outcome,
+    };
     let (outcome, log) = match outcome.map(TaskOutput::into_report) {
         Ok((outcome, log)) => (Ok(outcome), log),
         Err(panic) => (Err(panic), None),
