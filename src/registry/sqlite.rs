@@ -211,11 +211,7 @@ impl SqliteStore {
         let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let conn = match pooled {
             Some(conn) => conn,
-            None => Connection::open_with_flags(
-                &self.path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(|e| self.error(&e))?,
+            None => open_read_only(&self.path).map_err(|e| self.error(&e))?,
         };
         let (conn, result) = tokio::task::spawn_blocking(move || {
             let result = query(&conn);
@@ -344,25 +340,12 @@ impl SqliteReader {
         if !path.is_file() {
             return Err(fail("no such file".into()));
         }
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| fail(format!("cannot open the file: {}", describe(&e))))?;
+        let conn = open_read_only(&path)
+            .map_err(|e| fail(format!("cannot open the file: {}", describe(&e))))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|e| fail(describe(&e)))?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(|e| fail(describe(&e)))?;
-        let known = MIGRATIONS.len() as i64;
-        if version == 0 {
+        if schema_version(&conn).map_err(fail)? == 0 {
             return Err(fail("it is not a modrun run registry (no schema)".into()));
-        }
-        if version > known {
-            return Err(fail(format!(
-                "its schema version is {version}, newer than this modrun knows ({known}); \
-                 use a newer modrun"
-            )));
         }
         Ok(SqliteReader { path, conn })
     }
@@ -438,7 +421,17 @@ fn prepare_writer(conn: &mut Connection, synchronous: Synchronous) -> Result<(),
     Ok(())
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), String> {
+/// A connection that only reads, for use off the writer thread.
+fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}
+
+/// The file's schema version (0 for a file modrun never wrote); refused if
+/// a newer modrun wrote it.
+fn schema_version(conn: &Connection) -> Result<i64, String> {
     let known = MIGRATIONS.len() as i64;
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
@@ -449,6 +442,11 @@ fn migrate(conn: &mut Connection) -> Result<(), String> {
              use a newer modrun or another file"
         ));
     }
+    Ok(version)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let version = schema_version(conn)?;
     for (version, migration) in (1..).zip(MIGRATIONS).skip(version as usize) {
         let mut step = || -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
