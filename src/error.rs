@@ -73,6 +73,15 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// The registry cannot write for now (a full disk, a lock another
+    /// process holds, a deleted file): nothing was recorded. Runs already
+    /// going keep their updates held until it can write again.
+    #[error("the run registry cannot record anything now: {reason}")]
+    RegistryUnavailable {
+        /// Why, and what to do about it.
+        reason: String,
+    },
+
     /// The registry database could not be opened or used.
     #[error("run registry at {}: {message}", path.display())]
     Database {

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::registry::{Existing, RunRegistry};
-use crate::run::{EXIT_FAILURE, EXIT_PANIC, LogEntry, Run, RunStatus, Transition};
+use crate::run::{EXIT_FAILURE, EXIT_PANIC, LogEntry, Run, RunStatus, Transition, cut_to};
 
 /// Bounds on the work a manager takes on. The default bounds nothing, as the
 /// guide's manager did; a server should set both.
@@ -106,6 +106,10 @@ impl<T: Serialize, E: fmt::Display> TaskOutput for Result<T, E> {
         }
     }
 }
+
+/// How long [`BackgroundTaskManager::shutdown`] gives cancelled work to
+/// stop, and the registry to commit, once the grace period is over.
+pub const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// What [`BackgroundTaskManager::shutdown`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -369,25 +373,50 @@ impl BackgroundTaskManager {
     }
 
     /// Stops taking new runs, waits up to `grace` for the active ones, then
-    /// cancels the rest (reason: shutdown), waits up to `grace` again for
-    /// their work to stop, and flushes the registry.
+    /// cancels the rest (reason: shutdown), gives their work up to
+    /// [`STOP_WAIT`] to stop, and flushes the registry.
+    ///
+    /// However the work and the registry behave, this returns within
+    /// `grace` plus a few seconds: work that ignores cancellation is left
+    /// behind (counted in [`ShutdownReport::still_running`], its run
+    /// recorded `Cancelled`), and a registry that cannot write is reported,
+    /// not waited for.
     pub async fn shutdown(&self, grace: Duration) -> Result<ShutdownReport> {
         self.inner.shutting_down.store(true, Ordering::Release);
         let mut report = ShutdownReport::default();
         if tokio::time::timeout(grace, self.wait_all()).await.is_err() {
-            for run_id in self.active_task_ids() {
-                if self
-                    .cancel_task_because(&run_id, CancelReason::Shutdown)
-                    .await?
-                {
-                    report.cancelled.push(run_id);
+            let cancels = async {
+                for run_id in self.active_task_ids() {
+                    match self
+                        .cancel_task_because(&run_id, CancelReason::Shutdown)
+                        .await
+                    {
+                        Ok(true) => report.cancelled.push(run_id),
+                        Ok(false) => {}
+                        Err(e) => {
+                            // Stopped all the same: the registry marks it
+                            // interrupted when it next opens.
+                            tracing::error!(run_id, error = %e, "cannot record a run cancelled at shutdown; stopping it");
+                            self.inner.stop(&run_id);
+                        }
+                    }
                 }
-            }
-            if tokio::time::timeout(grace, self.wait_all()).await.is_err() {
+                self.wait_all().await;
+            };
+            if tokio::time::timeout(STOP_WAIT, cancels).await.is_err() {
                 report.still_running = self.inner.tasks.load(Ordering::Acquire);
             }
         }
-        self.inner.registry.flush().await?;
+        match tokio::time::timeout(STOP_WAIT, self.inner.registry.flush()).await {
+            Ok(flushed) => flushed?,
+            Err(_) => {
+                return Err(Error::RegistryUnavailable {
+                    reason: format!(
+                        "the registry did not commit what it holds within {STOP_WAIT:?} of shutdown"
+                    ),
+                });
+            }
+        }
         Ok(report)
     }
 
@@ -434,6 +463,13 @@ impl Inner {
         {
             state.active.remove(run_id);
             state.waiting.retain(|(waiting, _)| waiting != run_id);
+        }
+    }
+
+    /// Tells a run's work to stop, without recording anything.
+    fn stop(&self, run_id: &str) {
+        if let Some(tracked) = self.lock().active.get(run_id) {
+            tracked.token.cancel();
         }
     }
 
@@ -558,7 +594,7 @@ async fn execute<F>(
     inner.mark_started(run_id);
     match inner
         .registry
-        .transition(&Transition::running(run_id))
+        .hold_transition(&Transition::running(run_id))
         .await
     {
         Ok(true) => {}
@@ -580,20 +616,29 @@ async fn execute<F>(
     let mut change = match outcome {
         Ok(Ok(output)) => Transition::completed(run_id, output),
         Ok(Err(failure)) => {
-            tracing::warn!(error = %failure.message, "run failed");
-            Transition::failed(run_id, failure.exit_code, failure.message)
+            let message = cut_to(failure.message, MAX_ERROR_MESSAGE);
+            tracing::warn!(error = %message, "run failed");
+            Transition::failed(run_id, failure.exit_code, message)
         }
         Err(panic) => {
-            let message = format!("the task panicked: {}", panic_message(panic.as_ref()));
+            let message = cut_to(
+                format!("the task panicked: {}", panic_message(panic.as_ref())),
+                MAX_ERROR_MESSAGE,
+            );
             tracing::error!(error = %message, "run failed");
             Transition::failed(run_id, EXIT_PANIC, message)
         }
     };
     change.log = log;
-    if let Err(e) = inner.registry.transition(&change).await {
+    if let Err(e) = inner.registry.hold_transition(&change).await {
         tracing::error!(error = %e, status = %change.to, "cannot record the run's end");
     }
 }
+
+/// The longest error message a run records, in bytes; a longer one is cut
+/// (" [cut]"), so that one failing run cannot bloat the registry or every
+/// listing and event that carries its message.
+pub const MAX_ERROR_MESSAGE: usize = 16 << 10;
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     panic

@@ -25,6 +25,21 @@ pub const EXIT_PANIC: i32 = 101;
 /// The exit code recorded for a cancelled run (as a shell reports Ctrl-C).
 pub const EXIT_CANCELLED: i32 = 130;
 
+/// `text` cut to at most `max` bytes (on a character boundary), marked
+/// " [cut]" when it was: how every message a run records is bounded.
+#[must_use]
+pub(crate) fn cut_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" [cut]");
+    }
+    text
+}
+
 /// Where a run is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{Existing, RunFilter, RunStore};
+use super::{Existing, OnUnavailable, RunFilter, RunStore, RunSummary};
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
 
@@ -34,6 +34,30 @@ impl MemoryStore {
         let entry = runs.get_mut(run_id).filter(|e| e.run.status.is_active())?;
         entry.run.progress = Some(progress.clone());
         Some(entry.run.module_id.clone())
+    }
+
+    fn save_log(&self, run_id: &str, log: Vec<LogEntry>) -> bool {
+        match self.lock().get_mut(run_id) {
+            Some(entry) => {
+                entry.run.log = log;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The runs matching `filter`, newest first, each made into a `T`.
+    fn select<T>(&self, filter: &RunFilter, make: impl Fn(&Run) -> T) -> Vec<T> {
+        let runs = self.lock();
+        let mut matching: Vec<&Run> = runs
+            .values()
+            .map(|entry| &entry.run)
+            .filter(|run| filter.matches(run))
+            .collect();
+        // Newest first; the id breaks ties so the order is stable.
+        matching.sort_unstable_by(|a, b| (b.created_at, &b.run_id).cmp(&(a.created_at, &a.run_id)));
+        matching.truncate(filter.limit.unwrap_or(usize::MAX));
+        matching.into_iter().map(make).collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Box<Entry>>> {
@@ -113,7 +137,7 @@ impl RunStore for MemoryStore {
         Ok(())
     }
 
-    async fn transition(&self, change: &Transition) -> Result<Option<String>> {
+    async fn transition(&self, change: &Transition, _: OnUnavailable) -> Result<Option<String>> {
         let mut runs = self.lock();
         let Some(entry) = runs.get_mut(&change.run_id) else {
             return Ok(None);
@@ -136,13 +160,12 @@ impl RunStore for MemoryStore {
     }
 
     async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
-        Ok(match self.lock().get_mut(run_id) {
-            Some(entry) => {
-                entry.run.log = log.to_vec();
-                true
-            }
-            None => false,
-        })
+        Ok(self.save_log(run_id, log.to_vec()))
+    }
+
+    fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()> {
+        self.save_log(run_id, log);
+        Ok(())
     }
 
     async fn get(&self, run_id: &str) -> Result<Option<Run>> {
@@ -150,18 +173,11 @@ impl RunStore for MemoryStore {
     }
 
     async fn list(&self, filter: &RunFilter) -> Result<Vec<Run>> {
-        let mut matching: Vec<Run> = self
-            .lock()
-            .values()
-            .filter(|entry| filter.matches(&entry.run))
-            .map(|entry| entry.run.clone())
-            .collect();
-        // Newest first; the id breaks ties so the order is stable.
-        matching.sort_unstable_by(|a, b| (b.created_at, &b.run_id).cmp(&(a.created_at, &a.run_id)));
-        if let Some(limit) = filter.limit {
-            matching.truncate(limit);
-        }
-        Ok(matching)
+        Ok(self.select(filter, Run::clone))
+    }
+
+    async fn list_summaries(&self, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        Ok(self.select(filter, |run| RunSummary::from(run)))
     }
 
     async fn history(&self, run_id: &str) -> Result<Vec<StatusChange>> {

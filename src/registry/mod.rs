@@ -6,10 +6,17 @@
 //! changes are allowed, what a history entry is, which events to publish —
 //! while a [`RunStore`] does the storing: [`MemoryStore`] for tests and
 //! embedding, [`SqliteStore`] for a registry that survives restarts and crashes.
+//!
+//! A store that cannot write for a while (a full disk, a lock held by
+//! another process) says so in [`RunRegistry::health`]; starts and cancels
+//! are then refused with [`Error::RegistryUnavailable`](crate::Error::RegistryUnavailable),
+//! while the status changes of runs already going are held and committed
+//! once it can write again ([`RunRegistry::hold_transition`]).
 
 mod memory;
 mod sqlite;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub use memory::MemoryStore;
-pub use sqlite::{SqliteOptions, SqliteReader, SqliteStore, Synchronous};
+pub use sqlite::{INTERRUPTED, SqliteOptions, SqliteReader, SqliteStore, Synchronous};
 
 use crate::error::Result;
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
@@ -37,14 +44,118 @@ pub struct RunFilter {
     pub module_id: Option<String>,
     /// At most this many runs.
     pub limit: Option<usize>,
+    /// Only runs listed after this one (older, or as old with a smaller
+    /// id): the next page of a listing.
+    pub after: Option<RunCursor>,
+}
+
+/// A place in a listing (newest first): the next page starts after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunCursor {
+    /// When the last run listed was created.
+    pub created_at: DateTime<Utc>,
+    /// Its id.
+    pub run_id: String,
+}
+
+impl RunCursor {
+    /// Whether a run created at `created_at` with id `run_id` is listed
+    /// after this place (listings are newest first, ties by id).
+    #[must_use]
+    pub fn is_followed_by(&self, created_at: DateTime<Utc>, run_id: &str) -> bool {
+        (created_at, run_id) < (self.created_at, self.run_id.as_str())
+    }
+}
+
+/// A run as listings show it: everything but its parameters, output and
+/// log, so that a page of thousands of runs stays small whatever the runs
+/// returned. The error message is cut at 1024 characters (" [cut]").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Its id.
+    pub run_id: String,
+    /// Its module.
+    pub module_id: String,
+    /// The module's human name.
+    pub module_name: String,
+    /// Where the run is in its life.
+    pub status: RunStatus,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When its work started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a terminal status.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Its exit code, once finished.
+    pub exit_code: Option<i32>,
+    /// Why it failed or was cancelled (cut).
+    pub error_message: Option<String>,
+    /// The last progress it reported.
+    pub progress: Option<Progress>,
+    /// The content hash of the module version that ran.
+    pub module_version: Option<String>,
+}
+
+/// The most characters of an error message a summary shows.
+const SUMMARY_ERROR_CHARS: usize = 1024;
+
+impl From<&Run> for RunSummary {
+    fn from(run: &Run) -> RunSummary {
+        RunSummary {
+            run_id: run.run_id.clone(),
+            module_id: run.module_id.clone(),
+            module_name: run.module_name.clone(),
+            status: run.status,
+            created_at: run.created_at,
+            started_at: run.started_at,
+            completed_at: run.completed_at,
+            exit_code: run.exit_code,
+            error_message: run.error_message.as_deref().map(|message| {
+                match message.char_indices().nth(SUMMARY_ERROR_CHARS) {
+                    Some((end, _)) => format!("{} [cut]", &message[..end]),
+                    None => message.to_owned(),
+                }
+            }),
+            progress: run.progress.clone(),
+            module_version: run.module_version.clone(),
+        }
+    }
+}
+
+/// What a write does while the store cannot write (a full disk, a lock held
+/// by another process, a deleted file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Fail at once with [`Error::RegistryUnavailable`](crate::Error::RegistryUnavailable):
+    /// for a request someone is waiting to hear about (a start, a cancel).
+    Refuse,
+    /// Wait, held in order with the store's other writes, until it commits:
+    /// for what a run's own task records (its start, its end), which must
+    /// not be lost.
+    Hold,
+}
+
+/// Whether a store can write, and what it holds meanwhile.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StoreHealth {
+    /// Why it cannot write now; `None` while it can.
+    pub unavailable: Option<String>,
+    /// Writes held until it can (status changes of runs that went on,
+    /// progress reports, logs).
+    pub held_writes: usize,
 }
 
 impl RunFilter {
-    /// Whether `run` passes the status and module conditions (not the limit).
+    /// Whether `run` passes the status, module and cursor conditions (not
+    /// the limit).
     #[must_use]
     pub fn matches(&self, run: &Run) -> bool {
         (self.statuses.is_empty() || self.statuses.contains(&run.status))
             && self.module_id.as_ref().is_none_or(|m| *m == run.module_id)
+            && self
+                .after
+                .as_ref()
+                .is_none_or(|cursor| cursor.is_followed_by(run.created_at, &run.run_id))
     }
 }
 
@@ -122,7 +233,13 @@ pub trait RunStore: Send + Sync + 'static {
     /// Applies `change` if the flow allows it from the stored status, and
     /// returns the run's module id; `None` when it did not apply (unknown
     /// run, or the flow forbids it — typically: the run already finished).
-    async fn transition(&self, change: &Transition) -> Result<Option<String>>;
+    /// While the store cannot write, `unavailable` says whether to refuse
+    /// or hold it.
+    async fn transition(
+        &self,
+        change: &Transition,
+        unavailable: OnUnavailable,
+    ) -> Result<Option<String>>;
 
     /// Records progress of an active run; returns its module id, or `None`
     /// if the run is unknown or finished.
@@ -130,7 +247,9 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// Records progress of an active run without waiting for it to be
     /// durable (progress is frequent, and the next status change commits
-    /// it). Ignored for an unknown or finished run.
+    /// it). Ignored for an unknown or finished run. However often a run
+    /// reports, a store keeps at most its latest report waiting; while it
+    /// cannot write, that report is held.
     fn record_progress(&self, run_id: &str, progress: &Progress) -> Result<()>;
 
     /// Replaces a run's log, whatever its status (a log is not a status
@@ -138,11 +257,20 @@ pub trait RunStore: Send + Sync + 'static {
     /// Returns `false` if the run is unknown.
     async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool>;
 
+    /// Saves a run's log without waiting for it to be durable, in order
+    /// with the run's other writes (held while the store cannot write):
+    /// what a run's work does when it is stopped and cannot wait.
+    fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()>;
+
     /// One run.
     async fn get(&self, run_id: &str) -> Result<Option<Run>>;
 
     /// Runs matching `filter`, newest first.
     async fn list(&self, filter: &RunFilter) -> Result<Vec<Run>>;
+
+    /// Summaries of the runs matching `filter`, newest first, without
+    /// loading what summaries leave out.
+    async fn list_summaries(&self, filter: &RunFilter) -> Result<Vec<RunSummary>>;
 
     /// The status changes of a run, oldest first (empty if unknown).
     async fn history(&self, run_id: &str) -> Result<Vec<StatusChange>>;
@@ -153,6 +281,11 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// Returns once every change made so far is durable.
     async fn flush(&self) -> Result<()>;
+
+    /// Whether the store can write now, and what it holds meanwhile.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
 }
 
 /// The record of runs and of every status change, shared by everything that
@@ -271,8 +404,37 @@ impl RunRegistry {
     /// Applies a status change if the flow allows it from the run's current
     /// status. Returns whether it applied: of two racing terminal changes,
     /// exactly one returns `true`.
-    pub async fn transition(&self, change: &Transition) -> Result<bool> {
-        let Some(module_id) = self.store.transition(change).await? else {
+    ///
+    /// Refused with [`Error::RegistryUnavailable`](crate::Error::RegistryUnavailable)
+    /// while the store cannot write.
+    //
+    // Not an `async fn`: a run's task awaits these, and a layer of future
+    // state of their own would grow every in-flight task.
+    pub fn transition<'a>(
+        &'a self,
+        change: &'a Transition,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a {
+        self.apply_transition(change, OnUnavailable::Refuse)
+    }
+
+    /// [`transition`](Self::transition) as a run's own task records its
+    /// start and its end: while the store cannot write, the change is held
+    /// and retried until it commits, and this waits for that. So a run that
+    /// finished while the disk was full is recorded finished once there is
+    /// room, and nobody reads it finished before.
+    pub fn hold_transition<'a>(
+        &'a self,
+        change: &'a Transition,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a {
+        self.apply_transition(change, OnUnavailable::Hold)
+    }
+
+    async fn apply_transition(
+        &self,
+        change: &Transition,
+        unavailable: OnUnavailable,
+    ) -> Result<bool> {
+        let Some(module_id) = self.store.transition(change, unavailable).await? else {
             return Ok(false);
         };
         self.publish(|| RunEvent::Status {
@@ -316,6 +478,13 @@ impl RunRegistry {
         self.store.set_log(run_id, log).await
     }
 
+    /// Saves a run's log without waiting (see [`RunStore::record_log`]):
+    /// what a stopped run's work does as it is dropped. A later
+    /// [`flush`](Self::flush) returns once it is durable.
+    pub fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()> {
+        self.store.record_log(run_id, log)
+    }
+
     /// Tells subscribers, as it happens, that a run wrote to its log. Nothing
     /// is stored: [`set_log`](Self::set_log) saves the log.
     pub fn publish_log(&self, run_id: &str, module_id: &str, entry: &LogEntry) {
@@ -334,6 +503,18 @@ impl RunRegistry {
     /// Runs matching `filter`, newest first.
     pub async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>> {
         self.store.list(filter).await
+    }
+
+    /// Summaries of the runs matching `filter`, newest first: what a
+    /// listing shows, without parameters, output or log.
+    pub async fn list_summaries(&self, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        self.store.list_summaries(filter).await
+    }
+
+    /// Whether the registry can write now, and what it holds meanwhile.
+    #[must_use]
+    pub fn health(&self) -> StoreHealth {
+        self.store.health()
     }
 
     /// Runs that are `Queued` or `Running`, newest first.

@@ -504,6 +504,36 @@ async fn shutdown_waits_for_the_quick_and_cancels_the_rest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_its_deadline_when_work_ignores_cancellation() {
+    let backend = sqlite_registry();
+    let registry = backend.registry.clone();
+    let manager = BackgroundTaskManager::new(registry.clone());
+    let (blocking, released) = std::sync::mpsc::channel::<()>();
+    // Work that blocks its thread and never reaches an await.
+    let stuck = manager
+        .start_task(Run::new("stuck", "Stuck"), async move {
+            let _ = released.recv_timeout(DEADLINE);
+        })
+        .await
+        .unwrap();
+    wait_for_status(&registry, &stuck, RunStatus::Running).await;
+
+    let grace = Duration::from_millis(100);
+    let started = std::time::Instant::now();
+    let report = manager.shutdown(grace).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < grace + modrun::manager::STOP_WAIT + Duration::from_secs(1),
+        "shutdown took {took:?}"
+    );
+    assert_eq!(report.cancelled, std::slice::from_ref(&stuck));
+    assert_eq!(report.still_running, 1);
+    let run = registry.get_run(&stuck).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Cancelled);
+    drop(blocking);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reasons_are_recorded() {
     let backend = memory_registry();
     let registry = backend.registry.clone();

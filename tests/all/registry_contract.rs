@@ -308,6 +308,7 @@ async fn queries_filter_and_order_newest_first(registry: RunRegistry) {
             statuses: vec![RunStatus::Queued, RunStatus::Completed],
             module_id: Some("a".into()),
             limit: Some(2),
+            ..RunFilter::default()
         })
         .await
         .unwrap();

@@ -1,0 +1,354 @@
+//! The SQLite backend: a registry in one file that survives restarts and
+//! crashes, with group commit so that thousands of concurrent status changes
+//! share one transaction.
+//!
+//! # What is durable when
+//!
+//! Every write goes to one writer thread, which takes everything queued,
+//! applies it in one transaction and commits, then answers each caller. So
+//! when a [`RunStore`] method returns, its change is committed: an id
+//! returned by the task manager was recorded before it was handed out, and a
+//! terminal status that anyone could read is in the file. Reads use separate
+//! connections and see committed data only. The writes nobody waits for are
+//! progress reports ([`RunStore::record_progress`], the latest per run
+//! kept) and a stopped run's log ([`RunStore::record_log`]): they are queued
+//! in order with the run's other writes and committed with the next batch,
+//! so a crash can lose the last progress report, never a status.
+//!
+//! # When the file cannot be written
+//!
+//! A full disk, a lock held by another process, a file deleted under the
+//! store: the store then reports itself unavailable ([`RunStore::health`]),
+//! refuses writes that someone waits on with
+//! [`Error::RegistryUnavailable`] saying why, and holds the writes a run's
+//! own task makes ([`OnUnavailable::Hold`]), retrying them with backoff until
+//! they commit. See the writer (`writer.rs`).
+//!
+//! The database runs in WAL mode. With [`Synchronous::Normal`] (the default)
+//! a commit survives the process being killed at any point; the last commits
+//! before a power loss or kernel crash may be lost. [`Synchronous::Full`]
+//! syncs every commit to disk, which survives those too, at the price of an
+//! fsync per batch.
+//!
+//! Opening the file takes an exclusive lock beside it (`<file>.lock`), so two
+//! processes never share one registry, then marks every run a previous
+//! process left `Queued` or `Running` as `Failed` ("interrupted").
+
+mod reader;
+mod schema;
+mod sql;
+mod writer;
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+pub use reader::SqliteReader;
+pub use schema::INTERRUPTED;
+
+use super::{Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth};
+use crate::error::{Error, Result};
+use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
+use schema::{open_read_only, open_writer, storage_error, take_lock};
+use sql::{check_time, check_times};
+use writer::{Reply, Shared, Write, Writer};
+
+/// How hard SQLite works to keep a commit through a power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// Commits survive a crash of the process, not always a power loss.
+    #[default]
+    Normal,
+    /// Every commit is synced to disk before callers are answered.
+    Full,
+}
+
+/// How a [`SqliteStore`] is opened.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Durability of each commit.
+    pub synchronous: Synchronous,
+    /// The most writes committed in one transaction.
+    pub max_batch: usize,
+    /// How many read connections are kept open.
+    pub readers: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> SqliteOptions {
+        SqliteOptions {
+            synchronous: Synchronous::Normal,
+            max_batch: 8192,
+            readers: 4,
+        }
+    }
+}
+
+/// Runs in a SQLite file. See the [module documentation](self) for what is
+/// durable when.
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+    writes: Option<mpsc::Sender<Write>>,
+    writer: Option<JoinHandle<()>>,
+    stop_checkpoints: Option<mpsc::Sender<()>>,
+    checkpointer: Option<JoinHandle<()>>,
+    readers: Mutex<Vec<Connection>>,
+    max_readers: usize,
+    _lock: File,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the registry at `path`.
+    ///
+    /// Fails with a clear [`Error::Database`] if the file is not a SQLite
+    /// database, is damaged, cannot be written or was written by a newer
+    /// modrun, and with [`Error::RegistryInUse`] if another process holds
+    /// it — never by starting empty.
+    pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<SqliteStore> {
+        let path = path.as_ref().to_path_buf();
+        let fail = |message: String| Error::Database {
+            path: path.clone(),
+            message,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+        }
+        let lock = take_lock(&path)?;
+        let conn = open_writer(&path, options.synchronous).map_err(fail)?;
+
+        let shared = Arc::new(Shared::new(path.clone()));
+        let (writes, queue) = mpsc::channel();
+        let writer = Writer::new(conn, shared.clone(), options.max_batch);
+        let writer = std::thread::Builder::new()
+            .name("modrun-registry".into())
+            .spawn(move || writer.run(&queue))
+            .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
+        let checkpoints = Connection::open(&path).map_err(|e| {
+            fail(format!(
+                "cannot open it for checkpoints: {}",
+                schema::describe(&e)
+            ))
+        })?;
+        let (stop_checkpoints, stopped) = mpsc::channel();
+        let (watched, wake_writer) = (shared.clone(), writes.clone());
+        let checkpointer = std::thread::Builder::new()
+            .name("modrun-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoints, &stopped, &watched, &wake_writer))
+            .map_err(|e| fail(format!("cannot start its checkpoint thread: {e}")))?;
+
+        Ok(SqliteStore {
+            shared,
+            writes: Some(writes),
+            writer: Some(writer),
+            stop_checkpoints: Some(stop_checkpoints),
+            checkpointer: Some(checkpointer),
+            readers: Mutex::new(Vec::new()),
+            max_readers: options.readers.max(1),
+            _lock: lock,
+        })
+    }
+
+    /// The database file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Queues a write and waits for its commit.
+    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(make(reply))?;
+        answer.await.map_err(|_| Error::RegistryClosed)?
+    }
+
+    /// Queues a write that someone waits on, unless the file is known to
+    /// be unwritable: then it is refused at once, without queueing.
+    async fn write_or_refuse<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T> {
+        if let Some(reason) = self.shared.unavailable() {
+            return Err(Error::RegistryUnavailable { reason });
+        }
+        self.write(make).await
+    }
+
+    /// Hands a write to the writer thread, in order with all the others.
+    fn enqueue(&self, write: Write) -> Result<()> {
+        self.writes
+            .as_ref()
+            .ok_or(Error::RegistryClosed)?
+            .send(write)
+            .map_err(|_| Error::RegistryClosed)
+    }
+
+    /// Runs `query` on a pooled read connection, off the async threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => open_read_only(&self.shared.path).map_err(|e| self.error(&e))?,
+        };
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let result = query(&conn);
+            (conn, result)
+        })
+        .await
+        .map_err(|_| Error::RegistryClosed)?;
+        let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < self.max_readers {
+            pool.push(conn);
+        }
+        result.map_err(|e| self.error(&e))
+    }
+
+    fn error(&self, e: &rusqlite::Error) -> Error {
+        storage_error(&self.shared.path, e)
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has committed what it
+        // holds; waiting for it means the file is complete when we return.
+        drop(self.writes.take());
+        drop(self.stop_checkpoints.take());
+        for thread in [self.writer.take(), self.checkpointer.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[async_trait]
+impl RunStore for SqliteStore {
+    async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
+        check_times(run)?;
+        self.write_or_refuse(|reply| Write::Insert(run.clone(), existing, reply))
+            .await
+    }
+
+    async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()> {
+        check_times(run)?;
+        if let Some(change) = change {
+            check_time(change.at)?;
+        }
+        self.write_or_refuse(|reply| Write::Replace(run.clone(), change.cloned(), reply))
+            .await
+    }
+
+    async fn transition(
+        &self,
+        change: &Transition,
+        unavailable: OnUnavailable,
+    ) -> Result<Option<String>> {
+        check_time(change.at)?;
+        let write = |reply| Write::Transition(change.clone(), unavailable, reply);
+        match unavailable {
+            OnUnavailable::Refuse => self.write_or_refuse(write).await,
+            OnUnavailable::Hold => self.write(write).await,
+        }
+    }
+
+    async fn set_progress(&self, run_id: &str, progress: &Progress) -> Result<Option<String>> {
+        self.write_or_refuse(|reply| Write::Progress(run_id.to_owned(), progress.clone(), reply))
+            .await
+    }
+
+    fn record_progress(&self, run_id: &str, progress: &Progress) -> Result<()> {
+        // The latest report of each run waits in a map, whatever the rate
+        // of reports: the queue holds one entry for all of them.
+        if self.shared.report_progress(run_id, progress) {
+            self.enqueue(Write::ReportedProgress)?;
+        }
+        Ok(())
+    }
+
+    async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
+        self.write_or_refuse(|reply| Write::Log(run_id.to_owned(), log.to_vec(), Some(reply)))
+            .await
+    }
+
+    fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()> {
+        self.enqueue(Write::Log(run_id.to_owned(), log, None))
+    }
+
+    async fn get(&self, run_id: &str) -> Result<Option<Run>> {
+        let run_id = run_id.to_owned();
+        self.read(move |conn| sql::select_run(conn, &run_id)).await
+    }
+
+    async fn list(&self, filter: &RunFilter) -> Result<Vec<Run>> {
+        let filter = filter.clone();
+        self.read(move |conn| sql::select_runs(conn, &filter)).await
+    }
+
+    async fn list_summaries(&self, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        let filter = filter.clone();
+        self.read(move |conn| sql::select_summaries(conn, &filter))
+            .await
+    }
+
+    async fn history(&self, run_id: &str) -> Result<Vec<StatusChange>> {
+        let run_id = run_id.to_owned();
+        self.read(move |conn| sql::select_history(conn, &run_id))
+            .await
+    }
+
+    async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {
+        self.write_or_refuse(|reply| Write::Cleanup(cutoff, reply))
+            .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.write_or_refuse(Write::Flush).await
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.shared.health()
+    }
+}
+
+/// How often the checkpoint thread copies the log into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Checkpoints the log beside the writer, so that commits never wait for
+/// one; stops when the store is dropped. A passive checkpoint never blocks
+/// the writer or readers: what it cannot copy now it copies next time.
+///
+/// It also looks at the file each time: one deleted or replaced under the
+/// store wakes the writer, which then reports the registry unavailable even
+/// when nothing is being written.
+fn checkpoint_loop(
+    conn: &Connection,
+    stop: &mpsc::Receiver<()>,
+    shared: &Shared,
+    writer: &mpsc::Sender<Write>,
+) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if shared.unavailable().is_none() && shared.check_file().is_err() {
+            let _ = writer.send(Write::Check);
+            continue;
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "run registry checkpoint failed; retrying later");
+        }
+    }
+}

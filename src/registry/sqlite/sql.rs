@@ -1,0 +1,482 @@
+//! The SQL of the registry: each write applied inside the writer's
+//! transaction, and the queries that read runs back.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::error::{Error, Result};
+use crate::registry::{Existing, RunCursor, RunFilter, RunSummary};
+use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
+
+/// The columns of a whole run, in the order `read_run` reads them.
+const RUN_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
+     completed_at, parameters, exit_code, error_message, output, progress_fraction, \
+     progress_message, module_version, log";
+
+/// The columns of a run summary, in the order `read_summary` reads them.
+/// The error message is cut: a listing of thousands of runs stays small.
+const SUMMARY_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
+     completed_at, exit_code, substr(error_message, 1, 1024), length(error_message), \
+     progress_fraction, progress_message, module_version";
+
+/// What one write did, before it is committed.
+pub(super) enum Outcome {
+    Done,
+    Applied(Option<String>),
+    Count(usize),
+    Failed(Error),
+}
+
+/// What the write path needs of a stored run.
+pub(super) struct Stored {
+    pub(super) id: i64,
+    pub(super) status: RunStatus,
+    pub(super) history_len: i64,
+    pub(super) module_id: String,
+}
+
+pub(super) fn current(
+    tx: &rusqlite::Transaction<'_>,
+    run_id: &str,
+) -> rusqlite::Result<Option<Stored>> {
+    tx.prepare_cached("SELECT id, status, history_len, module_id FROM runs WHERE run_id = ?1")?
+        .query_row([run_id], |row| {
+            Ok(Stored {
+                id: row.get(0)?,
+                status: column_status(row, 1)?,
+                history_len: row.get(2)?,
+                module_id: row.get(3)?,
+            })
+        })
+        .optional()
+}
+
+pub(super) fn insert(
+    tx: &rusqlite::Transaction<'_>,
+    run: &Run,
+    existing: Existing,
+) -> rusqlite::Result<Outcome> {
+    // The common case, a new id, takes one statement; only a conflict looks further.
+    if let Some(id) = insert_run(tx, run)? {
+        add_history(tx, id, 0, &first_change(run))?;
+        return Ok(Outcome::Done);
+    }
+    match current(tx, &run.run_id)? {
+        Some(stored) if stored.status.is_terminal() => {
+            tx.prepare_cached("DELETE FROM run_history WHERE run = ?1")?
+                .execute([stored.id])?;
+            tx.prepare_cached("DELETE FROM runs WHERE id = ?1")?
+                .execute([stored.id])?;
+            let id = insert_run(tx, run)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+            add_history(tx, id, 0, &first_change(run))?;
+            Ok(Outcome::Done)
+        }
+        Some(stored) if stored.status == RunStatus::Queued && existing == Existing::AdoptQueued => {
+            update_run(tx, run, stored.history_len)?;
+            Ok(Outcome::Done)
+        }
+        Some(stored) => Ok(Outcome::Failed(Error::RunActive {
+            run_id: run.run_id.clone(),
+            status: stored.status,
+        })),
+        // The insert met a conflict, so the row exists within this transaction.
+        None => Err(rusqlite::Error::QueryReturnedNoRows),
+    }
+}
+
+/// The history entry a run starts with.
+pub(super) fn first_change(run: &Run) -> StatusChange {
+    StatusChange {
+        status: run.status,
+        at: run.created_at,
+        message: None,
+    }
+}
+
+pub(super) fn replace(
+    tx: &rusqlite::Transaction<'_>,
+    run: &Run,
+    change: Option<&StatusChange>,
+) -> rusqlite::Result<Outcome> {
+    let Some(stored) = current(tx, &run.run_id)? else {
+        return Ok(Outcome::Failed(Error::RunNotFound(run.run_id.clone())));
+    };
+    let from = stored.status;
+    if from.is_terminal() {
+        return Ok(Outcome::Failed(Error::RunFinished {
+            run_id: run.run_id.clone(),
+            status: from,
+        }));
+    }
+    match change {
+        Some(change) if !from.can_become(change.status) => {
+            return Ok(Outcome::Failed(Error::InvalidTransition {
+                run_id: run.run_id.clone(),
+                from,
+                to: change.status,
+            }));
+        }
+        Some(change) => {
+            update_run(tx, run, stored.history_len + 1)?;
+            add_history(tx, stored.id, stored.history_len, change)?;
+        }
+        None => update_run(tx, run, stored.history_len)?,
+    }
+    Ok(Outcome::Done)
+}
+
+/// Inserts a new row with a one-entry history length; `None` if the id is taken.
+///
+/// (No `RETURNING` here or below: SQLite builds a temporary table for it on
+/// every execution, which costs more than the statement.)
+pub(super) fn insert_run(
+    tx: &rusqlite::Transaction<'_>,
+    run: &Run,
+) -> rusqlite::Result<Option<i64>> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
+             completed_at, parameters, exit_code, error_message, output, progress_fraction, \
+             progress_message, module_version, log, history_len) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+             ON CONFLICT (run_id) DO NOTHING",
+        )?
+        .execute(run_values(run, 1)?)?;
+    Ok((inserted == 1).then(|| tx.last_insert_rowid()))
+}
+
+/// Writes the whole record over the stored one.
+pub(super) fn update_run(
+    tx: &rusqlite::Transaction<'_>,
+    run: &Run,
+    history_len: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE runs SET module_id = ?2, module_name = ?3, status = ?4, created_at = ?5, \
+         started_at = ?6, completed_at = ?7, parameters = ?8, exit_code = ?9, \
+         error_message = ?10, output = ?11, progress_fraction = ?12, progress_message = ?13, \
+         module_version = ?14, log = ?15, history_len = ?16 WHERE run_id = ?1",
+    )?
+    .execute(run_values(run, history_len)?)?;
+    Ok(())
+}
+
+/// The column values of a record, in `RUN_COLUMNS` order then `history_len`.
+pub(super) fn run_values(
+    run: &Run,
+    history_len: i64,
+) -> rusqlite::Result<[Box<dyn rusqlite::ToSql + '_>; 16]> {
+    Ok([
+        Box::new(run.run_id.as_str()),
+        Box::new(run.module_id.as_str()),
+        Box::new(run.module_name.as_str()),
+        Box::new(run.status.as_str()),
+        Box::new(nanos(run.created_at)?),
+        Box::new(run.started_at.map(nanos).transpose()?),
+        Box::new(run.completed_at.map(nanos).transpose()?),
+        Box::new(json_text(&run.parameters)?),
+        Box::new(run.exit_code),
+        Box::new(run.error_message.as_deref()),
+        Box::new(run.output.as_ref().map(json_text).transpose()?),
+        Box::new(run.progress.as_ref().map(|p| p.fraction)),
+        Box::new(run.progress.as_ref().map(|p| p.message.as_str())),
+        Box::new(run.module_version.as_deref()),
+        Box::new(log_text(&run.log)?),
+        Box::new(history_len),
+    ])
+}
+
+pub(super) fn add_history(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    seq: i64,
+    change: &StatusChange,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO run_history (run, seq, status, at, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        id,
+        seq,
+        change.status.as_str(),
+        nanos(change.at)?,
+        change.message
+    ])?;
+    Ok(())
+}
+
+/// Applies `change` if the status flow allows it; returns the module id.
+pub(super) fn apply_transition(
+    tx: &rusqlite::Transaction<'_>,
+    change: &Transition,
+) -> rusqlite::Result<Option<String>> {
+    let Some(stored) = current(tx, &change.run_id)? else {
+        return Ok(None);
+    };
+    if !stored.status.can_become(change.to) {
+        return Ok(None);
+    }
+    let at = nanos(change.at)?;
+    if change.to.is_terminal() {
+        tx.prepare_cached(
+            "UPDATE runs SET status = ?2, completed_at = ?3, exit_code = ?4, error_message = ?5, \
+             output = coalesce(?6, output), log = coalesce(?7, log), history_len = ?8 \
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            stored.id,
+            change.to.as_str(),
+            at,
+            change.exit_code,
+            change.error_message,
+            change.output.as_ref().map(json_text).transpose()?,
+            change.log.as_deref().map(log_text).transpose()?.flatten(),
+            stored.history_len + 1,
+        ])?;
+    } else {
+        tx.prepare_cached(
+            "UPDATE runs SET status = ?2, started_at = ?3, history_len = ?4 WHERE id = ?1",
+        )?
+        .execute(params![
+            stored.id,
+            change.to.as_str(),
+            at,
+            stored.history_len + 1
+        ])?;
+    }
+    add_history(tx, stored.id, stored.history_len, &change.status_change())?;
+    Ok(Some(stored.module_id))
+}
+
+pub(super) fn select_run(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Run>> {
+    conn.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1"))?
+        .query_row([run_id], read_run)
+        .optional()
+}
+
+pub(super) fn select_runs(conn: &Connection, filter: &RunFilter) -> rusqlite::Result<Vec<Run>> {
+    select_where(conn, RUN_COLUMNS, filter, read_run)
+}
+
+pub(super) fn select_summaries(
+    conn: &Connection,
+    filter: &RunFilter,
+) -> rusqlite::Result<Vec<RunSummary>> {
+    select_where(conn, SUMMARY_COLUMNS, filter, read_summary)
+}
+
+/// Rows matching `filter`, newest first, read by `read`.
+fn select_where<T>(
+    conn: &Connection,
+    columns: &str,
+    filter: &RunFilter,
+    read: impl Fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    let mut sql = format!("SELECT {columns} FROM runs WHERE 1 = 1");
+    let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+    if !filter.statuses.is_empty() {
+        // Status names are ours, not the caller's: safe to inline, and
+        // inlined the planner can prove the active-runs index applies.
+        let names: Vec<String> = filter.statuses.iter().map(|s| format!("'{s}'")).collect();
+        sql.push_str(&format!(" AND status IN ({})", names.join(", ")));
+        if filter.statuses.iter().all(|s| s.is_active()) {
+            sql.push_str(" AND status IN ('queued', 'running')");
+        }
+    }
+    if let Some(module_id) = &filter.module_id {
+        sql.push_str(" AND module_id = ?");
+        values.push(Box::new(module_id.clone()));
+    }
+    if let Some(RunCursor { created_at, run_id }) = &filter.after {
+        sql.push_str(" AND (created_at, run_id) < (?, ?)");
+        values.push(Box::new(
+            created_at.timestamp_nanos_opt().unwrap_or(i64::MAX),
+        ));
+        values.push(Box::new(run_id.clone()));
+    }
+    sql.push_str(" ORDER BY created_at DESC, run_id DESC");
+    if let Some(limit) = filter.limit {
+        sql.push_str(&format!(
+            " LIMIT {}",
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ));
+    }
+    let mut statement = conn.prepare_cached(&sql)?;
+    let rows = statement
+        .query_map(rusqlite::params_from_iter(values), read)?
+        .collect::<rusqlite::Result<Vec<T>>>()?;
+    Ok(rows)
+}
+
+pub(super) fn select_history(
+    conn: &Connection,
+    run_id: &str,
+) -> rusqlite::Result<Vec<StatusChange>> {
+    conn.prepare_cached(
+        "SELECT h.status, h.at, h.message FROM run_history h JOIN runs r ON h.run = r.id \
+         WHERE r.run_id = ?1 ORDER BY h.seq",
+    )?
+    .query_map([run_id], |row| {
+        Ok(StatusChange {
+            status: column_status(row, 0)?,
+            at: column_time(row, 1)?,
+            message: row.get(2)?,
+        })
+    })?
+    .collect()
+}
+
+fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
+    let parameters: String = row.get(7)?;
+    let output: Option<String> = row.get(10)?;
+    let progress_fraction: Option<f64> = row.get(11)?;
+    Ok(Run {
+        run_id: row.get(0)?,
+        module_id: row.get(1)?,
+        module_name: row.get(2)?,
+        status: column_status(row, 3)?,
+        created_at: column_time(row, 4)?,
+        started_at: column_optional_time(row, 5)?,
+        completed_at: column_optional_time(row, 6)?,
+        parameters: parse_json(7, &parameters)?,
+        exit_code: row.get(8)?,
+        error_message: row.get(9)?,
+        output: output
+            .as_deref()
+            .map(|text| parse_json(10, text))
+            .transpose()?,
+        progress: match progress_fraction {
+            Some(fraction) => Some(Progress {
+                fraction,
+                message: row.get::<_, Option<String>>(12)?.unwrap_or_default(),
+            }),
+            None => None,
+        },
+        module_version: row.get(13)?,
+        log: match row.get::<_, Option<String>>(14)? {
+            Some(text) => parse_json(14, &text)?,
+            None => Vec::new(),
+        },
+    })
+}
+
+fn read_summary(row: &Row<'_>) -> rusqlite::Result<RunSummary> {
+    let progress_fraction: Option<f64> = row.get(10)?;
+    let error_length: Option<i64> = row.get(9)?;
+    let error_message = row.get::<_, Option<String>>(8)?.map(|mut message| {
+        if error_length.is_some_and(|length| length > message.chars().count() as i64) {
+            message.push_str(" [cut]");
+        }
+        message
+    });
+    Ok(RunSummary {
+        run_id: row.get(0)?,
+        module_id: row.get(1)?,
+        module_name: row.get(2)?,
+        status: column_status(row, 3)?,
+        created_at: column_time(row, 4)?,
+        started_at: column_optional_time(row, 5)?,
+        completed_at: column_optional_time(row, 6)?,
+        exit_code: row.get(7)?,
+        error_message,
+        progress: match progress_fraction {
+            Some(fraction) => Some(Progress {
+                fraction,
+                message: row.get::<_, Option<String>>(11)?.unwrap_or_default(),
+            }),
+            None => None,
+        },
+        module_version: row.get(12)?,
+    })
+}
+
+pub(super) fn column_status(row: &Row<'_>, index: usize) -> rusqlite::Result<RunStatus> {
+    let text: String = row.get(index)?;
+    text.parse().map_err(|e: Error| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+pub(super) fn column_time(row: &Row<'_>, index: usize) -> rusqlite::Result<DateTime<Utc>> {
+    Ok(DateTime::from_timestamp_nanos(row.get(index)?))
+}
+
+pub(super) fn column_optional_time(
+    row: &Row<'_>,
+    index: usize,
+) -> rusqlite::Result<Option<DateTime<Utc>>> {
+    Ok(row
+        .get::<_, Option<i64>>(index)?
+        .map(DateTime::from_timestamp_nanos))
+}
+
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
+    index: usize,
+    text: &str,
+) -> rusqlite::Result<T> {
+    serde_json::from_str(text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+pub(super) fn log_text(log: &[LogEntry]) -> rusqlite::Result<Option<String>> {
+    if log.is_empty() {
+        Ok(None)
+    } else {
+        json_text(&log).map(Some)
+    }
+}
+
+pub(super) fn json_text<T: serde::Serialize>(value: &T) -> rusqlite::Result<String> {
+    serde_json::to_string(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))
+}
+
+/// Checks what [`nanos`] would refuse before a write is queued, so that one
+/// caller's bad value fails that caller alone, not the batch it would share.
+pub(super) fn check_times(run: &Run) -> Result<()> {
+    [Some(run.created_at), run.started_at, run.completed_at]
+        .into_iter()
+        .flatten()
+        .try_for_each(check_time)
+}
+
+pub(super) fn check_time(at: DateTime<Utc>) -> Result<()> {
+    match at.timestamp_nanos_opt() {
+        Some(_) => Ok(()),
+        None => Err(Error::TimeOutOfRange(at)),
+    }
+}
+
+pub(super) fn nanos(at: DateTime<Utc>) -> rusqlite::Result<i64> {
+    at.timestamp_nanos_opt().ok_or_else(|| {
+        rusqlite::Error::ToSqlConversionFailure(
+            format!("time {at} is outside the years 1677 to 2262 that the registry stores").into(),
+        )
+    })
+}
+
+/// Deletes finished runs completed before `cutoff`, with their history;
+/// returns how many runs.
+pub(super) fn delete_finished_before(
+    tx: &rusqlite::Transaction<'_>,
+    cutoff: DateTime<Utc>,
+) -> rusqlite::Result<usize> {
+    // A cutoff before 1677 deletes nothing, one after 2262 everything.
+    let cutoff = cutoff
+        .timestamp_nanos_opt()
+        .unwrap_or(if cutoff.timestamp() < 0 {
+            i64::MIN
+        } else {
+            i64::MAX
+        });
+    tx.execute(
+        "DELETE FROM run_history WHERE run IN (SELECT id FROM runs \
+         WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1)",
+        [cutoff],
+    )?;
+    tx.execute(
+        "DELETE FROM runs \
+         WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1",
+        [cutoff],
+    )
+}
