@@ -10,7 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{Host, Level};
 use crate::registry::RunRegistry;
-use crate::run::{LogEntry, LogLevel, LogSource, Progress};
+use crate::run::{LogEntry, LogLevel, LogSource, Progress, cut_to};
 
 /// The longest log or progress message kept; longer ones are cut.
 const MAX_MESSAGE: usize = 4096;
@@ -20,6 +20,8 @@ pub(crate) struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
+    /// Whether the module may create symbolic links in its directories.
+    pub(crate) symlinks_allowed: bool,
     /// Present during a run; `describe` at load time has no run to report to.
     pub(crate) run: Option<RunContext>,
 }
@@ -33,6 +35,7 @@ impl HostState {
                 limit: memory_limit,
                 exceeded: false,
             },
+            symlinks_allowed: false,
             run,
         }
     }
@@ -91,6 +94,59 @@ pub(crate) struct RunContext {
     pub(crate) registry: RunRegistry,
     pub(crate) log: Arc<Mutex<RunLog>>,
     pub(crate) span: tracing::Span,
+    pub(crate) echo: EchoBudget,
+}
+
+/// How many of a run's log lines are echoed to the server's own log: a
+/// burst, then a steady rate. A module that logs millions of lines fills
+/// its own (capped) log, not the server's output; the lines not echoed are
+/// counted and reported when the run ends.
+#[derive(Debug)]
+pub(crate) struct EchoBudget {
+    tokens: f64,
+    refilled: std::time::Instant,
+    pub(crate) suppressed: u64,
+}
+
+/// Lines a run may echo at once, and per second after that.
+const ECHO_BURST: f64 = 100.0;
+const ECHO_PER_SECOND: f64 = 20.0;
+
+impl EchoBudget {
+    pub(crate) fn new() -> EchoBudget {
+        EchoBudget {
+            tokens: ECHO_BURST,
+            refilled: std::time::Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    /// Whether one more line may be echoed now.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * ECHO_PER_SECOND;
+        self.tokens = (self.tokens + earned).min(ECHO_BURST);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// A progress fraction as it is stored: within 0 to 1 (+inf is 1; -inf and
+/// NaN, which say nothing, are 0), and never -0.
+#[must_use]
+pub(crate) fn progress_fraction(reported: f64) -> f64 {
+    if reported.is_nan() {
+        0.0
+    } else {
+        // Adding 0.0 turns -0.0 into 0.0 and leaves every other value as it is.
+        reported.clamp(0.0, 1.0) + 0.0
+    }
 }
 
 /// A run's log, capped: entries past the cap are counted, not kept.
@@ -148,22 +204,14 @@ impl RunLog {
     }
 }
 
-fn capped(mut message: String) -> String {
-    if message.len() > MAX_MESSAGE {
-        let mut end = MAX_MESSAGE;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
-        message.push_str(" [cut]");
-    }
-    message
+fn capped(message: String) -> String {
+    cut_to(message, MAX_MESSAGE)
 }
 
 impl Host for HostState {
     async fn log(&mut self, level: Level, message: String) {
         let message = capped(message);
-        let Some(run) = &self.run else {
+        let Some(run) = &mut self.run else {
             tracing::debug!(%message, "module logged while being described");
             return;
         };
@@ -174,7 +222,9 @@ impl Host for HostState {
             Level::Warn => LogLevel::Warn,
             Level::Error => LogLevel::Error,
         };
+        let echo = run.echo.take();
         run.span.in_scope(|| match level {
+            _ if !echo => {}
             LogLevel::Trace => tracing::trace!(target: "modrun::module", "{message}"),
             LogLevel::Debug => tracing::debug!(target: "modrun::module", "{message}"),
             LogLevel::Info => tracing::info!(target: "modrun::module", "{message}"),
@@ -202,13 +252,8 @@ impl Host for HostState {
         let Some(run) = &self.run else {
             return;
         };
-        let fraction = if fraction.is_finite() {
-            fraction.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
         let progress = Progress {
-            fraction,
+            fraction: progress_fraction(fraction),
             message: capped(message),
         };
         if let Err(e) = run

@@ -166,6 +166,7 @@ impl ModuleHost {
         let engine = new_engine(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .and_then(|()| super::filesystem::guard(&mut linker))
             .and_then(|()| Module::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s))
             .map_err(|e| Error::Engine(format!("cannot link the host functions: {e:#}")))?;
         if let Some(cache) = &config.cache_dir {
@@ -231,9 +232,17 @@ impl ModuleHost {
             path: dir.to_path_buf(),
             message: e.to_string(),
         })?;
+        // Regular files and links (which `load_file` accepts only where the
+        // manifest allows); never a directory, a FIFO or a device.
         let mut files: Vec<PathBuf> = entries
-            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-            .filter(|path| path.extension().is_some_and(|ext| ext == "wasm") && path.is_file())
+            .filter_map(Result::ok)
+            .filter(|entry| {
+                entry
+                    .file_type()
+                    .is_ok_and(|kind| kind.is_file() || kind.is_symlink())
+            })
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
             .collect();
         files.sort();
         let loads = files.into_iter().map(|path| {
@@ -322,10 +331,12 @@ impl ModuleHost {
         .map_err(fail)?;
         let host = self.clone();
         let file = path.to_path_buf();
-        let (component, content_hash) = tokio::task::spawn_blocking(move || host.compile(&file))
-            .await
-            .map_err(|e| fail(format!("compilation stopped: {e}")))?
-            .map_err(fail)?;
+        let follow_symlink = manifest.component.allow_symlink;
+        let (component, content_hash) =
+            tokio::task::spawn_blocking(move || host.compile(&file, follow_symlink))
+                .await
+                .map_err(|e| fail(format!("compilation stopped: {e}")))?
+                .map_err(fail)?;
         let pre = self
             .inner
             .linker
@@ -368,15 +379,14 @@ impl ModuleHost {
     }
 
     /// Reads, checks and compiles a component file. Blocking: CPU-heavy.
-    fn compile(&self, path: &Path) -> std::result::Result<(Component, String), String> {
+    fn compile(
+        &self,
+        path: &Path,
+        follow_symlink: bool,
+    ) -> std::result::Result<(Component, String), String> {
         let max = self.inner.config.max_module_bytes;
-        let size = std::fs::metadata(path)
-            .map_err(|e| format!("cannot read it: {e}"))?
-            .len();
-        if size > max {
-            return Err(format!("it is {size} bytes, over the limit of {max} bytes"));
-        }
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+        let bytes = super::plugin_file::read_regular(path, max, follow_symlink)
+            .map_err(|e| e.to_string())?;
         if bytes.len() < 8 || !bytes.starts_with(b"\0asm") {
             return Err("it is not a WebAssembly file".into());
         }

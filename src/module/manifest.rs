@@ -4,18 +4,27 @@
 //!
 //! ```toml
 //! [limits]
-//! timeout_secs = 30          # a run over this fails, "timed out"
-//! memory_mib = 128           # linear memory a run may use
-//! max_concurrent = 4         # runs of this module at once; more wait, queued
+//! timeout_secs = 30          # a run over this fails, "timed out" (0.001 to a week)
+//! memory_mib = 128           # linear memory a run may use (up to the host's ceiling)
+//! max_concurrent = 4         # runs of this module at once; more wait, queued (1 to 10000)
+//! max_output_kib = 1024      # a run whose JSON output is larger fails (1 to 65536)
 //!
 //! [grants]
 //! env = ["LANG"]             # host environment variables passed through
+//! symlinks = false           # may the module create symbolic links in its directories
 //!
 //! [[grants.dirs]]
 //! host = "/srv/reports"      # a host directory...
 //! guest = "/data"            # ...seen by the module as this path
 //! writable = false           # read-only unless true
+//!
+//! [component]
+//! allow_symlink = false      # may plugins/<id>.wasm be a symbolic link
 //! ```
+//!
+//! Whatever the grants, a module opens only regular files and directories
+//! in its granted directories: a FIFO, a device or a socket there would let
+//! it block a host thread or reach a device, so opening one is refused.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -31,7 +40,16 @@ pub struct ModuleLimits {
     pub memory_bytes: usize,
     /// The most runs of this module at once (the rest wait, queued).
     pub max_concurrent: Option<usize>,
+    /// The largest JSON output a run may return, in bytes; a larger one
+    /// makes the run fail.
+    pub max_output_bytes: usize,
 }
+
+/// The most runs of one module at once a manifest may allow.
+pub const MAX_CONCURRENT_CEILING: usize = 10_000;
+
+/// The largest output limit a manifest may set, in KiB (64 MiB).
+pub const MAX_OUTPUT_KIB_CEILING: u64 = 64 << 10;
 
 impl Default for ModuleLimits {
     fn default() -> ModuleLimits {
@@ -39,6 +57,7 @@ impl Default for ModuleLimits {
             timeout: Duration::from_secs(60),
             memory_bytes: 64 << 20,
             max_concurrent: None,
+            max_output_bytes: 1 << 20,
         }
     }
 }
@@ -66,6 +85,22 @@ pub struct Grants {
     /// Host environment variables it may read (by name; unset ones are skipped).
     #[serde(default)]
     pub env: Vec<String>,
+    /// Whether it may create symbolic links in its writable directories
+    /// (a link planted there could lead a host tool that follows it
+    /// anywhere on the host).
+    #[serde(default)]
+    pub symlinks: bool,
+}
+
+/// How the component file itself may be found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentFile {
+    /// Whether `<id>.wasm` may be a symbolic link (to a regular file,
+    /// possibly outside the plugins directory). Off: only a regular file
+    /// in the plugins directory loads.
+    #[serde(default)]
+    pub allow_symlink: bool,
 }
 
 /// A parsed manifest: limits and grants.
@@ -75,7 +110,12 @@ pub struct Manifest {
     pub limits: ModuleLimits,
     /// Capabilities granted.
     pub grants: Grants,
+    /// How the component file may be found.
+    pub component: ComponentFile,
 }
+
+/// The longest manifest read, in bytes.
+const MAX_MANIFEST_BYTES: u64 = 64 << 10;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,6 +124,8 @@ struct ManifestFile {
     limits: LimitsFile,
     #[serde(default)]
     grants: Grants,
+    #[serde(default)]
+    component: ComponentFile,
 }
 
 #[derive(Default, Deserialize)]
@@ -91,7 +133,8 @@ struct ManifestFile {
 struct LimitsFile {
     timeout_secs: Option<f64>,
     memory_mib: Option<u64>,
-    max_concurrent: Option<usize>,
+    max_concurrent: Option<u64>,
+    max_output_kib: Option<u64>,
 }
 
 impl Manifest {
@@ -104,14 +147,19 @@ impl Manifest {
         ceiling: usize,
     ) -> Result<Manifest, String> {
         let path = component.with_extension("toml");
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Manifest::parse(&text, defaults, ceiling)
-                .map_err(|e| format!("manifest {}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest {
+        use super::plugin_file::{Unread, read_regular};
+        match read_regular(&path, MAX_MANIFEST_BYTES, false) {
+            Ok(bytes) => {
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| format!("manifest {}: it is not UTF-8 text", path.display()))?;
+                Manifest::parse(&text, defaults, ceiling)
+                    .map_err(|e| format!("manifest {}: {e}", path.display()))
+            }
+            Err(Unread::Missing) => Ok(Manifest {
                 limits: defaults.clone(),
-                grants: Grants::default(),
+                ..Manifest::default()
             }),
-            Err(e) => Err(format!("cannot read manifest {}: {e}", path.display())),
+            Err(Unread::Refused(why)) => Err(format!("manifest {}: {why}", path.display())),
         }
     }
 
@@ -120,9 +168,9 @@ impl Manifest {
         let file: ManifestFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
         let mut limits = defaults.clone();
         if let Some(secs) = file.limits.timeout_secs {
-            if !(secs > 0.0 && secs <= 7.0 * 86_400.0) {
+            if !(0.001..=7.0 * 86_400.0).contains(&secs) {
                 return Err(format!(
-                    "limits.timeout_secs must be above 0 and at most a week, not {secs}"
+                    "limits.timeout_secs must be from 0.001 to a week (604800), not {secs}"
                 ));
             }
             limits.timeout = Duration::from_secs_f64(secs);
@@ -141,10 +189,23 @@ impl Manifest {
             limits.memory_bytes = bytes;
         }
         if let Some(max) = file.limits.max_concurrent {
-            if max == 0 {
-                return Err("limits.max_concurrent must be at least 1".into());
-            }
+            let max = usize::try_from(max)
+                .ok()
+                .filter(|max| (1..=MAX_CONCURRENT_CEILING).contains(max))
+                .ok_or_else(|| {
+                    format!(
+                        "limits.max_concurrent must be from 1 to {MAX_CONCURRENT_CEILING}, not {max}"
+                    )
+                })?;
             limits.max_concurrent = Some(max);
+        }
+        if let Some(kib) = file.limits.max_output_kib {
+            if !(1..=MAX_OUTPUT_KIB_CEILING).contains(&kib) {
+                return Err(format!(
+                    "limits.max_output_kib must be from 1 to {MAX_OUTPUT_KIB_CEILING}, not {kib}"
+                ));
+            }
+            limits.max_output_bytes = usize::try_from(kib << 10).unwrap_or(usize::MAX);
         }
         for dir in &file.grants.dirs {
             if !dir.host.is_absolute() {
@@ -177,6 +238,7 @@ impl Manifest {
         Ok(Manifest {
             limits,
             grants: file.grants,
+            component: file.component,
         })
     }
 }
@@ -212,6 +274,16 @@ mod tests {
             ("[limits]\ntimeout_secs = -1\n", "timeout_secs"),
             ("[limits]\nmemory_mib = 4096\n", "ceiling"),
             ("[limits]\nmax_concurrent = 0\n", "max_concurrent"),
+            (
+                "[limits]\nmax_concurrent = 9223372036854775807\n",
+                "from 1 to 10000",
+            ),
+            ("[limits]\nmax_output_kib = 0\n", "max_output_kib"),
+            ("[limits]\nmax_output_kib = 65537\n", "max_output_kib"),
+            ("[limits]\nmemory_mib = 0\n", "memory_mib"),
+            ("[limits]\ntimeout_secs = inf\n", "timeout_secs"),
+            ("[limits]\ntimeout_secs = nan\n", "timeout_secs"),
+            ("[component]\nallow_symlink = 1\n", ""),
             ("[limits]\nmemory = 3\n", "unknown field"),
             ("[grants]\nenv = [\"A=B\"]\n", "not a variable name"),
             (

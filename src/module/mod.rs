@@ -13,10 +13,12 @@
 mod bindings;
 mod build;
 mod engine;
+mod filesystem;
 mod host;
 mod loader;
 mod manifest;
 mod output;
+mod plugin_file;
 mod reload;
 mod runner;
 
@@ -26,6 +28,6 @@ pub use loader::{
     CompileStats, LoadFailure, LoadReport, ModuleHost, ModuleInfo, ModuleSummary, ReloadEvent,
     is_safe_module_id,
 };
-pub use manifest::{DirGrant, Grants, Manifest, ModuleLimits};
+pub use manifest::{ComponentFile, DirGrant, Grants, Manifest, ModuleLimits};
 pub use reload::{DEFAULT_DEBOUNCE, Reloader, changes_content};
 pub use runner::ModuleRunner;

@@ -10,7 +10,7 @@ use wasmtime::Store;
 use wasmtime::Trap;
 use wasmtime_wasi::{FsPerms, WasiCtx};
 
-use super::host::{HostState, RunContext, RunLog};
+use super::host::{EchoBudget, HostState, RunContext, RunLog};
 use super::loader::{LoadedModule, ModuleHost, is_safe_module_id};
 use super::manifest::Grants;
 use super::output::CappedOutput;
@@ -179,8 +179,9 @@ impl TaskOutput for ModuleOutcome {
 }
 
 /// Hands over the run's log when the run ends, to be saved with its
-/// terminal status; saves it itself when the run's future is dropped midway
-/// (cancelled), where nothing else would.
+/// terminal status; queues it for saving itself when the run's future is
+/// dropped midway (cancelled), where nothing else would. The write is queued
+/// in order with the run's others, so the manager's shutdown flushes it.
 struct LogSaver {
     registry: RunRegistry,
     run_id: String,
@@ -209,14 +210,8 @@ impl Drop for LogSaver {
         if self.saved {
             return;
         }
-        let entries = self.entries();
-        let (registry, run_id) = (self.registry.clone(), std::mem::take(&mut self.run_id));
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(e) = registry.set_log(&run_id, &entries).await {
-                    tracing::warn!(error = %e, "cannot save the stopped run's log");
-                }
-            });
+        if let Err(e) = self.registry.record_log(&self.run_id, self.entries()) {
+            tracing::warn!(error = %e, "cannot save the stopped run's log");
         }
     }
 }
@@ -253,11 +248,11 @@ async fn execute(
         registry,
         log,
         span: tracing::Span::current(),
+        echo: EchoBudget::new(),
     };
-    let mut store = Store::new(
-        host.engine(),
-        HostState::new(wasi, limits.memory_bytes, Some(context)),
-    );
+    let mut state = HostState::new(wasi, limits.memory_bytes, Some(context));
+    state.symlinks_allowed = module.summary.manifest.grants.symlinks;
+    let mut store = Store::new(host.engine(), state);
     store.limiter(|state| &mut state.limiter);
     // Yield to tokio at every epoch tick: the timeout below and a cancel can
     // then act even while the module spins without calling the host.
@@ -279,11 +274,25 @@ async fn execute(
             message: format!("timed out after {}", seconds(limits.timeout)),
             exit_code: EXIT_TIMEOUT,
         }),
+        Ok(Ok(Ok(text))) if text.len() > limits.max_output_bytes => Err(Failure::new(format!(
+            "the module returned {} bytes of output, over its limit of {}; \
+             raise limits.max_output_kib in its manifest, or have it return less",
+            text.len(),
+            size_in_words(limits.max_output_bytes)
+        ))),
         Ok(Ok(Ok(text))) => serde_json::from_str(&text)
             .map_err(|e| Failure::new(format!("the module returned output that is not JSON: {e}"))),
         Ok(Ok(Err(message))) => Err(Failure::new(message)),
         Ok(Err(error)) => Err(trap_failure(&error, store.data(), &stderr.text())),
     };
+    if let Some(run) = &store.data().run
+        && run.echo.suppressed > 0
+    {
+        tracing::warn!(
+            lines = run.echo.suppressed,
+            "log lines of this run not echoed here (too many too fast); the run's own log keeps them, up to its cap"
+        );
+    }
     ModuleOutcome(outcome, saver.finish())
 }
 
@@ -323,7 +332,7 @@ fn trap_failure(error: &wasmtime::Error, state: &HostState, stderr: &str) -> Fai
     if state.limiter.exceeded {
         return Failure::new(format!(
             "the module exceeded its memory limit of {} and was stopped",
-            mebibytes(state.limiter.limit())
+            size_in_words(state.limiter.limit())
         ));
     }
     match error.downcast_ref::<Trap>() {
@@ -353,9 +362,11 @@ fn panic_message(stderr: &str) -> String {
     format!("{} (at {place})", message.join("\n").trim())
 }
 
-fn mebibytes(bytes: usize) -> String {
+fn size_in_words(bytes: usize) -> String {
     if bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
+    } else if bytes.is_multiple_of(1 << 10) {
+        format!("{} KiB", bytes >> 10)
     } else {
         format!("{bytes} bytes")
     }

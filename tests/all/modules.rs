@@ -12,7 +12,7 @@ use crate::support::{
 
 /// A runner over a fresh plugins directory holding `ids`, with the
 /// manifests given as (id, TOML text).
-async fn runner_with(
+pub(crate) async fn runner_with(
     ids: &[&str],
     manifests: &[(&str, &str)],
 ) -> (ModuleRunner, tempfile::TempDir, LoadReport) {

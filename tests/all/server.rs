@@ -9,13 +9,23 @@ use serde_json::{Value, json};
 use crate::support::{DEADLINE, plugins_dir};
 
 /// A `modrun serve` process on an ephemeral loopback port.
-struct Server {
-    child: Child,
-    base: String,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) base: String,
 }
 
 impl Server {
-    fn start(plugins: &Path, db: &Path, extra: &[&str]) -> Server {
+    pub(crate) fn start(plugins: &Path, db: &Path, extra: &[&str]) -> Server {
+        Server::start_logging_to(plugins, db, extra, Stdio::null())
+    }
+
+    /// [`start`](Self::start), with the server's log going to `stderr`.
+    pub(crate) fn start_logging_to(
+        plugins: &Path,
+        db: &Path,
+        extra: &[&str],
+        stderr: Stdio,
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_modrun"))
             .args(["serve", "--bind", "127.0.0.1:0", "--plugins"])
             .arg(plugins)
@@ -23,7 +33,7 @@ impl Server {
             .arg(db)
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("modrun serve starts");
         let mut line = String::new();
@@ -41,7 +51,7 @@ impl Server {
         }
     }
 
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+    pub(crate) fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let response = ureq::post(&format!("{}{path}", self.base))
             .config()
             .http_status_as_error(false)
@@ -51,7 +61,7 @@ impl Server {
         read(response)
     }
 
-    fn get(&self, path: &str) -> (u16, Value) {
+    pub(crate) fn get(&self, path: &str) -> (u16, Value) {
         let response = ureq::get(&format!("{}{path}", self.base))
             .config()
             .http_status_as_error(false)
@@ -61,13 +71,13 @@ impl Server {
         read(response)
     }
 
-    fn start_run(&self, module: &str, parameters: Value) -> String {
+    pub(crate) fn start_run(&self, module: &str, parameters: Value) -> String {
         let (status, body) = self.post(&format!("/modules/{module}/runs"), &parameters);
         assert_eq!(status, 202, "{body}");
         body["run_id"].as_str().unwrap().to_owned()
     }
 
-    fn wait_status(&self, run_id: &str, wanted: &str) {
+    pub(crate) fn wait_status(&self, run_id: &str, wanted: &str) {
         let start = Instant::now();
         loop {
             let (_, body) = self.get(&format!("/runs/{run_id}"));
@@ -83,7 +93,7 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits for the exit code.
-    fn terminate(mut self) -> i32 {
+    pub(crate) fn terminate(mut self) -> i32 {
         let pid = self.child.id().to_string();
         let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(killed.success());
