@@ -63,6 +63,14 @@ enum Command {
         /// The most runs waiting; past it, starts are refused (HTTP 429).
         #[arg(long, default_value_t = 1024)]
         max_queued: usize,
+        /// A host name (besides the loopback ones) that browsers may reach
+        /// the server under; repeat for more.
+        #[arg(long = "allowed-host", value_name = "NAME")]
+        allowed_hosts: Vec<String>,
+        /// A web origin (https://app.example) whose pages may call the API;
+        /// repeat for more. None by default: no CORS.
+        #[arg(long = "cors-origin", value_name = "ORIGIN")]
+        cors_origins: Vec<String>,
     },
     /// Run a module once, here: progress on standard error, output as JSON
     /// on standard output. Exit code: 0 completed, 1 failed, 101 panicked,
@@ -149,13 +157,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli)) {
+    let code = match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // A blocking thread stuck in a system call must not keep the process
+    // alive once the command is done.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -186,6 +198,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             grace,
             max_concurrent,
             max_queued,
+            allowed_hosts,
+            cors_origins,
         } => {
             let grace = Duration::try_from_secs_f64(grace)
                 .map_err(|_| anyhow::anyhow!("--grace must be a number of seconds, not {grace}"))?;
@@ -201,6 +215,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 token,
                 grace,
                 limits,
+                browser: modrun::http::BrowserPolicy {
+                    allowed_hosts,
+                    cors_origins,
+                },
             };
             return serve::run(options).await;
         }
@@ -266,6 +284,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 statuses: status,
                 module_id: module,
                 limit: Some(limit),
+                after: None,
             };
             let runs = registry.list(&filter).await?;
             if cli.json {

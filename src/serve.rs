@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use modrun::http::{AppState, router};
+use modrun::http::{AppState, BrowserPolicy, router};
 use modrun::module::DEFAULT_DEBOUNCE;
 use modrun::{
     BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunRegistry, TaskLimits,
@@ -22,6 +22,7 @@ pub struct ServeOptions {
     pub token: Option<String>,
     pub grace: Duration,
     pub limits: TaskLimits,
+    pub browser: BrowserPolicy,
 }
 
 pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
@@ -47,7 +48,7 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
     let _reloader = host.watch(&options.plugins, DEFAULT_DEBOUNCE)?;
     let manager = BackgroundTaskManager::with_limits(registry.clone(), options.limits);
     let runner = ModuleRunner::new(host, manager.clone());
-    let app = router(AppState::new(runner, options.token));
+    let app = router(AppState::new(runner, options.token).with_browser_policy(options.browser));
 
     let listener = tokio::net::TcpListener::bind(options.bind)
         .await
@@ -65,18 +66,31 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
     );
     shutdown_signal().await;
     tracing::info!(grace = ?options.grace, "shutting down: no new runs; waiting for the running ones");
-    let report = manager.shutdown(options.grace).await?;
-    if !report.cancelled.is_empty() {
-        tracing::info!(
-            cancelled = report.cancelled.len(),
-            "runs cancelled at shutdown"
-        );
-    }
+    let report = manager.shutdown(options.grace).await;
     let _ = stop.send(());
     // Event streams never end on their own: give connections a moment, then go.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    registry.flush().await?;
-    Ok(ExitCode::SUCCESS)
+    match report {
+        Ok(report) => {
+            if !report.cancelled.is_empty() {
+                tracing::info!(
+                    cancelled = report.cancelled.len(),
+                    "runs cancelled at shutdown"
+                );
+            }
+            if report.still_running > 0 {
+                tracing::warn!(
+                    tasks = report.still_running,
+                    "work that ignored cancellation is left behind"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "shutdown could not record everything; unfinished runs are marked interrupted at the next start");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 async fn shutdown_signal() {

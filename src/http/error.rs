@@ -53,6 +53,11 @@ impl From<Error> for ApiError {
             }
             Error::QueueFull { .. } => (StatusCode::TOO_MANY_REQUESTS, "queue_full"),
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            // The registry logs once when it becomes unavailable; a flood of
+            // refused requests must not flood the log.
+            Error::RegistryUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable")
+            }
             Error::RunActive { .. } => (StatusCode::CONFLICT, "run_active"),
             Error::RunFinished { .. } => (StatusCode::CONFLICT, "run_finished"),
             _ => {

@@ -5,12 +5,13 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::extract::ApiQuery;
 use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::registry::RunEvent;
@@ -22,7 +23,7 @@ pub(super) struct EventsQuery {
 
 pub(super) async fn stream(
     State(state): State<AppState>,
-    Query(query): Query<EventsQuery>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let registry = state.runner.registry().clone();
     // Subscribe before reading the snapshot, so nothing falls between them.

@@ -3,28 +3,47 @@
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use chrono::DateTime;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::extract::{ApiPath, ApiQuery};
 use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::module::is_safe_module_id;
-use crate::registry::RunFilter;
+use crate::registry::{RunCursor, RunFilter};
 use crate::run::RunStatus;
+
+/// The runs a listing returns unless asked for another number.
+const DEFAULT_PAGE: usize = 100;
+/// The most runs one page of a listing may hold.
+const MAX_PAGE: usize = 10_000;
 
 /// The API's own description, served at `/openapi.json`.
 const OPENAPI: &str = include_str!("openapi.json");
 
-pub(super) async fn health(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "status": "ok",
+/// 200 "ok", or 503 "degraded" while the registry cannot write (with why).
+pub(super) async fn health(State(state): State<AppState>) -> Response {
+    let registry = state.runner.registry().health();
+    let (code, status) = match registry.unavailable {
+        None => (StatusCode::OK, "ok"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "degraded"),
+    };
+    let body = json!({
+        "status": status,
         "modules": state.runner.host().module_ids().len(),
         "active_runs": state.runner.manager().active_task_count(),
-    }))
+        "registry": {
+            "available": registry.unavailable.is_none(),
+            "reason": registry.unavailable,
+            "held_writes": registry.held_writes,
+        },
+    });
+    (code, Json(body)).into_response()
 }
 
 pub(super) async fn openapi() -> Response {
@@ -36,6 +55,17 @@ pub(super) async fn no_such_endpoint(uri: Uri) -> ApiError {
         StatusCode::NOT_FOUND,
         "no_such_endpoint",
         format!("no endpoint at {}; see /openapi.json", uri.path()),
+    )
+}
+
+pub(super) async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{method} is not allowed on {}; see /openapi.json",
+            uri.path()
+        ),
     )
 }
 
@@ -54,7 +84,7 @@ fn checked_module_id(module_id: &str) -> Result<(), ApiError> {
 
 pub(super) async fn get_module(
     State(state): State<AppState>,
-    Path(module_id): Path<String>,
+    ApiPath(module_id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     checked_module_id(&module_id)?;
     let module = state
@@ -67,7 +97,8 @@ pub(super) async fn get_module(
 
 pub(super) async fn start_run(
     State(state): State<AppState>,
-    Path(module_id): Path<String>,
+    ApiPath(module_id): ApiPath<String>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     checked_module_id(&module_id)?;
@@ -86,7 +117,9 @@ pub(super) async fn start_run(
             )
         }
     })?;
-    let parameters: Value = if body.iter().all(u8::is_ascii_whitespace) {
+    let empty = body.iter().all(u8::is_ascii_whitespace);
+    check_json_content_type(&headers, empty)?;
+    let parameters: Value = if empty {
         Value::Null
     } else {
         serde_json::from_slice(&body).map_err(|e| {
@@ -102,34 +135,110 @@ pub(super) async fn start_run(
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }
 
+/// A body must be declared JSON: a page on another site can send a
+/// `text/plain` or form body without asking, never a JSON one. An empty
+/// body without a content type is no parameters.
+fn check_json_content_type(headers: &HeaderMap, empty: bool) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .map(|value| value.to_str().unwrap_or("(not text)"));
+    let is_json = |value: &str| {
+        let essence = value
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        essence == "application/json"
+            || (essence.starts_with("application/") && essence.ends_with("+json"))
+    };
+    match declared {
+        None if empty => Ok(()),
+        Some(value) if is_json(value) => Ok(()),
+        declared => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "the body must be sent as `Content-Type: application/json`, not {}",
+                declared.map_or("without a content type".to_owned(), |v| format!("{v:?}"))
+            ),
+        )),
+    }
+}
+
 #[derive(Deserialize)]
 pub(super) struct ListQuery {
     status: Option<String>,
     module: Option<String>,
     limit: Option<usize>,
+    cursor: Option<String>,
 }
 
+/// One page of run summaries, newest first, and the cursor of the next
+/// page when there may be one. A run's output and log come from
+/// `GET /runs/{id}`.
 pub(super) async fn list_runs(
     State(state): State<AppState>,
-    Query(query): Query<ListQuery>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let statuses = query
         .status
         .iter()
         .flat_map(|list| list.split(','))
+        .filter(|name| !name.is_empty())
         .map(|name| {
             name.parse::<RunStatus>().map_err(|e| {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_status", e.to_string())
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+            format!("limit must be from 1 to {MAX_PAGE}, not {limit}; page with `cursor`"),
+        ));
+    }
+    let after = query.cursor.as_deref().map(parse_cursor).transpose()?;
     let filter = RunFilter {
         statuses,
-        module_id: query.module,
-        limit: Some(query.limit.unwrap_or(100).min(10_000)),
+        module_id: query.module.filter(|module| !module.is_empty()),
+        limit: Some(limit),
+        after,
     };
-    let runs = state.runner.registry().list_runs(&filter).await?;
-    Ok(Json(json!({ "runs": runs })))
+    let runs = state.runner.registry().list_summaries(&filter).await?;
+    let next_cursor = (runs.len() == limit)
+        .then(|| runs.last())
+        .flatten()
+        .map(|last| {
+            format!(
+                "{}.{}",
+                last.created_at.timestamp_nanos_opt().unwrap_or(0),
+                last.run_id
+            )
+        });
+    Ok(Json(json!({ "runs": runs, "next_cursor": next_cursor })))
+}
+
+/// A cursor as `list_runs` hands it out: `<created-at in ns>.<run id>`.
+fn parse_cursor(cursor: &str) -> Result<RunCursor, ApiError> {
+    cursor
+        .split_once('.')
+        .and_then(|(nanos, run_id)| {
+            let nanos = nanos.parse::<i64>().ok()?;
+            (!run_id.is_empty()).then(|| RunCursor {
+                created_at: DateTime::from_timestamp_nanos(nanos),
+                run_id: run_id.to_owned(),
+            })
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_cursor",
+                format!("{cursor:?} is not a cursor; pass the next_cursor of a previous page"),
+            )
+        })
 }
 
 pub(super) async fn active_runs(State(state): State<AppState>) -> Json<Value> {
@@ -145,7 +254,7 @@ pub(super) async fn active_runs(State(state): State<AppState>) -> Json<Value> {
 
 pub(super) async fn get_run(
     State(state): State<AppState>,
-    Path(run_id): Path<String>,
+    ApiPath(run_id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let registry = state.runner.registry();
     let run = registry
@@ -161,7 +270,7 @@ pub(super) async fn get_run(
 /// already finished.
 pub(super) async fn cancel_run(
     State(state): State<AppState>,
-    Path(run_id): Path<String>,
+    ApiPath(run_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     if state.runner.cancel(&run_id).await? {
         return Ok(Json(json!({"success": true, "status": "cancelled"})).into_response());

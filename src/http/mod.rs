@@ -6,8 +6,10 @@
 //! /modules/{id}/run-async`, `DELETE /tasks/{id}`, `GET /tasks/active`) are
 //! served beside the REST ones they alias.
 
+mod browser;
 mod error;
 mod events;
+mod extract;
 mod handlers;
 mod metrics;
 
@@ -21,6 +23,7 @@ use axum::response::Response;
 use axum::routing::{delete, get, post};
 use subtle::ConstantTimeEq;
 
+pub use browser::BrowserPolicy;
 pub use error::ApiError;
 pub use metrics::Metrics;
 
@@ -38,10 +41,13 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The bearer token every request but `/health` must carry, if set.
     pub token: Option<Arc<str>>,
+    /// Who may reach the API from a browser.
+    pub browser: Arc<BrowserPolicy>,
 }
 
 impl AppState {
     /// State over `runner`, counting from now; `token` guards the API.
+    /// Browsers reach it from loopback names and its own pages only.
     #[must_use]
     pub fn new(runner: ModuleRunner, token: Option<String>) -> AppState {
         let metrics = Metrics::watch(&runner);
@@ -49,7 +55,15 @@ impl AppState {
             runner,
             metrics,
             token: token.map(Arc::from),
+            browser: Arc::default(),
         }
+    }
+
+    /// The same state with this browser policy.
+    #[must_use]
+    pub fn with_browser_policy(mut self, policy: BrowserPolicy) -> AppState {
+        self.browser = Arc::new(policy);
+        self
     }
 }
 
@@ -72,12 +86,45 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(handlers::openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let cors = cors_layer(&state.browser);
+    let app = Router::new()
         .route("/health", get(handlers::health))
         .merge(api)
         .fallback(handlers::no_such_endpoint)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            browser::guard,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
+}
+
+/// CORS for the configured origins; none at all when there are none.
+fn cors_layer(policy: &BrowserPolicy) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method, header};
+    if policy.cors_origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = policy
+        .cors_origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                header::HeaderName::from_static("last-event-id"),
+            ]),
+    )
 }
 
 /// Refuses requests without the configured bearer token. The comparison

@@ -25,9 +25,27 @@ async fn call(
     body: &str,
     token: Option<&str>,
 ) -> (StatusCode, Value) {
-    let mut request = Request::builder().method(method).uri(uri);
+    let mut headers = vec![];
     if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
+        headers.push(("authorization", format!("Bearer {token}")));
+    }
+    if !body.is_empty() {
+        headers.push(("content-type", "application/json".to_owned()));
+    }
+    call_with(app, method, uri, body, &headers).await
+}
+
+/// A request with exactly these headers.
+async fn call_with(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+    headers: &[(&str, String)],
+) -> (StatusCode, Value) {
+    let mut request = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        request = request.header(*name, value);
     }
     let response = app
         .clone()
@@ -399,4 +417,390 @@ async fn the_openapi_document_lists_exactly_the_served_endpoints() {
             "{path} is served but not documented"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_other_sites_cannot_drive_a_server_without_a_token() {
+    let (app, runner, _dir) = app(None).await;
+    let json_body = || ("content-type", "application/json".to_owned());
+    let refused = [
+        // DNS rebinding: a page of evil.example resolved to 127.0.0.1.
+        (
+            "GET",
+            "/runs",
+            vec![("host", "evil.example:8080".to_owned())],
+            StatusCode::FORBIDDEN,
+            "host_not_allowed",
+        ),
+        (
+            "POST",
+            "/modules/hello/runs",
+            vec![("host", "evil.example".to_owned()), json_body()],
+            StatusCode::FORBIDDEN,
+            "host_not_allowed",
+        ),
+        // A cross-site form or fetch: the browser says where it comes from.
+        (
+            "POST",
+            "/modules/hello/runs",
+            vec![
+                ("host", "127.0.0.1:8080".to_owned()),
+                ("origin", "https://evil.example".to_owned()),
+                json_body(),
+            ],
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+        ),
+        (
+            "DELETE",
+            "/runs/some-run",
+            vec![
+                ("host", "localhost:8080".to_owned()),
+                ("origin", "http://localhost:3000".to_owned()),
+            ],
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+        ),
+        (
+            "POST",
+            "/modules/hello/runs",
+            vec![("origin", "null".to_owned()), json_body()],
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+        ),
+        // A body a page can send without asking first.
+        (
+            "POST",
+            "/modules/hello/runs",
+            vec![("content-type", "text/plain".to_owned())],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            "/modules/hello/runs",
+            vec![(
+                "content-type",
+                "application/x-www-form-urlencoded".to_owned(),
+            )],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            "/modules/hello/runs",
+            vec![],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+    ];
+    for (method, uri, headers, status, code) in refused {
+        let body = if method == "POST" {
+            r#"{"name": "Mallory"}"#
+        } else {
+            ""
+        };
+        let (got, answer) = call_with(&app, method, uri, body, &headers).await;
+        assert_eq!(got, status, "{method} {uri} {headers:?}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{method} {uri} {headers:?}");
+    }
+    assert_eq!(runner.registry().recent_runs(10).await.unwrap(), vec![]);
+
+    // The server's own pages, command-line clients, and loopback names pass.
+    for headers in [
+        vec![
+            ("host", "127.0.0.1:8080".to_owned()),
+            ("origin", "http://127.0.0.1:8080".to_owned()),
+            json_body(),
+        ],
+        vec![("host", "localhost:8080".to_owned()), json_body()],
+        vec![
+            ("host", "[::1]:8080".to_owned()),
+            ("content-type", "application/json; charset=utf-8".to_owned()),
+        ],
+        vec![json_body()],
+    ] {
+        let (got, answer) = call_with(
+            &app,
+            "POST",
+            "/modules/hello/runs",
+            r#"{"name": "Ada"}"#,
+            &headers,
+        )
+        .await;
+        assert_eq!(got, StatusCode::ACCEPTED, "{headers:?}: {answer}");
+    }
+    let (got, _) = call_with(&app, "POST", "/modules/hello/runs", "", &[]).await;
+    assert_eq!(
+        got,
+        StatusCode::ACCEPTED,
+        "an empty body needs no content type"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_hosts_and_origins_are_let_in_with_cors_and_no_others_get_cors() {
+    let dir = plugins_dir(&["hello"]);
+    let host = ModuleHost::new(test_host_config()).unwrap();
+    host.load_dir(dir.path()).await.unwrap();
+    let runner = ModuleRunner::new(host, BackgroundTaskManager::new(RunRegistry::in_memory()));
+    let policy = modrun::http::BrowserPolicy {
+        allowed_hosts: vec!["runs.internal".into()],
+        cors_origins: vec!["https://app.example".into()],
+    };
+    let app = router(AppState::new(runner, None).with_browser_policy(policy));
+    let (got, _) = call_with(
+        &app,
+        "GET",
+        "/runs",
+        "",
+        &[("host", "runs.internal:8080".into())],
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK);
+    let (got, _) = call_with(
+        &app,
+        "POST",
+        "/modules/hello/runs",
+        "{}",
+        &[
+            ("host", "runs.internal".into()),
+            ("origin", "https://app.example".into()),
+            ("content-type", "application/json".into()),
+        ],
+    )
+    .await;
+    assert_eq!(got, StatusCode::ACCEPTED);
+
+    let preflight = Request::builder()
+        .method("OPTIONS")
+        .uri("/modules/hello/runs")
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .body(Body::empty())
+        .unwrap();
+    let response = app.clone().oneshot(preflight).await.unwrap();
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let other = Request::builder()
+        .uri("/runs")
+        .header("origin", "https://evil.example")
+        .body(Body::empty())
+        .unwrap();
+    let response = app.clone().oneshot(other).await.unwrap();
+    assert!(
+        !response
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
+
+    // Without configured origins, no CORS headers at all.
+    let (plain, _, _dir) = self::app(None).await;
+    let request = Request::builder()
+        .uri("/runs")
+        .header("origin", "http://127.0.0.1:8080")
+        .body(Body::empty())
+        .unwrap();
+    let response = plain.oneshot(request).await.unwrap();
+    assert!(
+        !response
+            .headers()
+            .keys()
+            .any(|name| name.as_str().starts_with("access-control"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_path_and_method_errors_are_json_and_match_the_document() {
+    let (app, _, _dir) = app(None).await;
+    for (method, uri, status, code) in [
+        (
+            "GET",
+            "/runs?limit=-5881",
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/runs?limit=ten",
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/runs?limit=10001",
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+        ),
+        (
+            "GET",
+            "/runs?limit=0",
+            StatusCode::BAD_REQUEST,
+            "invalid_limit",
+        ),
+        (
+            "GET",
+            "/runs?cursor=nonsense",
+            StatusCode::BAD_REQUEST,
+            "invalid_cursor",
+        ),
+        (
+            "GET",
+            "/runs/%FF%FE",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "DELETE",
+            "/tasks/%C3%28",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "GET",
+            "/modules/%FF",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "PUT",
+            "/runs",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ] {
+        let (got, answer) = call(&app, method, uri, "", None).await;
+        assert_eq!(got, status, "{method} {uri}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{method} {uri}: {answer}");
+    }
+    for uri in [
+        "/runs?status=",
+        "/runs?status=&module=",
+        "/runs?limit=10000",
+        "/runs?status=completed,",
+    ] {
+        let (got, answer) = call(&app, "GET", uri, "", None).await;
+        assert_eq!(got, StatusCode::OK, "{uri}: {answer}");
+    }
+    let (_, doc) = call(&app, "GET", "/openapi.json", "", None).await;
+    let limit = doc["paths"]["/runs"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .unwrap();
+    assert_eq!(limit["schema"]["maximum"], 10000);
+    assert_eq!(limit["schema"]["minimum"], 1);
+    let links = &doc["paths"]["/modules/{module_id}/runs"]["post"]["responses"]["202"]["links"];
+    for link in ["GetRun", "CancelRun"] {
+        let operation = links[link]["operationId"].as_str().unwrap();
+        assert!(
+            doc["paths"].as_object().unwrap().values().any(|ops| ops
+                .as_object()
+                .unwrap()
+                .values()
+                .any(|op| op["operationId"] == operation)),
+            "link {link} names no operation"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_are_small_summaries_paged_by_cursor() {
+    let dir = plugins_dir(&["abuse"]);
+    let host = ModuleHost::new(test_host_config()).unwrap();
+    host.load_dir(dir.path()).await.unwrap();
+    let runner = ModuleRunner::new(host, BackgroundTaskManager::new(RunRegistry::in_memory()));
+    let app = router(AppState::new(runner.clone(), None));
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let id = runner
+            .start("abuse", json!({"mode": "output", "bytes": 1 << 19}))
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    runner.manager().wait_all().await;
+    let mut seen = Vec::new();
+    let mut uri = "/runs?limit=2".to_owned();
+    loop {
+        let (status, page) = call(&app, "GET", &uri, "", None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        for run in page["runs"].as_array().unwrap() {
+            assert!(
+                run.get("output").is_none()
+                    && run.get("parameters").is_none()
+                    && run.get("log").is_none(),
+                "{run}"
+            );
+            assert_eq!(run["status"], "completed");
+            seen.push(run["run_id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(cursor) => uri = format!("/runs?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every run once, newest first");
+    let (_, one) = call(&app, "GET", &format!("/runs/{}", ids[0]), "", None).await;
+    assert_eq!(one["run"]["output"].as_str().unwrap().len(), (1 << 19) - 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_cannot_write_makes_health_degraded_and_starts_503() {
+    let dir = plugins_dir(&["hello"]);
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("registry.db");
+    let host = ModuleHost::new(test_host_config()).unwrap();
+    host.load_dir(dir.path()).await.unwrap();
+    let registry = RunRegistry::open_sqlite(&db).unwrap();
+    let runner = ModuleRunner::new(host, BackgroundTaskManager::new(registry.clone()));
+    let app = router(AppState::new(runner, None));
+    let (status, health) = call(&app, "GET", "/health", "", None).await;
+    assert_eq!(
+        (status, &health["registry"]["available"]),
+        (StatusCode::OK, &json!(true))
+    );
+
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (status, answer) = call(&app, "POST", "/modules/hello/runs", "{}", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["error"]["code"], "registry_unavailable");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lock"),
+        "{answer}"
+    );
+    let (status, health) = call(&app, "GET", "/health", "", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health["status"], "degraded");
+    assert!(
+        health["registry"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("lock")
+    );
+    let (status, _) = call(&app, "GET", "/runs", "", None).await;
+    assert_eq!(status, StatusCode::OK, "committed runs can still be read");
+
+    other.execute_batch("ROLLBACK").unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let (status, answer) = call(&app, "POST", "/modules/hello/runs", "{}", None).await;
+        if status == StatusCode::ACCEPTED {
+            break;
+        }
+        assert_eq!(answer["error"]["code"], "registry_unavailable");
+        assert!(started.elapsed() < DEADLINE, "starts were not taken again");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (status, health) = call(&app, "GET", "/health", "", None).await;
+    assert_eq!((status, &health["status"]), (StatusCode::OK, &json!("ok")));
 }
