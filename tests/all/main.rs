@@ -28,5 +28,23 @@ mod http;
 /// restart, a flood of starts past the limits, exit codes.
 mod server;
 
+/// The registry when it cannot write: a lock another process holds, a
+/// deleted file, a full disk. Starts are refused, run ends held, nothing lost.
+mod outage;
+
+/// Hostile plugins and clumsy operators against the host's bounds: floods
+/// of progress and log calls, huge outputs and errors, special files and
+/// links in grants and in the plugins directory, absurd manifests.
+mod abuse;
+
+/// Properties over generated input: the manifest parser, parameter
+/// validation, and the status flow under any interleaving of start, cancel
+/// and finish.
+mod properties;
+
+/// A bounded soak of one server: a storm of starts, cancels, reloads and
+/// hostile plugins; memory, files and threads must come back flat.
+mod soak;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;
