@@ -329,7 +329,6 @@ pub(super) fn select_history(
 fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
     let parameters: String = row.get(7)?;
     let output: Option<String> = row.get(10)?;
-    let progress_fraction: Option<f64> = row.get(11)?;
     Ok(Run {
         run_id: row.get(0)?,
         module_id: row.get(1)?,
@@ -345,13 +344,7 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
             .as_deref()
             .map(|text| parse_json(10, text))
             .transpose()?,
-        progress: match progress_fraction {
-            Some(fraction) => Some(Progress {
-                fraction,
-                message: row.get::<_, Option<String>>(12)?.unwrap_or_default(),
-            }),
-            None => None,
-        },
+        progress: column_progress(row, 11)?,
         module_version: row.get(13)?,
         log: match row.get::<_, Option<String>>(14)? {
             Some(text) => parse_json(14, &text)?,
@@ -361,7 +354,6 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
 }
 
 fn read_summary(row: &Row<'_>) -> rusqlite::Result<RunSummary> {
-    let progress_fraction: Option<f64> = row.get(10)?;
     let error_length: Option<i64> = row.get(9)?;
     let error_message = row.get::<_, Option<String>>(8)?.map(|mut message| {
         if error_length.is_some_and(|length| length > message.chars().count() as i64) {
@@ -379,14 +371,19 @@ fn read_summary(row: &Row<'_>) -> rusqlite::Result<RunSummary> {
         completed_at: column_optional_time(row, 6)?,
         exit_code: row.get(7)?,
         error_message,
-        progress: match progress_fraction {
-            Some(fraction) => Some(Progress {
-                fraction,
-                message: row.get::<_, Option<String>>(11)?.unwrap_or_default(),
-            }),
-            None => None,
-        },
+        progress: column_progress(row, 10)?,
         module_version: row.get(12)?,
+    })
+}
+
+/// The progress stored at `index` (fraction) and `index + 1` (message).
+fn column_progress(row: &Row<'_>, index: usize) -> rusqlite::Result<Option<Progress>> {
+    Ok(match row.get::<_, Option<f64>>(index)? {
+        Some(fraction) => Some(Progress {
+            fraction,
+            message: row.get::<_, Option<String>>(index + 1)?.unwrap_or_default(),
+        }),
+        None => None,
     })
 }
 
