@@ -9,6 +9,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{Host, Level};
+use super::output::CappedOutput;
 use crate::registry::RunRegistry;
 use crate::run::{LogEntry, LogLevel, LogSource, Progress, cut_to};
 
@@ -155,6 +156,8 @@ pub(crate) struct RunLog {
     entries: Vec<LogEntry>,
     cap: usize,
     dropped: usize,
+    /// The host's own entries, never dropped.
+    notes: Vec<LogEntry>,
 }
 
 impl RunLog {
@@ -163,6 +166,7 @@ impl RunLog {
             entries: Vec::new(),
             cap,
             dropped: 0,
+            notes: Vec::new(),
         }
     }
 
@@ -177,30 +181,40 @@ impl RunLog {
         }
     }
 
-    /// Everything kept, a marker for what was dropped, then the captured
-    /// output streams (which are not counted against the cap).
-    pub(crate) fn finish(&self, stdout: &str, stderr: &str) -> Vec<LogEntry> {
+    /// Everything kept, a marker for what was dropped, the host's notes,
+    /// then the captured output streams line by line (which are not counted
+    /// against the cap).
+    pub(crate) fn finish(&self, stdout: &CappedOutput, stderr: &CappedOutput) -> Vec<LogEntry> {
         let mut entries = self.entries.clone();
-        let at = Utc::now();
         if self.dropped > 0 {
             entries.push(LogEntry {
-                at,
+                at: Utc::now(),
                 level: LogLevel::Warn,
                 source: LogSource::Log,
                 message: format!("[log truncated: {} more entries dropped]", self.dropped),
             });
         }
-        for (source, text) in [(LogSource::Stdout, stdout), (LogSource::Stderr, stderr)] {
-            if !text.is_empty() {
-                entries.push(LogEntry {
-                    at,
-                    level: LogLevel::Info,
-                    source,
-                    message: text.to_owned(),
-                });
-            }
+        entries.extend(self.notes.iter().cloned());
+        for (source, output) in [(LogSource::Stdout, stdout), (LogSource::Stderr, stderr)] {
+            entries.extend(output.lines().into_iter().map(|(at, message)| LogEntry {
+                at,
+                level: LogLevel::Info,
+                source,
+                message,
+            }));
         }
         entries
+    }
+
+    /// Adds what the host has to say about the run (how it ended, a trap's
+    /// backtrace): always kept, whatever the module logged.
+    pub(crate) fn note(&mut self, level: LogLevel, message: String) {
+        self.notes.push(LogEntry {
+            at: Utc::now(),
+            level,
+            source: LogSource::Log,
+            message,
+        });
     }
 }
 
@@ -210,7 +224,8 @@ fn capped(message: String) -> String {
 
 impl Host for HostState {
     async fn log(&mut self, level: Level, message: String) {
-        let message = capped(message);
+        // A line's ending is not part of it: viewers would show blank lines.
+        let message = capped(message.trim_end_matches(['\n', '\r']).to_owned());
         let Some(run) = &mut self.run else {
             tracing::debug!(%message, "module logged while being described");
             return;

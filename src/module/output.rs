@@ -1,5 +1,6 @@
 //! Captured standard output and error of a run: kept up to a cap, the rest
 //! counted and dropped, so a flooding module neither fails nor fills memory.
+//! What is kept is read back as lines, each with the time it began.
 
 use std::io;
 use std::pin::Pin;
@@ -7,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
@@ -22,7 +24,12 @@ struct Captured {
     kept: Vec<u8>,
     cap: usize,
     dropped: u64,
+    /// Where each line of `kept` begins, and when its first byte came.
+    line_starts: Vec<(usize, DateTime<Utc>)>,
 }
+
+/// The most lines a stream is read back as; what follows is one last entry.
+pub(crate) const MAX_LINES: usize = 1000;
 
 impl CappedOutput {
     /// A stream that keeps at most `cap` bytes.
@@ -32,6 +39,7 @@ impl CappedOutput {
                 kept: Vec::new(),
                 cap,
                 dropped: 0,
+                line_starts: Vec::new(),
             })),
         }
     }
@@ -39,9 +47,56 @@ impl CappedOutput {
     fn accept(&self, bytes: &[u8]) {
         let mut captured = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let room = captured.cap - captured.kept.len();
-        let kept = bytes.len().min(room);
-        captured.kept.extend_from_slice(&bytes[..kept]);
-        captured.dropped += (bytes.len() - kept) as u64;
+        let kept = &bytes[..bytes.len().min(room)];
+        captured.dropped += (bytes.len() - kept.len()) as u64;
+        if kept.is_empty() {
+            return;
+        }
+        let now = Utc::now();
+        let at = captured.kept.len();
+        if captured.kept.last().is_none_or(|&last| last == b'\n') {
+            captured.line_starts.push((at, now));
+        }
+        captured.kept.extend_from_slice(kept);
+        let end = captured.kept.len();
+        for (i, _) in kept.iter().enumerate().filter(|(_, byte)| **byte == b'\n') {
+            if at + i + 1 < end {
+                captured.line_starts.push((at + i + 1, now));
+            }
+        }
+    }
+
+    /// What was captured, line by line (line endings stripped), each with
+    /// the time it began: at most [`MAX_LINES`] entries, the last holding
+    /// all the rest; then a marker saying how much was dropped.
+    pub fn lines(&self) -> Vec<(DateTime<Utc>, String)> {
+        let captured = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let starts = &captured.line_starts;
+        let mut lines: Vec<(DateTime<Utc>, String)> = starts
+            .iter()
+            .enumerate()
+            .take(MAX_LINES)
+            .map(|(index, &(start, at))| {
+                let end = match starts.get(index + 1) {
+                    Some(_) if index + 1 == MAX_LINES => captured.kept.len(),
+                    Some(&(next, _)) => next,
+                    None => captured.kept.len(),
+                };
+                let text = String::from_utf8_lossy(&captured.kept[start..end]);
+                (at, text.trim_end_matches(['\n', '\r']).to_owned())
+            })
+            .collect();
+        if captured.dropped > 0 {
+            lines.push((
+                Utc::now(),
+                format!(
+                    "[output truncated: {} more bytes dropped after the first {}]",
+                    captured.dropped,
+                    captured.kept.len()
+                ),
+            ));
+        }
+        lines
     }
 
     /// What was captured, as text, with a marker saying how much was dropped.
