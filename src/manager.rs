@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -242,12 +242,13 @@ impl BackgroundTaskManager {
     }
 
     /// [`start_task`](Self::start_task), with the run also waiting, `Queued`,
-    /// for a permit of `gate` (first come first served) before it starts:
-    /// how a module's own limit on concurrent runs is kept.
+    /// for the permits of `gate` (first come first served) before it
+    /// starts: how a module's own limit on concurrent runs, and the engine's
+    /// pool of instances, are kept.
     pub(crate) async fn start_gated_task<F>(
         &self,
         run: Run,
-        gate: Option<Arc<Semaphore>>,
+        gate: Option<Arc<Gate>>,
         work: F,
     ) -> Result<String>
     where
@@ -520,6 +521,30 @@ impl Drop for Slot {
     }
 }
 
+/// What a run must hold, besides its slot, before it starts: a permit of
+/// each semaphore, taken in this order (the same for every run, so no two
+/// runs wait on each other's), each first come first served.
+#[derive(Debug)]
+pub(crate) struct Gate(pub(crate) Vec<Arc<Semaphore>>);
+
+impl Gate {
+    /// Waits for a permit of each semaphore in turn; `None` if the run was
+    /// cancelled meanwhile (or a semaphore closed). A boxed slice: the
+    /// permits live in every running task's future, and a slice is the
+    /// smallest thing that holds them.
+    async fn enter(&self, token: &CancellationToken) -> Option<Box<[OwnedSemaphorePermit]>> {
+        let mut permits = Vec::with_capacity(self.0.len());
+        for semaphore in &self.0 {
+            tokio::select! {
+                biased;
+                () = token.cancelled() => return None,
+                permit = semaphore.clone().acquire_owned() => permits.push(permit.ok()?),
+            }
+        }
+        Some(permits.into_boxed_slice())
+    }
+}
+
 enum Pending {
     Unlimited,
     Ready(Slot),
@@ -547,7 +572,7 @@ impl Drop for TaskEnd {
 async fn execute<F>(
     end: TaskEnd,
     slot: Pending,
-    gate: Option<Arc<Semaphore>>,
+    gate: Option<Arc<Gate>>,
     run: Box<Run>,
     recorded: oneshot::Sender<Result<()>>,
     work: F,
@@ -575,15 +600,11 @@ async fn execute<F>(
             },
         },
     };
-    let _permit = match gate {
+    let _permits = match gate {
         None => None,
-        Some(gate) => tokio::select! {
-            biased;
-            () = token.cancelled() => return,
-            permit = gate.acquire_owned() => match permit {
-                Ok(permit) => Some(permit),
-                Err(_) => return,
-            },
+        Some(gate) => match gate.enter(token).await {
+            Some(permits) => Some(permits),
+            None => return,
         },
     };
     if token.is_cancelled() {

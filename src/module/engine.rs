@@ -16,7 +16,8 @@ pub struct HostConfig {
     /// The most memory any manifest may grant one run, in bytes.
     pub memory_ceiling: usize,
     /// The most runs executing at once across all modules (the pooling
-    /// allocator reserves this many instance slots up front).
+    /// allocator reserves this many instance slots up front, and a few more
+    /// for loading modules); runs past it wait, queued.
     pub max_instances: u32,
     /// Component files larger than this are refused unread.
     pub max_module_bytes: u64,
@@ -71,13 +72,16 @@ impl HostConfig {
         // the host functions it calls.
         wasm.async_stack_size(config.max_wasm_stack + (1 << 20));
 
+        // Runs take at most `max_instances` slots (the module host gates
+        // them); loading a module calls its `describe` in a slot of its own.
+        let slots = config.max_instances.saturating_add(LOADING_SLOTS);
         let mut pooling = PoolingAllocationConfig::default();
         pooling
-            .total_component_instances(config.max_instances)
-            .total_core_instances(config.max_instances.saturating_mul(4))
-            .total_memories(config.max_instances.saturating_mul(2))
-            .total_tables(config.max_instances.saturating_mul(4))
-            .total_stacks(config.max_instances)
+            .total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(4))
+            .total_memories(slots.saturating_mul(2))
+            .total_tables(slots.saturating_mul(4))
+            .total_stacks(slots)
             .max_memory_size(config.memory_ceiling)
             // A finished run's slot is wiped for the next. Zeroing the first
             // pages in place, and returning the rest to the kernel in
@@ -94,6 +98,9 @@ impl HostConfig {
         wasm
     }
 }
+
+/// Instance slots kept beside the runs' for modules being loaded.
+const LOADING_SLOTS: u32 = 16;
 
 /// Builds the engine and starts its epoch ticker.
 pub(crate) fn new_engine(config: &HostConfig) -> Result<Engine> {

@@ -150,6 +150,8 @@ struct HostInner {
     compiled: AtomicU64,
     cache_hits: AtomicU64,
     events: broadcast::Sender<ReloadEvent>,
+    /// One permit per run the engine's instance pool holds.
+    instances: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for ModuleHost {
@@ -172,6 +174,7 @@ impl ModuleHost {
         if let Some(cache) = &config.cache_dir {
             prepare_cache_dir(cache)?;
         }
+        let max_instances = config.max_instances as usize;
         let engine_key = {
             let mut hasher = std::hash::DefaultHasher::new();
             engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -189,6 +192,7 @@ impl ModuleHost {
                 compiled: AtomicU64::new(0),
                 cache_hits: AtomicU64::new(0),
                 events: broadcast::channel(1024).0,
+                instances: Arc::new(tokio::sync::Semaphore::new(max_instances)),
             }),
         })
     }
@@ -221,6 +225,13 @@ impl ModuleHost {
 
     pub(crate) fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// The permits of the engine's instance pool: a run holds one while it
+    /// executes (loading a module does not need one; the pool keeps room
+    /// for that beside [`HostConfig::max_instances`]).
+    pub(crate) fn instance_pool(&self) -> Arc<tokio::sync::Semaphore> {
+        self.inner.instances.clone()
     }
 
     /// Loads every `*.wasm` file in `dir`, compiling them in parallel off the

@@ -8,16 +8,16 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use wasmtime::Store;
 use wasmtime::Trap;
-use wasmtime_wasi::{FsPerms, WasiCtx};
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx};
 
 use super::host::{EchoBudget, HostState, RunContext, RunLog};
 use super::loader::{LoadedModule, ModuleHost, is_safe_module_id};
 use super::manifest::Grants;
 use super::output::CappedOutput;
 use crate::error::{Error, Result};
-use crate::manager::{BackgroundTaskManager, Failure, TaskOutput};
+use crate::manager::{BackgroundTaskManager, Failure, Gate, TaskOutput};
 use crate::registry::RunRegistry;
-use crate::run::{EXIT_PANIC, EXIT_TIMEOUT, LogEntry, Run};
+use crate::run::{EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run};
 
 /// Starts runs of loaded modules as tracked tasks.
 ///
@@ -26,20 +26,31 @@ use crate::run::{EXIT_PANIC, EXIT_TIMEOUT, LogEntry, Run};
 pub struct ModuleRunner {
     host: ModuleHost,
     manager: BackgroundTaskManager,
-    gates: Arc<Mutex<HashMap<String, Gate>>>,
+    gates: Arc<Mutex<Gates>>,
 }
 
-/// The semaphore that keeps a module's `max_concurrent`, and that limit.
-type Gate = (usize, Arc<Semaphore>);
+/// What runs wait on before they start: the engine's pool of instances
+/// (every run), and a module's own `max_concurrent` where it has one.
+#[derive(Debug)]
+struct Gates {
+    /// For modules without a limit of their own: the pool alone.
+    pool: Arc<Gate>,
+    /// Per module with a limit: that limit, and its semaphore then the pool.
+    modules: HashMap<String, (usize, Arc<Gate>)>,
+}
 
 impl ModuleRunner {
     /// A runner of `host`'s modules, through `manager`.
     #[must_use]
     pub fn new(host: ModuleHost, manager: BackgroundTaskManager) -> ModuleRunner {
+        let pool = Arc::new(Gate(vec![host.instance_pool()]));
         ModuleRunner {
             host,
             manager,
-            gates: Arc::default(),
+            gates: Arc::new(Mutex::new(Gates {
+                pool,
+                modules: HashMap::new(),
+            })),
         }
     }
 
@@ -115,11 +126,7 @@ impl ModuleRunner {
         run.parameters = parameters;
         run.module_version = Some(summary.content_hash.clone());
 
-        let gate = summary
-            .manifest
-            .limits
-            .max_concurrent
-            .map(|max| self.gate(module_id, max));
+        let gate = self.gate(module_id, summary.manifest.limits.max_concurrent);
         let work = execute(
             self.host.clone(),
             module.clone(),
@@ -127,7 +134,7 @@ impl ModuleRunner {
             run.run_id.clone(),
             serde_json::to_string(&run.parameters).expect("a JSON map always serializes"),
         );
-        self.manager.start_gated_task(run, gate, work).await
+        self.manager.start_gated_task(run, Some(gate), work).await
     }
 
     /// Cancels a run ([`BackgroundTaskManager::cancel_task`]), and nudges
@@ -141,14 +148,23 @@ impl ModuleRunner {
         Ok(cancelled)
     }
 
-    fn gate(&self, module_id: &str, max: usize) -> Arc<Semaphore> {
+    /// What a run of `module_id` waits on: the module's own limit, if it
+    /// has one, then the engine's pool of instances, so that runs past the
+    /// pool wait `Queued` instead of failing to instantiate.
+    fn gate(&self, module_id: &str, max_concurrent: Option<usize>) -> Arc<Gate> {
         let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(max) = max_concurrent else {
+            return gates.pool.clone();
+        };
+        let pool = gates.pool.0[0].clone();
+        let limited = || Arc::new(Gate(vec![Arc::new(Semaphore::new(max)), pool.clone()]));
         let entry = gates
+            .modules
             .entry(module_id.to_owned())
-            .or_insert_with(|| (max, Arc::new(Semaphore::new(max))));
+            .or_insert_with(|| (max, limited()));
         if entry.0 != max {
             // The manifest changed: new runs use the new limit.
-            *entry = (max, Arc::new(Semaphore::new(max)));
+            *entry = (max, limited());
         }
         entry.1.clone()
     }
@@ -196,7 +212,7 @@ impl LogSaver {
         self.log
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .finish(&self.stdout.text(), &self.stderr.text())
+            .finish(&self.stdout, &self.stderr)
     }
 
     fn finish(mut self) -> Vec<LogEntry> {
@@ -283,7 +299,18 @@ async fn execute(
         Ok(Ok(Ok(text))) => serde_json::from_str(&text)
             .map_err(|e| Failure::new(format!("the module returned output that is not JSON: {e}"))),
         Ok(Ok(Err(message))) => Err(Failure::new(message)),
-        Ok(Err(error)) => Err(trap_failure(&error, store.data(), &stderr.text())),
+        Ok(Err(error)) => {
+            let mut notes = saver.log.lock().unwrap_or_else(|e| e.into_inner());
+            match error.downcast_ref::<I32Exit>() {
+                Some(&I32Exit(status)) => exit_outcome(status, &mut notes),
+                None => {
+                    // The one-line message says what happened; the details
+                    // (a wasm backtrace) go to the run's log.
+                    notes.note(LogLevel::Error, format!("{error:?}"));
+                    Err(trap_failure(&error, store.data(), &stderr.text()))
+                }
+            }
+        }
     };
     if let Some(run) = &store.data().run
         && run.echo.suppressed > 0
@@ -327,6 +354,24 @@ fn sandbox(
     Ok(wasi.build())
 }
 
+/// How a run ends whose module called `exit` before `run` returned.
+fn exit_outcome(status: i32, notes: &mut RunLog) -> Result<Value, Failure> {
+    if status == 0 {
+        notes.note(
+            LogLevel::Info,
+            "the module called exit with status 0 before `run` returned: recorded as completed, \
+             with no output (return a result from `run` to give one)"
+                .into(),
+        );
+        Ok(Value::Null)
+    } else {
+        Err(Failure::new(
+            "the module exited with a failure status before `run` returned (WASI carries only \
+             success or failure, not the number it exited with)",
+        ))
+    }
+}
+
 /// A readable reason for a run that trapped.
 fn trap_failure(error: &wasmtime::Error, state: &HostState, stderr: &str) -> Failure {
     if state.limiter.exceeded {
@@ -344,7 +389,7 @@ fn trap_failure(error: &wasmtime::Error, state: &HostState, stderr: &str) -> Fai
             exit_code: EXIT_PANIC,
         },
         Some(trap) => Failure::new(format!("the module trapped: {trap}")),
-        None => Failure::new(format!("the module failed: {error:#}")),
+        None => Failure::new(format!("the module failed: {}", error.root_cause())),
     }
 }
 
