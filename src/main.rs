@@ -72,9 +72,10 @@ enum Command {
         #[arg(long = "cors-origin", value_name = "ORIGIN")]
         cors_origins: Vec<String>,
     },
-    /// Run a module once, here: progress on standard error, output as JSON
-    /// on standard output. Exit code: 0 completed, 1 failed, 101 panicked,
-    /// 124 timed out, 130 cancelled (Ctrl-C), 2 bad request.
+    /// Run a module once: progress on standard error, output as JSON on
+    /// standard output, recorded in the registry (through the server that
+    /// holds it, if one does). Exit code: 0 completed, 1 failed, 101
+    /// panicked, 124 timed out, 130 cancelled (Ctrl-C), 2 bad request.
     Run {
         /// The module to run.
         module: String,
@@ -86,6 +87,12 @@ enum Command {
         /// The plugins directory.
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
+        /// Record nothing: keep the run in this process's memory only.
+        #[arg(long)]
+        in_memory: bool,
+        /// The bearer token of the server that holds the registry, if it has one.
+        #[arg(long, env = "MODRUN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// List the modules of a plugins directory and the files that fail to load.
     Modules {
@@ -227,6 +234,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             pairs,
             params,
             plugins,
+            in_memory,
+            token,
         } => {
             let parameters = match oneshot::parameters(&pairs, params.as_deref()) {
                 Ok(parameters) => parameters,
@@ -235,7 +244,15 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(oneshot::EXIT_USAGE));
                 }
             };
-            return oneshot::run(&plugins, &module, parameters).await;
+            return oneshot::run(oneshot::RunRequest {
+                plugins: &plugins,
+                db: &cli.db,
+                in_memory,
+                token: token.as_deref(),
+                module_id: &module,
+                parameters,
+            })
+            .await;
         }
         Command::Modules { plugins } => {
             let host = ModuleHost::new(HostConfig::default())?;

@@ -1,15 +1,22 @@
-//! `modrun run MODULE key=value…`: one run in this process, with a progress
-//! bar fed by the module's progress calls, its log on standard error, its
-//! output as JSON on standard output, and an exit code that tells success,
-//! failure, timeout and cancel apart. Ctrl-C cancels the run.
+//! `modrun run MODULE key=value…`: one run, with a progress bar fed by the
+//! module's progress calls, its log on standard error, its output as JSON
+//! on standard output, and an exit code that tells success, failure,
+//! timeout and cancel apart. Ctrl-C cancels the run.
+//!
+//! The run is recorded like any other: in the registry (`--db`), executed
+//! in this process; or, when a `modrun serve` holds that registry, started
+//! and followed through its API. `--in-memory` records nothing.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use modrun::registry::RunEvent;
-use modrun::{BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunRegistry, RunStatus};
+use modrun::{
+    BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, Run, RunRegistry, RunStatus,
+};
 use serde_json::{Map, Value};
 
 /// The exit code for a command-line mistake (bad parameters, unknown module).
@@ -39,9 +46,65 @@ pub fn parameters(pairs: &[String], json: Option<&str>) -> anyhow::Result<Value>
     Ok(Value::Object(parameters))
 }
 
-pub async fn run(plugins: &Path, module_id: &str, parameters: Value) -> anyhow::Result<ExitCode> {
+/// What `modrun run` was asked to do.
+pub struct RunRequest<'a> {
+    pub plugins: &'a Path,
+    pub db: &'a Path,
+    pub in_memory: bool,
+    pub token: Option<&'a str>,
+    pub module_id: &'a str,
+    pub parameters: Value,
+}
+
+/// Runs a module once, recorded like any other run: in the registry at
+/// `db`, or, when a server holds that registry, through the server's API.
+/// With `in_memory`, nothing is recorded.
+pub async fn run(request: RunRequest<'_>) -> anyhow::Result<ExitCode> {
+    if request.in_memory {
+        return run_here(&request, RunRegistry::in_memory()).await;
+    }
+    match RunRegistry::open_sqlite(request.db) {
+        Ok(registry) => {
+            let code = run_here(&request, registry.clone()).await;
+            registry.flush().await?;
+            code
+        }
+        Err(modrun::Error::RegistryInUse { .. }) => {
+            let base = server_address(request.db)?;
+            run_through_server(&request, &base).await
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The file beside a registry where `serve` writes the address it listens
+/// on, so that `modrun run` finds the server that holds the registry.
+#[must_use]
+pub fn address_file(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".server");
+    PathBuf::from(name)
+}
+
+fn server_address(db: &Path) -> anyhow::Result<String> {
+    let file = address_file(db);
+    let address = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "the registry {} is held by another modrun process that says nowhere where it \
+             listens ({} is missing); stop it, or pass --db to use another registry, or \
+             --in-memory to record nothing",
+            db.display(),
+            file.display()
+        )
+    })?;
+    Ok(address.trim().to_owned())
+}
+
+/// Runs the module in this process, recording it in `registry`.
+async fn run_here(request: &RunRequest<'_>, registry: RunRegistry) -> anyhow::Result<ExitCode> {
+    let module_id = request.module_id;
     let host = ModuleHost::new(HostConfig::default())?;
-    let report = host.load_dir(plugins).await?;
+    let report = host.load_dir(request.plugins).await?;
     if !report.loaded.iter().any(|id| id == module_id)
         && let Some(failure) = report
             .failed
@@ -51,11 +114,10 @@ pub async fn run(plugins: &Path, module_id: &str, parameters: Value) -> anyhow::
         eprintln!("error: module {module_id} did not load: {}", failure.error);
         return Ok(ExitCode::from(EXIT_USAGE));
     }
-    let registry = RunRegistry::in_memory();
     let mut events = registry.subscribe();
     let manager = BackgroundTaskManager::new(registry.clone());
     let runner = ModuleRunner::new(host, manager.clone());
-    let run_id = match runner.start(module_id, parameters).await {
+    let run_id = match runner.start(module_id, request.parameters.clone()).await {
         Ok(run_id) => run_id,
         Err(e) => {
             eprintln!("error: {e}");
@@ -63,55 +125,247 @@ pub async fn run(plugins: &Path, module_id: &str, parameters: Value) -> anyhow::
         }
     };
 
-    let bar = progress_bar();
+    let display = Display::new();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {
                 runner.cancel(&run_id).await?;
             }
             event = events.recv() => match event {
-                Ok(RunEvent::Progress { progress, .. }) => match &bar {
-                    Some(bar) => {
-                        bar.set_position((progress.fraction * 1000.0) as u64);
-                        bar.set_message(progress.message);
-                    }
-                    None => eprintln!("[{:>3.0}%] {}", progress.fraction * 100.0, progress.message),
-                },
-                Ok(RunEvent::Log { entry, .. }) => {
-                    let level = format!("{:?}", entry.level).to_lowercase();
-                    let line = format!("[{level}] {}", entry.message);
-                    match &bar {
-                        Some(bar) => bar.println(line),
-                        None => eprintln!("{line}"),
+                Ok(event) if event.run_id() == run_id => {
+                    if display.show(&event) {
+                        break;
                     }
                 }
-                Ok(RunEvent::Status { change, .. }) if change.status.is_terminal() => break,
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
         }
     }
-    if let Some(bar) = &bar {
-        bar.finish_and_clear();
-    }
+    display.finish();
     manager.wait_all().await;
     let run = registry
         .get_run(&run_id)
         .await?
         .ok_or_else(|| anyhow::anyhow!("run {run_id} vanished"))?;
-    for entry in run
+    report_end(&run, &display)
+}
+
+/// Starts the run through the server at `base` and follows its event
+/// stream; Ctrl-C cancels it there.
+async fn run_through_server(request: &RunRequest<'_>, base: &str) -> anyhow::Result<ExitCode> {
+    let api = Api {
+        base: base.trim_end_matches('/').to_owned(),
+        token: request.token.map(str::to_owned),
+    };
+    let (status, body) = api.send(
+        "POST",
+        &format!("/modules/{}/runs", request.module_id),
+        Some(&request.parameters),
+    )?;
+    if status != 202 {
+        eprintln!(
+            "error: the server at {base} answered {status}: {}",
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("no reason given")
+        );
+        let usage = [400, 404, 415, 422].contains(&status);
+        return Ok(ExitCode::from(if usage { EXIT_USAGE } else { 1 }));
+    }
+    let run_id = body["run_id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("the server's answer has no run id: {body}"))?
+        .to_owned();
+
+    let (events, mut received) = tokio::sync::mpsc::channel(256);
+    let follower = {
+        let (api, run_id) = (api.clone(), run_id.clone());
+        tokio::task::spawn_blocking(move || api.follow(&run_id, &events))
+    };
+    let display = Display::new();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                let (api, path) = (api.clone(), format!("/runs/{run_id}"));
+                tokio::task::spawn_blocking(move || api.send("DELETE", &path, None)).await??;
+            }
+            event = received.recv() => match event {
+                Some(event) => {
+                    if display.show(&event) {
+                        break;
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+    display.finish();
+    follower.await??;
+    let (status, body) = api.send("GET", &format!("/runs/{run_id}"), None)?;
+    if status != 200 {
+        anyhow::bail!("the server answered {status} for run {run_id}: {body}");
+    }
+    let run: Run = serde_json::from_value(body["run"].clone())?;
+    report_end(&run, &display)
+}
+
+/// A server's API, as `modrun run` uses it.
+#[derive(Clone)]
+struct Api {
+    base: String,
+    token: Option<String>,
+}
+
+impl Api {
+    fn send(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
+        let url = format!("{}{path}", self.base);
+        let request = ureq::http::Request::builder().method(method).uri(&url);
+        let request = match &self.token {
+            Some(token) => request.header("Authorization", format!("Bearer {token}")),
+            None => request,
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let response = match body {
+            Some(body) => agent.run(
+                request
+                    .header("Content-Type", "application/json")
+                    .body(serde_json::to_vec(body)?)?,
+            ),
+            None => agent.run(request.body(())?),
+        };
+        let mut response =
+            response.with_context(|| format!("cannot reach the server at {}", self.base))?;
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_json().unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// Reads the run's event stream, passing on its events, until the run
+    /// is over. Blocking.
+    fn follow(
+        &self,
+        run_id: &str,
+        events: &tokio::sync::mpsc::Sender<RunEvent>,
+    ) -> anyhow::Result<()> {
+        let mut request = ureq::get(format!("{}/events?run_id={run_id}", self.base));
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let response = request
+            .call()
+            .with_context(|| format!("cannot follow run {run_id} at {}", self.base))?;
+        let reader = std::io::BufReader::new(response.into_body().into_reader());
+        let (mut name, mut data) = (String::new(), String::new());
+        for line in std::io::BufRead::lines(reader) {
+            let line = line?;
+            if let Some(value) = line.strip_prefix("event:") {
+                name = value.trim().to_owned();
+            } else if let Some(value) = line.strip_prefix("data:") {
+                data.push_str(value.trim_start());
+            } else if line.is_empty() && !data.is_empty() {
+                let event = match name.as_str() {
+                    // The state when we connected: a run already over ends it.
+                    "snapshot" => {
+                        let run: Run = serde_json::from_str(&data)?;
+                        run.status.is_terminal().then(|| RunEvent::Status {
+                            run_id: run.run_id.clone(),
+                            module_id: run.module_id.clone(),
+                            change: modrun::StatusChange {
+                                status: run.status,
+                                at: run.completed_at.unwrap_or(run.created_at),
+                                message: run.error_message.clone(),
+                            },
+                        })
+                    }
+                    "status" | "progress" | "log" => Some(serde_json::from_str(&data)?),
+                    _ => None,
+                };
+                data.clear();
+                if let Some(event) = event {
+                    let over = matches!(&event, RunEvent::Status { change, .. } if change.status.is_terminal());
+                    if events.blocking_send(event).is_err() || over {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shows a run's progress and log as they come: a progress bar on a
+/// terminal, plain lines otherwise.
+struct Display {
+    bar: Option<ProgressBar>,
+    /// How many log lines were shown as they came.
+    logged: std::cell::Cell<usize>,
+}
+
+impl Display {
+    fn new() -> Display {
+        Display {
+            bar: progress_bar(),
+            logged: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Shows one event; returns whether the run is over.
+    fn show(&self, event: &RunEvent) -> bool {
+        match event {
+            RunEvent::Progress { progress, .. } => match &self.bar {
+                Some(bar) => {
+                    bar.set_position((progress.fraction * 1000.0) as u64);
+                    bar.set_message(progress.message.clone());
+                }
+                None => eprintln!("[{:>3.0}%] {}", progress.fraction * 100.0, progress.message),
+            },
+            RunEvent::Log { entry, .. } => {
+                self.logged.set(self.logged.get() + 1);
+                match &self.bar {
+                    Some(bar) => bar.println(log_line(entry)),
+                    None => eprintln!("{}", log_line(entry)),
+                }
+            }
+            RunEvent::Status { change, .. } => return change.status.is_terminal(),
+        }
+        false
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn log_line(entry: &modrun::LogEntry) -> String {
+    let level = format!("{:?}", entry.level).to_lowercase();
+    format!("[{level}] {}", entry.message)
+}
+
+/// Prints how a run ended (the log lines not shown as they came, and its
+/// captured output, on standard error; its result on standard output) and
+/// gives its exit code.
+fn report_end(run: &Run, display: &Display) -> anyhow::Result<ExitCode> {
+    let (logged, captured): (Vec<_>, Vec<_>) = run
         .log
         .iter()
-        .filter(|e| e.source != modrun::LogSource::Log)
-    {
-        eprint!("{}", entry.message);
+        .partition(|e| e.source == modrun::LogSource::Log);
+    for entry in logged.into_iter().skip(display.logged.get()) {
+        eprintln!("{}", log_line(entry));
+    }
+    for entry in captured {
+        eprintln!("{}", entry.message);
     }
     match run.status {
         RunStatus::Completed => {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&run.output.unwrap_or(Value::Null))?
+                serde_json::to_string_pretty(run.output.as_ref().unwrap_or(&Value::Null))?
             );
         }
         status => eprintln!(

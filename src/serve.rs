@@ -39,10 +39,20 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
         RunRegistry::open_sqlite(&options.db)?
     };
     let cache = options.db.parent().unwrap_or(Path::new(".")).join("cache");
-    let host = ModuleHost::new(HostConfig {
+    let config = HostConfig {
         cache_dir: Some(cache),
         ..HostConfig::default()
-    })?;
+    };
+    if let Some(max) = options.limits.max_concurrent
+        && max > config.max_instances as usize
+    {
+        anyhow::bail!(
+            "--max-concurrent {max} is more than the {} runs the WebAssembly engine's \
+             instance pool holds; choose at most that",
+            config.max_instances
+        );
+    }
+    let host = ModuleHost::new(config)?;
     let report = host.load_dir(&options.plugins).await?;
     tracing::info!(modules = ?report.loaded, "modules loaded");
     let _reloader = host.watch(&options.plugins, DEFAULT_DEBOUNCE)?;
@@ -53,8 +63,15 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(options.bind)
         .await
         .with_context(|| format!("cannot listen on {}", options.bind))?;
+    let address = format!("http://{}", listener.local_addr()?);
+    // `modrun run` finds the server holding the registry here.
+    let address_file = (!options.in_memory).then(|| crate::oneshot::address_file(&options.db));
+    if let Some(file) = &address_file {
+        std::fs::write(file, &address)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+    }
     // Tests and scripts read this line to learn the port of `--bind 127.0.0.1:0`.
-    println!("listening on http://{}", listener.local_addr()?);
+    println!("listening on {address}");
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -67,6 +84,9 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
     shutdown_signal().await;
     tracing::info!(grace = ?options.grace, "shutting down: no new runs; waiting for the running ones");
     let report = manager.shutdown(options.grace).await;
+    if let Some(file) = &address_file {
+        let _ = std::fs::remove_file(file);
+    }
     let _ = stop.send(());
     // Event streams never end on their own: give connections a moment, then go.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;

@@ -46,5 +46,10 @@ mod properties;
 /// hostile plugins; memory, files and threads must come back flat.
 mod soak;
 
+/// How runs end as their authors would describe them: a module's exit,
+/// traps with their backtraces in the log, output line by line, runs past
+/// the instance pool waiting, `modrun run` recorded.
+mod outcomes;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;

@@ -305,12 +305,15 @@ fn modrun_run_reports_through_its_exit_code() {
         "[limits]\ntimeout_secs = 0.3\n",
     )
     .unwrap();
+    let data = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_modrun"))
             .arg("run")
             .args(args)
             .arg("--plugins")
             .arg(plugins.path())
+            .arg("--db")
+            .arg(data.path().join("registry.db"))
             .output()
             .unwrap()
     };
@@ -394,9 +397,12 @@ async fn runs_are_followed_through_the_event_stream_and_cancelled_by_the_cli() {
 #[test]
 fn ctrl_c_cancels_a_modrun_run_and_exits_130() {
     let plugins = plugins_dir(&["countdown"]);
+    let data = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_modrun"))
         .args(["run", "countdown", "seconds=60", "step_ms=50", "--plugins"])
         .arg(plugins.path())
+        .arg("--db")
+        .arg(data.path().join("registry.db"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -4,7 +4,9 @@
 //! - `log`: `count` log lines;
 //! - `output` / `error`: returns an output / error message of `bytes` bytes;
 //! - `open`: opens `path` for reading;
-//! - `symlink`: creates the link `link` pointing at `target`.
+//! - `symlink`: creates the link `link` pointing at `target`;
+//! - `exit`: prints a line, then calls `exit(code)` before `run` returns;
+//! - `print`: logs `message` as it is, and prints `count` lines to stdout.
 
 hostile::plugin!(|parameters| {
     let parameters: serde_json::Value =
@@ -50,6 +52,18 @@ hostile::plugin!(|parameters| {
             Ok(()) => "{\"created\": true}".to_owned(),
             Err(e) => format!("{{\"created\": false, \"error\": {:?}}}", e.to_string()),
         }),
+        "exit" => {
+            println!("about to exit");
+            std::process::exit(parameters["code"].as_i64().unwrap_or(0) as i32)
+        }
+        "print" => {
+            modrun::plugin::host::log(modrun::plugin::host::Level::Info, &text("message"));
+            for i in 0..count {
+                println!("line {i}");
+            }
+            eprint!("no newline at the end");
+            Ok(format!("{{\"printed\": {count}}}"))
+        }
         other => Err(format!("unknown mode {other:?}")),
     }
 });
