@@ -114,21 +114,43 @@ async fn run_here(request: &RunRequest<'_>, registry: RunRegistry) -> anyhow::Re
         eprintln!("error: module {module_id} did not load: {}", failure.error);
         return Ok(ExitCode::from(EXIT_USAGE));
     }
+    let runner = ModuleRunner::new(host, BackgroundTaskManager::new(registry.clone()));
+    run_and_follow(&runner, module_id, request.parameters.clone(), true).await
+}
+
+/// Starts a run of `module_id` with `runner` and shows it until it ends
+/// (Ctrl-C cancels it, with `cancel_on_ctrl_c`): its progress and log as
+/// they come, then its output or failure. Returns its exit code, or
+/// [`EXIT_USAGE`] when the start is refused.
+pub async fn run_and_follow(
+    runner: &ModuleRunner,
+    module_id: &str,
+    parameters: Value,
+    cancel_on_ctrl_c: bool,
+) -> anyhow::Result<ExitCode> {
+    let registry = runner.registry();
     let mut events = registry.subscribe();
-    let manager = BackgroundTaskManager::new(registry.clone());
-    let runner = ModuleRunner::new(host, manager.clone());
-    let run_id = match runner.start(module_id, request.parameters.clone()).await {
+    let run_id = match runner.start(module_id, parameters).await {
         Ok(run_id) => run_id,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     };
-
     let display = Display::new();
+    let ctrl_c = async {
+        if cancel_on_ctrl_c {
+            let _ = tokio::signal::ctrl_c().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(ctrl_c);
+    let mut cancelled = false;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
+            () = &mut ctrl_c, if !cancelled => {
+                cancelled = true;
                 runner.cancel(&run_id).await?;
             }
             event = events.recv() => match event {
@@ -143,7 +165,7 @@ async fn run_here(request: &RunRequest<'_>, registry: RunRegistry) -> anyhow::Re
         }
     }
     display.finish();
-    manager.wait_all().await;
+    // The terminal status is committed before its event; the log with it.
     let run = registry
         .get_run(&run_id)
         .await?
