@@ -3,7 +3,7 @@
 //!
 //! `cargo bench --bench modrun` for the full run, `cargo bench --bench modrun -- --quick`
 //! for one under a minute (smaller counts; the same rows). Naming groups
-//! (`throughput`, `status-change`, `memory`, `commit`, `wasm`, `reload`, `http`) runs only those.
+//! (`throughput`, `status-change`, `memory`, `commit`, `wasm`, `reload`, `http`, `dev`) runs only those.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
@@ -130,6 +130,9 @@ fn main() -> anyhow::Result<()> {
         }
         if wanted("wasm") {
             wasm_figures(&sizes, dir.path(), &mut rows).await?;
+        }
+        if wanted("dev") {
+            dev_figures(quick, &mut rows)?;
         }
         anyhow::Ok(())
     })?;
@@ -405,6 +408,130 @@ fn bench_plugins() -> anyhow::Result<std::path::PathBuf> {
         modrun::module::build_plugins(&root.join(workspace), &target.join("plugins"), &out)?;
     }
     Ok(out)
+}
+
+/// The inner loop of plugin development: a one-line edit of `hello` saved,
+/// until `modrun dev --run hello` prints the new output; against `cargo
+/// build` of the plugin alone after the same kind of edit. Both build in the
+/// same, warm target directory, so both are incremental builds.
+fn dev_figures(quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    bench_plugins()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), std::path::PathBuf::from)
+        .join("plugins");
+    let copy = tempfile::tempdir()?;
+    for dir in ["plugins", "wit"] {
+        copy_sources(&root.join(dir), &copy.path().join(dir))?;
+    }
+    let plugins = copy.path().join("plugins");
+    let source = plugins.join("hello/src/lib.rs");
+    let original = std::fs::read_to_string(&source)?;
+    let edit =
+        |n: usize| original.replace("\"Hello, {name}!\"", &format!("\"Hello{n}, {{name}}!\""));
+    let edits = if quick { 3 } else { 7 };
+
+    let data = tempfile::tempdir()?;
+    let mut dev = std::process::Command::new(env!("CARGO_BIN_EXE_modrun"))
+        .args(["dev", "--bind", "127.0.0.1:0", "--in-memory", "--plugins"])
+        .arg(&plugins)
+        .arg("--db")
+        .arg(data.path().join("registry.db"))
+        .arg("--target-dir")
+        .arg(&target)
+        .args(["--run", "hello", "name=Ada"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let (sender, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = dev.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |text: &str| -> anyhow::Result<()> {
+        let until = Instant::now() + Duration::from_secs(300);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return Ok(()),
+                Ok(_) => {}
+                Err(_) => anyhow::bail!("modrun dev did not print {text:?} in time"),
+            }
+        }
+    };
+    wait_for("watching")?;
+    wait_for("Hello, Ada!")?;
+    let mut loop_times = Vec::new();
+    for n in 1..=edits {
+        let started = Instant::now();
+        std::fs::write(&source, edit(n))?;
+        wait_for(&format!("Hello{n}, Ada!"))?;
+        loop_times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = dev.kill();
+    let _ = dev.wait();
+
+    let mut build_times = Vec::new();
+    for n in 1..=edits {
+        std::fs::write(&source, edit(edits + n))?;
+        let started = Instant::now();
+        let built = std::process::Command::new("cargo")
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "-p",
+                "hello",
+                "--manifest-path",
+            ])
+            .arg(plugins.join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target)
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(built.success(), "cargo build of hello failed");
+        build_times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    rows.push(Row::measured(
+        "dev: save -> new output printed, p50 ms",
+        median(&mut loop_times),
+        median(&mut build_times),
+        0,
+        "<= 1.5 x (baseline: cargo build of the plugin alone)",
+    ));
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Copies plugin sources (not build output or components) from `from` to `to`.
+fn copy_sources(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_name() == "target" || path.extension().is_some_and(|ext| ext == "wasm") {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            copy_sources(&path, &to.join(entry.file_name()))?;
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The store data of the bare-wasmtime baseline: WASI and nothing else.

@@ -1,40 +1,52 @@
-//! `modrun dev`: the plugin development loop. Watches the plugin sources,
-//! rebuilds on change, and lets the host's reloader pick up the new
-//! components; a broken edit prints the compiler's errors and leaves the
-//! last good version serving.
+//! `modrun dev`: the whole inner loop of plugin development in one command.
+//! It builds the plugin sources, serves the API over the host it builds
+//! into (as `serve` does, runs recorded in the same registry), rebuilds a
+//! plugin when its source changes and reloads it at once, and, with
+//! `--run`, runs a module after every good build and shows the result. A
+//! broken edit prints the compiler's errors once, compactly, and the last
+//! good version keeps serving; a manifest change reloads without a build.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use modrun::module::{DEFAULT_DEBOUNCE, ReloadEvent, build_plugins, changes_content};
-use modrun::{HostConfig, ModuleHost};
+use modrun::http::BrowserPolicy;
+use modrun::module::{BuiltPlugin, ReloadEvent, build_plugins, changes_content};
+use modrun::{ModuleRunner, TaskLimits};
 use notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use serde_json::Value;
+
+use crate::serve::{Listening, Stack, shutdown_signal};
 
 /// How long sources must be quiet before a rebuild: editors save in bursts.
 const SOURCE_DEBOUNCE: Duration = Duration::from_millis(200);
 
-pub async fn run(plugins: &Path, db: &Path) -> anyhow::Result<ExitCode> {
-    let plugins = plugins
+/// How `dev` was asked to run.
+pub struct DevOptions {
+    pub plugins: PathBuf,
+    pub db: PathBuf,
+    pub in_memory: bool,
+    pub bind: SocketAddr,
+    pub token: Option<String>,
+    /// Where the plugins are built (default: `<plugins>/target`).
+    pub target_dir: Option<PathBuf>,
+    /// The module to run after every good build, and its parameters.
+    pub run: Option<(String, Value)>,
+}
+
+pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
+    let plugins = options
+        .plugins
         .canonicalize()
-        .map_err(|e| anyhow::anyhow!("plugins directory {}: {e}", plugins.display()))?;
-    rebuild(&plugins).await;
-
-    let cache = db.parent().unwrap_or(Path::new(".")).join("cache");
-    let host = ModuleHost::new(HostConfig {
-        cache_dir: Some(cache),
-        ..HostConfig::default()
-    })?;
-    let report = host.load_dir(&plugins).await?;
-    let mut reloads = host.subscribe();
-    println!("serving modules: {}", report.loaded.join(", "));
-    for failure in &report.failed {
-        println!("not loaded: {}: {}", failure.path.display(), failure.error);
-    }
-    let _reloader = host.watch(&plugins, DEFAULT_DEBOUNCE)?;
-
-    let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        .map_err(|e| anyhow::anyhow!("plugins directory {}: {e}", options.plugins.display()))?;
+    let target = options
+        .target_dir
+        .clone()
+        .unwrap_or_else(|| plugins.join("target"));
+    // Watching starts before the first build, so that no save is missed.
+    let (changed, mut changes) = tokio::sync::mpsc::channel(1);
     let sources = plugins.clone();
     let mut watcher = new_debouncer(SOURCE_DEBOUNCE, None, move |result: DebounceEventResult| {
         if let Ok(events) = result
@@ -42,18 +54,58 @@ pub async fn run(plugins: &Path, db: &Path) -> anyhow::Result<ExitCode> {
                 .iter()
                 .any(|e| changes_content(&e.kind) && e.paths.iter().any(|p| is_source(&sources, p)))
         {
-            let _ = changed.send(());
+            // One pending rebuild is enough, however many changes.
+            let _ = changed.try_send(());
         }
     })?;
     watcher.watch(&plugins, RecursiveMode::Recursive)?;
-    println!("watching {} for changes; Ctrl-C to stop", plugins.display());
+    let mut builds = Builds::default();
+    builds.build(&plugins, &target).await;
 
+    let limits = TaskLimits {
+        max_concurrent: Some(64),
+        max_queued: Some(1024),
+    };
+    let stack = Stack::open(&plugins, &options.db, options.in_memory, limits).await?;
+    let host = stack.runner.host().clone();
+    let mut reloads = host.subscribe();
+    let address_file = (!options.in_memory).then(|| crate::oneshot::address_file(&options.db));
+    let listening = Listening::start(
+        stack.runner.clone(),
+        options.bind,
+        options.token.clone(),
+        BrowserPolicy::default(),
+        address_file,
+    )
+    .await?;
+    println!(
+        "serving {} on {}",
+        describe_modules(&host.module_ids()),
+        listening.address
+    );
+    for failure in host.failures() {
+        println!("not loaded: {}: {}", failure.path.display(), failure.error);
+    }
+    println!("watching {} for changes; Ctrl-C to stop", plugins.display());
+    if builds.broken.is_none() {
+        try_run(&stack.runner, options.run.as_ref());
+    }
+
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            () = &mut stop => break,
             Some(()) = changes.recv() => {
-                while changes.try_recv().is_ok() {}
-                rebuild(&plugins).await;
+                let rebuilt = builds.build(&plugins, &target).await;
+                // Reload what changed now, not when the watcher gets to it,
+                // so that the run below gets the new version.
+                for plugin in &rebuilt {
+                    let _ = host.load_file(&plugin.path).await;
+                }
+                if !rebuilt.is_empty() {
+                    try_run(&stack.runner, options.run.as_ref());
+                }
             }
             Ok(event) = reloads.recv() => match event {
                 ReloadEvent::Loaded { module_id, content_hash } => {
@@ -66,6 +118,119 @@ pub async fn run(plugins: &Path, db: &Path) -> anyhow::Result<ExitCode> {
             },
         }
     }
+    let _ = stack
+        .runner
+        .manager()
+        .shutdown(Duration::from_secs(2))
+        .await;
+    listening.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe_modules(ids: &[String]) -> String {
+    if ids.is_empty() {
+        "no modules".to_owned()
+    } else {
+        format!("modules {}", ids.join(", "))
+    }
+}
+
+/// Runs the `--run` module in the background and shows how it goes.
+fn try_run(runner: &ModuleRunner, run: Option<&(String, Value)>) {
+    let Some((module_id, parameters)) = run.cloned() else {
+        return;
+    };
+    let runner = runner.clone();
+    tokio::spawn(async move {
+        println!("running {module_id}");
+        if let Err(e) = crate::oneshot::run_and_follow(&runner, &module_id, parameters, false).await
+        {
+            println!("error: {e:#}");
+        }
+    });
+}
+
+/// Builds, and what the last one left broken.
+#[derive(Default)]
+struct Builds {
+    /// The compiler's errors of the last build, while it failed.
+    broken: Option<String>,
+}
+
+impl Builds {
+    /// Builds the plugins and says how it went; returns the plugins whose
+    /// component changed.
+    async fn build(&mut self, plugins: &Path, target: &Path) -> Vec<BuiltPlugin> {
+        let started = Instant::now();
+        let (workspace, target) = (plugins.to_path_buf(), target.to_path_buf());
+        let built =
+            tokio::task::spawn_blocking(move || build_plugins(&workspace, &target, &workspace))
+                .await;
+        let took = started.elapsed().as_secs_f64();
+        match built {
+            Ok(Ok(built)) => {
+                if self.broken.take().is_some() {
+                    println!("build fixed");
+                }
+                let changed: Vec<BuiltPlugin> = built.into_iter().filter(|p| p.changed).collect();
+                if changed.is_empty() {
+                    println!("built in {took:.1}s, nothing changed");
+                } else {
+                    let ids: Vec<&str> = changed.iter().map(|p| p.id.as_str()).collect();
+                    println!("rebuilt {} in {took:.1}s", ids.join(", "));
+                }
+                changed
+            }
+            Ok(Err(e)) => {
+                let errors = compact_errors(&e.to_string());
+                if self.broken.as_deref() != Some(errors.as_str()) {
+                    println!(
+                        "build failed after {took:.1}s; the last good versions keep serving:\n{errors}"
+                    );
+                } else {
+                    println!("build still fails (the same errors)");
+                }
+                self.broken = Some(errors);
+                Vec::new()
+            }
+            Err(e) => {
+                println!("build stopped: {e}");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// The compiler's errors, one line each: `error: FILE:LINE:COL: message`.
+/// Where none can be read that way, the end of what it printed.
+fn compact_errors(output: &str) -> String {
+    let lines: Vec<&str> = output.lines().collect();
+    let mut errors = Vec::new();
+    for (index, line) in lines.iter().enumerate() {
+        let Some(message) = line
+            .strip_prefix("error")
+            .and_then(|rest| rest.split_once(": "))
+            .map(|(_, message)| message)
+        else {
+            continue;
+        };
+        let place = lines[index + 1..]
+            .iter()
+            .take(3)
+            .find_map(|next| next.trim_start().strip_prefix("--> "));
+        match place {
+            Some(place) => errors.push(format!("error: {place}: {message}")),
+            None if !message.starts_with("could not compile") => {
+                errors.push(format!("error: {message}"));
+            }
+            None => {}
+        }
+    }
+    if errors.is_empty() {
+        let tail = lines.len().saturating_sub(20);
+        return lines[tail..].join("\n");
+    }
+    errors.join("\n")
 }
 
 /// Whether a changed path is plugin source: a crate's `src/` or a
@@ -85,37 +250,9 @@ fn is_source(workspace: &Path, path: &Path) -> bool {
     }
 }
 
-async fn rebuild(plugins: &Path) {
-    let started = Instant::now();
-    let workspace: PathBuf = plugins.to_path_buf();
-    let built = tokio::task::spawn_blocking(move || {
-        build_plugins(&workspace, &workspace.join("target"), &workspace)
-    })
-    .await;
-    let took = started.elapsed().as_secs_f64();
-    match built {
-        Ok(Ok(built)) => {
-            let changed: Vec<_> = built
-                .iter()
-                .filter(|p| p.changed)
-                .map(|p| p.id.as_str())
-                .collect();
-            if changed.is_empty() {
-                println!("built in {took:.1}s, nothing changed");
-            } else {
-                println!("rebuilt {} in {took:.1}s", changed.join(", "));
-            }
-        }
-        Ok(Err(e)) => {
-            println!("build failed after {took:.1}s; the last good versions keep serving\n{e}")
-        }
-        Err(e) => println!("build stopped: {e}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::is_source;
+    use super::{compact_errors, is_source};
     use std::path::Path;
 
     #[test]
@@ -130,5 +267,19 @@ mod tests {
         assert!(!source("hello.toml"));
         assert!(!source("target/wasm32-wasip2/release/hello.wasm"));
         assert!(!source("hello/README.md"));
+    }
+
+    #[test]
+    fn compiler_errors_are_one_line_each_with_their_place() {
+        let output = "building plugins: cargo build failed:\n   Compiling hello v0.1.0\n\
+                      error: expected `;`, found `}`\n  --> hello/src/lib.rs:12:30\n   |\n\
+                      12 |     let x = 1\n\n\
+                      error[E0425]: cannot find value `y` in this scope\n  --> hello/src/lib.rs:20:5\n\n\
+                      error: could not compile `hello` (lib) due to 2 previous errors";
+        assert_eq!(
+            compact_errors(output),
+            "error: hello/src/lib.rs:12:30: expected `;`, found `}`\n\
+             error: hello/src/lib.rs:20:5: cannot find value `y` in this scope"
+        );
     }
 }

@@ -134,12 +134,30 @@ enum Command {
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
     },
-    /// Develop plugins live: rebuild a plugin when its source changes, and
-    /// hot-reload the modules (a broken edit keeps the last good version).
+    /// Develop plugins live: build them, serve the API (as `serve` does),
+    /// rebuild a plugin when its source changes and reload it (a broken edit
+    /// keeps the last good version), and with --run, run a module after
+    /// every good build.
     Dev {
         /// The plugin workspace, which is also the plugins directory.
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
+        /// The address to listen on. Anything but loopback needs --token.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: std::net::SocketAddr,
+        /// Keep runs in memory only, not in --db.
+        #[arg(long)]
+        in_memory: bool,
+        /// A bearer token every request but /health must carry.
+        #[arg(long, env = "MODRUN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Where plugins are built (default: PLUGINS/target).
+        #[arg(long)]
+        target_dir: Option<PathBuf>,
+        /// Run this module after every good build, with key=value parameters:
+        /// `--run hello name=Ada`.
+        #[arg(long, num_args = 1.., value_name = "MODULE [KEY=VALUE]")]
+        run: Vec<String>,
     },
 }
 
@@ -196,7 +214,35 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             return Ok(ExitCode::SUCCESS);
         }
-        Command::Dev { plugins } => return dev::run(&plugins, &cli.db).await,
+        Command::Dev {
+            plugins,
+            bind,
+            in_memory,
+            token,
+            target_dir,
+            run,
+        } => {
+            let run = match run.split_first() {
+                None => None,
+                Some((module, pairs)) => match oneshot::parameters(pairs, None) {
+                    Ok(parameters) => Some((module.clone(), parameters)),
+                    Err(e) => {
+                        eprintln!("error: --run: {e}");
+                        return Ok(ExitCode::from(oneshot::EXIT_USAGE));
+                    }
+                },
+            };
+            return dev::run(dev::DevOptions {
+                plugins,
+                db: cli.db,
+                in_memory,
+                bind,
+                token,
+                target_dir,
+                run,
+            })
+            .await;
+        }
         Command::Serve {
             bind,
             plugins,

@@ -1,5 +1,6 @@
 //! `modrun serve`: the HTTP API over the plugins directory, with the run
-//! registry in SQLite, hot reload, and a graceful shutdown.
+//! registry in SQLite, hot reload, and a graceful shutdown. `modrun dev`
+//! serves the same way ([`Stack`], [`Listening`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use modrun::http::{AppState, BrowserPolicy, router};
-use modrun::module::DEFAULT_DEBOUNCE;
+use modrun::module::{DEFAULT_DEBOUNCE, Reloader};
 use modrun::{
     BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunRegistry, TaskLimits,
 };
@@ -25,71 +26,141 @@ pub struct ServeOptions {
     pub browser: BrowserPolicy,
 }
 
+/// What a server is made of: the registry, a host watching the plugins
+/// directory, and a runner over them.
+pub struct Stack {
+    pub runner: ModuleRunner,
+    _reloader: Reloader,
+}
+
+impl Stack {
+    /// Opens the registry (`db`, or memory), loads `plugins` into a host
+    /// that caches compiled modules beside the registry, and watches it.
+    pub async fn open(
+        plugins: &Path,
+        db: &Path,
+        in_memory: bool,
+        limits: TaskLimits,
+    ) -> anyhow::Result<Stack> {
+        let registry = if in_memory {
+            RunRegistry::in_memory()
+        } else {
+            RunRegistry::open_sqlite(db)?
+        };
+        let cache = db.parent().unwrap_or(Path::new(".")).join("cache");
+        let config = HostConfig {
+            cache_dir: Some(cache),
+            ..HostConfig::default()
+        };
+        if let Some(max) = limits.max_concurrent
+            && max > config.max_instances as usize
+        {
+            anyhow::bail!(
+                "--max-concurrent {max} is more than the {} runs the WebAssembly engine's \
+                 instance pool holds; choose at most that",
+                config.max_instances
+            );
+        }
+        let host = ModuleHost::new(config)?;
+        let report = host.load_dir(plugins).await?;
+        tracing::info!(modules = ?report.loaded, "modules loaded");
+        for failure in &report.failed {
+            tracing::warn!(path = %failure.path.display(), error = %failure.error, "module not loaded");
+        }
+        let reloader = host.watch(plugins, DEFAULT_DEBOUNCE)?;
+        let manager = BackgroundTaskManager::with_limits(registry.clone(), limits);
+        Ok(Stack {
+            runner: ModuleRunner::new(host, manager),
+            _reloader: reloader,
+        })
+    }
+}
+
+/// The API, listening; its address is written beside the registry for
+/// `modrun run` to find, and removed when it stops.
+pub struct Listening {
+    pub address: String,
+    address_file: Option<PathBuf>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Listening {
+    /// Serves the API over `runner` on `bind` (loopback, or with a token).
+    pub async fn start(
+        runner: ModuleRunner,
+        bind: SocketAddr,
+        token: Option<String>,
+        browser: BrowserPolicy,
+        address_file: Option<PathBuf>,
+    ) -> anyhow::Result<Listening> {
+        if !bind.ip().is_loopback() && token.is_none() {
+            anyhow::bail!(
+                "refusing to listen on {bind} without a token: set --token (or MODRUN_TOKEN), \
+                 or bind a loopback address"
+            );
+        }
+        let app = router(AppState::new(runner, token).with_browser_policy(browser));
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("cannot listen on {bind}"))?;
+        let address = format!("http://{}", listener.local_addr()?);
+        if let Some(file) = &address_file {
+            std::fs::write(file, &address)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .into_future(),
+        );
+        Ok(Listening {
+            address,
+            address_file,
+            stop,
+            server,
+        })
+    }
+
+    /// Stops taking requests; event streams get a moment, then are cut.
+    pub async fn stop(self) {
+        if let Some(file) = &self.address_file {
+            let _ = std::fs::remove_file(file);
+        }
+        let _ = self.stop.send(());
+        // Event streams never end on their own: give connections a moment, then go.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.server).await;
+    }
+}
+
 pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
-    if !options.bind.ip().is_loopback() && options.token.is_none() {
-        anyhow::bail!(
-            "refusing to listen on {} without a token: set --token (or MODRUN_TOKEN), \
-             or bind a loopback address",
-            options.bind
-        );
-    }
-    let registry = if options.in_memory {
-        RunRegistry::in_memory()
-    } else {
-        RunRegistry::open_sqlite(&options.db)?
-    };
-    let cache = options.db.parent().unwrap_or(Path::new(".")).join("cache");
-    let config = HostConfig {
-        cache_dir: Some(cache),
-        ..HostConfig::default()
-    };
-    if let Some(max) = options.limits.max_concurrent
-        && max > config.max_instances as usize
-    {
-        anyhow::bail!(
-            "--max-concurrent {max} is more than the {} runs the WebAssembly engine's \
-             instance pool holds; choose at most that",
-            config.max_instances
-        );
-    }
-    let host = ModuleHost::new(config)?;
-    let report = host.load_dir(&options.plugins).await?;
-    tracing::info!(modules = ?report.loaded, "modules loaded");
-    let _reloader = host.watch(&options.plugins, DEFAULT_DEBOUNCE)?;
-    let manager = BackgroundTaskManager::with_limits(registry.clone(), options.limits);
-    let runner = ModuleRunner::new(host, manager.clone());
-    let app = router(AppState::new(runner, options.token).with_browser_policy(options.browser));
-
-    let listener = tokio::net::TcpListener::bind(options.bind)
-        .await
-        .with_context(|| format!("cannot listen on {}", options.bind))?;
-    let address = format!("http://{}", listener.local_addr()?);
-    // `modrun run` finds the server holding the registry here.
+    let stack = Stack::open(
+        &options.plugins,
+        &options.db,
+        options.in_memory,
+        options.limits,
+    )
+    .await?;
+    // `modrun run` finds the server holding the registry beside it.
     let address_file = (!options.in_memory).then(|| crate::oneshot::address_file(&options.db));
-    if let Some(file) = &address_file {
-        std::fs::write(file, &address)
-            .with_context(|| format!("cannot write {}", file.display()))?;
-    }
+    let listening = Listening::start(
+        stack.runner.clone(),
+        options.bind,
+        options.token,
+        options.browser,
+        address_file,
+    )
+    .await?;
     // Tests and scripts read this line to learn the port of `--bind 127.0.0.1:0`.
-    println!("listening on {address}");
+    println!("listening on {}", listening.address);
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .into_future(),
-    );
     shutdown_signal().await;
     tracing::info!(grace = ?options.grace, "shutting down: no new runs; waiting for the running ones");
-    let report = manager.shutdown(options.grace).await;
-    if let Some(file) = &address_file {
-        let _ = std::fs::remove_file(file);
-    }
-    let _ = stop.send(());
-    // Event streams never end on their own: give connections a moment, then go.
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    let report = stack.runner.manager().shutdown(options.grace).await;
+    listening.stop().await;
     match report {
         Ok(report) => {
             if !report.cancelled.is_empty() {
@@ -113,7 +184,8 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -51,5 +51,9 @@ mod soak;
 /// the instance pool waiting, `modrun run` recorded.
 mod outcomes;
 
+/// `modrun dev` as a process: serving, rebuilding on an edit, re-running,
+/// a broken save reported while the last good version serves.
+mod dev;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;
