@@ -350,8 +350,9 @@ fn a_progress_flood_leaves_the_servers_memory_bounded() {
     let started = Instant::now();
     let hello = server.start_run("hello", json!({"name": "during"}));
     server.wait_status(&hello, "completed");
+    // Before, a start waited 22 s behind such a flood.
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(10),
         "a start took {:?}",
         started.elapsed()
     );

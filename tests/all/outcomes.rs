@@ -142,7 +142,7 @@ async fn runs_past_the_engines_instance_pool_wait_queued_instead_of_failing() {
     let mut ids = Vec::new();
     for _ in 0..6 {
         let id = runner
-            .start("countdown", json!({"seconds": 0.3, "step_ms": 50}))
+            .start("countdown", json!({"seconds": 2, "step_ms": 50}))
             .await
             .unwrap();
         ids.push(id);
