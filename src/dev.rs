@@ -12,16 +12,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use modrun::http::BrowserPolicy;
-use modrun::module::{BuiltPlugin, ReloadEvent, build_plugins, changes_content};
+use modrun::module::{BuiltPlugin, DEFAULT_DEBOUNCE, ReloadEvent, build_plugins};
 use modrun::{ModuleRunner, TaskLimits};
-use notify::RecursiveMode;
-use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde_json::Value;
 
 use crate::serve::{Listening, Stack, shutdown_signal};
-
-/// How long sources must be quiet before a rebuild: editors save in bursts.
-const SOURCE_DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// How `dev` was asked to run.
 pub struct DevOptions {
@@ -45,20 +40,6 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
         .target_dir
         .clone()
         .unwrap_or_else(|| plugins.join("target"));
-    // Watching starts before the first build, so that no save is missed.
-    let (changed, mut changes) = tokio::sync::mpsc::channel(1);
-    let sources = plugins.clone();
-    let mut watcher = new_debouncer(SOURCE_DEBOUNCE, None, move |result: DebounceEventResult| {
-        if let Ok(events) = result
-            && events
-                .iter()
-                .any(|e| changes_content(&e.kind) && e.paths.iter().any(|p| is_source(&sources, p)))
-        {
-            // One pending rebuild is enough, however many changes.
-            let _ = changed.try_send(());
-        }
-    })?;
-    watcher.watch(&plugins, RecursiveMode::Recursive)?;
     let mut builds = Builds::default();
     builds.build(&plugins, &target).await;
 
@@ -66,8 +47,17 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
         max_concurrent: Some(64),
         max_queued: Some(1024),
     };
-    let stack = Stack::open(&plugins, &options.db, options.in_memory, limits).await?;
+    let stack = Stack::open(&plugins, &options.db, options.in_memory, limits, false).await?;
     let host = stack.runner.host().clone();
+    // One watcher for the tree: components and manifests reload the host,
+    // source changes ask for a rebuild (one pending rebuild is enough).
+    let (changed, mut changes) = tokio::sync::mpsc::channel(1);
+    let sources = plugins.clone();
+    let _watcher = host.watch_tree(&plugins, DEFAULT_DEBOUNCE, move |paths| {
+        if paths.iter().any(|path| is_source(&sources, path)) {
+            let _ = changed.try_send(());
+        }
+    })?;
     let mut reloads = host.subscribe();
     let address_file = (!options.in_memory).then(|| crate::oneshot::address_file(&options.db));
     let listening = Listening::start(

@@ -26,21 +26,23 @@ pub struct ServeOptions {
     pub browser: BrowserPolicy,
 }
 
-/// What a server is made of: the registry, a host watching the plugins
-/// directory, and a runner over them.
+/// What a server is made of: the registry, a host (watching the plugins
+/// directory, unless its owner watches it), and a runner over them.
 pub struct Stack {
     pub runner: ModuleRunner,
-    _reloader: Reloader,
+    _reloader: Option<Reloader>,
 }
 
 impl Stack {
     /// Opens the registry (`db`, or memory), loads `plugins` into a host
-    /// that caches compiled modules beside the registry, and watches it.
+    /// that caches compiled modules beside the registry, and, with `watch`,
+    /// keeps the host in step with the directory.
     pub async fn open(
         plugins: &Path,
         db: &Path,
         in_memory: bool,
         limits: TaskLimits,
+        watch: bool,
     ) -> anyhow::Result<Stack> {
         let registry = if in_memory {
             RunRegistry::in_memory()
@@ -67,7 +69,11 @@ impl Stack {
         for failure in &report.failed {
             tracing::warn!(path = %failure.path.display(), error = %failure.error, "module not loaded");
         }
-        let reloader = host.watch(plugins, DEFAULT_DEBOUNCE)?;
+        let reloader = if watch {
+            Some(host.watch(plugins, DEFAULT_DEBOUNCE)?)
+        } else {
+            None
+        };
         let manager = BackgroundTaskManager::with_limits(registry.clone(), limits);
         Ok(Stack {
             runner: ModuleRunner::new(host, manager),
@@ -142,6 +148,7 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
         &options.db,
         options.in_memory,
         options.limits,
+        true,
     )
     .await?;
     // `modrun run` finds the server holding the registry beside it.

@@ -43,6 +43,29 @@ impl ModuleHost {
     /// retired; a manifest change reloads its module. Hidden, backup and
     /// partial files are ignored. Call from within a tokio runtime.
     pub fn watch(&self, dir: &Path, debounce: Duration) -> Result<Reloader> {
+        self.watch_with(dir, debounce, None)
+    }
+
+    /// [`watch`](Self::watch), watching the whole tree under `dir` with the
+    /// same one watcher: changes to anything but the modules' components
+    /// and manifests (plugin sources, say) are handed to `others`, a batch
+    /// of paths at a time, on the watcher's task (so it must not block).
+    /// What `modrun dev` builds on.
+    pub fn watch_tree(
+        &self,
+        dir: &Path,
+        debounce: Duration,
+        others: impl Fn(Vec<PathBuf>) + Send + Sync + 'static,
+    ) -> Result<Reloader> {
+        self.watch_with(dir, debounce, Some(Box::new(others)))
+    }
+
+    fn watch_with(
+        &self,
+        dir: &Path,
+        debounce: Duration,
+        others: Option<OtherChanges>,
+    ) -> Result<Reloader> {
         let fail = |e: notify::Error| Error::PluginsDir {
             path: dir.to_path_buf(),
             message: format!("cannot watch it: {e}"),
@@ -52,10 +75,13 @@ impl ModuleHost {
             let _ = sender.send(result);
         })
         .map_err(fail)?;
-        debouncer
-            .watch(dir, RecursiveMode::NonRecursive)
-            .map_err(fail)?;
-        let task = tokio::spawn(reload_loop(self.clone(), dir.to_path_buf(), events));
+        let mode = if others.is_some() {
+            RecursiveMode::Recursive
+        } else {
+            RecursiveMode::NonRecursive
+        };
+        debouncer.watch(dir, mode).map_err(fail)?;
+        let task = tokio::spawn(reload_loop(self.clone(), dir.to_path_buf(), events, others));
         Ok(Reloader {
             _debouncer: debouncer,
             task,
@@ -63,10 +89,14 @@ impl ModuleHost {
     }
 }
 
+/// Where changes to files that are not modules' go, when anyone wants them.
+type OtherChanges = Box<dyn Fn(Vec<PathBuf>) + Send + Sync>;
+
 async fn reload_loop(
     host: ModuleHost,
     dir: PathBuf,
     mut events: mpsc::UnboundedReceiver<DebounceEventResult>,
+    others: Option<OtherChanges>,
 ) {
     while let Some(first) = events.recv().await {
         // Take everything already waiting: one pass serves them all.
@@ -75,14 +105,23 @@ async fn reload_loop(
             batch.push(more);
         }
         let mut ids = BTreeSet::new();
+        let mut other_paths = Vec::new();
         let mut rescan = false;
         for result in batch {
             match result {
                 Ok(events) => {
                     for event in events {
                         rescan |= event.need_rescan();
-                        if changes_content(&event.kind) {
-                            ids.extend(event.paths.iter().filter_map(|path| module_file_id(path)));
+                        if !changes_content(&event.kind) {
+                            continue;
+                        }
+                        for path in &event.paths {
+                            match module_file_id(path).filter(|_| path.parent() == Some(&dir)) {
+                                Some(id) => {
+                                    ids.insert(id);
+                                }
+                                None => other_paths.push(path.clone()),
+                            }
                         }
                     }
                 }
@@ -109,6 +148,11 @@ async fn reload_loop(
         }
         for id in ids {
             host.refresh(&dir, &id).await;
+        }
+        if let Some(others) = &others
+            && !other_paths.is_empty()
+        {
+            others(other_paths);
         }
     }
 }

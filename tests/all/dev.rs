@@ -168,6 +168,17 @@ fn dev_serves_rebuilds_reruns_and_keeps_the_last_good_version() {
     // The fix clears the error.
     std::fs::write(&source, &edited).unwrap();
     dev.wait_line("that the build is fixed", |line| line == "build fixed");
+
+    // A manifest change reloads the module, no build needed.
+    std::fs::write(plugins.join("hello.toml"), "[limits]\ntimeout_secs = 7\n").unwrap();
+    let reloaded = dev.wait_line("the manifest reload", |line| {
+        line.starts_with("reloaded hello")
+    });
+    let module = get(&base, "/modules/hello");
+    assert_eq!(
+        module["manifest"]["limits"]["timeout"]["secs"], 7,
+        "{reloaded}: {module}"
+    );
     let pid = dev.child.id().to_string();
     assert!(
         Command::new("kill")
