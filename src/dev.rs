@@ -40,9 +40,6 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
         .target_dir
         .clone()
         .unwrap_or_else(|| plugins.join("target"));
-    let mut builds = Builds::default();
-    builds.build(&plugins, &target).await;
-
     let limits = TaskLimits {
         max_concurrent: Some(64),
         max_queued: Some(1024),
@@ -59,6 +56,12 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
         }
     })?;
     let mut reloads = host.subscribe();
+    // Built once the watcher runs, so that no save is missed; what the
+    // build changed is loaded now, before anything is served or run.
+    let mut builds = Builds::default();
+    for plugin in builds.build(&plugins, &target).await {
+        let _ = host.load_file(&plugin.path).await;
+    }
     let address_file = (!options.in_memory).then(|| crate::oneshot::address_file(&options.db));
     let listening = Listening::start(
         stack.runner.clone(),
