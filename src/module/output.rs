@@ -29,7 +29,7 @@ struct Captured {
 }
 
 /// The most lines a stream is read back as; what follows is one last entry.
-pub(crate) const MAX_LINES: usize = 1000;
+const MAX_LINES: usize = 1000;
 
 impl CappedOutput {
     /// A stream that keeps at most `cap` bytes.
@@ -77,11 +77,11 @@ impl CappedOutput {
             .enumerate()
             .take(MAX_LINES)
             .map(|(index, &(start, at))| {
-                let end = match starts.get(index + 1) {
-                    Some(_) if index + 1 == MAX_LINES => captured.kept.len(),
-                    Some(&(next, _)) => next,
-                    None => captured.kept.len(),
-                };
+                // The last entry kept runs to the end, holding the rest.
+                let end = starts
+                    .get(index + 1)
+                    .filter(|_| index + 1 < MAX_LINES)
+                    .map_or(captured.kept.len(), |&(next, _)| next);
                 let text = String::from_utf8_lossy(&captured.kept[start..end]);
                 (at, text.trim_end_matches(['\n', '\r']).to_owned())
             })

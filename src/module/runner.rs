@@ -156,7 +156,7 @@ impl ModuleRunner {
         let Some(max) = max_concurrent else {
             return gates.pool.clone();
         };
-        let pool = gates.pool.0[0].clone();
+        let pool = self.host.instance_pool();
         let limited = || Arc::new(Gate(vec![Arc::new(Semaphore::new(max)), pool.clone()]));
         let entry = gates
             .modules
