@@ -180,6 +180,10 @@ struct State {
     active: HashMap<String, Tracked>,
     /// Slots in use, when `max_concurrent` is set.
     running: usize,
+    /// Tasks that did not get a slot when they were admitted and have not
+    /// got one yet, whatever they wait on (their gate's first permits, or
+    /// a slot): what `max_queued` bounds.
+    queued: usize,
     /// Tasks waiting for a slot, first come first served.
     waiting: VecDeque<(String, oneshot::Sender<Slot>)>,
 }
@@ -190,6 +194,8 @@ struct Tracked {
     /// Tells this task from a later one that reuses its run id.
     task: u64,
     started: bool,
+    /// Counted in `State::queued`.
+    queued: bool,
 }
 
 impl BackgroundTaskManager {
@@ -259,7 +265,7 @@ impl BackgroundTaskManager {
             return Err(Error::ShuttingDown);
         }
         let run = run.requeued();
-        let (task, slot) = self.admit(&run.run_id)?;
+        let (task, slot) = self.admit(&run.run_id, gate.as_deref())?;
         let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
         let run_id = run.run_id.clone();
         // The task records the run itself, so that once a start has begun it
@@ -276,7 +282,12 @@ impl BackgroundTaskManager {
     /// Reserves the id and a slot (or a place in the queue) for a new run.
     /// Nothing awaits between this and spawning the task that owns the
     /// reservation, which releases it when it ends.
-    fn admit(&self, run_id: &str) -> Result<(TaskEnd, Pending)> {
+    ///
+    /// A run takes a slot at once only if the first permits of its gate (a
+    /// module's own limit) are free too; otherwise it queues, and takes a
+    /// slot only once it holds them. So runs that wait for their module
+    /// never hold slots that other modules' runs could use.
+    fn admit(&self, run_id: &str, gate: Option<&Gate>) -> Result<(TaskEnd, Pending)> {
         let mut state = self.inner.lock();
         if let Some(tracked) = state.active.get(run_id) {
             return Err(Error::RunActive {
@@ -288,24 +299,30 @@ impl BackgroundTaskManager {
                 },
             });
         }
+        let ready = |state: &mut State| {
+            let first = match gate {
+                None => None,
+                Some(gate) => gate.try_first()?,
+            };
+            state.running += 1;
+            Some(Pending::Ready(Slot::new(self.inner.clone()), first))
+        };
         let slot = match self.inner.limits.max_concurrent {
             None => Pending::Unlimited,
-            Some(max) if state.running < max => {
-                state.running += 1;
-                Pending::Ready(Slot::new(self.inner.clone()))
-            }
-            Some(_) => {
-                let limit = self.inner.limits.max_queued.unwrap_or(usize::MAX);
-                if state.waiting.len() >= limit {
-                    return Err(Error::QueueFull {
-                        queued: state.waiting.len(),
-                        limit,
-                    });
+            Some(max) => match (state.running < max).then(|| ready(&mut state)).flatten() {
+                Some(ready) => ready,
+                None => {
+                    let limit = self.inner.limits.max_queued.unwrap_or(usize::MAX);
+                    if state.queued >= limit {
+                        return Err(Error::QueueFull {
+                            queued: state.queued,
+                            limit,
+                        });
+                    }
+                    state.queued += 1;
+                    Pending::Queued
                 }
-                let (grant, granted) = oneshot::channel();
-                state.waiting.push_back((run_id.to_owned(), grant));
-                Pending::Waiting(granted)
-            }
+            },
         };
         let token = CancellationToken::new();
         let task = self.inner.next_task.fetch_add(1, Ordering::Relaxed);
@@ -315,6 +332,7 @@ impl BackgroundTaskManager {
                 token: token.clone(),
                 task,
                 started: false,
+                queued: matches!(slot, Pending::Queued),
             },
         );
         self.inner.tasks.fetch_add(1, Ordering::AcqRel);
@@ -439,10 +457,11 @@ impl BackgroundTaskManager {
         self.inner.lock().active.contains_key(run_id)
     }
 
-    /// How many runs wait for a slot.
+    /// How many runs wait to start (for a slot, or for their module's own
+    /// limit).
     #[must_use]
     pub fn queued_task_count(&self) -> usize {
-        self.inner.lock().waiting.len()
+        self.inner.lock().queued
     }
 }
 
@@ -462,7 +481,13 @@ impl Inner {
             .get(run_id)
             .is_some_and(|tracked| tracked.task == task)
         {
-            state.active.remove(run_id);
+            if state
+                .active
+                .remove(run_id)
+                .is_some_and(|tracked| tracked.queued)
+            {
+                state.queued -= 1;
+            }
             state.waiting.retain(|(waiting, _)| waiting != run_id);
         }
     }
@@ -478,6 +503,30 @@ impl Inner {
         if let Some(tracked) = self.lock().active.get_mut(run_id) {
             tracked.started = true;
         }
+    }
+
+    /// A queued run holds its slot: it no longer counts as queued.
+    fn dequeue(&self, run_id: &str, task: u64) {
+        let mut state = self.lock();
+        if let Some(tracked) = state.active.get_mut(run_id)
+            && tracked.task == task
+            && tracked.queued
+        {
+            tracked.queued = false;
+            state.queued -= 1;
+        }
+    }
+
+    /// A slot for a queued run: at once if one is free, else in turn.
+    fn take_slot(self: &Arc<Self>, run_id: &str) -> Result<Slot, oneshot::Receiver<Slot>> {
+        let mut state = self.lock();
+        if state.running < self.limits.max_concurrent.unwrap_or(usize::MAX) {
+            state.running += 1;
+            return Ok(Slot::new(self.clone()));
+        }
+        let (grant, granted) = oneshot::channel();
+        state.waiting.push_back((run_id.to_owned(), grant));
+        Err(granted)
     }
 
     /// Gives a freed slot to the first waiting task, or returns it to the pool.
@@ -522,33 +571,49 @@ impl Drop for Slot {
 }
 
 /// What a run must hold, besides its slot, before it starts: a permit of
-/// each semaphore, taken in this order (the same for every run, so no two
-/// runs wait on each other's), each first come first served.
+/// `first` before it takes a slot (a module's own limit: waiting for it
+/// holds no slot), then a permit of `then` (the engine's pool of
+/// instances). Each is first come first served, and every run takes them
+/// in this order, so no two runs wait on each other's.
 #[derive(Debug)]
-pub(crate) struct Gate(pub(crate) Vec<Arc<Semaphore>>);
+pub(crate) struct Gate {
+    pub(crate) first: Option<Arc<Semaphore>>,
+    pub(crate) then: Option<Arc<Semaphore>>,
+}
 
 impl Gate {
-    /// Waits for a permit of each semaphore in turn; `None` if the run was
-    /// cancelled meanwhile (or a semaphore closed). A boxed slice: the
-    /// permits live in every running task's future, and a slice is the
-    /// smallest thing that holds them.
-    async fn enter(&self, token: &CancellationToken) -> Option<Box<[OwnedSemaphorePermit]>> {
-        let mut permits = Vec::with_capacity(self.0.len());
-        for semaphore in &self.0 {
-            tokio::select! {
-                biased;
-                () = token.cancelled() => return None,
-                permit = semaphore.clone().acquire_owned() => permits.push(permit.ok()?),
-            }
+    /// The first permit if it is free now (`Some(None)` without one).
+    fn try_first(&self) -> Option<Option<OwnedSemaphorePermit>> {
+        match &self.first {
+            None => Some(None),
+            Some(semaphore) => semaphore.clone().try_acquire_owned().ok().map(Some),
         }
-        Some(permits.into_boxed_slice())
+    }
+}
+
+/// Waits for a permit of `semaphore`, if there is one; `None` if the run
+/// was cancelled meanwhile (or the semaphore closed).
+async fn permit(
+    semaphore: Option<&Arc<Semaphore>>,
+    token: &CancellationToken,
+) -> Option<Option<OwnedSemaphorePermit>> {
+    let Some(semaphore) = semaphore else {
+        return Some(None);
+    };
+    tokio::select! {
+        biased;
+        () = token.cancelled() => None,
+        permit = semaphore.clone().acquire_owned() => permit.ok().map(Some),
     }
 }
 
 enum Pending {
+    /// No bound on concurrent tasks.
     Unlimited,
-    Ready(Slot),
-    Waiting(oneshot::Receiver<Slot>),
+    /// A slot, and the gate's first permit, taken when admitted.
+    Ready(Slot, Option<OwnedSemaphorePermit>),
+    /// Counted among the queued until it holds a slot (or is forgotten).
+    Queued,
 }
 
 /// A task's hold on its run id and on the live task count, released when
@@ -588,24 +653,40 @@ async fn execute<F>(
     if failed {
         return;
     }
-    let _slot = match slot {
-        Pending::Unlimited => None,
-        Pending::Ready(slot) => Some(slot),
-        Pending::Waiting(granted) => tokio::select! {
-            biased;
-            () = token.cancelled() => return,
-            slot = granted => match slot {
-                Ok(slot) => Some(slot),
-                Err(_) => return,
-            },
-        },
+    let no_gate = Gate {
+        first: None,
+        then: None,
     };
-    let _permits = match gate {
-        None => None,
-        Some(gate) => match gate.enter(token).await {
-            Some(permits) => Some(permits),
-            None => return,
-        },
+    let gate = gate.as_deref().unwrap_or(&no_gate);
+    let (_slot, _first) = match slot {
+        Pending::Unlimited => (None, {
+            let Some(first) = permit(gate.first.as_ref(), token).await else {
+                return;
+            };
+            first
+        }),
+        Pending::Ready(slot, first) => (Some(slot), first),
+        Pending::Queued => {
+            let Some(first) = permit(gate.first.as_ref(), token).await else {
+                return;
+            };
+            let slot = match inner.take_slot(run_id) {
+                Ok(slot) => slot,
+                Err(granted) => tokio::select! {
+                    biased;
+                    () = token.cancelled() => return,
+                    slot = granted => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => return,
+                    },
+                },
+            };
+            inner.dequeue(run_id, end.task);
+            (Some(slot), first)
+        }
+    };
+    let Some(_then) = permit(gate.then.as_ref(), token).await else {
+        return;
     };
     if token.is_cancelled() {
         return;

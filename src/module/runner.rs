@@ -43,7 +43,10 @@ impl ModuleRunner {
     /// A runner of `host`'s modules, through `manager`.
     #[must_use]
     pub fn new(host: ModuleHost, manager: BackgroundTaskManager) -> ModuleRunner {
-        let pool = Arc::new(Gate(vec![host.instance_pool()]));
+        let pool = Arc::new(Gate {
+            first: None,
+            then: Some(host.instance_pool()),
+        });
         ModuleRunner {
             host,
             manager,
@@ -157,7 +160,12 @@ impl ModuleRunner {
             return gates.pool.clone();
         };
         let pool = self.host.instance_pool();
-        let limited = || Arc::new(Gate(vec![Arc::new(Semaphore::new(max)), pool.clone()]));
+        let limited = || {
+            Arc::new(Gate {
+                first: Some(Arc::new(Semaphore::new(max))),
+                then: Some(pool.clone()),
+            })
+        };
         let entry = gates
             .modules
             .entry(module_id.to_owned())

@@ -3,6 +3,7 @@ use std::time::{Duration, Instant};
 use modrun::module::LoadReport;
 use modrun::{
     BackgroundTaskManager, Error, LogSource, ModuleHost, ModuleRunner, RunRegistry, RunStatus,
+    TaskLimits,
 };
 use serde_json::json;
 
@@ -376,6 +377,67 @@ async fn every_bad_plugin_file_is_reported_and_the_good_ones_load() {
     assert_eq!(reasons.len(), 9, "{reasons:?}");
     assert_eq!(host.failures().len(), 9);
     assert_eq!(host.module_ids(), ["countdown"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_waiting_for_their_module_limit_hold_no_global_slot() {
+    let dir = plugins_dir(&["countdown", "hello"]);
+    std::fs::write(
+        dir.path().join("countdown.toml"),
+        "[limits]\nmax_concurrent = 4\n",
+    )
+    .unwrap();
+    let host = ModuleHost::new(test_host_config()).unwrap();
+    host.load_dir(dir.path()).await.unwrap();
+    let limits = TaskLimits {
+        max_concurrent: Some(64),
+        max_queued: Some(1000),
+    };
+    let manager = BackgroundTaskManager::with_limits(RunRegistry::in_memory(), limits);
+    let runner = ModuleRunner::new(host, manager.clone());
+    let mut countdowns = Vec::new();
+    for _ in 0..64 {
+        countdowns.push(
+            runner
+                .start("countdown", json!({"seconds": 60, "step_ms": 10}))
+                .await
+                .unwrap(),
+        );
+    }
+    for run_id in &countdowns[..4] {
+        wait_for_status(runner.registry(), run_id, RunStatus::Running).await;
+    }
+    assert_eq!(
+        manager.queued_task_count(),
+        60,
+        "the runs past the module's limit wait, queued"
+    );
+
+    // 60 global slots are still free: another module runs at once.
+    let hello = runner.start("hello", json!({"name": "Ada"})).await.unwrap();
+    let hello = wait_for_end(runner.registry(), &hello).await;
+    assert_eq!(
+        hello.status,
+        RunStatus::Completed,
+        "{:?}",
+        hello.error_message
+    );
+    for run_id in &countdowns[4..] {
+        let run = runner.registry().get_run(run_id).await.unwrap().unwrap();
+        assert_eq!(
+            run.status,
+            RunStatus::Queued,
+            "the module's limit still holds"
+        );
+    }
+
+    // Freeing one of the module's places starts the next in line.
+    assert!(runner.cancel(&countdowns[0]).await.unwrap());
+    wait_for_status(runner.registry(), &countdowns[4], RunStatus::Running).await;
+    for run_id in &countdowns {
+        runner.cancel(run_id).await.unwrap();
+    }
+    manager.wait_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
