@@ -15,6 +15,7 @@
 
 mod memory;
 mod sqlite;
+mod writer;
 
 use std::future::Future;
 use std::sync::Arc;

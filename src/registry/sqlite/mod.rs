@@ -34,10 +34,10 @@
 //! processes never share one registry, then marks every run a previous
 //! process left `Queued` or `Running` as `Failed` ("interrupted").
 
+mod backend;
 mod reader;
 mod schema;
 mod sql;
-mod writer;
 
 use std::fs::File;
 use std::path::Path;
@@ -46,18 +46,16 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rusqlite::Connection;
-use tokio::sync::oneshot;
-
 pub use reader::SqliteReader;
+use rusqlite::Connection;
 pub use schema::INTERRUPTED;
 
+use super::writer::{Queue, Shared, Write};
 use super::{Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth};
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
+use backend::SqliteBackend;
 use schema::{open_read_only, open_writer, storage_error, take_lock};
-use sql::{check_time, check_times};
-use writer::{Reply, Shared, Write, Writer};
 
 /// How hard SQLite works to keep a commit through a power loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -93,9 +91,7 @@ impl Default for SqliteOptions {
 /// Runs in a SQLite file. See the [module documentation](self) for what is
 /// durable when.
 pub struct SqliteStore {
-    shared: Arc<Shared>,
-    writes: Option<mpsc::Sender<Write>>,
-    writer: Option<JoinHandle<()>>,
+    writes: Queue,
     stop_checkpoints: Option<mpsc::Sender<()>>,
     checkpointer: Option<JoinHandle<()>>,
     readers: Mutex<Vec<Connection>>,
@@ -106,7 +102,7 @@ pub struct SqliteStore {
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore")
-            .field("path", &self.shared.path)
+            .field("path", &self.writes.shared.path)
             .finish_non_exhaustive()
     }
 }
@@ -132,12 +128,14 @@ impl SqliteStore {
         let conn = open_writer(&path, options.synchronous).map_err(fail)?;
 
         let shared = Arc::new(Shared::new(path.clone()));
-        let (writes, queue) = mpsc::channel();
-        let writer = Writer::new(conn, shared.clone(), options.max_batch);
-        let writer = std::thread::Builder::new()
-            .name("modrun-registry".into())
-            .spawn(move || writer.run(&queue))
-            .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
+        let backend = SqliteBackend::new(conn, path.clone());
+        let writes = Queue::start(
+            backend,
+            shared.clone(),
+            options.max_batch,
+            "modrun-registry",
+        )
+        .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
         let checkpoints = Connection::open(&path).map_err(|e| {
             fail(format!(
                 "cannot open it for checkpoints: {}",
@@ -145,16 +143,15 @@ impl SqliteStore {
             ))
         })?;
         let (stop_checkpoints, stopped) = mpsc::channel();
-        let (watched, wake_writer) = (shared.clone(), writes.clone());
+        let watched = backend::FileCheck::new(&path);
+        let wake_writer = writes.sender().ok_or(Error::RegistryClosed)?;
         let checkpointer = std::thread::Builder::new()
             .name("modrun-checkpoint".into())
-            .spawn(move || checkpoint_loop(&checkpoints, &stopped, &watched, &wake_writer))
+            .spawn(move || checkpoint_loop(&checkpoints, &stopped, &shared, &watched, &wake_writer))
             .map_err(|e| fail(format!("cannot start its checkpoint thread: {e}")))?;
 
         Ok(SqliteStore {
-            shared,
-            writes: Some(writes),
-            writer: Some(writer),
+            writes,
             stop_checkpoints: Some(stop_checkpoints),
             checkpointer: Some(checkpointer),
             readers: Mutex::new(Vec::new()),
@@ -166,32 +163,7 @@ impl SqliteStore {
     /// The database file.
     #[must_use]
     pub fn path(&self) -> &Path {
-        &self.shared.path
-    }
-
-    /// Queues a write and waits for its commit.
-    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T> {
-        let (reply, answer) = oneshot::channel();
-        self.enqueue(make(reply))?;
-        answer.await.map_err(|_| Error::RegistryClosed)?
-    }
-
-    /// Queues a write that someone waits on, unless the file is known to
-    /// be unwritable: then it is refused at once, without queueing.
-    async fn write_or_refuse<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T> {
-        if let Some(reason) = self.shared.unavailable() {
-            return Err(Error::RegistryUnavailable { reason });
-        }
-        self.write(make).await
-    }
-
-    /// Hands a write to the writer thread, in order with all the others.
-    fn enqueue(&self, write: Write) -> Result<()> {
-        self.writes
-            .as_ref()
-            .ok_or(Error::RegistryClosed)?
-            .send(write)
-            .map_err(|_| Error::RegistryClosed)
+        &self.writes.shared.path
     }
 
     /// Runs `query` on a pooled read connection, off the async threads.
@@ -202,7 +174,7 @@ impl SqliteStore {
         let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let conn = match pooled {
             Some(conn) => conn,
-            None => open_read_only(&self.shared.path).map_err(|e| self.error(&e))?,
+            None => open_read_only(self.path()).map_err(|e| self.error(&e))?,
         };
         let (conn, result) = tokio::task::spawn_blocking(move || {
             let result = query(&conn);
@@ -218,20 +190,17 @@ impl SqliteStore {
     }
 
     fn error(&self, e: &rusqlite::Error) -> Error {
-        storage_error(&self.shared.path, e)
+        storage_error(self.path(), e)
     }
 }
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        // Closing the queue ends the writer once it has committed what it
-        // holds; waiting for it means the file is complete when we return.
-        drop(self.writes.take());
+        // The checkpoint thread can wake the writer: it ends first, then
+        // the writer (as `writes` is dropped) once it has committed what
+        // it holds, so the file is complete when we return.
         drop(self.stop_checkpoints.take());
-        for thread in [self.writer.take(), self.checkpointer.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(thread) = self.checkpointer.take() {
             let _ = thread.join();
         }
     }
@@ -240,18 +209,11 @@ impl Drop for SqliteStore {
 #[async_trait]
 impl RunStore for SqliteStore {
     async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
-        check_times(run)?;
-        self.write_or_refuse(|reply| Write::Insert(run.clone(), existing, reply))
-            .await
+        self.writes.insert(run, existing).await
     }
 
     async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()> {
-        check_times(run)?;
-        if let Some(change) = change {
-            check_time(change.at)?;
-        }
-        self.write_or_refuse(|reply| Write::Replace(run.clone(), change.cloned(), reply))
-            .await
+        self.writes.replace(run, change).await
     }
 
     async fn transition(
@@ -259,35 +221,23 @@ impl RunStore for SqliteStore {
         change: &Transition,
         unavailable: OnUnavailable,
     ) -> Result<Option<String>> {
-        check_time(change.at)?;
-        let write = |reply| Write::Transition(change.clone(), unavailable, reply);
-        match unavailable {
-            OnUnavailable::Refuse => self.write_or_refuse(write).await,
-            OnUnavailable::Hold => self.write(write).await,
-        }
+        self.writes.transition(change, unavailable).await
     }
 
     async fn set_progress(&self, run_id: &str, progress: &Progress) -> Result<Option<String>> {
-        self.write_or_refuse(|reply| Write::Progress(run_id.to_owned(), progress.clone(), reply))
-            .await
+        self.writes.set_progress(run_id, progress).await
     }
 
     fn record_progress(&self, run_id: &str, progress: &Progress) -> Result<()> {
-        // The latest report of each run waits in a map, whatever the rate
-        // of reports: the queue holds one entry for all of them.
-        if self.shared.report_progress(run_id, progress) {
-            self.enqueue(Write::ReportedProgress)?;
-        }
-        Ok(())
+        self.writes.record_progress(run_id, progress)
     }
 
     async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
-        self.write_or_refuse(|reply| Write::Log(run_id.to_owned(), log.to_vec(), Some(reply)))
-            .await
+        self.writes.set_log(run_id, log).await
     }
 
     fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()> {
-        self.enqueue(Write::Log(run_id.to_owned(), log, None))
+        self.writes.record_log(run_id, log)
     }
 
     async fn get(&self, run_id: &str) -> Result<Option<Run>> {
@@ -313,16 +263,15 @@ impl RunStore for SqliteStore {
     }
 
     async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {
-        self.write_or_refuse(|reply| Write::Cleanup(cutoff, reply))
-            .await
+        self.writes.cleanup(cutoff).await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.write_or_refuse(Write::Flush).await
+        self.writes.flush().await
     }
 
     fn health(&self) -> StoreHealth {
-        self.shared.health()
+        self.writes.shared.health()
     }
 }
 
@@ -340,10 +289,11 @@ fn checkpoint_loop(
     conn: &Connection,
     stop: &mpsc::Receiver<()>,
     shared: &Shared,
+    file: &backend::FileCheck,
     writer: &mpsc::Sender<Write>,
 ) {
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
-        if shared.unavailable().is_none() && shared.check_file().is_err() {
+        if shared.unavailable().is_none() && file.check().is_err() {
             let _ = writer.send(Write::Check);
             continue;
         }

@@ -4,7 +4,8 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::error::{Error, Result};
+use crate::error::Error;
+use crate::registry::writer::Outcome;
 use crate::registry::{Existing, RunCursor, RunFilter, RunSummary};
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
 
@@ -18,14 +19,6 @@ const RUN_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, s
 const SUMMARY_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
      completed_at, exit_code, substr(error_message, 1, 1024), length(error_message), \
      progress_fraction, progress_message, module_version";
-
-/// What one write did, before it is committed.
-pub(super) enum Outcome {
-    Done,
-    Applied(Option<String>),
-    Count(usize),
-    Failed(Error),
-}
 
 /// What the write path needs of a stored run.
 pub(super) struct Stored {
@@ -426,22 +419,6 @@ pub(super) fn log_text(log: &[LogEntry]) -> rusqlite::Result<Option<String>> {
 
 pub(super) fn json_text<T: serde::Serialize>(value: &T) -> rusqlite::Result<String> {
     serde_json::to_string(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))
-}
-
-/// Checks what [`nanos`] would refuse before a write is queued, so that one
-/// caller's bad value fails that caller alone, not the batch it would share.
-pub(super) fn check_times(run: &Run) -> Result<()> {
-    [Some(run.created_at), run.started_at, run.completed_at]
-        .into_iter()
-        .flatten()
-        .try_for_each(check_time)
-}
-
-pub(super) fn check_time(at: DateTime<Utc>) -> Result<()> {
-    match at.timestamp_nanos_opt() {
-        Some(_) => Ok(()),
-        None => Err(Error::TimeOutOfRange(at)),
-    }
 }
 
 pub(super) fn nanos(at: DateTime<Utc>) -> rusqlite::Result<i64> {

@@ -1,31 +1,63 @@
-//! The writer thread: every write of a [`SqliteStore`](super::SqliteStore)
-//! goes through it, in order, many to a transaction (group commit).
+//! The writer thread of a database store: every write goes through it, in
+//! order, many to a transaction (group commit). The SQLite and the
+//! PostgreSQL stores share it; each gives it a [`Backend`] that applies a
+//! batch in one transaction.
 //!
-//! When the file cannot be written for now (the disk is full, another
-//! process holds a lock, the file was deleted), a write either waits or is
-//! refused, as it asked ([`OnUnavailable`]). What waits — a run's own
+//! When the database cannot be written for now (the disk is full, another
+//! process holds a lock, the file was deleted, the server is unreachable),
+//! a write either waits or is refused, as it asked ([`OnUnavailable`]). What waits — a run's own
 //! status changes, its progress, its log — is held in order and retried with
 //! backoff until it commits, so no run is left `running` because one commit
 //! failed; what is refused — a start, a cancel — hears why at once, so a
 //! caller is never told something happened that the file does not hold.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
-use super::schema::{describe, unavailable_reason};
-use super::sql::{self, Outcome};
 use crate::error::{Error, Result};
 use crate::registry::{Existing, OnUnavailable, StoreHealth};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// What one write did, before it is committed.
+pub(super) enum Outcome {
+    Done,
+    Applied(Option<String>),
+    Count(usize),
+    Failed(Error),
+}
+
+/// Why a batch was not committed.
+pub(super) enum NotCommitted {
+    /// The database cannot be written for now, and why: the batch is held
+    /// or refused, and tried again.
+    Unavailable(String),
+    /// The database refused the batch (a value it rejects): every write of
+    /// it fails with this message.
+    Rejected(String),
+}
+
+/// A database as the writer thread drives it.
+pub(super) trait Backend: Send + 'static {
+    /// Applies `batch` in one transaction and commits it, returning each
+    /// write's outcome in order. A refusal by the status rules is
+    /// `Outcome::Failed` and writes nothing; an empty batch checks that
+    /// the database can be written again.
+    fn commit(&mut self, batch: &[Write]) -> Result<Vec<Outcome>, NotCommitted>;
+
+    /// Whether the database is still the one the store opened (`Err`: why
+    /// not, as a reason to report).
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 /// One write, queued for the writer thread.
 pub(super) enum Write {
@@ -63,23 +95,22 @@ impl Write {
 
 /// What the store and its writer thread share.
 pub(super) struct Shared {
+    /// Where the database is, as messages name it (a path, or a server
+    /// address without its password).
     pub(super) path: PathBuf,
-    /// The file the store opened, to notice it deleted or replaced.
-    identity: Option<FileIdentity>,
-    /// Why the file cannot be written now; `None` while it can.
+    /// Why the database cannot be written now; `None` while it can.
     unavailable: Mutex<Option<String>>,
     /// Progress reports not yet taken by the writer: the latest of each run.
     /// Bounded by the number of active runs, however often they report.
     progress: Mutex<HashMap<String, Progress>>,
-    /// Writes waiting for the file to be writable again.
+    /// Writes waiting for the database to be writable again.
     held: AtomicUsize,
 }
 
 impl Shared {
-    /// State for the registry file at `path`, which must be open already.
+    /// State for the database at `path`.
     pub(super) fn new(path: PathBuf) -> Shared {
         Shared {
-            identity: file_identity(&path),
             path,
             unavailable: Mutex::new(None),
             progress: Mutex::new(HashMap::new()),
@@ -118,26 +149,7 @@ impl Shared {
         lock(&self.progress).drain().collect()
     }
 
-    /// Whether the registry's path still names the file the store opened:
-    /// after a deletion the store would write into a file nobody can open
-    /// again, and everything committed there would be lost at the next start.
-    pub(super) fn check_file(&self) -> Result<(), String> {
-        let path = self.path.display();
-        match std::fs::metadata(&self.path) {
-            Ok(metadata) if Some(identity_of(&metadata)) == self.identity => Ok(()),
-            Ok(_) => Err(format!(
-                "the registry file {path} was replaced by another file while modrun had it \
-                 open: put the original back, or restart modrun"
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
-                "the registry file {path} was deleted while modrun had it open: put it back, \
-                 or restart modrun to start a new registry"
-            )),
-            Err(e) => Err(format!("cannot check the registry file {path}: {e}")),
-        }
-    }
-
-    fn set_unavailable(&self, reason: Option<String>) {
+    pub(super) fn set_unavailable(&self, reason: Option<String>) {
         let mut unavailable = lock(&self.unavailable);
         match (&*unavailable, &reason) {
             (None, Some(reason)) => {
@@ -170,17 +182,17 @@ const BUSY_BATCH: usize = 8;
 /// How long a busy writer keeps looking for more work before it sleeps.
 const WRITER_LINGER: Duration = Duration::from_micros(200);
 
-/// The writer thread's connection and what it checks before each commit.
-pub(super) struct Writer {
-    conn: Connection,
+/// The writer thread's database and what it shares with the store.
+pub(super) struct Writer<B> {
+    backend: B,
     shared: Arc<Shared>,
     max_batch: usize,
 }
 
-impl Writer {
-    pub(super) fn new(conn: Connection, shared: Arc<Shared>, max_batch: usize) -> Writer {
+impl<B: Backend> Writer<B> {
+    pub(super) fn new(backend: B, shared: Arc<Shared>, max_batch: usize) -> Writer<B> {
         Writer {
-            conn,
+            backend,
             shared,
             max_batch: max_batch.max(1),
         }
@@ -246,11 +258,12 @@ impl Writer {
     }
 
     /// Applies a batch in one transaction and answers every write once it
-    /// is committed. `Err` is why the file cannot be written: the batch is
-    /// left as it was, for the caller to hold or refuse. A write the status
-    /// rules refuse fails alone; a value SQLite rejects fails the batch.
+    /// is committed. `Err` is why the database cannot be written: the batch
+    /// is left as it was, for the caller to hold or refuse. A write the
+    /// status rules refuse fails alone; a value the database rejects fails
+    /// the batch.
     fn commit(&mut self, batch: &mut Vec<Write>) -> Result<(), String> {
-        if let Err(reason) = self.shared.check_file() {
+        if let Err(reason) = self.backend.check() {
             self.shared.set_unavailable(Some(reason.clone()));
             return Err(reason);
         }
@@ -259,73 +272,33 @@ impl Writer {
                 *write = Write::TakenProgress(self.shared.take_progress());
             }
         }
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let committed = (|| {
-            let tx = self
-                .conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            if batch.is_empty() {
-                // Nothing to write, but the file was unavailable: a real
-                // write (the header page) tells whether it is writable again.
-                let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-                tx.pragma_update(None, "user_version", version)?;
+        let outcomes = match self.backend.commit(batch) {
+            Ok(outcomes) => {
+                self.shared.set_unavailable(None);
+                outcomes
             }
-            for write in batch.iter() {
-                outcomes.push(apply(&tx, write)?);
+            Err(NotCommitted::Unavailable(reason)) => {
+                self.shared.set_unavailable(Some(reason.clone()));
+                return Err(reason);
             }
-            tx.commit()
-        })();
-        match committed {
-            Ok(()) => self.shared.set_unavailable(None),
-            Err(e) => match unavailable_reason(&e) {
-                Some(reason) => {
-                    self.shared.set_unavailable(Some(reason.clone()));
-                    return Err(reason);
-                }
-                None => {
-                    tracing::error!(path = %self.shared.path.display(), error = %e, "run registry commit failed");
-                    let message = format!(
-                        "a write failed, nothing of its batch was kept: {}",
-                        describe(&e)
-                    );
-                    outcomes = (0..batch.len())
-                        .map(|_| {
-                            Outcome::Failed(Error::Database {
-                                path: self.shared.path.clone(),
-                                message: message.clone(),
-                            })
+            Err(NotCommitted::Rejected(message)) => {
+                tracing::error!(path = %self.shared.path.display(), error = %message, "run registry commit failed");
+                let message = format!("a write failed, nothing of its batch was kept: {message}");
+                (0..batch.len())
+                    .map(|_| {
+                        Outcome::Failed(Error::Database {
+                            path: self.shared.path.clone(),
+                            message: message.clone(),
                         })
-                        .collect();
-                }
-            },
-        }
+                    })
+                    .collect()
+            }
+        };
         for (write, outcome) in batch.drain(..).zip(outcomes) {
             answer(write, outcome);
         }
         Ok(())
     }
-}
-
-/// Which file a path names (device and inode), to notice it replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileIdentity(u64, u64);
-
-fn file_identity(path: &Path) -> Option<FileIdentity> {
-    std::fs::metadata(path)
-        .ok()
-        .map(|metadata| identity_of(&metadata))
-}
-
-#[cfg(unix)]
-fn identity_of(metadata: &std::fs::Metadata) -> FileIdentity {
-    use std::os::unix::fs::MetadataExt;
-    FileIdentity(metadata.dev(), metadata.ino())
-}
-
-/// Elsewhere only a deleted file is noticed.
-#[cfg(not(unix))]
-fn identity_of(_: &std::fs::Metadata) -> FileIdentity {
-    FileIdentity(0, 0)
 }
 
 /// Waits `backoff` before held writes are tried again, taking in new
@@ -421,48 +394,156 @@ fn answer(write: Write, outcome: Outcome) {
     }
 }
 
-/// Applies one write inside the batch's transaction. `Err` is a database
-/// failure (it aborts the batch); a refusal by the status rules is
-/// `Ok(Outcome::Failed)` and writes nothing.
-fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outcome> {
-    Ok(match write {
-        Write::Insert(run, existing, _) => sql::insert(tx, run, *existing)?,
-        Write::Replace(run, change, _) => sql::replace(tx, run, change.as_ref())?,
-        Write::Transition(change, ..) => Outcome::Applied(sql::apply_transition(tx, change)?),
-        Write::Progress(run_id, progress, _) => {
-            Outcome::Applied(apply_progress(tx, run_id, progress)?)
-        }
-        Write::ReportedProgress => Outcome::Done,
-        Write::TakenProgress(reports) => {
-            for (run_id, progress) in reports {
-                apply_progress(tx, run_id, progress)?;
-            }
-            Outcome::Done
-        }
-        Write::Log(run_id, log, _) => Outcome::Count(
-            tx.prepare_cached("UPDATE runs SET log = ?2 WHERE run_id = ?1")?
-                .execute(params![run_id, sql::log_text(log)?])?,
-        ),
-        Write::Cleanup(cutoff, _) => Outcome::Count(sql::delete_finished_before(tx, *cutoff)?),
-        Write::Flush(_) | Write::Check => Outcome::Done,
-    })
+/// The store's side of the writer thread: hands it writes, in order, and
+/// waits for their commit. Dropping it lets the writer commit what it has,
+/// then waits for the thread to end.
+pub(super) struct Queue {
+    pub(super) shared: Arc<Shared>,
+    writes: Option<mpsc::Sender<Write>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Records progress of an active run; returns its module id, `None` if the
-/// run is unknown or finished.
-fn apply_progress(
-    tx: &rusqlite::Transaction<'_>,
-    run_id: &str,
-    progress: &Progress,
-) -> rusqlite::Result<Option<String>> {
-    match sql::current(tx, run_id)? {
-        Some(stored) if stored.status.is_active() => {
-            tx.prepare_cached(
-                "UPDATE runs SET progress_fraction = ?2, progress_message = ?3 WHERE id = ?1",
-            )?
-            .execute(params![stored.id, progress.fraction, progress.message])?;
-            Ok(Some(stored.module_id))
+impl Queue {
+    /// Starts the writer thread `name` over `backend`.
+    pub(super) fn start<B: Backend>(
+        backend: B,
+        shared: Arc<Shared>,
+        max_batch: usize,
+        name: &str,
+    ) -> std::io::Result<Queue> {
+        let (writes, queue) = mpsc::channel();
+        let writer = Writer::new(backend, shared.clone(), max_batch);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || writer.run(&queue))?;
+        Ok(Queue {
+            shared,
+            writes: Some(writes),
+            thread: Some(thread),
+        })
+    }
+
+    /// Another way in for writes (a thread that wakes the writer).
+    pub(super) fn sender(&self) -> Option<mpsc::Sender<Write>> {
+        self.writes.clone()
+    }
+
+    /// Queues a write and waits for its commit.
+    async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.enqueue(make(reply))?;
+        answer.await.map_err(|_| Error::RegistryClosed)?
+    }
+
+    /// Queues a write that someone waits on, unless the database is known
+    /// to be unwritable: then it is refused at once, without queueing.
+    async fn write_or_refuse<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T> {
+        if let Some(reason) = self.shared.unavailable() {
+            return Err(Error::RegistryUnavailable { reason });
         }
-        _ => Ok(None),
+        self.write(make).await
+    }
+
+    /// Hands a write to the writer thread, in order with all the others.
+    fn enqueue(&self, write: Write) -> Result<()> {
+        self.writes
+            .as_ref()
+            .ok_or(Error::RegistryClosed)?
+            .send(write)
+            .map_err(|_| Error::RegistryClosed)
+    }
+
+    // The writes of `RunStore`, for the stores to forward.
+
+    pub(super) async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
+        check_times(run)?;
+        self.write_or_refuse(|reply| Write::Insert(run.clone(), existing, reply))
+            .await
+    }
+
+    pub(super) async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()> {
+        check_times(run)?;
+        if let Some(change) = change {
+            check_time(change.at)?;
+        }
+        self.write_or_refuse(|reply| Write::Replace(run.clone(), change.cloned(), reply))
+            .await
+    }
+
+    pub(super) async fn transition(
+        &self,
+        change: &Transition,
+        unavailable: OnUnavailable,
+    ) -> Result<Option<String>> {
+        check_time(change.at)?;
+        let write = |reply| Write::Transition(change.clone(), unavailable, reply);
+        match unavailable {
+            OnUnavailable::Refuse => self.write_or_refuse(write).await,
+            OnUnavailable::Hold => self.write(write).await,
+        }
+    }
+
+    pub(super) async fn set_progress(
+        &self,
+        run_id: &str,
+        progress: &Progress,
+    ) -> Result<Option<String>> {
+        self.write_or_refuse(|reply| Write::Progress(run_id.to_owned(), progress.clone(), reply))
+            .await
+    }
+
+    pub(super) fn record_progress(&self, run_id: &str, progress: &Progress) -> Result<()> {
+        // The latest report of each run waits in a map, whatever the rate
+        // of reports: the queue holds one entry for all of them.
+        if self.shared.report_progress(run_id, progress) {
+            self.enqueue(Write::ReportedProgress)?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
+        self.write_or_refuse(|reply| Write::Log(run_id.to_owned(), log.to_vec(), Some(reply)))
+            .await
+    }
+
+    pub(super) fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()> {
+        self.enqueue(Write::Log(run_id.to_owned(), log, None))
+    }
+
+    pub(super) async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {
+        self.write_or_refuse(|reply| Write::Cleanup(cutoff, reply))
+            .await
+    }
+
+    pub(super) async fn flush(&self) -> Result<()> {
+        self.write_or_refuse(Write::Flush).await
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer once it has committed what it
+        // holds; waiting for it means the database is complete when we return.
+        drop(self.writes.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Checks what the stores refuse to write (times they store as nanoseconds)
+/// before a write is queued, so that one caller's bad value fails that
+/// caller alone, not the batch it would share.
+fn check_times(run: &Run) -> Result<()> {
+    [Some(run.created_at), run.started_at, run.completed_at]
+        .into_iter()
+        .flatten()
+        .try_for_each(check_time)
+}
+
+fn check_time(at: DateTime<Utc>) -> Result<()> {
+    match at.timestamp_nanos_opt() {
+        Some(_) => Ok(()),
+        None => Err(Error::TimeOutOfRange(at)),
     }
 }
