@@ -5,7 +5,8 @@
 //! keeps the rules that do not depend on where runs are stored — which status
 //! changes are allowed, what a history entry is, which events to publish —
 //! while a [`RunStore`] does the storing: [`MemoryStore`] for tests and
-//! embedding, [`SqliteStore`] for a registry that survives restarts and crashes.
+//! embedding, [`SqliteStore`] for a registry that survives restarts and
+//! crashes, [`PostgresStore`] for one on a database server.
 //!
 //! A store that cannot write for a while (a full disk, a lock held by
 //! another process) says so in [`RunRegistry::health`]; starts and cancels
@@ -14,6 +15,7 @@
 //! once it can write again ([`RunRegistry::hold_transition`]).
 
 mod memory;
+mod postgres;
 mod sqlite;
 mod writer;
 
@@ -27,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub use memory::MemoryStore;
+pub use postgres::{PostgresOptions, PostgresStore, STATEMENT_WAIT};
 pub use sqlite::{INTERRUPTED, SqliteOptions, SqliteReader, SqliteStore, Synchronous};
 
 use crate::error::Result;
@@ -350,6 +353,15 @@ impl RunRegistry {
             path,
             SqliteOptions::default(),
         )?))
+    }
+
+    /// A registry in a PostgreSQL database (`postgres://user@host:port/db`),
+    /// in the schema `modrun`, created or migrated as needed; see
+    /// [`PostgresStore::connect`].
+    pub async fn open_postgres(url: &str) -> Result<RunRegistry> {
+        Ok(RunRegistry::new(
+            PostgresStore::connect(url, PostgresOptions::default()).await?,
+        ))
     }
 
     /// Records a new run. Its history starts with its status at `created_at`.

@@ -26,6 +26,17 @@ macro_rules! contract {
                 }
             )*
         }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(backend) = crate::support::postgres_registry().await else {
+                        return;
+                    };
+                    super::$name(backend.registry.clone()).await;
+                }
+            )*
+        }
     };
 }
 
@@ -44,6 +55,7 @@ contract!(
     subscribers_see_every_change_in_order,
     racing_terminal_changes_have_exactly_one_winner,
     status_changes_stay_cheap_with_many_runs,
+    hostile_text_is_stored,
 );
 
 fn sample_run(module: &str) -> Run {
@@ -521,4 +533,32 @@ async fn status_changes_stay_cheap_with_many_runs(registry: RunRegistry) {
         2_000
     );
     assert_eq!(registry.recent_runs(10).await.unwrap().len(), 10);
+}
+
+async fn hostile_text_is_stored(registry: RunRegistry) {
+    // A module names itself and fails as it likes: a NUL character in
+    // either must not make its run's writes fail (PostgreSQL text cannot
+    // hold one, and stores it as U+FFFD).
+    let run = Run::new("nul", "a\0name 🌍");
+    registry.add_run(&run).await.unwrap();
+    assert!(
+        registry
+            .transition(&Transition::running(&run.run_id))
+            .await
+            .unwrap()
+    );
+    assert!(
+        registry
+            .transition(&Transition::failed(&run.run_id, 1, "bad\0news"))
+            .await
+            .unwrap()
+    );
+    let stored = registry.get_run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Failed);
+    let message = stored.error_message.unwrap();
+    assert!(
+        message == "bad\0news" || message == "bad\u{FFFD}news",
+        "{message:?}"
+    );
+    assert!(stored.module_name.ends_with("name 🌍"));
 }

@@ -27,6 +27,38 @@ pub fn sqlite_registry() -> TestRegistry {
     }
 }
 
+/// The PostgreSQL server the tests use (`DATABASE_URL`); `None`, after
+/// saying the test was skipped, when none is set (never in CI).
+pub fn database_url() -> Option<String> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => require_or_skip("a PostgreSQL server: set DATABASE_URL=postgres://user@host:port/db"),
+    }
+}
+
+/// A schema name no other test uses, so that tests sharing one server
+/// never see each other's runs.
+pub fn fresh_schema() -> String {
+    format!("test_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A registry in a fresh schema of the test server; `None` when there is
+/// no server (see [`database_url`]).
+pub async fn postgres_registry() -> Option<TestRegistry> {
+    let url = database_url()?;
+    let options = modrun::registry::PostgresOptions {
+        schema: fresh_schema(),
+        ..modrun::registry::PostgresOptions::default()
+    };
+    let store = modrun::registry::PostgresStore::connect(&url, options)
+        .await
+        .expect("connect to the test PostgreSQL server");
+    Some(TestRegistry {
+        registry: RunRegistry::new(store),
+        _dir: None,
+    })
+}
+
 /// Polls until the run has `status`, failing the test after [`DEADLINE`].
 pub async fn wait_for_status(registry: &RunRegistry, run_id: &str, status: RunStatus) -> Run {
     let start = Instant::now();

@@ -1,0 +1,482 @@
+//! The PostgreSQL backend: a registry on a database server, which several
+//! modrun nodes can share.
+//!
+//! # What is durable when
+//!
+//! Writes go through the same writer thread as the SQLite store's (group
+//! commit: everything queued is applied in one transaction), on a
+//! connection of its own. When a [`RunStore`] method returns, its change
+//! is committed on the server. Reads use a pool of other connections
+//! (deadpool) and see committed data only.
+//!
+//! # When the server cannot be reached
+//!
+//! A server that is down, restarting, refusing connections, out of disk,
+//! or silent for longer than [`STATEMENT_WAIT`]: the store reports itself
+//! unavailable ([`RunStore::health`]), refuses the writes someone waits on
+//! with [`Error::RegistryUnavailable`], and holds a run's own updates,
+//! reconnecting with backoff until they commit. Nothing is dropped silently.
+//!
+//! # Where the tables live
+//!
+//! In a schema of their own (`modrun` unless [`PostgresOptions::schema`]
+//! says otherwise), created with its tables on first use. Migrations are
+//! plain SQL files applied in order and recorded in the schema's
+//! `schema_version` table, under an advisory lock so that nodes starting
+//! together do not race. Text cannot hold NUL characters in PostgreSQL:
+//! a NUL in a name, a message or an error is stored as U+FFFD.
+
+mod sql;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use super::writer::{Backend, NotCommitted, Outcome, Queue, Shared, Write};
+use super::{Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth};
+use crate::error::{Error, Result};
+use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
+use sql::{Prepared, ReadError};
+
+/// The migrations, in order: version `n` is the `n`-th file.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+
+/// The longest the writer waits for the server to answer a batch (or a
+/// connection attempt) before it counts the server unavailable.
+pub const STATEMENT_WAIT: Duration = Duration::from_secs(10);
+
+/// How a [`PostgresStore`] is opened.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// The schema that holds modrun's tables: 1 to 63 lowercase letters,
+    /// digits and underscores, not starting with a digit.
+    pub schema: String,
+    /// The most writes committed in one transaction.
+    pub max_batch: usize,
+    /// The most connections kept open for reads.
+    pub readers: usize,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> PostgresOptions {
+        PostgresOptions {
+            schema: "modrun".into(),
+            max_batch: 4096,
+            readers: 8,
+        }
+    }
+}
+
+/// Runs in a PostgreSQL database. See the [module documentation](self).
+pub struct PostgresStore {
+    writes: Queue,
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("database", &self.writes.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (a `postgres://` URL, or
+    /// `key=value` settings), creates or migrates modrun's tables, and
+    /// starts the writer.
+    ///
+    /// Fails with [`Error::Database`] saying why if the URL is malformed,
+    /// the server cannot be reached, or its tables were written by a newer
+    /// modrun.
+    pub async fn connect(url: &str, options: PostgresOptions) -> Result<PostgresStore> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| Error::Database {
+            path: PathBuf::from("(database URL)"),
+            message: format!("the database URL is not valid: {e}"),
+        })?;
+        let place = describe_place(&config);
+        let fail = |message: String| Error::Database {
+            path: place.clone(),
+            message,
+        };
+        check_schema_name(&options.schema).map_err(fail)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(STATEMENT_WAIT);
+        }
+        config.keepalives_idle(Duration::from_secs(10));
+        config.options(format!("-c search_path={}", options.schema));
+        config.application_name("modrun");
+
+        let (mut client, connection) = tokio::time::timeout(STATEMENT_WAIT, config.connect(NoTls))
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "the server did not answer within {STATEMENT_WAIT:?}"
+                ))
+            })?
+            .map_err(|e| fail(format!("cannot connect: {}", describe(&e))))?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let migrated = migrate(&mut client, &options.schema).await;
+        drop(client);
+        let _ = driver.await;
+        migrated.map_err(fail)?;
+
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.readers.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(STATEMENT_WAIT))
+            .create_timeout(Some(STATEMENT_WAIT))
+            .recycle_timeout(Some(STATEMENT_WAIT))
+            .build()
+            .map_err(|e| fail(format!("cannot set up its connection pool: {e}")))?;
+
+        let shared = Arc::new(Shared::new(place.clone()));
+        let backend = PgBackend::new(config).map_err(|e| fail(e.to_string()))?;
+        let writes = Queue::start(backend, shared, options.max_batch, "modrun-postgres")
+            .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
+        Ok(PostgresStore { writes, pool })
+    }
+
+    /// Runs a read on a pooled connection.
+    async fn read<T>(
+        &self,
+        query: impl AsyncFnOnce(&deadpool_postgres::ClientWrapper) -> Result<T, ReadError>,
+    ) -> Result<T> {
+        let client = self.pool.get().await.map_err(|e| self.pool_error(&e))?;
+        match tokio::time::timeout(STATEMENT_WAIT, query(&client)).await {
+            Err(_) => Err(Error::RegistryUnavailable {
+                reason: format!(
+                    "the database server did not answer within {STATEMENT_WAIT:?}: check that \
+                     it is up and reachable"
+                ),
+            }),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(ReadError::Corrupt(e))) => Err(e),
+            Ok(Err(ReadError::Database(e))) => Err(match unavailable_reason(&e) {
+                Some(reason) => Error::RegistryUnavailable { reason },
+                None => Error::Database {
+                    path: self.writes.shared.path.clone(),
+                    message: describe(&e),
+                },
+            }),
+        }
+    }
+
+    fn pool_error(&self, e: &deadpool_postgres::PoolError) -> Error {
+        use deadpool_postgres::PoolError;
+        let reason = match e {
+            PoolError::Backend(e) => match unavailable_reason(e) {
+                Some(reason) => reason,
+                None => {
+                    return Error::Database {
+                        path: self.writes.shared.path.clone(),
+                        message: describe(e),
+                    };
+                }
+            },
+            PoolError::Timeout(_) => format!(
+                "no connection to the database server within {STATEMENT_WAIT:?}: check that it \
+                 is up and reachable"
+            ),
+            other => other.to_string(),
+        };
+        Error::RegistryUnavailable { reason }
+    }
+}
+
+#[async_trait]
+impl RunStore for PostgresStore {
+    async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
+        self.writes.insert(run, existing).await
+    }
+
+    async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()> {
+        self.writes.replace(run, change).await
+    }
+
+    async fn transition(
+        &self,
+        change: &Transition,
+        unavailable: OnUnavailable,
+    ) -> Result<Option<String>> {
+        self.writes.transition(change, unavailable).await
+    }
+
+    async fn set_progress(&self, run_id: &str, progress: &Progress) -> Result<Option<String>> {
+        self.writes.set_progress(run_id, progress).await
+    }
+
+    fn record_progress(&self, run_id: &str, progress: &Progress) -> Result<()> {
+        self.writes.record_progress(run_id, progress)
+    }
+
+    async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
+        self.writes.set_log(run_id, log).await
+    }
+
+    fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()> {
+        self.writes.record_log(run_id, log)
+    }
+
+    async fn get(&self, run_id: &str) -> Result<Option<Run>> {
+        self.read(async |client| sql::select_run(client, run_id).await)
+            .await
+    }
+
+    async fn list(&self, filter: &RunFilter) -> Result<Vec<Run>> {
+        self.read(async |client| sql::select_runs(client, filter).await)
+            .await
+    }
+
+    async fn list_summaries(&self, filter: &RunFilter) -> Result<Vec<RunSummary>> {
+        self.read(async |client| sql::select_summaries(client, filter).await)
+            .await
+    }
+
+    async fn history(&self, run_id: &str) -> Result<Vec<StatusChange>> {
+        self.read(async |client| sql::select_history(client, run_id).await)
+            .await
+    }
+
+    async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {
+        self.writes.cleanup(cutoff).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.writes.flush().await
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.writes.shared.health()
+    }
+}
+
+/// The writer's connection, made (and remade after a loss) on a runtime of
+/// the writer thread's own.
+struct PgBackend {
+    runtime: tokio::runtime::Runtime,
+    config: tokio_postgres::Config,
+    session: Option<Session>,
+}
+
+struct Session {
+    client: tokio_postgres::Client,
+    prepared: Prepared,
+}
+
+impl PgBackend {
+    fn new(config: tokio_postgres::Config) -> std::io::Result<PgBackend> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(PgBackend {
+            runtime,
+            config,
+            session: None,
+        })
+    }
+
+    async fn connect(config: &tokio_postgres::Config) -> Result<Session, NotCommitted> {
+        let (client, connection) = config.connect(NoTls).await.map_err(|e| not_committed(&e))?;
+        // Driven by this thread's runtime, during each `block_on`.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Session {
+            client,
+            prepared: Prepared::default(),
+        })
+    }
+
+    async fn try_commit(
+        config: &tokio_postgres::Config,
+        session: &mut Option<Session>,
+        batch: &[Write],
+    ) -> Result<Vec<Outcome>, NotCommitted> {
+        if session.as_ref().is_none_or(|s| s.client.is_closed()) {
+            *session = Some(PgBackend::connect(config).await?);
+        }
+        let Session { client, prepared } = session.as_mut().expect("connected above");
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let tx = client.transaction().await.map_err(|e| not_committed(&e))?;
+        for write in batch {
+            match sql::apply(&tx, prepared, write).await {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(e) => return Err(not_committed(&e)),
+            }
+        }
+        tx.commit().await.map_err(|e| not_committed(&e))?;
+        Ok(outcomes)
+    }
+}
+
+impl Backend for PgBackend {
+    fn commit(&mut self, batch: &[Write]) -> Result<Vec<Outcome>, NotCommitted> {
+        let PgBackend {
+            runtime,
+            config,
+            session,
+        } = self;
+        let committed = runtime.block_on(async {
+            tokio::time::timeout(
+                STATEMENT_WAIT,
+                PgBackend::try_commit(config, session, batch),
+            )
+            .await
+        });
+        let result = committed.unwrap_or_else(|_| {
+            Err(NotCommitted::Unavailable(format!(
+                "the database server did not answer within {STATEMENT_WAIT:?}: check that it \
+                 is up and reachable"
+            )))
+        });
+        if matches!(result, Err(NotCommitted::Unavailable(_))) {
+            // The connection may be half-open or mid-transaction: start afresh.
+            *session = None;
+        }
+        result
+    }
+}
+
+/// Creates the schema and applies the migrations it lacks, under an
+/// advisory lock that other nodes starting meanwhile wait for.
+async fn migrate(client: &mut tokio_postgres::Client, schema: &str) -> Result<(), String> {
+    let failed = |e: tokio_postgres::Error| format!("cannot set up its tables: {}", describe(&e));
+    let tx = client.transaction().await.map_err(failed)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('modrun schema ' || $1))",
+        &[&schema],
+    )
+    .await
+    .map_err(failed)?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}; \
+         CREATE TABLE IF NOT EXISTS {schema}.schema_version (version INTEGER NOT NULL); \
+         INSERT INTO {schema}.schema_version SELECT 0 \
+         WHERE NOT EXISTS (SELECT 1 FROM {schema}.schema_version);"
+    ))
+    .await
+    .map_err(failed)?;
+    let version: i32 = tx
+        .query_one(&format!("SELECT version FROM {schema}.schema_version"), &[])
+        .await
+        .map_err(failed)?
+        .get(0);
+    let known = i32::try_from(MIGRATIONS.len()).expect("a handful of migrations");
+    if version > known {
+        return Err(format!(
+            "its tables (schema {schema}) were written by a newer modrun (schema version \
+             {version}, this modrun knows up to {known}); upgrade modrun"
+        ));
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(migration).await.map_err(failed)?;
+        tx.execute(
+            &format!("UPDATE {schema}.schema_version SET version = $1"),
+            &[&(index as i32 + 1)],
+        )
+        .await
+        .map_err(failed)?;
+    }
+    tx.commit().await.map_err(failed)
+}
+
+fn check_schema_name(schema: &str) -> Result<(), String> {
+    let mut chars = schema.chars();
+    let valid = (1..=63).contains(&schema.len())
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{schema:?} is not a schema name modrun uses: 1 to 63 lowercase letters, digits \
+             and '_', not starting with a digit"
+        ))
+    }
+}
+
+/// How messages name the database: its address, never its password.
+fn describe_place(config: &tokio_postgres::Config) -> PathBuf {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let database = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or("postgres");
+    PathBuf::from(format!("postgres://{host}:{port}/{database}"))
+}
+
+/// The error as the batch's caller hears it.
+fn not_committed(e: &tokio_postgres::Error) -> NotCommitted {
+    match unavailable_reason(e) {
+        Some(reason) => NotCommitted::Unavailable(reason),
+        None => NotCommitted::Rejected(describe(e)),
+    }
+}
+
+/// Why the database cannot be written for now, if `e` says so: the server
+/// is unreachable, restarting, out of space, or read-only. Anything else
+/// is an answer about the statement itself.
+fn unavailable_reason(e: &tokio_postgres::Error) -> Option<String> {
+    let Some(db) = e.as_db_error() else {
+        return Some(format!(
+            "cannot reach the database server: {}; check that it is up and reachable",
+            describe(e)
+        ));
+    };
+    let code = db.code().code();
+    Some(match code {
+        // Connection exceptions, a server shutting down or starting up,
+        // lost serialization races and deadlocks: try again.
+        _ if code.starts_with("08") || code.starts_with("57P") => {
+            format!("the database server is not taking work: {}", db.message())
+        }
+        "40001" | "40P01" => format!("the database server aborted a commit: {}", db.message()),
+        // Insufficient resources: a full disk, too many connections.
+        _ if code.starts_with("53") => {
+            format!("the database server is out of resources: {}", db.message())
+        }
+        "25006" => {
+            "the database server is read-only (a standby?): point modrun at the primary".to_owned()
+        }
+        _ => return None,
+    })
+}
+
+/// The server's words for an error, with its SQLSTATE, or the client's.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! The SQL of the PostgreSQL registry: each write applied inside the
+//! writer's transaction, and the queries that read runs back.
+//!
+//! The status rules are not decided here: a status change is applied only
+//! from the statuses [`RunStatus::can_become`] allows, passed to the
+//! statement, so that two nodes racing to end one run are ordered by the
+//! row lock and exactly one of them changes it.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::ClientWrapper;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement, Transaction};
+
+use crate::error::Error;
+use crate::registry::writer::{Outcome, Write};
+use crate::registry::{Existing, RunCursor, RunFilter, RunSummary};
+use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
+
+/// The columns of a whole run, in the order `read_run` reads them.
+const RUN_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
+     completed_at, parameters, exit_code, error_message, output, progress_fraction, \
+     progress_message, module_version, log";
+
+/// The columns of a run summary, in the order `read_summary` reads them.
+const SUMMARY_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
+     completed_at, exit_code, substr(error_message, 1, 1024), length(error_message), \
+     progress_fraction, progress_message, module_version";
+
+const INSERT_RUN: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, status, \
+     created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
+     progress_fraction, progress_message, module_version, log, history_len) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1) \
+     ON CONFLICT (run_id) DO NOTHING RETURNING id) \
+     INSERT INTO run_history (run, seq, status, at) SELECT id, 0, $4, $5 FROM r";
+
+const UPDATE_RUN: &str = "UPDATE runs SET module_id = $2, module_name = $3, status = $4, \
+     created_at = $5, started_at = $6, completed_at = $7, parameters = $8, exit_code = $9, \
+     error_message = $10, output = $11, progress_fraction = $12, progress_message = $13, \
+     module_version = $14, log = $15, history_len = $16 WHERE run_id = $1";
+
+const CURRENT: &str =
+    "SELECT id, status, history_len, module_id FROM runs WHERE run_id = $1 FOR UPDATE";
+
+const ADD_HISTORY: &str =
+    "INSERT INTO run_history (run, seq, status, at, message) VALUES ($1, $2, $3, $4, $5)";
+
+/// A terminal change, from one of the statuses in `$7`.
+const END: &str = "WITH u AS (UPDATE runs SET status = $2, completed_at = $3, exit_code = $4, \
+     error_message = $5, output = coalesce($6, output), log = coalesce($8, log), \
+     history_len = history_len + 1 WHERE run_id = $1 AND status = ANY($7) \
+     RETURNING id, history_len, module_id), \
+     h AS (INSERT INTO run_history (run, seq, status, at, message) \
+     SELECT id, history_len - 1, $2, $3, $9 FROM u) \
+     SELECT module_id FROM u";
+
+/// A change to an active status, from one of the statuses in `$4`.
+const MOVE: &str = "WITH u AS (UPDATE runs SET status = $2, started_at = $3, \
+     history_len = history_len + 1 WHERE run_id = $1 AND status = ANY($4) \
+     RETURNING id, history_len, module_id), \
+     h AS (INSERT INTO run_history (run, seq, status, at, message) \
+     SELECT id, history_len - 1, $2, $3, $5 FROM u) \
+     SELECT module_id FROM u";
+
+const PROGRESS: &str = "UPDATE runs SET progress_fraction = $2, progress_message = $3 \
+     WHERE run_id = $1 AND status IN ('queued', 'running') RETURNING module_id";
+
+/// The latest progress of many runs in one statement.
+const PROGRESS_MANY: &str = "UPDATE runs r SET progress_fraction = p.fraction, \
+     progress_message = p.message \
+     FROM unnest($1::text[], $2::float8[], $3::text[]) AS p(run_id, fraction, message) \
+     WHERE r.run_id = p.run_id AND r.status IN ('queued', 'running')";
+
+const SET_LOG: &str = "UPDATE runs SET log = $2 WHERE run_id = $1";
+
+const CLEANUP: &str =
+    "DELETE FROM runs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < $1";
+
+/// Statements prepared on the writer's connection, by their text.
+#[derive(Default)]
+pub(super) struct Prepared(HashMap<&'static str, Statement>);
+
+impl Prepared {
+    async fn get(
+        &mut self,
+        tx: &Transaction<'_>,
+        sql: &'static str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.0.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = tx.prepare(sql).await?;
+        self.0.insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
+
+/// Applies one write inside the batch's transaction. `Err` is a database
+/// failure (it aborts the batch); a refusal by the status rules is
+/// `Ok(Outcome::Failed)` and writes nothing.
+pub(super) async fn apply(
+    tx: &Transaction<'_>,
+    prepared: &mut Prepared,
+    write: &Write,
+) -> Result<Outcome, tokio_postgres::Error> {
+    Ok(match write {
+        Write::Insert(run, existing, _) => insert(tx, prepared, run, *existing).await?,
+        Write::Replace(run, change, _) => replace(tx, prepared, run, change.as_ref()).await?,
+        Write::Transition(change, ..) => {
+            Outcome::Applied(apply_transition(tx, prepared, change).await?)
+        }
+        Write::Progress(run_id, progress, _) => {
+            let statement = prepared.get(tx, PROGRESS).await?;
+            let row = tx
+                .query_opt(
+                    &statement,
+                    &[
+                        &clean(run_id),
+                        &progress.fraction,
+                        &clean(&progress.message),
+                    ],
+                )
+                .await?;
+            Outcome::Applied(row.map(|row| row.get(0)))
+        }
+        Write::ReportedProgress | Write::Flush(_) | Write::Check => Outcome::Done,
+        Write::TakenProgress(reports) => {
+            let ids: Vec<Cow<'_, str>> = reports.iter().map(|(id, _)| clean(id)).collect();
+            let fractions: Vec<f64> = reports.iter().map(|(_, p)| p.fraction).collect();
+            let messages: Vec<Cow<'_, str>> =
+                reports.iter().map(|(_, p)| clean(&p.message)).collect();
+            let statement = prepared.get(tx, PROGRESS_MANY).await?;
+            tx.execute(&statement, &[&ids, &fractions, &messages])
+                .await?;
+            Outcome::Done
+        }
+        Write::Log(run_id, log, _) => {
+            let statement = prepared.get(tx, SET_LOG).await?;
+            let changed = tx
+                .execute(&statement, &[&clean(run_id), &log_text(log)])
+                .await?;
+            Outcome::Count(usize::try_from(changed).unwrap_or(usize::MAX))
+        }
+        Write::Cleanup(cutoff, _) => {
+            let statement = prepared.get(tx, CLEANUP).await?;
+            let deleted = tx.execute(&statement, &[&nanos_clamped(*cutoff)]).await?;
+            Outcome::Count(usize::try_from(deleted).unwrap_or(usize::MAX))
+        }
+    })
+}
+
+/// What the write path needs of a stored run.
+struct Stored {
+    id: i64,
+    status: RunStatus,
+    history_len: i32,
+}
+
+async fn current(
+    tx: &Transaction<'_>,
+    prepared: &mut Prepared,
+    run_id: &str,
+) -> Result<Option<Result<Stored, Error>>, tokio_postgres::Error> {
+    let statement = prepared.get(tx, CURRENT).await?;
+    let Some(row) = tx.query_opt(&statement, &[&clean(run_id)]).await? else {
+        return Ok(None);
+    };
+    Ok(Some(column_status(&row, 1).map(|status| Stored {
+        id: row.get(0),
+        status,
+        history_len: row.get(2),
+    })))
+}
+
+async fn insert(
+    tx: &Transaction<'_>,
+    prepared: &mut Prepared,
+    run: &Run,
+    existing: Existing,
+) -> Result<Outcome, tokio_postgres::Error> {
+    let values = RunValues::new(run, 1);
+    // The common case, a new id, takes one statement; only a conflict looks further.
+    let statement = prepared.get(tx, INSERT_RUN).await?;
+    if tx.execute(&statement, &values.params()[..15]).await? == 1 {
+        return Ok(Outcome::Done);
+    }
+    let stored = match current(tx, prepared, &run.run_id).await? {
+        Some(Ok(stored)) => stored,
+        Some(Err(e)) => return Ok(Outcome::Failed(e)),
+        // Deleted since the insert met it: a new id after all.
+        None => {
+            tx.execute(&statement, &values.params()[..15]).await?;
+            return Ok(Outcome::Done);
+        }
+    };
+    if stored.status.is_terminal() {
+        tx.execute("DELETE FROM runs WHERE id = $1", &[&stored.id])
+            .await?;
+        tx.execute(&statement, &values.params()[..15]).await?;
+        Ok(Outcome::Done)
+    } else if stored.status == RunStatus::Queued && existing == Existing::AdoptQueued {
+        let values = RunValues::new(run, stored.history_len);
+        let update = prepared.get(tx, UPDATE_RUN).await?;
+        tx.execute(&update, &values.params()).await?;
+        Ok(Outcome::Done)
+    } else {
+        Ok(Outcome::Failed(Error::RunActive {
+            run_id: run.run_id.clone(),
+            status: stored.status,
+        }))
+    }
+}
+
+async fn replace(
+    tx: &Transaction<'_>,
+    prepared: &mut Prepared,
+    run: &Run,
+    change: Option<&StatusChange>,
+) -> Result<Outcome, tokio_postgres::Error> {
+    let stored = match current(tx, prepared, &run.run_id).await? {
+        Some(Ok(stored)) => stored,
+        Some(Err(e)) => return Ok(Outcome::Failed(e)),
+        None => return Ok(Outcome::Failed(Error::RunNotFound(run.run_id.clone()))),
+    };
+    let from = stored.status;
+    if from.is_terminal() {
+        return Ok(Outcome::Failed(Error::RunFinished {
+            run_id: run.run_id.clone(),
+            status: from,
+        }));
+    }
+    let update = prepared.get(tx, UPDATE_RUN).await?;
+    match change {
+        Some(change) if !from.can_become(change.status) => {
+            return Ok(Outcome::Failed(Error::InvalidTransition {
+                run_id: run.run_id.clone(),
+                from,
+                to: change.status,
+            }));
+        }
+        Some(change) => {
+            let values = RunValues::new(run, stored.history_len + 1);
+            tx.execute(&update, &values.params()).await?;
+            let add = prepared.get(tx, ADD_HISTORY).await?;
+            tx.execute(
+                &add,
+                &[
+                    &stored.id,
+                    &stored.history_len,
+                    &change.status.as_str(),
+                    &nanos(change.at),
+                    &change.message.as_deref().map(clean),
+                ],
+            )
+            .await?;
+        }
+        None => {
+            let values = RunValues::new(run, stored.history_len);
+            tx.execute(&update, &values.params()).await?;
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+/// The statuses a run may be in for `to` to apply: the status flow's rule,
+/// as the statement's condition.
+fn allowed_from(to: RunStatus) -> Vec<&'static str> {
+    RunStatus::ALL
+        .into_iter()
+        .filter(|from| from.can_become(to))
+        .map(RunStatus::as_str)
+        .collect()
+}
+
+/// Applies `change` if the status flow allows it; returns the module id.
+async fn apply_transition(
+    tx: &Transaction<'_>,
+    prepared: &mut Prepared,
+    change: &Transition,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let run_id = clean(&change.run_id);
+    let message = change
+        .status_change()
+        .message
+        .map(|m| clean(&m).into_owned());
+    let row = if change.to.is_terminal() {
+        let statement = prepared.get(tx, END).await?;
+        tx.query_opt(
+            &statement,
+            &[
+                &run_id,
+                &change.to.as_str(),
+                &nanos(change.at),
+                &change.exit_code,
+                &change.error_message.as_deref().map(clean),
+                &change.output.as_ref().map(json_text),
+                &allowed_from(change.to),
+                &change.log.as_deref().and_then(log_text),
+                &message,
+            ],
+        )
+        .await?
+    } else {
+        let statement = prepared.get(tx, MOVE).await?;
+        tx.query_opt(
+            &statement,
+            &[
+                &run_id,
+                &change.to.as_str(),
+                &nanos(change.at),
+                &allowed_from(change.to),
+                &message,
+            ],
+        )
+        .await?
+    };
+    Ok(row.map(|row| row.get(0)))
+}
+
+/// A run's column values, in `RUN_COLUMNS` order then `history_len`.
+struct RunValues<'a> {
+    run_id: Cow<'a, str>,
+    module_id: Cow<'a, str>,
+    module_name: Cow<'a, str>,
+    status: &'static str,
+    created_at: i64,
+    started_at: Option<i64>,
+    completed_at: Option<i64>,
+    parameters: String,
+    exit_code: Option<i32>,
+    error_message: Option<Cow<'a, str>>,
+    output: Option<String>,
+    fraction: Option<f64>,
+    progress_message: Option<Cow<'a, str>>,
+    module_version: Option<Cow<'a, str>>,
+    log: Option<String>,
+    history_len: i32,
+}
+
+impl<'a> RunValues<'a> {
+    fn new(run: &'a Run, history_len: i32) -> RunValues<'a> {
+        RunValues {
+            run_id: clean(&run.run_id),
+            module_id: clean(&run.module_id),
+            module_name: clean(&run.module_name),
+            status: run.status.as_str(),
+            created_at: nanos(run.created_at),
+            started_at: run.started_at.map(nanos),
+            completed_at: run.completed_at.map(nanos),
+            parameters: json_text(&run.parameters),
+            exit_code: run.exit_code,
+            error_message: run.error_message.as_deref().map(clean),
+            output: run.output.as_ref().map(json_text),
+            fraction: run.progress.as_ref().map(|p| p.fraction),
+            progress_message: run.progress.as_ref().map(|p| clean(&p.message)),
+            module_version: run.module_version.as_deref().map(clean),
+            log: log_text(&run.log),
+            history_len,
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 16] {
+        [
+            &self.run_id,
+            &self.module_id,
+            &self.module_name,
+            &self.status,
+            &self.created_at,
+            &self.started_at,
+            &self.completed_at,
+            &self.parameters,
+            &self.exit_code,
+            &self.error_message,
+            &self.output,
+            &self.fraction,
+            &self.progress_message,
+            &self.module_version,
+            &self.log,
+            &self.history_len,
+        ]
+    }
+}
+
+pub(super) async fn select_run(
+    client: &ClientWrapper,
+    run_id: &str,
+) -> Result<Option<Run>, ReadError> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1");
+    let statement = client.prepare_cached(&sql).await?;
+    client
+        .query_opt(&statement, &[&clean(run_id)])
+        .await?
+        .map(|row| read_run(&row))
+        .transpose()
+        .map_err(ReadError::Corrupt)
+}
+
+pub(super) async fn select_runs(
+    client: &ClientWrapper,
+    filter: &RunFilter,
+) -> Result<Vec<Run>, ReadError> {
+    select_where(client, RUN_COLUMNS, filter, read_run).await
+}
+
+pub(super) async fn select_summaries(
+    client: &ClientWrapper,
+    filter: &RunFilter,
+) -> Result<Vec<RunSummary>, ReadError> {
+    select_where(client, SUMMARY_COLUMNS, filter, read_summary).await
+}
+
+/// Rows matching `filter`, newest first, read by `read`.
+async fn select_where<T>(
+    client: &ClientWrapper,
+    columns: &str,
+    filter: &RunFilter,
+    read: impl Fn(&Row) -> Result<T, Error>,
+) -> Result<Vec<T>, ReadError> {
+    let mut sql = format!("SELECT {columns} FROM runs WHERE true");
+    let module_id = filter.module_id.as_deref().map(clean);
+    let cursor = filter
+        .after
+        .as_ref()
+        .map(|RunCursor { created_at, run_id }| (nanos_clamped(*created_at), clean(run_id)));
+    let mut values: Vec<&(dyn ToSql + Sync)> = Vec::new();
+    if !filter.statuses.is_empty() {
+        // Status names are ours, not the caller's: safe to inline, and
+        // inlined the planner can prove the active-runs index applies.
+        let names: Vec<String> = filter.statuses.iter().map(|s| format!("'{s}'")).collect();
+        sql.push_str(&format!(" AND status IN ({})", names.join(", ")));
+        if filter.statuses.iter().all(|s| s.is_active()) {
+            sql.push_str(" AND status IN ('queued', 'running')");
+        }
+    }
+    if let Some(module_id) = &module_id {
+        values.push(module_id);
+        sql.push_str(&format!(" AND module_id = ${}", values.len()));
+    }
+    if let Some((created_at, run_id)) = &cursor {
+        values.push(created_at);
+        values.push(run_id);
+        sql.push_str(&format!(
+            " AND (created_at, run_id) < (${}, ${})",
+            values.len() - 1,
+            values.len()
+        ));
+    }
+    sql.push_str(" ORDER BY created_at DESC, run_id DESC");
+    if let Some(limit) = filter.limit {
+        sql.push_str(&format!(
+            " LIMIT {}",
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ));
+    }
+    let statement = client.prepare_cached(&sql).await?;
+    client
+        .query(&statement, &values)
+        .await?
+        .iter()
+        .map(read)
+        .collect::<Result<Vec<T>, Error>>()
+        .map_err(ReadError::Corrupt)
+}
+
+pub(super) async fn select_history(
+    client: &ClientWrapper,
+    run_id: &str,
+) -> Result<Vec<StatusChange>, ReadError> {
+    let statement = client
+        .prepare_cached(
+            "SELECT h.status, h.at, h.message FROM run_history h JOIN runs r ON h.run = r.id \
+             WHERE r.run_id = $1 ORDER BY h.seq",
+        )
+        .await?;
+    client
+        .query(&statement, &[&clean(run_id)])
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(StatusChange {
+                status: column_status(row, 0)?,
+                at: DateTime::from_timestamp_nanos(row.try_get(1).map_err(corrupt)?),
+                message: row.try_get(2).map_err(corrupt)?,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()
+        .map_err(ReadError::Corrupt)
+}
+
+/// Why a read failed: the database, or a value it holds that modrun
+/// cannot read.
+pub(super) enum ReadError {
+    Database(tokio_postgres::Error),
+    Corrupt(Error),
+}
+
+impl From<tokio_postgres::Error> for ReadError {
+    fn from(e: tokio_postgres::Error) -> ReadError {
+        ReadError::Database(e)
+    }
+}
+
+fn corrupt(e: tokio_postgres::Error) -> Error {
+    Error::Corrupt(e.to_string())
+}
+
+fn read_run(row: &Row) -> Result<Run, Error> {
+    let get_time = |index| {
+        row.try_get::<_, Option<i64>>(index)
+            .map(|nanos| nanos.map(DateTime::from_timestamp_nanos))
+            .map_err(corrupt)
+    };
+    Ok(Run {
+        run_id: row.try_get(0).map_err(corrupt)?,
+        module_id: row.try_get(1).map_err(corrupt)?,
+        module_name: row.try_get(2).map_err(corrupt)?,
+        status: column_status(row, 3)?,
+        created_at: DateTime::from_timestamp_nanos(row.try_get(4).map_err(corrupt)?),
+        started_at: get_time(5)?,
+        completed_at: get_time(6)?,
+        parameters: parse_json(row.try_get(7).map_err(corrupt)?)?,
+        exit_code: row.try_get(8).map_err(corrupt)?,
+        error_message: row.try_get(9).map_err(corrupt)?,
+        output: row
+            .try_get::<_, Option<&str>>(10)
+            .map_err(corrupt)?
+            .map(parse_json)
+            .transpose()?,
+        progress: column_progress(row, 11)?,
+        module_version: row.try_get(13).map_err(corrupt)?,
+        log: match row.try_get::<_, Option<&str>>(14).map_err(corrupt)? {
+            Some(text) => parse_json(text)?,
+            None => Vec::new(),
+        },
+    })
+}
+
+fn read_summary(row: &Row) -> Result<RunSummary, Error> {
+    let get_time = |index| {
+        row.try_get::<_, Option<i64>>(index)
+            .map(|nanos| nanos.map(DateTime::from_timestamp_nanos))
+            .map_err(corrupt)
+    };
+    let error_length: Option<i32> = row.try_get(9).map_err(corrupt)?;
+    let error_message = row
+        .try_get::<_, Option<String>>(8)
+        .map_err(corrupt)?
+        .map(|mut message| {
+            if error_length.is_some_and(|length| length as usize > message.chars().count()) {
+                message.push_str(" [cut]");
+            }
+            message
+        });
+    Ok(RunSummary {
+        run_id: row.try_get(0).map_err(corrupt)?,
+        module_id: row.try_get(1).map_err(corrupt)?,
+        module_name: row.try_get(2).map_err(corrupt)?,
+        status: column_status(row, 3)?,
+        created_at: DateTime::from_timestamp_nanos(row.try_get(4).map_err(corrupt)?),
+        started_at: get_time(5)?,
+        completed_at: get_time(6)?,
+        exit_code: row.try_get(7).map_err(corrupt)?,
+        error_message,
+        progress: column_progress(row, 10)?,
+        module_version: row.try_get(12).map_err(corrupt)?,
+    })
+}
+
+/// The progress stored at `index` (fraction) and `index + 1` (message).
+fn column_progress(row: &Row, index: usize) -> Result<Option<Progress>, Error> {
+    Ok(
+        match row.try_get::<_, Option<f64>>(index).map_err(corrupt)? {
+            Some(fraction) => Some(Progress {
+                fraction,
+                message: row
+                    .try_get::<_, Option<String>>(index + 1)
+                    .map_err(corrupt)?
+                    .unwrap_or_default(),
+            }),
+            None => None,
+        },
+    )
+}
+
+fn column_status(row: &Row, index: usize) -> Result<RunStatus, Error> {
+    row.try_get::<_, &str>(index)
+        .map_err(corrupt)?
+        .parse()
+        .map_err(|e: Error| Error::Corrupt(e.to_string()))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Error> {
+    serde_json::from_str(text).map_err(|e| Error::Corrupt(format!("a stored JSON value: {e}")))
+}
+
+fn log_text(log: &[LogEntry]) -> Option<String> {
+    (!log.is_empty()).then(|| json_text(&log))
+}
+
+/// JSON text of a value (JSON escapes a NUL, so the text never holds one).
+fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string(value).expect("runs, outputs and logs always serialize")
+}
+
+/// PostgreSQL text cannot hold a NUL character: a hostile module's name or
+/// error message could otherwise make its run's writes fail. Each NUL is
+/// stored as U+FFFD (the replacement character).
+fn clean(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// Nanoseconds since the epoch; the store checks times before queueing.
+fn nanos(at: DateTime<Utc>) -> i64 {
+    at.timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+/// Nanoseconds, with times before 1677 or after 2262 at the ends of the range.
+fn nanos_clamped(at: DateTime<Utc>) -> i64 {
+    at.timestamp_nanos_opt().unwrap_or(if at.timestamp() < 0 {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
+}
