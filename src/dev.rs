@@ -62,7 +62,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
     for plugin in builds.build(&plugins, &target).await {
         let _ = host.load_file(&plugin.path).await;
     }
-    let address_file = (!options.in_memory).then(|| crate::oneshot::address_file(&options.db));
+    let address_file = crate::oneshot::address_file_of(&options.db, options.in_memory);
     let listening = Listening::start(
         stack.runner.clone(),
         options.bind,

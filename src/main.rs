@@ -22,7 +22,9 @@ mod serve;
 #[derive(Parser)]
 #[command(name = "modrun", version, about)]
 struct Cli {
-    /// The run registry (a SQLite file; created if missing).
+    /// The run registry: a SQLite file (created if missing), or a
+    /// PostgreSQL database (postgres://user@host:port/db) that several
+    /// servers can share.
     #[arg(
         long,
         global = true,
@@ -330,7 +332,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel { run, server, token } => return cancel(&server, &run, token.as_deref()),
         Command::Runs { .. } | Command::Show { .. } => {}
     }
-    let registry = Records::open(&cli.db)?;
+    let registry = Records::open(&cli.db).await?;
     match cli.command {
         Command::Build { .. }
         | Command::Dev { .. }
@@ -391,8 +393,8 @@ enum Records {
 }
 
 impl Records {
-    fn open(path: &Path) -> modrun::Result<Records> {
-        match RunRegistry::open_sqlite(path) {
+    async fn open(path: &Path) -> modrun::Result<Records> {
+        match RunRegistry::open(&path.to_string_lossy()).await {
             Ok(registry) => Ok(Records::Owned(registry)),
             Err(modrun::Error::RegistryInUse { .. }) => {
                 Ok(Records::Shared(SqliteReader::open(path)?))

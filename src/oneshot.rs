@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use modrun::registry::RunEvent;
+use modrun::registry::{RunEvent, is_database_url};
 use modrun::{
     BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, Run, RunRegistry, RunStatus,
 };
@@ -63,7 +63,9 @@ pub async fn run(request: RunRequest<'_>) -> anyhow::Result<ExitCode> {
     if request.in_memory {
         return run_here(&request, RunRegistry::in_memory()).await;
     }
-    match RunRegistry::open_sqlite(request.db) {
+    // A database server is shared: this process records its run there
+    // beside any server. A SQLite file is held by one process at a time.
+    match RunRegistry::open(&request.db.to_string_lossy()).await {
         Ok(registry) => {
             let code = run_here(&request, registry.clone()).await;
             registry.flush().await?;
@@ -75,6 +77,13 @@ pub async fn run(request: RunRequest<'_>) -> anyhow::Result<ExitCode> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Where a server over `db` writes its address: beside a SQLite file, and
+/// nowhere for memory or a database server (which many processes share).
+#[must_use]
+pub fn address_file_of(db: &Path, in_memory: bool) -> Option<PathBuf> {
+    (!in_memory && !is_database_url(&db.to_string_lossy())).then(|| address_file(db))
 }
 
 /// The file beside a registry where `serve` writes the address it listens

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use modrun::http::{AppState, BrowserPolicy, router};
 use modrun::module::{DEFAULT_DEBOUNCE, Reloader};
+use modrun::registry::is_database_url;
 use modrun::{
     BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunRegistry, TaskLimits,
 };
@@ -44,12 +45,17 @@ impl Stack {
         limits: TaskLimits,
         watch: bool,
     ) -> anyhow::Result<Stack> {
+        let location = db.to_string_lossy();
         let registry = if in_memory {
             RunRegistry::in_memory()
         } else {
-            RunRegistry::open_sqlite(db)?
+            RunRegistry::open(&location).await?
         };
-        let cache = db.parent().unwrap_or(Path::new(".")).join("cache");
+        let cache = if is_database_url(&location) {
+            PathBuf::from(".modrun/cache")
+        } else {
+            db.parent().unwrap_or(Path::new(".")).join("cache")
+        };
         let config = HostConfig {
             cache_dir: Some(cache),
             ..HostConfig::default()
@@ -152,7 +158,7 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
     )
     .await?;
     // `modrun run` finds the server holding the registry beside it.
-    let address_file = (!options.in_memory).then(|| crate::oneshot::address_file(&options.db));
+    let address_file = crate::oneshot::address_file_of(&options.db, options.in_memory);
     let listening = Listening::start(
         stack.runner.clone(),
         options.bind,

@@ -35,6 +35,13 @@ pub use sqlite::{INTERRUPTED, SqliteOptions, SqliteReader, SqliteStore, Synchron
 use crate::error::Result;
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
 
+/// Whether a registry location names a PostgreSQL database rather than a
+/// SQLite file.
+#[must_use]
+pub fn is_database_url(location: &str) -> bool {
+    location.starts_with("postgres://") || location.starts_with("postgresql://")
+}
+
 /// How many events a slow subscriber may fall behind before it misses some
 /// (it is then told how many it missed, see [`broadcast::error::RecvError::Lagged`]).
 const EVENT_BUFFER: usize = 4096;
@@ -362,6 +369,17 @@ impl RunRegistry {
         Ok(RunRegistry::new(
             PostgresStore::connect(url, PostgresOptions::default()).await?,
         ))
+    }
+
+    /// The registry at `location`: a PostgreSQL URL (`postgres://…` or
+    /// `postgresql://…`, see [`open_postgres`](Self::open_postgres)), or
+    /// else the path of a SQLite file ([`open_sqlite`](Self::open_sqlite)).
+    pub async fn open(location: &str) -> Result<RunRegistry> {
+        if is_database_url(location) {
+            RunRegistry::open_postgres(location).await
+        } else {
+            RunRegistry::open_sqlite(location)
+        }
     }
 
     /// Records a new run. Its history starts with its status at `created_at`.
