@@ -44,7 +44,15 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
         max_concurrent: Some(64),
         max_queued: Some(1024),
     };
-    let stack = Stack::open(&plugins, &options.db, options.in_memory, limits, false).await?;
+    let stack = Stack::open(
+        &plugins,
+        &options.db,
+        options.in_memory,
+        limits,
+        false,
+        &crate::serve::NodeOptions::default(),
+    )
+    .await?;
     let host = stack.runner.host().clone();
     // One watcher for the tree: components and manifests reload the host,
     // source changes ask for a rebuild (one pending rebuild is enough).

@@ -73,6 +73,15 @@ enum Command {
         /// repeat for more. None by default: no CORS.
         #[arg(long = "cors-origin", value_name = "ORIGIN")]
         cors_origins: Vec<String>,
+        /// With a PostgreSQL --db: this server's name among the nodes
+        /// sharing the database (default: host name and process id).
+        #[arg(long, env = "MODRUN_NODE")]
+        node: Option<String>,
+        /// With a PostgreSQL --db: how long this node's lease lasts, in
+        /// seconds. Renewed every sixth of it; once it runs out, the other
+        /// nodes fail this node's active runs ("node lost").
+        #[arg(long, default_value_t = 30.0)]
+        node_lease: f64,
     },
     /// Run a module once: progress on standard error, output as JSON on
     /// standard output, recorded in the registry (through the server that
@@ -255,9 +264,17 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             max_queued,
             allowed_hosts,
             cors_origins,
+            node,
+            node_lease,
         } => {
             let grace = Duration::try_from_secs_f64(grace)
                 .map_err(|_| anyhow::anyhow!("--grace must be a number of seconds, not {grace}"))?;
+            let lease = Duration::try_from_secs_f64(node_lease)
+                .ok()
+                .filter(|lease| lease.as_secs_f64() >= 1.0)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--node-lease must be at least 1 second, not {node_lease}")
+                })?;
             let limits = TaskLimits {
                 max_concurrent: Some(max_concurrent.max(1)),
                 max_queued: Some(max_queued),
@@ -274,6 +291,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     allowed_hosts,
                     cors_origins,
                 },
+                node: serve::NodeOptions { name: node, lease },
             };
             return serve::run(options).await;
         }

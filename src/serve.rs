@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use modrun::http::{AppState, BrowserPolicy, router};
 use modrun::module::{DEFAULT_DEBOUNCE, Reloader};
-use modrun::registry::is_database_url;
+use modrun::registry::{PostgresOptions, PostgresStore, is_database_url};
 use modrun::{
     BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunRegistry, TaskLimits,
 };
@@ -25,6 +25,24 @@ pub struct ServeOptions {
     pub grace: Duration,
     pub limits: TaskLimits,
     pub browser: BrowserPolicy,
+    pub node: NodeOptions,
+}
+
+/// Who this server is among the nodes sharing a PostgreSQL registry.
+pub struct NodeOptions {
+    /// Its name (default: host name and process id).
+    pub name: Option<String>,
+    /// How long its lease lasts.
+    pub lease: Duration,
+}
+
+impl Default for NodeOptions {
+    fn default() -> NodeOptions {
+        NodeOptions {
+            name: None,
+            lease: modrun::registry::DEFAULT_LEASE,
+        }
+    }
 }
 
 /// What a server is made of: the registry, a host (watching the plugins
@@ -44,12 +62,21 @@ impl Stack {
         in_memory: bool,
         limits: TaskLimits,
         watch: bool,
+        node: &NodeOptions,
     ) -> anyhow::Result<Stack> {
         let location = db.to_string_lossy();
         let registry = if in_memory {
             RunRegistry::in_memory()
+        } else if is_database_url(&location) {
+            let defaults = PostgresOptions::default();
+            let options = PostgresOptions {
+                node: node.name.clone().unwrap_or(defaults.node),
+                lease: node.lease,
+                ..PostgresOptions::default()
+            };
+            RunRegistry::new(PostgresStore::connect(&location, options).await?)
         } else {
-            RunRegistry::open(&location).await?
+            RunRegistry::open_sqlite(db)?
         };
         let cache = if is_database_url(&location) {
             PathBuf::from(".modrun/cache")
@@ -155,6 +182,7 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
         options.in_memory,
         options.limits,
         true,
+        &options.node,
     )
     .await?;
     // `modrun run` finds the server holding the registry beside it.

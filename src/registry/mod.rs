@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub use memory::MemoryStore;
-pub use postgres::{PostgresOptions, PostgresStore, STATEMENT_WAIT};
+pub use postgres::{
+    DEFAULT_LEASE, PostgresOptions, PostgresStore, STATEMENT_WAIT, default_node_name,
+};
 pub use sqlite::{INTERRUPTED, SqliteOptions, SqliteReader, SqliteStore, Synchronous};
 
 use crate::error::Result;

@@ -78,6 +78,10 @@ pub(super) enum Write {
     /// Nothing to write: wakes the writer to find out what the checkpoint
     /// thread noticed (the file deleted or replaced).
     Check,
+    /// Renews this node's lease on a shared database, and settles the runs
+    /// of nodes whose lease ran out. Nobody waits for it: when the database
+    /// cannot be written it is dropped, and the next one tries again.
+    Heartbeat,
 }
 
 impl Write {
@@ -385,7 +389,7 @@ fn answer(write: Write, outcome: Outcome) {
                 _ => None,
             }));
         }
-        Write::Check => {}
+        Write::Check | Write::Heartbeat => {}
         Write::Log(.., None) | Write::ReportedProgress | Write::TakenProgress(_) => {
             if let Outcome::Failed(e) = outcome {
                 tracing::warn!(error = %e, "a run update nobody waited for was not recorded");

@@ -55,5 +55,9 @@ mod outcomes;
 /// a broken save reported while the last good version serves.
 mod dev;
 
+/// Several nodes on one PostgreSQL database: node leases, runs of a lost
+/// node settled, restarts, `modrun serve` processes sharing a database.
+mod cluster;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;

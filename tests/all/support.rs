@@ -168,3 +168,26 @@ pub fn require_or_skip<T>(what: &str) -> Option<T> {
     eprintln!("skipped: this test needs {what}");
     None
 }
+
+/// A fresh, empty database on the test server, for processes that take a
+/// URL (`modrun serve --db`); `None` when there is no server.
+pub async fn fresh_database() -> Option<String> {
+    let url = database_url()?;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test PostgreSQL server");
+    let driver = tokio::spawn(connection);
+    let name = fresh_schema();
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create a test database");
+    drop(client);
+    let _ = driver.await;
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url.as_str(), String::new()),
+    };
+    let (server, _) = base.rsplit_once('/').expect("a URL with a database name");
+    Some(format!("{server}/{name}{query}"))
+}

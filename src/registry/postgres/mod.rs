@@ -41,10 +41,17 @@ use super::writer::{Backend, NotCommitted, Outcome, Queue, Shared, Write};
 use super::{Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth};
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
-use sql::{Prepared, ReadError};
+use sql::{Node, Prepared, ReadError};
 
 /// The migrations, in order: version `n` is the `n`-th file.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_nodes.sql"),
+];
+
+/// How long a node's lease lasts unless [`PostgresOptions::lease`] says
+/// otherwise; it is renewed every sixth of that.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// The longest the writer waits for the server to answer a batch (or a
 /// connection attempt) before it counts the server unavailable.
@@ -60,6 +67,13 @@ pub struct PostgresOptions {
     pub max_batch: usize,
     /// The most connections kept open for reads.
     pub readers: usize,
+    /// This node's name among the nodes sharing the database; unique to
+    /// this process (the default, [`default_node_name`], is).
+    pub node: String,
+    /// How long this node's lease lasts: renewed every sixth of it, and
+    /// once it has run out any other node settles this node's active runs
+    /// as `Failed` ("node lost").
+    pub lease: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -68,14 +82,46 @@ impl Default for PostgresOptions {
             schema: "modrun".into(),
             max_batch: 4096,
             readers: 8,
+            node: default_node_name(),
+            lease: DEFAULT_LEASE,
         }
     }
+}
+
+/// The host name and the process id (`host:pid`): unique among the nodes
+/// of one database, as a node name must be.
+#[must_use]
+pub fn default_node_name() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at
+    // most that many bytes.
+    let named = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
+    let host = if named {
+        let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+        String::from_utf8_lossy(&buffer[..end]).into_owned()
+    } else {
+        "localhost".to_owned()
+    };
+    format!("{host}:{}", std::process::id())
 }
 
 /// Runs in a PostgreSQL database. See the [module documentation](self).
 pub struct PostgresStore {
     writes: Queue,
     pool: Pool,
+    stop_heartbeats: Option<std::sync::mpsc::Sender<()>>,
+    heartbeats: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // The heartbeat thread can wake the writer: it ends first, then the
+        // writer (as `writes` is dropped) once it has committed what it holds.
+        drop(self.stop_heartbeats.take());
+        if let Some(thread) = self.heartbeats.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -105,6 +151,15 @@ impl PostgresStore {
             message,
         };
         check_schema_name(&options.schema).map_err(fail)?;
+        if options.node.is_empty() || options.node.len() > 200 || options.node.contains('\0') {
+            return Err(fail(format!(
+                "{:?} is not a node name: use 1 to 200 characters, unique among the nodes",
+                options.node
+            )));
+        }
+        if options.lease < Duration::from_secs(1) {
+            return Err(fail("a node's lease must last at least a second".into()));
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(STATEMENT_WAIT);
         }
@@ -123,7 +178,10 @@ impl PostgresStore {
         let driver = tokio::spawn(async move {
             let _ = connection.await;
         });
-        let migrated = migrate(&mut client, &options.schema).await;
+        let mut migrated = migrate(&mut client, &options.schema).await;
+        if migrated.is_ok() {
+            migrated = settle_previous_process(&client, &options.node).await;
+        }
         drop(client);
         let _ = driver.await;
         migrated.map_err(fail)?;
@@ -145,10 +203,39 @@ impl PostgresStore {
             .map_err(|e| fail(format!("cannot set up its connection pool: {e}")))?;
 
         let shared = Arc::new(Shared::new(place.clone()));
-        let backend = PgBackend::new(config).map_err(|e| fail(e.to_string()))?;
+        let node = Node {
+            id: options.node.clone(),
+            lease: options.lease,
+        };
+        let backend = PgBackend::new(config, node).map_err(|e| fail(e.to_string()))?;
         let writes = Queue::start(backend, shared, options.max_batch, "modrun-postgres")
             .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
-        Ok(PostgresStore { writes, pool })
+        let (stop_heartbeats, stopped) = std::sync::mpsc::channel();
+        let writer = writes.sender().ok_or(Error::RegistryClosed)?;
+        let every = options.lease / 6;
+        // The first heartbeat goes at once: the node is known before it
+        // records any run.
+        writer
+            .send(Write::Heartbeat)
+            .map_err(|_| Error::RegistryClosed)?;
+        let heartbeats = std::thread::Builder::new()
+            .name("modrun-heartbeat".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(every)
+                {
+                    if writer.send(Write::Heartbeat).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| fail(format!("cannot start its heartbeat thread: {e}")))?;
+        Ok(PostgresStore {
+            writes,
+            pool,
+            stop_heartbeats: Some(stop_heartbeats),
+            heartbeats: Some(heartbeats),
+        })
     }
 
     /// Runs a read on a pooled connection.
@@ -270,6 +357,7 @@ impl RunStore for PostgresStore {
 struct PgBackend {
     runtime: tokio::runtime::Runtime,
     config: tokio_postgres::Config,
+    node: Node,
     session: Option<Session>,
 }
 
@@ -279,13 +367,14 @@ struct Session {
 }
 
 impl PgBackend {
-    fn new(config: tokio_postgres::Config) -> std::io::Result<PgBackend> {
+    fn new(config: tokio_postgres::Config, node: Node) -> std::io::Result<PgBackend> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         Ok(PgBackend {
             runtime,
             config,
+            node,
             session: None,
         })
     }
@@ -304,6 +393,7 @@ impl PgBackend {
 
     async fn try_commit(
         config: &tokio_postgres::Config,
+        node: &Node,
         session: &mut Option<Session>,
         batch: &[Write],
     ) -> Result<Vec<Outcome>, NotCommitted> {
@@ -314,7 +404,7 @@ impl PgBackend {
         let mut outcomes = Vec::with_capacity(batch.len());
         let tx = client.transaction().await.map_err(|e| not_committed(&e))?;
         for write in batch {
-            match sql::apply(&tx, prepared, write).await {
+            match sql::apply(&tx, prepared, node, write).await {
                 Ok(outcome) => outcomes.push(outcome),
                 Err(e) => return Err(not_committed(&e)),
             }
@@ -329,12 +419,13 @@ impl Backend for PgBackend {
         let PgBackend {
             runtime,
             config,
+            node,
             session,
         } = self;
         let committed = runtime.block_on(async {
             tokio::time::timeout(
                 STATEMENT_WAIT,
-                PgBackend::try_commit(config, session, batch),
+                PgBackend::try_commit(config, node, session, batch),
             )
             .await
         });
@@ -395,6 +486,40 @@ async fn migrate(client: &mut tokio_postgres::Client, schema: &str) -> Result<()
     tx.commit().await.map_err(failed)
 }
 
+/// Settles the runs a previous process with this node's name left active:
+/// it is gone, and they can no longer end.
+async fn settle_previous_process(
+    client: &tokio_postgres::Client,
+    node: &str,
+) -> Result<(), String> {
+    let settled: i64 = client
+        .query_one(
+            sql::RESTARTED,
+            &[
+                &sql::nanos(Utc::now()),
+                &crate::run::EXIT_FAILURE,
+                &super::INTERRUPTED,
+                &node,
+            ],
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot settle the runs of node {node}'s last process: {}",
+                describe(&e)
+            )
+        })?
+        .get(0);
+    if settled > 0 {
+        tracing::warn!(
+            node,
+            runs = settled,
+            "marked interrupted the runs this node's previous process left unfinished"
+        );
+    }
+    Ok(())
+}
+
 fn check_schema_name(schema: &str) -> Result<(), String> {
     let mut chars = schema.chars();
     let valid = (1..=63).contains(&schema.len())
@@ -441,10 +566,20 @@ fn not_committed(e: &tokio_postgres::Error) -> NotCommitted {
 /// is an answer about the statement itself.
 fn unavailable_reason(e: &tokio_postgres::Error) -> Option<String> {
     let Some(db) = e.as_db_error() else {
-        return Some(format!(
-            "cannot reach the database server: {}; check that it is up and reachable",
-            describe(e)
-        ));
+        // The client's own errors: a lost or refused connection is the
+        // server out of reach; anything else (a value it cannot send) is not.
+        let mut source = std::error::Error::source(e);
+        let mut io = false;
+        while let Some(cause) = source {
+            io |= cause.is::<std::io::Error>();
+            source = cause.source();
+        }
+        return (e.is_closed() || io).then(|| {
+            format!(
+                "cannot reach the database server: {}; check that it is up and reachable",
+                describe(e)
+            )
+        });
     };
     let code = db.code().code();
     Some(match code {

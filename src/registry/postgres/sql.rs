@@ -31,8 +31,8 @@ const SUMMARY_COLUMNS: &str = "run_id, module_id, module_name, status, created_a
 
 const INSERT_RUN: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, status, \
      created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
-     progress_fraction, progress_message, module_version, log, history_len) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1) \
+     progress_fraction, progress_message, module_version, log, history_len, node) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1, $16) \
      ON CONFLICT (run_id) DO NOTHING RETURNING id) \
      INSERT INTO run_history (run, seq, status, at) SELECT id, 0, $4, $5 FROM r";
 
@@ -73,10 +73,52 @@ const PROGRESS_MANY: &str = "UPDATE runs r SET progress_fraction = p.fraction, \
      FROM unnest($1::text[], $2::float8[], $3::text[]) AS p(run_id, fraction, message) \
      WHERE r.run_id = p.run_id AND r.status IN ('queued', 'running')";
 
+/// Renews this node's lease (`$2` milliseconds from now, server time).
+const RENEW: &str = "INSERT INTO nodes (node_id, started_at, heartbeat_at, lease_until) \
+     VALUES ($1, now(), now(), now() + $2::bigint * interval '1 millisecond') \
+     ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = now(), lease_until = excluded.lease_until";
+
+/// Settles the active runs of nodes without a live lease: `Failed`, with
+/// the node named. The status condition is checked again under the row
+/// lock, so a run its node completed meanwhile keeps its end. Node rows
+/// whose lease ran out go with it (a node that comes back renews anew).
+///
+/// Nothing is settled until the server has been up for a lease (`$3` ms):
+/// while it was down no node could renew, and every live node gets a
+/// lease's time to do so before it counts as lost.
+const RESCUE: &str = "WITH settled AS (SELECT pg_postmaster_start_time() \
+     < now() - $3::bigint * interval '1 millisecond' AS up), \
+     gone AS (DELETE FROM nodes WHERE lease_until < now() AND (SELECT up FROM settled)), \
+     lost AS (UPDATE runs r SET status = 'failed', completed_at = $1, exit_code = $2, \
+     error_message = 'node lost: ' || coalesce(r.node, 'an unknown node') || \
+     ' stopped renewing its lease while the run was ' || r.status, \
+     history_len = r.history_len + 1 \
+     WHERE r.status IN ('queued', 'running') AND (SELECT up FROM settled) AND NOT EXISTS \
+     (SELECT 1 FROM nodes n WHERE n.node_id = r.node AND n.lease_until >= now()) \
+     RETURNING r.id, r.history_len, r.error_message), \
+     h AS (INSERT INTO run_history (run, seq, status, at, message) \
+     SELECT id, history_len - 1, 'failed', $1, error_message FROM lost) \
+     SELECT count(*) FROM lost";
+
+/// At a node's start, settles the runs its previous process (same node
+/// name) left active: `Failed`, interrupted.
+pub(super) const RESTARTED: &str = "WITH lost AS (UPDATE runs SET status = 'failed', \
+     completed_at = $1, exit_code = $2, error_message = $3, history_len = history_len + 1 \
+     WHERE node = $4 AND status IN ('queued', 'running') RETURNING id, history_len), \
+     h AS (INSERT INTO run_history (run, seq, status, at, message) \
+     SELECT id, history_len - 1, 'failed', $1, $3 FROM lost) \
+     SELECT count(*) FROM lost";
+
 const SET_LOG: &str = "UPDATE runs SET log = $2 WHERE run_id = $1";
 
 const CLEANUP: &str =
     "DELETE FROM runs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < $1";
+
+/// The node a writer records runs for, and how long its lease lasts.
+pub(super) struct Node {
+    pub(super) id: String,
+    pub(super) lease: std::time::Duration,
+}
 
 /// Statements prepared on the writer's connection, by their text.
 #[derive(Default)]
@@ -103,10 +145,31 @@ impl Prepared {
 pub(super) async fn apply(
     tx: &Transaction<'_>,
     prepared: &mut Prepared,
+    node: &Node,
     write: &Write,
 ) -> Result<Outcome, tokio_postgres::Error> {
     Ok(match write {
-        Write::Insert(run, existing, _) => insert(tx, prepared, run, *existing).await?,
+        Write::Insert(run, existing, _) => insert(tx, prepared, node, run, *existing).await?,
+        Write::Heartbeat => {
+            let lease = i64::try_from(node.lease.as_millis()).unwrap_or(i64::MAX);
+            let renew = prepared.get(tx, RENEW).await?;
+            tx.execute(&renew, &[&node.id, &lease]).await?;
+            let rescue = prepared.get(tx, RESCUE).await?;
+            let lost: i64 = tx
+                .query_one(
+                    &rescue,
+                    &[&nanos(Utc::now()), &crate::run::EXIT_FAILURE, &lease],
+                )
+                .await?
+                .get(0);
+            if lost > 0 {
+                tracing::warn!(
+                    runs = lost,
+                    "settled the runs of nodes that stopped renewing their lease"
+                );
+            }
+            Outcome::Done
+        }
         Write::Replace(run, change, _) => replace(tx, prepared, run, change.as_ref()).await?,
         Write::Transition(change, ..) => {
             Outcome::Applied(apply_transition(tx, prepared, change).await?)
@@ -177,13 +240,16 @@ async fn current(
 async fn insert(
     tx: &Transaction<'_>,
     prepared: &mut Prepared,
+    node: &Node,
     run: &Run,
     existing: Existing,
 ) -> Result<Outcome, tokio_postgres::Error> {
     let values = RunValues::new(run, 1);
+    let mut params = values.params()[..15].to_vec();
+    params.push(&node.id);
     // The common case, a new id, takes one statement; only a conflict looks further.
     let statement = prepared.get(tx, INSERT_RUN).await?;
-    if tx.execute(&statement, &values.params()[..15]).await? == 1 {
+    if tx.execute(&statement, &params).await? == 1 {
         return Ok(Outcome::Done);
     }
     let stored = match current(tx, prepared, &run.run_id).await? {
@@ -191,19 +257,25 @@ async fn insert(
         Some(Err(e)) => return Ok(Outcome::Failed(e)),
         // Deleted since the insert met it: a new id after all.
         None => {
-            tx.execute(&statement, &values.params()[..15]).await?;
+            tx.execute(&statement, &params).await?;
             return Ok(Outcome::Done);
         }
     };
     if stored.status.is_terminal() {
         tx.execute("DELETE FROM runs WHERE id = $1", &[&stored.id])
             .await?;
-        tx.execute(&statement, &values.params()[..15]).await?;
+        tx.execute(&statement, &params).await?;
         Ok(Outcome::Done)
     } else if stored.status == RunStatus::Queued && existing == Existing::AdoptQueued {
+        // This node executes the run now.
         let values = RunValues::new(run, stored.history_len);
         let update = prepared.get(tx, UPDATE_RUN).await?;
         tx.execute(&update, &values.params()).await?;
+        tx.execute(
+            "UPDATE runs SET node = $2 WHERE id = $1",
+            &[&stored.id, &node.id],
+        )
+        .await?;
         Ok(Outcome::Done)
     } else {
         Ok(Outcome::Failed(Error::RunActive {
@@ -616,7 +688,7 @@ fn clean(text: &str) -> Cow<'_, str> {
 }
 
 /// Nanoseconds since the epoch; the store checks times before queueing.
-fn nanos(at: DateTime<Utc>) -> i64 {
+pub(super) fn nanos(at: DateTime<Utc>) -> i64 {
     at.timestamp_nanos_opt().unwrap_or(i64::MAX)
 }
 

@@ -81,7 +81,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outc
                 .execute(params![run_id, sql::log_text(log)?])?,
         ),
         Write::Cleanup(cutoff, _) => Outcome::Count(sql::delete_finished_before(tx, *cutoff)?),
-        Write::Flush(_) | Write::Check => Outcome::Done,
+        Write::Flush(_) | Write::Check | Write::Heartbeat => Outcome::Done,
     })
 }
 

@@ -1,0 +1,166 @@
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use modrun::registry::{PostgresOptions, PostgresStore};
+use modrun::{Run, RunRegistry, RunStatus, Transition};
+use serde_json::json;
+
+use crate::server::Server;
+use crate::support::{DEADLINE, database_url, fresh_database, fresh_schema, plugins_dir};
+
+/// Two stores on one schema, as two nodes see it.
+async fn node(url: &str, schema: &str, name: &str, lease: Duration) -> RunRegistry {
+    let options = PostgresOptions {
+        schema: schema.to_owned(),
+        node: name.to_owned(),
+        lease,
+        ..PostgresOptions::default()
+    };
+    RunRegistry::new(PostgresStore::connect(url, options).await.unwrap())
+}
+
+async fn wait_for(registry: &RunRegistry, run_id: &str, status: RunStatus) -> Run {
+    let start = Instant::now();
+    loop {
+        let run = registry.get_run(run_id).await.unwrap().unwrap();
+        if run.status == status {
+            return run;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{run_id} is still {} (wanted {status})",
+            run.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nodes_active_runs_fail_and_its_finished_runs_stay() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let lease = Duration::from_secs(1);
+    let lost = node(&url, &schema, "lost", lease).await;
+    let survivor = node(&url, &schema, "survivor", lease).await;
+
+    let finished = Run::new("hello", "Hello");
+    lost.add_run(&finished).await.unwrap();
+    assert!(
+        lost.transition(&Transition::running(&finished.run_id))
+            .await
+            .unwrap()
+    );
+    assert!(
+        lost.transition(&Transition::completed(&finished.run_id, json!("done")))
+            .await
+            .unwrap()
+    );
+    let running = Run::new("countdown", "Countdown");
+    lost.add_run(&running).await.unwrap();
+    assert!(
+        lost.transition(&Transition::running(&running.run_id))
+            .await
+            .unwrap()
+    );
+    let queued = Run::new("countdown", "Countdown");
+    lost.add_run(&queued).await.unwrap();
+    let mine = Run::new("hello", "Hello");
+    survivor.add_run(&mine).await.unwrap();
+
+    // The lost node stops renewing its lease (its store is closed); within
+    // a lease and a heartbeat the survivor settles its active runs.
+    drop(lost);
+    for run_id in [&running.run_id, &queued.run_id] {
+        let run = wait_for(&survivor, run_id, RunStatus::Failed).await;
+        let message = run.error_message.unwrap();
+        assert!(
+            message.starts_with("node lost: lost stopped renewing"),
+            "{message}"
+        );
+        let history = survivor.history(run_id).await.unwrap();
+        assert_eq!(history.last().unwrap().status, RunStatus::Failed);
+    }
+    let finished = survivor.get_run(&finished.run_id).await.unwrap().unwrap();
+    assert_eq!(
+        finished.status,
+        RunStatus::Completed,
+        "a finished run keeps its end"
+    );
+    let mine = survivor.get_run(&mine.run_id).await.unwrap().unwrap();
+    assert_eq!(
+        mine.status,
+        RunStatus::Queued,
+        "a live node's runs are left alone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_marks_what_its_last_process_left_interrupted() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let first = node(&url, &schema, "worker-1", Duration::from_secs(30)).await;
+    let run = Run::new("countdown", "Countdown");
+    first.add_run(&run).await.unwrap();
+    assert!(
+        first
+            .transition(&Transition::running(&run.run_id))
+            .await
+            .unwrap()
+    );
+    drop(first);
+    // The same node name again, long before its old lease ran out.
+    let second = node(&url, &schema, "worker-1", Duration::from_secs(30)).await;
+    let run = second.get_run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(
+        run.error_message.as_deref(),
+        Some(modrun::registry::INTERRUPTED)
+    );
+}
+
+fn start_node(plugins: &Path, url: &str, name: &str) -> Server {
+    Server::start(
+        plugins,
+        Path::new(url),
+        &["--node", name, "--node-lease", "2"],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_share_a_database_and_a_killed_ones_runs_are_settled() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let plugins = plugins_dir(&["hello", "countdown"]);
+    let a = start_node(plugins.path(), &url, "a");
+    let b = start_node(plugins.path(), &url, "b");
+
+    // Each executes what it starts; both see every run.
+    let on_a = a.start_run("hello", json!({"name": "A"}));
+    let on_b = b.start_run("hello", json!({"name": "B"}));
+    a.wait_status(&on_b, "completed");
+    b.wait_status(&on_a, "completed");
+    let (_, listing) = a.get("/runs");
+    assert_eq!(listing["runs"].as_array().unwrap().len(), 2, "{listing}");
+
+    // kill -9 a node with a run going: the other settles it within its lease.
+    let long = a.start_run("countdown", json!({"seconds": 60, "step_ms": 10}));
+    b.wait_status(&long, "running");
+    let killed_at = Instant::now();
+    drop(a);
+    b.wait_status(&long, "failed");
+    let (_, body) = b.get(&format!("/runs/{long}"));
+    let message = body["run"]["error_message"].as_str().unwrap();
+    assert!(
+        message.starts_with("node lost: a stopped renewing"),
+        "{message}"
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(10),
+        "settled after {:?}, with a 2 s lease",
+        killed_at.elapsed()
+    );
+    // And the survivor keeps working.
+    let after = b.start_run("hello", json!({"name": "again"}));
+    b.wait_status(&after, "completed");
+}
