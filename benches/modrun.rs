@@ -3,7 +3,9 @@
 //!
 //! `cargo bench --bench modrun` for the full run, `cargo bench --bench modrun -- --quick`
 //! for one under a minute (smaller counts; the same rows). Naming groups
-//! (`throughput`, `status-change`, `memory`, `commit`, `wasm`, `reload`, `http`, `dev`) runs only those.
+//! (`throughput`, `status-change`, `memory`, `commit`, `wasm`, `reload`, `http`, `dev`,
+//! `postgres`) runs only those. The `postgres` rows need a server: set
+//! `DATABASE_URL=postgres://user@host:port/db` (each run uses a fresh schema).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
@@ -133,6 +135,9 @@ fn main() -> anyhow::Result<()> {
         }
         if wanted("dev") {
             dev_figures(quick, &mut rows)?;
+        }
+        if wanted("postgres") {
+            postgres_figures(&sizes, &mut rows).await?;
         }
         anyhow::Ok(())
     })?;
@@ -1260,4 +1265,232 @@ async fn keep_alive_client(
         latencies.push(sent.elapsed());
     }
     Ok(latencies)
+}
+
+/// A PostgreSQL registry for the benchmarks in a fresh schema, as node `node`.
+async fn postgres_registry(url: &str, schema: &str, node: &str) -> anyhow::Result<RunRegistry> {
+    let options = modrun::registry::PostgresOptions {
+        schema: schema.to_owned(),
+        node: node.to_owned(),
+        ..modrun::registry::PostgresOptions::default()
+    };
+    Ok(RunRegistry::new(
+        modrun::registry::PostgresStore::connect(url, options).await?,
+    ))
+}
+
+/// Hello end to end on PostgreSQL (durable commits), against the raw SQL
+/// ceiling measured on the same server: insert, claim and complete with
+/// history, 50 runs per statement, from 8 connections.
+async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let Ok(url) = std::env::var("DATABASE_URL") else {
+        println!(
+            "postgres rows skipped: set DATABASE_URL=postgres://user@host:port/db to run them"
+        );
+        return Ok(());
+    };
+    let plugins = bench_plugins()?;
+    let schema = format!("bench_{}", uuid::Uuid::now_v7().simple());
+    let calls = sizes.wasm_calls;
+    // The raw figures write modrun's tables in a schema of their own.
+    let raw_schema = format!("{schema}_raw");
+    let ceiling = raw_postgres_runs_per_second(&url, &raw_schema, calls.max(5_000)).await?;
+    for nodes in [1, 2] {
+        let mut registries = Vec::new();
+        for index in 0..nodes {
+            registries.push(postgres_registry(&url, &schema, &format!("bench-{index}")).await?);
+        }
+        let rate = modrun_nodes_runs_per_second(&plugins, registries, calls).await?;
+        rows.push(Row::measured(
+            &format!("hello runs/s, PostgreSQL, all cores, {nodes} node(s)"),
+            rate,
+            ceiling,
+            0,
+            ">= 0.5 x raw SQL ceiling (insert+claim+complete, 50/statement)",
+        ));
+    }
+    let bare = bare_wasmtime_per_second(
+        &plugins.join("hello.wasm"),
+        modrun::HostConfig::default().wasmtime_config(),
+        calls / 4,
+        true,
+    )
+    .await?;
+    let commit = raw_postgres_commit_seconds(&url, &raw_schema).await?;
+    let sequential = modrun_runs_per_second(
+        &plugins,
+        postgres_registry(&url, &schema, "bench-sequential").await?,
+        calls / 4,
+        true,
+    )
+    .await?;
+    let one_at_a_time = 1.0 / (1.0 / bare + 2.0 * commit);
+    rows.push(Row::measured(
+        "hello runs/s, PostgreSQL, sequential",
+        sequential,
+        one_at_a_time,
+        0,
+        ">= 0.8 x bare run + 2 raw PostgreSQL commits",
+    ));
+    rows.push(Row::measured(
+        "  one raw PostgreSQL commit (run + history rows), us",
+        commit * 1e6,
+        1e6 / bare,
+        1,
+        "(reported; baseline: one bare run, us)",
+    ));
+    Ok(())
+}
+
+/// modrun on several nodes of one database: the producers split evenly.
+async fn modrun_nodes_runs_per_second(
+    plugins: &std::path::Path,
+    registries: Vec<RunRegistry>,
+    count: usize,
+) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(plugins.join("hello.wasm"), dir.path().join("hello.wasm"))?;
+    let mut runners = Vec::new();
+    for registry in registries {
+        let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
+        host.load_dir(dir.path()).await?;
+        runners.push(modrun::ModuleRunner::new(
+            host,
+            BackgroundTaskManager::new(registry),
+        ));
+    }
+    let begin = Instant::now();
+    let tasks: Vec<_> = (0..PRODUCERS)
+        .map(|index| {
+            let runner = runners[index % runners.len()].clone();
+            tokio::spawn(async move {
+                for _ in 0..count / PRODUCERS {
+                    runner
+                        .start("hello", serde_json::json!({"name": "Ada"}))
+                        .await
+                        .expect("start");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await?;
+    }
+    for runner in &runners {
+        runner.manager().wait_all().await;
+    }
+    let rate = (count / PRODUCERS * PRODUCERS) as f64 / begin.elapsed().as_secs_f64();
+    for runner in &runners {
+        let failed = runner
+            .registry()
+            .runs_by_status(modrun::RunStatus::Failed)
+            .await?;
+        anyhow::ensure!(
+            failed.is_empty(),
+            "runs failed: {:?}",
+            failed[0].error_message
+        );
+    }
+    Ok(rate)
+}
+
+/// The raw SQL ceiling: runs per second through insert, claim and complete
+/// (each with its history rows), 50 runs per statement, one commit per
+/// statement, from 8 connections, on modrun's own tables.
+async fn raw_postgres_runs_per_second(
+    url: &str,
+    schema: &str,
+    count: usize,
+) -> anyhow::Result<f64> {
+    // modrun creates the schema and its tables.
+    drop(postgres_registry(url, schema, "bench-raw").await?);
+    const BATCH: usize = 50;
+    const CONNECTIONS: usize = 8;
+    let batches = count.div_ceil(BATCH * CONNECTIONS);
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("SET search_path = {schema}"))
+            .await?;
+        clients.push(client);
+    }
+    let begin = Instant::now();
+    let workers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(worker, client)| {
+            tokio::spawn(async move {
+                let node = format!("raw-{worker}");
+                let insert = client
+                    .prepare(
+                        "WITH i AS (INSERT INTO runs (run_id, module_id, module_name, status, \
+                         created_at, parameters, history_len, node) \
+                         SELECT gen_random_uuid()::text, 'hello', 'Hello', 'queued', \
+                         $1::bigint + g, '{}', 1, NULL FROM generate_series(1, $2) g RETURNING id) \
+                         INSERT INTO run_history (run, seq, status, at) \
+                         SELECT id, 0, 'queued', $1::bigint FROM i",
+                    )
+                    .await?;
+                let claim = client
+                    .prepare(
+                        "WITH next AS (SELECT id FROM runs WHERE status = 'queued' \
+                         ORDER BY created_at, id LIMIT $2 FOR UPDATE SKIP LOCKED), \
+                         c AS (UPDATE runs r SET status = 'running', node = $3, started_at = $1, \
+                         history_len = r.history_len + 1 FROM next WHERE r.id = next.id \
+                         RETURNING r.id, r.history_len) \
+                         INSERT INTO run_history (run, seq, status, at) \
+                         SELECT id, history_len - 1, 'running', $1 FROM c",
+                    )
+                    .await?;
+                let complete = client
+                    .prepare(
+                        "WITH d AS (UPDATE runs SET status = 'completed', completed_at = $1, \
+                         output = '\"Hello, Ada!\"', history_len = history_len + 1 \
+                         WHERE node = $2 AND status = 'running' RETURNING id, history_len) \
+                         INSERT INTO run_history (run, seq, status, at) \
+                         SELECT id, history_len - 1, 'completed', $1 FROM d",
+                    )
+                    .await?;
+                let batch = BATCH as i32;
+                for _ in 0..batches {
+                    let at = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+                    client.execute(&insert, &[&at, &batch]).await?;
+                    client
+                        .execute(&claim, &[&at, &(BATCH as i64), &node])
+                        .await?;
+                    client.execute(&complete, &[&at, &node]).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await??;
+    }
+    Ok((batches * BATCH * CONNECTIONS) as f64 / begin.elapsed().as_secs_f64())
+}
+
+/// One durable commit of a run row and its first history row, in seconds.
+async fn raw_postgres_commit_seconds(url: &str, schema: &str) -> anyhow::Result<f64> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("SET search_path = {schema}"))
+        .await?;
+    let statement = client
+        .prepare(
+            "WITH i AS (INSERT INTO runs (run_id, module_id, module_name, status, created_at, \
+             parameters, history_len) VALUES (gen_random_uuid()::text, 'hello', 'Hello', \
+             'queued', $1, '{}', 1) RETURNING id) \
+             INSERT INTO run_history (run, seq, status, at) SELECT id, 0, 'queued', $1 FROM i",
+        )
+        .await?;
+    let commits = 1_000;
+    let begin = Instant::now();
+    for index in 0..commits {
+        client.execute(&statement, &[&i64::from(index)]).await?;
+    }
+    Ok(begin.elapsed().as_secs_f64() / f64::from(commits))
 }

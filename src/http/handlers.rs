@@ -267,7 +267,8 @@ pub(super) async fn get_run(
 
 /// Cancels a run: 200 `{"success": true}` when it was active and is now
 /// cancelled, 404 for an unknown run, 409 `{"success": false}` when it had
-/// already finished.
+/// already finished, or when another process sharing the registry (another
+/// node on one database) executes it.
 pub(super) async fn cancel_run(
     State(state): State<AppState>,
     ApiPath(run_id): ApiPath<String>,
@@ -281,10 +282,18 @@ pub(super) async fn cancel_run(
         .get_run(&run_id)
         .await?
         .ok_or_else(|| Error::RunNotFound(run_id.clone()))?;
-    let answer = json!({
-        "success": false,
-        "status": run.status,
-        "error": {"code": "run_finished", "message": format!("run {run_id} already {}", run.status)},
-    });
+    let error = if run.status.is_active() {
+        json!({
+            "code": "run_elsewhere",
+            "message": format!(
+                "run {run_id} is {} in another modrun process sharing this registry; cancel \
+                 it through that process",
+                run.status
+            ),
+        })
+    } else {
+        json!({"code": "run_finished", "message": format!("run {run_id} already {}", run.status)})
+    };
+    let answer = json!({"success": false, "status": run.status, "error": error});
     Ok((StatusCode::CONFLICT, Json(answer)).into_response())
 }

@@ -146,6 +146,10 @@ async fn two_servers_share_a_database_and_a_killed_ones_runs_are_settled() {
     // kill -9 a node with a run going: the other settles it within its lease.
     let long = a.start_run("countdown", json!({"seconds": 60, "step_ms": 10}));
     b.wait_status(&long, "running");
+    // Cancels reach only the node executing a run, for now: B says so.
+    let (status, body) = b.delete(&format!("/runs/{long}"));
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "run_elsewhere", "{body}");
     let killed_at = Instant::now();
     drop(a);
     b.wait_status(&long, "failed");

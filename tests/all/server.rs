@@ -61,6 +61,16 @@ impl Server {
         read(response)
     }
 
+    pub(crate) fn delete(&self, path: &str) -> (u16, Value) {
+        let response = ureq::delete(&format!("{}{path}", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .expect("request sent");
+        read(response)
+    }
+
     pub(crate) fn get(&self, path: &str) -> (u16, Value) {
         let response = ureq::get(&format!("{}{path}", self.base))
             .config()

@@ -401,6 +401,17 @@ impl PgBackend {
             *session = Some(PgBackend::connect(config).await?);
         }
         let Session { client, prepared } = session.as_mut().expect("connected above");
+        let tx = client.transaction().await.map_err(|e| not_committed(&e))?;
+        let pipelined = sql::apply_pipelined(&tx, prepared, node, batch)
+            .await
+            .map_err(|e| not_committed(&e))?;
+        if let Some(outcomes) = pipelined {
+            tx.commit().await.map_err(|e| not_committed(&e))?;
+            return Ok(outcomes);
+        }
+        // A write needs answers before it knows what to write: again, one
+        // write at a time.
+        tx.rollback().await.map_err(|e| not_committed(&e))?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let tx = client.transaction().await.map_err(|e| not_committed(&e))?;
         for write in batch {

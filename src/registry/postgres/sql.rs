@@ -17,7 +17,7 @@ use tokio_postgres::{Row, Statement, Transaction};
 use crate::error::Error;
 use crate::registry::writer::{Outcome, Write};
 use crate::registry::{Existing, RunCursor, RunFilter, RunSummary};
-use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
+use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange};
 
 /// The columns of a whole run, in the order `read_run` reads them.
 const RUN_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
@@ -139,79 +139,269 @@ impl Prepared {
     }
 }
 
-/// Applies one write inside the batch's transaction. `Err` is a database
-/// failure (it aborts the batch); a refusal by the status rules is
-/// `Ok(Outcome::Failed)` and writes nothing.
+/// Applies one write inside the batch's transaction, waiting for each
+/// answer. `Err` is a database failure (it aborts the batch); a refusal
+/// by the status rules is `Ok(Outcome::Failed)` and writes nothing.
 pub(super) async fn apply(
     tx: &Transaction<'_>,
     prepared: &mut Prepared,
     node: &Node,
     write: &Write,
 ) -> Result<Outcome, tokio_postgres::Error> {
-    Ok(match write {
-        Write::Insert(run, existing, _) => insert(tx, prepared, node, run, *existing).await?,
-        Write::Heartbeat => {
-            let lease = i64::try_from(node.lease.as_millis()).unwrap_or(i64::MAX);
-            let renew = prepared.get(tx, RENEW).await?;
-            tx.execute(&renew, &[&node.id, &lease]).await?;
-            let rescue = prepared.get(tx, RESCUE).await?;
-            let lost: i64 = tx
-                .query_one(
-                    &rescue,
-                    &[&nanos(Utc::now()), &crate::run::EXIT_FAILURE, &lease],
+    match write {
+        Write::Insert(run, existing, _) => insert(tx, prepared, node, run, *existing).await,
+        Write::Replace(run, change, _) => replace(tx, prepared, run, change.as_ref()).await,
+        other => {
+            let sent = Sent::new(other, node).expect("only a replace sends nothing up front");
+            let mut statements = HashMap::new();
+            for sql in statement_of(&sent) {
+                statements.insert(*sql, prepared.get(tx, sql).await?);
+            }
+            let outcome = send(tx, &|sql| &statements[sql], &sent).await?;
+            Ok(outcome.expect("only an insert needs more than its statement"))
+        }
+    }
+}
+
+/// The values one write sends: owned here, so that every write of a batch
+/// can be sent before the first answer comes back.
+enum Sent<'a> {
+    Insert(RunValues<'a>, &'a str),
+    End {
+        run_id: Cow<'a, str>,
+        to: &'static str,
+        at: i64,
+        exit_code: Option<i32>,
+        error_message: Option<Cow<'a, str>>,
+        output: Option<String>,
+        allowed: Vec<&'static str>,
+        log: Option<String>,
+        message: Option<String>,
+    },
+    Move {
+        run_id: Cow<'a, str>,
+        to: &'static str,
+        at: i64,
+        allowed: Vec<&'static str>,
+        message: Option<String>,
+    },
+    Progress(Cow<'a, str>, f64, Cow<'a, str>),
+    ManyProgress(Vec<Cow<'a, str>>, Vec<f64>, Vec<Cow<'a, str>>),
+    Log(Cow<'a, str>, Option<String>),
+    Cleanup(i64),
+    Heartbeat(&'a str, i64, i64, i32),
+    Nothing,
+}
+
+impl<'a> Sent<'a> {
+    /// The values of `write`; `None` for a write that needs answers before
+    /// it knows what to send (a whole-record replace).
+    fn new(write: &'a Write, node: &'a Node) -> Option<Sent<'a>> {
+        Some(match write {
+            Write::Insert(run, ..) => Sent::Insert(RunValues::new(run, 1), &node.id),
+            Write::Replace(..) => return None,
+            Write::Transition(change, ..) => {
+                let message = change
+                    .status_change()
+                    .message
+                    .map(|m| clean(&m).into_owned());
+                if change.to.is_terminal() {
+                    Sent::End {
+                        run_id: clean(&change.run_id),
+                        to: change.to.as_str(),
+                        at: nanos(change.at),
+                        exit_code: change.exit_code,
+                        error_message: change.error_message.as_deref().map(clean),
+                        output: change.output.as_ref().map(json_text),
+                        allowed: allowed_from(change.to),
+                        log: change.log.as_deref().and_then(log_text),
+                        message,
+                    }
+                } else {
+                    Sent::Move {
+                        run_id: clean(&change.run_id),
+                        to: change.to.as_str(),
+                        at: nanos(change.at),
+                        allowed: allowed_from(change.to),
+                        message,
+                    }
+                }
+            }
+            Write::Progress(run_id, progress, _) => {
+                Sent::Progress(clean(run_id), progress.fraction, clean(&progress.message))
+            }
+            Write::TakenProgress(reports) => Sent::ManyProgress(
+                reports.iter().map(|(id, _)| clean(id)).collect(),
+                reports.iter().map(|(_, p)| p.fraction).collect(),
+                reports.iter().map(|(_, p)| clean(&p.message)).collect(),
+            ),
+            Write::Log(run_id, log, _) => Sent::Log(clean(run_id), log_text(log)),
+            Write::Cleanup(cutoff, _) => Sent::Cleanup(nanos_clamped(*cutoff)),
+            Write::Heartbeat => Sent::Heartbeat(
+                &node.id,
+                i64::try_from(node.lease.as_millis()).unwrap_or(i64::MAX),
+                nanos(Utc::now()),
+                crate::run::EXIT_FAILURE,
+            ),
+            Write::ReportedProgress | Write::Flush(_) | Write::Check => Sent::Nothing,
+        })
+    }
+}
+
+/// Applies a batch with every write's statement sent at once (pipelined:
+/// the server runs them in order, and the batch costs about one round
+/// trip, not one per write). `Ok(None)` when a write needs more than its
+/// one statement (an id already taken, a whole-record replace): the caller
+/// rolls back and applies the batch one write at a time instead.
+pub(super) async fn apply_pipelined(
+    tx: &Transaction<'_>,
+    prepared: &mut Prepared,
+    node: &Node,
+    batch: &[Write],
+) -> Result<Option<Vec<Outcome>>, tokio_postgres::Error> {
+    let Some(sent) = batch
+        .iter()
+        .map(|write| Sent::new(write, node))
+        .collect::<Option<Vec<Sent<'_>>>>()
+    else {
+        return Ok(None);
+    };
+    let mut statements = HashMap::new();
+    for sql in [
+        INSERT_RUN,
+        END,
+        MOVE,
+        PROGRESS,
+        PROGRESS_MANY,
+        SET_LOG,
+        CLEANUP,
+        RENEW,
+        RESCUE,
+    ] {
+        let needed = sent.iter().any(|sent| statement_of(sent).contains(&sql));
+        if needed {
+            statements.insert(sql, prepared.get(tx, sql).await?);
+        }
+    }
+    let statement = |sql: &'static str| &statements[sql];
+    let sends = sent.iter().map(|sent| send(tx, &statement, sent));
+    let outcomes = futures_util::future::try_join_all(sends).await?;
+    Ok(outcomes.into_iter().collect())
+}
+
+/// Sends one write's statements; `None` when the write needs more than
+/// them (an insert whose id is taken).
+async fn send<'s>(
+    tx: &Transaction<'_>,
+    statement: &impl Fn(&'static str) -> &'s Statement,
+    sent: &Sent<'_>,
+) -> Result<Option<Outcome>, tokio_postgres::Error> {
+    Ok(match sent {
+        Sent::Insert(values, node) => {
+            let mut params = values.params()[..15].to_vec();
+            params.push(node);
+            if tx.execute(statement(INSERT_RUN), &params).await? == 1 {
+                Some(Outcome::Done)
+            } else {
+                None
+            }
+        }
+        Sent::End {
+            run_id,
+            to,
+            at,
+            exit_code,
+            error_message,
+            output,
+            allowed,
+            log,
+            message,
+        } => {
+            let row = tx
+                .query_opt(
+                    statement(END),
+                    &[
+                        run_id,
+                        to,
+                        at,
+                        exit_code,
+                        error_message,
+                        output,
+                        allowed,
+                        log,
+                        message,
+                    ],
                 )
-                .await?
-                .get(0);
+                .await?;
+            Some(Outcome::Applied(row.map(|row| row.get(0))))
+        }
+        Sent::Move {
+            run_id,
+            to,
+            at,
+            allowed,
+            message,
+        } => {
+            let row = tx
+                .query_opt(statement(MOVE), &[run_id, to, at, allowed, message])
+                .await?;
+            Some(Outcome::Applied(row.map(|row| row.get(0))))
+        }
+        Sent::Progress(run_id, fraction, message) => {
+            let row = tx
+                .query_opt(statement(PROGRESS), &[run_id, fraction, message])
+                .await?;
+            Some(Outcome::Applied(row.map(|row| row.get(0))))
+        }
+        Sent::ManyProgress(ids, fractions, messages) => {
+            tx.execute(statement(PROGRESS_MANY), &[ids, fractions, messages])
+                .await?;
+            Some(Outcome::Done)
+        }
+        Sent::Log(run_id, log) => {
+            let changed = tx.execute(statement(SET_LOG), &[run_id, log]).await?;
+            Some(Outcome::Count(
+                usize::try_from(changed).unwrap_or(usize::MAX),
+            ))
+        }
+        Sent::Cleanup(cutoff) => {
+            let deleted = tx.execute(statement(CLEANUP), &[cutoff]).await?;
+            Some(Outcome::Count(
+                usize::try_from(deleted).unwrap_or(usize::MAX),
+            ))
+        }
+        Sent::Heartbeat(node, lease, at, exit_code) => {
+            let (_, rescued) = futures_util::future::try_join(
+                tx.execute(statement(RENEW), &[node, lease]),
+                tx.query_one(statement(RESCUE), &[at, exit_code, lease]),
+            )
+            .await?;
+            let lost: i64 = rescued.get(0);
             if lost > 0 {
                 tracing::warn!(
                     runs = lost,
                     "settled the runs of nodes that stopped renewing their lease"
                 );
             }
-            Outcome::Done
+            Some(Outcome::Done)
         }
-        Write::Replace(run, change, _) => replace(tx, prepared, run, change.as_ref()).await?,
-        Write::Transition(change, ..) => {
-            Outcome::Applied(apply_transition(tx, prepared, change).await?)
-        }
-        Write::Progress(run_id, progress, _) => {
-            let statement = prepared.get(tx, PROGRESS).await?;
-            let row = tx
-                .query_opt(
-                    &statement,
-                    &[
-                        &clean(run_id),
-                        &progress.fraction,
-                        &clean(&progress.message),
-                    ],
-                )
-                .await?;
-            Outcome::Applied(row.map(|row| row.get(0)))
-        }
-        Write::ReportedProgress | Write::Flush(_) | Write::Check => Outcome::Done,
-        Write::TakenProgress(reports) => {
-            let ids: Vec<Cow<'_, str>> = reports.iter().map(|(id, _)| clean(id)).collect();
-            let fractions: Vec<f64> = reports.iter().map(|(_, p)| p.fraction).collect();
-            let messages: Vec<Cow<'_, str>> =
-                reports.iter().map(|(_, p)| clean(&p.message)).collect();
-            let statement = prepared.get(tx, PROGRESS_MANY).await?;
-            tx.execute(&statement, &[&ids, &fractions, &messages])
-                .await?;
-            Outcome::Done
-        }
-        Write::Log(run_id, log, _) => {
-            let statement = prepared.get(tx, SET_LOG).await?;
-            let changed = tx
-                .execute(&statement, &[&clean(run_id), &log_text(log)])
-                .await?;
-            Outcome::Count(usize::try_from(changed).unwrap_or(usize::MAX))
-        }
-        Write::Cleanup(cutoff, _) => {
-            let statement = prepared.get(tx, CLEANUP).await?;
-            let deleted = tx.execute(&statement, &[&nanos_clamped(*cutoff)]).await?;
-            Outcome::Count(usize::try_from(deleted).unwrap_or(usize::MAX))
-        }
+        Sent::Nothing => Some(Outcome::Done),
     })
+}
+
+/// The statements a write sends.
+fn statement_of(sent: &Sent<'_>) -> &'static [&'static str] {
+    match sent {
+        Sent::Insert(..) => &[INSERT_RUN],
+        Sent::End { .. } => &[END],
+        Sent::Move { .. } => &[MOVE],
+        Sent::Progress(..) => &[PROGRESS],
+        Sent::ManyProgress(..) => &[PROGRESS_MANY],
+        Sent::Log(..) => &[SET_LOG],
+        Sent::Cleanup(_) => &[CLEANUP],
+        Sent::Heartbeat(..) => &[RENEW, RESCUE],
+        Sent::Nothing => &[],
+    }
 }
 
 /// What the write path needs of a stored run.
@@ -344,51 +534,6 @@ fn allowed_from(to: RunStatus) -> Vec<&'static str> {
         .filter(|from| from.can_become(to))
         .map(RunStatus::as_str)
         .collect()
-}
-
-/// Applies `change` if the status flow allows it; returns the module id.
-async fn apply_transition(
-    tx: &Transaction<'_>,
-    prepared: &mut Prepared,
-    change: &Transition,
-) -> Result<Option<String>, tokio_postgres::Error> {
-    let run_id = clean(&change.run_id);
-    let message = change
-        .status_change()
-        .message
-        .map(|m| clean(&m).into_owned());
-    let row = if change.to.is_terminal() {
-        let statement = prepared.get(tx, END).await?;
-        tx.query_opt(
-            &statement,
-            &[
-                &run_id,
-                &change.to.as_str(),
-                &nanos(change.at),
-                &change.exit_code,
-                &change.error_message.as_deref().map(clean),
-                &change.output.as_ref().map(json_text),
-                &allowed_from(change.to),
-                &change.log.as_deref().and_then(log_text),
-                &message,
-            ],
-        )
-        .await?
-    } else {
-        let statement = prepared.get(tx, MOVE).await?;
-        tx.query_opt(
-            &statement,
-            &[
-                &run_id,
-                &change.to.as_str(),
-                &nanos(change.at),
-                &allowed_from(change.to),
-                &message,
-            ],
-        )
-        .await?
-    };
-    Ok(row.map(|row| row.get(0)))
 }
 
 /// A run's column values, in `RUN_COLUMNS` order then `history_len`.
