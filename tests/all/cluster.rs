@@ -168,3 +168,190 @@ async fn two_servers_share_a_database_and_a_killed_ones_runs_are_settled() {
     let after = b.start_run("hello", json!({"name": "again"}));
     b.wait_status(&after, "completed");
 }
+
+/// A PostgreSQL server of the test's own, in a temporary directory, that
+/// the test may stop and start (the shared test server must stay up).
+struct PrivateServer {
+    bin: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl PrivateServer {
+    /// `None`, after saying the test was skipped, without Debian's
+    /// PostgreSQL server binaries or root (to run them as `postgres`).
+    fn start() -> Option<PrivateServer> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| Some(entry.ok()?.path().join("bin")))
+            .filter(|bin| bin.join("initdb").exists())
+            .max();
+        let root = unsafe { libc::geteuid() } == 0;
+        let Some(bin) = bin.filter(|_| root) else {
+            return crate::support::require_or_skip(
+                "PostgreSQL's server binaries (/usr/lib/postgresql/*/bin) and root",
+            );
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        run_as_postgres(
+            &[
+                "chown",
+                "-R",
+                "postgres:",
+                &dir.path().display().to_string(),
+            ],
+            true,
+        );
+        let data = dir.path().join("data");
+        run_as_postgres(
+            &[
+                &bin.join("initdb").display().to_string(),
+                "-D",
+                &data.display().to_string(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            false,
+        );
+        let server = PrivateServer { bin, dir, port };
+        server.up();
+        Some(server)
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.path().join("data").display().to_string();
+        let log = self.dir.path().join("log").display().to_string();
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        let mut command = vec![pg_ctl.as_str(), "-D", &data, "-l", &log, "-w", "-t", "60"];
+        command.extend_from_slice(args);
+        run_as_postgres(&command, false);
+    }
+
+    fn up(&self) {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {}",
+            self.port,
+            self.dir.path().display()
+        );
+        self.pg_ctl(&["-o", &options, "start"]);
+    }
+
+    fn down(&self) {
+        self.pg_ctl(&["-m", "fast", "stop"]);
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data").display().to_string();
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        let _ = std::process::Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &pg_ctl,
+                "-D",
+                &data,
+                "-m",
+                "immediate",
+                "stop",
+            ])
+            .output();
+    }
+}
+
+/// Runs a command (as `postgres` unless `as_root`), failing the test if it fails.
+fn run_as_postgres(command: &[&str], as_root: bool) {
+    let mut process = if as_root {
+        std::process::Command::new(command[0])
+    } else {
+        let mut process = std::process::Command::new("runuser");
+        process.args(["-u", "postgres", "--", command[0]]);
+        process
+    };
+    let output = process.args(&command[1..]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_loses_no_run() {
+    let Some(server) = PrivateServer::start() else {
+        return;
+    };
+    let registry = RunRegistry::open_postgres(&server.url()).await.unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..20 {
+        let run = Run::new("countdown", "Countdown");
+        registry.add_run(&run).await.unwrap();
+        assert!(
+            registry
+                .transition(&Transition::running(&run.run_id))
+                .await
+                .unwrap()
+        );
+        runs.push(run.run_id);
+    }
+
+    server.down();
+    // The runs end while the server is down: their ends are held.
+    let ends: Vec<_> = runs
+        .iter()
+        .map(|run_id| {
+            let (registry, run_id) = (registry.clone(), run_id.clone());
+            tokio::spawn(async move {
+                registry
+                    .hold_transition(&Transition::completed(&run_id, json!("done")))
+                    .await
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    while registry.health().unavailable.is_none() {
+        assert!(start.elapsed() < DEADLINE, "the outage was never noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reason = registry.health().unavailable.unwrap();
+    assert!(reason.contains("database server"), "{reason}");
+    // What someone waits for is refused, not queued behind the outage.
+    let refused = registry
+        .add_run(&Run::new("hello", "Hello"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, modrun::Error::RegistryUnavailable { .. }),
+        "{refused:?}"
+    );
+
+    server.up();
+    for end in ends {
+        assert!(end.await.unwrap().unwrap(), "every held end commits");
+    }
+    assert_eq!(registry.health().unavailable, None);
+    for run_id in &runs {
+        let run = registry.get_run(run_id).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Completed);
+        assert_eq!(registry.history(run_id).await.unwrap().len(), 3);
+    }
+    let after = Run::new("hello", "Hello");
+    registry.add_run(&after).await.unwrap();
+}
