@@ -653,40 +653,14 @@ async fn execute<F>(
     if failed {
         return;
     }
-    let no_gate = Gate {
-        first: None,
-        then: None,
-    };
-    let gate = gate.as_deref().unwrap_or(&no_gate);
-    let (_slot, _first) = match slot {
-        Pending::Unlimited => (None, {
-            let Some(first) = permit(gate.first.as_ref(), token).await else {
-                return;
-            };
-            first
-        }),
-        Pending::Ready(slot, first) => (Some(slot), first),
-        Pending::Queued => {
-            let Some(first) = permit(gate.first.as_ref(), token).await else {
-                return;
-            };
-            let slot = match inner.take_slot(run_id) {
-                Ok(slot) => slot,
-                Err(granted) => tokio::select! {
-                    biased;
-                    () = token.cancelled() => return,
-                    slot = granted => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => return,
-                    },
-                },
-            };
-            inner.dequeue(run_id, end.task);
-            (Some(slot), first)
-        }
-    };
-    let Some(_then) = permit(gate.then.as_ref(), token).await else {
-        return;
+    // Waiting is boxed: its state then takes no room in the future of a
+    // run that never waits (no limits), and none once the work is going.
+    let _held = match (slot, gate) {
+        (Pending::Unlimited, None) => None,
+        (slot, gate) => match Box::pin(wait_to_start(&end, slot, gate)).await {
+            Some(held) => Some(held),
+            None => return,
+        },
     };
     if token.is_cancelled() {
         return;
@@ -735,6 +709,45 @@ async fn execute<F>(
     if let Err(e) = inner.registry.hold_transition(&change).await {
         tracing::error!(error = %e, status = %change.to, "cannot record the run's end");
     }
+}
+
+/// What a started run holds until it ends: its slot and its gate's permits.
+struct Held {
+    _slot: Option<Slot>,
+    _first: Option<OwnedSemaphorePermit>,
+    _then: Option<OwnedSemaphorePermit>,
+}
+
+/// Waits for what a run needs before it starts: its gate's first permit,
+/// then a slot (unless it got both when admitted), then the gate's other
+/// permit. `None` if it was cancelled meanwhile.
+async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) -> Option<Box<Held>> {
+    let (inner, run_id, token) = (&end.inner, end.run_id.as_str(), &end.token);
+    let first_of = |gate: &Option<Arc<Gate>>| gate.as_ref().and_then(|g| g.first.clone());
+    let (slot, first) = match slot {
+        Pending::Unlimited => (None, permit(first_of(&gate).as_ref(), token).await?),
+        Pending::Ready(slot, first) => (Some(slot), first),
+        Pending::Queued => {
+            let first = permit(first_of(&gate).as_ref(), token).await?;
+            let slot = match inner.take_slot(run_id) {
+                Ok(slot) => slot,
+                Err(granted) => tokio::select! {
+                    biased;
+                    () = token.cancelled() => return None,
+                    slot = granted => slot.ok()?,
+                },
+            };
+            inner.dequeue(run_id, end.task);
+            (Some(slot), first)
+        }
+    };
+    let then = gate.as_ref().and_then(|g| g.then.clone());
+    let then = permit(then.as_ref(), token).await?;
+    Some(Box::new(Held {
+        _slot: slot,
+        _first: first,
+        _then: then,
+    }))
 }
 
 /// The longest error message a run records, in bytes; a longer one is cut
