@@ -7,7 +7,9 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{Existing, OnUnavailable, RunFilter, RunStore, RunSummary};
+use super::{
+    Existing, OnUnavailable, RunFilter, RunStore, RunSummary, Taken, check_replace, on_taken,
+};
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
 
@@ -89,24 +91,15 @@ impl RunStore for MemoryStore {
                     }),
                 );
             }
-            Some(entry) if entry.run.status.is_terminal() => {
-                **entry = Entry {
-                    run: run.clone(),
-                    history: first,
-                };
-            }
-            Some(entry)
-                if existing == Existing::AdoptQueued
-                    && entry.run.status == crate::RunStatus::Queued =>
-            {
-                entry.run = run.clone();
-            }
-            Some(entry) => {
-                return Err(Error::RunActive {
-                    run_id: run.run_id.clone(),
-                    status: entry.run.status,
-                });
-            }
+            Some(entry) => match on_taken(&run.run_id, entry.run.status, existing)? {
+                Taken::Replace => {
+                    **entry = Entry {
+                        run: run.clone(),
+                        history: first,
+                    };
+                }
+                Taken::Adopt => entry.run = run.clone(),
+            },
         }
         Ok(())
     }
@@ -116,21 +109,8 @@ impl RunStore for MemoryStore {
         let entry = runs
             .get_mut(&run.run_id)
             .ok_or_else(|| Error::RunNotFound(run.run_id.clone()))?;
-        let from = entry.run.status;
-        if from.is_terminal() {
-            return Err(Error::RunFinished {
-                run_id: run.run_id.clone(),
-                status: from,
-            });
-        }
+        check_replace(&run.run_id, entry.run.status, change.map(|c| c.status))?;
         if let Some(change) = change {
-            if !from.can_become(change.status) {
-                return Err(Error::InvalidTransition {
-                    run_id: run.run_id.clone(),
-                    from,
-                    to: change.status,
-                });
-            }
             entry.history.push(change.clone());
         }
         entry.run = run.clone();

@@ -227,6 +227,52 @@ pub enum Existing {
     AdoptQueued,
 }
 
+/// What an insert does with an id already recorded, as every backend
+/// decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Taken {
+    /// Replace the finished run (a fresh record and history).
+    Replace,
+    /// Take over the queued run, keeping its history.
+    Adopt,
+}
+
+/// The status rule of an insert over `run_id`, recorded in status `stored`:
+/// a finished run is replaced, a queued one adopted when `existing` allows,
+/// an active one refused with [`Error::RunActive`](crate::Error::RunActive).
+pub(crate) fn on_taken(run_id: &str, stored: RunStatus, existing: Existing) -> Result<Taken> {
+    if stored.is_terminal() {
+        Ok(Taken::Replace)
+    } else if stored == RunStatus::Queued && existing == Existing::AdoptQueued {
+        Ok(Taken::Adopt)
+    } else {
+        Err(crate::Error::RunActive {
+            run_id: run_id.to_owned(),
+            status: stored,
+        })
+    }
+}
+
+/// The status rule of a whole-record replace of `run_id`, recorded in
+/// status `from`, with its status changing to `to` (if it changes): a
+/// finished run never changes, and the change must be one the flow allows.
+pub(crate) fn check_replace(run_id: &str, from: RunStatus, to: Option<RunStatus>) -> Result<()> {
+    if from.is_terminal() {
+        return Err(crate::Error::RunFinished {
+            run_id: run_id.to_owned(),
+            status: from,
+        });
+    }
+    match to {
+        Some(to) if !from.can_become(to) => Err(crate::Error::InvalidTransition {
+            run_id: run_id.to_owned(),
+            from,
+            to,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Where runs are stored. Each backend passes the same contract tests
 /// (`tests/all/registry_contract.rs`); [`RunRegistry`] is the API to use.
 ///

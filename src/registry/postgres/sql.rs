@@ -16,7 +16,7 @@ use tokio_postgres::{Row, Statement, Transaction};
 
 use crate::error::Error;
 use crate::registry::writer::{Outcome, Write};
-use crate::registry::{Existing, RunCursor, RunFilter, RunSummary};
+use crate::registry::{Existing, RunCursor, RunFilter, RunSummary, Taken, check_replace, on_taken};
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange};
 
 /// The columns of a whole run, in the order `read_run` reads them.
@@ -451,27 +451,26 @@ async fn insert(
             return Ok(Outcome::Done);
         }
     };
-    if stored.status.is_terminal() {
-        tx.execute("DELETE FROM runs WHERE id = $1", &[&stored.id])
+    match on_taken(&run.run_id, stored.status, existing) {
+        Ok(Taken::Replace) => {
+            tx.execute("DELETE FROM runs WHERE id = $1", &[&stored.id])
+                .await?;
+            tx.execute(&statement, &params).await?;
+            Ok(Outcome::Done)
+        }
+        Ok(Taken::Adopt) => {
+            // This node executes the run now.
+            let values = RunValues::new(run, stored.history_len);
+            let update = prepared.get(tx, UPDATE_RUN).await?;
+            tx.execute(&update, &values.params()).await?;
+            tx.execute(
+                "UPDATE runs SET node = $2 WHERE id = $1",
+                &[&stored.id, &node.id],
+            )
             .await?;
-        tx.execute(&statement, &params).await?;
-        Ok(Outcome::Done)
-    } else if stored.status == RunStatus::Queued && existing == Existing::AdoptQueued {
-        // This node executes the run now.
-        let values = RunValues::new(run, stored.history_len);
-        let update = prepared.get(tx, UPDATE_RUN).await?;
-        tx.execute(&update, &values.params()).await?;
-        tx.execute(
-            "UPDATE runs SET node = $2 WHERE id = $1",
-            &[&stored.id, &node.id],
-        )
-        .await?;
-        Ok(Outcome::Done)
-    } else {
-        Ok(Outcome::Failed(Error::RunActive {
-            run_id: run.run_id.clone(),
-            status: stored.status,
-        }))
+            Ok(Outcome::Done)
+        }
+        Err(e) => Ok(Outcome::Failed(e)),
     }
 }
 
@@ -486,22 +485,11 @@ async fn replace(
         Some(Err(e)) => return Ok(Outcome::Failed(e)),
         None => return Ok(Outcome::Failed(Error::RunNotFound(run.run_id.clone()))),
     };
-    let from = stored.status;
-    if from.is_terminal() {
-        return Ok(Outcome::Failed(Error::RunFinished {
-            run_id: run.run_id.clone(),
-            status: from,
-        }));
+    if let Err(e) = check_replace(&run.run_id, stored.status, change.map(|c| c.status)) {
+        return Ok(Outcome::Failed(e));
     }
     let update = prepared.get(tx, UPDATE_RUN).await?;
     match change {
-        Some(change) if !from.can_become(change.status) => {
-            return Ok(Outcome::Failed(Error::InvalidTransition {
-                run_id: run.run_id.clone(),
-                from,
-                to: change.status,
-            }));
-        }
         Some(change) => {
             let values = RunValues::new(run, stored.history_len + 1);
             tx.execute(&update, &values.params()).await?;

@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::error::Error;
 use crate::registry::writer::Outcome;
-use crate::registry::{Existing, RunCursor, RunFilter, RunSummary};
+use crate::registry::{Existing, RunCursor, RunFilter, RunSummary, Taken, check_replace, on_taken};
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
 
 /// The columns of a whole run, in the order `read_run` reads them.
@@ -54,8 +54,12 @@ pub(super) fn insert(
         add_history(tx, id, 0, &first_change(run))?;
         return Ok(Outcome::Done);
     }
-    match current(tx, &run.run_id)? {
-        Some(stored) if stored.status.is_terminal() => {
+    let Some(stored) = current(tx, &run.run_id)? else {
+        // The insert met a conflict, so the row exists within this transaction.
+        return Err(rusqlite::Error::QueryReturnedNoRows);
+    };
+    match on_taken(&run.run_id, stored.status, existing) {
+        Ok(Taken::Replace) => {
             tx.prepare_cached("DELETE FROM run_history WHERE run = ?1")?
                 .execute([stored.id])?;
             tx.prepare_cached("DELETE FROM runs WHERE id = ?1")?
@@ -64,16 +68,11 @@ pub(super) fn insert(
             add_history(tx, id, 0, &first_change(run))?;
             Ok(Outcome::Done)
         }
-        Some(stored) if stored.status == RunStatus::Queued && existing == Existing::AdoptQueued => {
+        Ok(Taken::Adopt) => {
             update_run(tx, run, stored.history_len)?;
             Ok(Outcome::Done)
         }
-        Some(stored) => Ok(Outcome::Failed(Error::RunActive {
-            run_id: run.run_id.clone(),
-            status: stored.status,
-        })),
-        // The insert met a conflict, so the row exists within this transaction.
-        None => Err(rusqlite::Error::QueryReturnedNoRows),
+        Err(e) => Ok(Outcome::Failed(e)),
     }
 }
 
@@ -94,21 +93,10 @@ pub(super) fn replace(
     let Some(stored) = current(tx, &run.run_id)? else {
         return Ok(Outcome::Failed(Error::RunNotFound(run.run_id.clone())));
     };
-    let from = stored.status;
-    if from.is_terminal() {
-        return Ok(Outcome::Failed(Error::RunFinished {
-            run_id: run.run_id.clone(),
-            status: from,
-        }));
+    if let Err(e) = check_replace(&run.run_id, stored.status, change.map(|c| c.status)) {
+        return Ok(Outcome::Failed(e));
     }
     match change {
-        Some(change) if !from.can_become(change.status) => {
-            return Ok(Outcome::Failed(Error::InvalidTransition {
-                run_id: run.run_id.clone(),
-                from,
-                to: change.status,
-            }));
-        }
         Some(change) => {
             update_run(tx, run, stored.history_len + 1)?;
             add_history(tx, stored.id, stored.history_len, change)?;
