@@ -108,8 +108,24 @@ impl Stack {
             None
         };
         let manager = BackgroundTaskManager::with_limits(registry.clone(), limits);
+        let runner = ModuleRunner::new(host, manager);
+        // Cancels other nodes sharing the registry asked of this one.
+        if let Some(mut requests) = registry.take_cancel_requests() {
+            let runner = runner.clone();
+            tokio::spawn(async move {
+                while let Some(run_id) = requests.recv().await {
+                    match runner.cancel(&run_id).await {
+                        Ok(true) => tracing::info!(run_id, "run cancelled as another node asked"),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(run_id, error = %e, "cannot cancel a run as another node asked")
+                        }
+                    }
+                }
+            });
+        }
         Ok(Stack {
-            runner: ModuleRunner::new(host, manager),
+            runner,
             _reloader: reloader,
         })
     }

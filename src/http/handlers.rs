@@ -267,8 +267,61 @@ pub(super) async fn get_run(
 
 /// Cancels a run: 200 `{"success": true}` when it was active and is now
 /// cancelled, 404 for an unknown run, 409 `{"success": false}` when it had
-/// already finished, or when another process sharing the registry (another
-/// node on one database) executes it.
+/// already finished. A run another node executes (on a shared database)
+/// is cancelled through that node: 200 once it is cancelled, 202
+/// `{"status": "cancel_requested"}` if that takes longer than
+/// [`CANCEL_WAIT`], 409 if it finished first.
+/// How long a cancel waits for the node executing the run to cancel it.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits for another node to cancel `run_id`, as asked, and says how it ended.
+async fn cancel_elsewhere(
+    state: &AppState,
+    run_id: &str,
+    node: &str,
+) -> Result<Response, ApiError> {
+    let registry = state.runner.registry();
+    let mut events = registry.subscribe();
+    let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+    loop {
+        let run = registry
+            .get_run(run_id)
+            .await?
+            .ok_or_else(|| Error::RunNotFound(run_id.to_owned()))?;
+        match run.status {
+            RunStatus::Cancelled => {
+                return Ok(Json(json!({"success": true, "status": "cancelled"})).into_response());
+            }
+            status if status.is_terminal() => {
+                let answer = json!({
+                    "success": false,
+                    "status": status,
+                    "error": {"code": "run_finished", "message": format!("run {run_id} already {status}")},
+                });
+                return Ok((StatusCode::CONFLICT, Json(answer)).into_response());
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let answer = json!({"success": true, "status": "cancel_requested", "node": node});
+            return Ok((StatusCode::ACCEPTED, Json(answer)).into_response());
+        }
+        // The executing node's status change arrives as an event; a poll
+        // covers a missed one.
+        let _ = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + std::time::Duration::from_millis(200)),
+            async {
+                while let Ok(event) = events.recv().await {
+                    if event.run_id() == run_id {
+                        return;
+                    }
+                }
+            },
+        )
+        .await;
+    }
+}
+
 pub(super) async fn cancel_run(
     State(state): State<AppState>,
     ApiPath(run_id): ApiPath<String>,
@@ -282,6 +335,11 @@ pub(super) async fn cancel_run(
         .get_run(&run_id)
         .await?
         .ok_or_else(|| Error::RunNotFound(run_id.clone()))?;
+    if run.status.is_active()
+        && let Some(node) = state.runner.registry().request_cancel(&run_id).await?
+    {
+        return cancel_elsewhere(&state, &run_id, &node).await;
+    }
     let error = if run.status.is_active() {
         json!({
             "code": "run_elsewhere",

@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 pub use memory::MemoryStore;
 pub use postgres::{
@@ -36,6 +36,11 @@ pub use sqlite::{INTERRUPTED, SqliteOptions, SqliteReader, SqliteStore, Synchron
 
 use crate::error::Result;
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
+
+/// How many cancel requests from other processes may wait to be handled;
+/// past it they are dropped (a shared store re-reads them at its next
+/// heartbeat).
+const CANCEL_REQUESTS: usize = 1024;
 
 /// Whether a registry location names a PostgreSQL database rather than a
 /// SQLite file.
@@ -345,6 +350,24 @@ pub trait RunStore: Send + Sync + 'static {
     fn health(&self) -> StoreHealth {
         StoreHealth::default()
     }
+
+    /// For a store other processes share (nodes on one database): from now
+    /// on, publish the status changes they record into `events`, and send
+    /// into `cancels` the ids of runs this process executes whose cancel
+    /// another process asked for. Nothing to do for a store one process
+    /// holds (the default).
+    fn connect_events(&self, events: broadcast::Sender<RunEvent>, cancels: mpsc::Sender<String>) {
+        let _ = (events, cancels);
+    }
+
+    /// Asks the process that executes an active run to cancel it: records
+    /// the intent and tells that process. Returns its node name, `None` if
+    /// the run is not active or no other process can execute it (the
+    /// default).
+    async fn request_cancel(&self, run_id: &str) -> Result<Option<String>> {
+        let _ = run_id;
+        Ok(None)
+    }
 }
 
 /// The record of runs and of every status change, shared by everything that
@@ -373,6 +396,7 @@ pub trait RunStore: Send + Sync + 'static {
 pub struct RunRegistry {
     store: Arc<dyn RunStore>,
     events: broadcast::Sender<RunEvent>,
+    cancel_requests: Arc<std::sync::Mutex<Option<mpsc::Receiver<String>>>>,
 }
 
 impl std::fmt::Debug for RunRegistry {
@@ -387,10 +411,34 @@ impl RunRegistry {
     /// A registry over any store.
     #[must_use]
     pub fn new(store: impl RunStore) -> RunRegistry {
+        let events = broadcast::channel(EVENT_BUFFER).0;
+        let (cancels, cancel_requests) = mpsc::channel(CANCEL_REQUESTS);
+        store.connect_events(events.clone(), cancels);
         RunRegistry {
             store: Arc::new(store),
-            events: broadcast::channel(EVENT_BUFFER).0,
+            events,
+            cancel_requests: Arc::new(std::sync::Mutex::new(Some(cancel_requests))),
         }
+    }
+
+    /// The ids of runs this process executes whose cancel another process
+    /// sharing the store asked for ([`request_cancel`](Self::request_cancel)):
+    /// whoever runs them should cancel them. Given once; `None` after.
+    pub fn take_cancel_requests(&self) -> Option<mpsc::Receiver<String>> {
+        self.cancel_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Asks the process executing an active run (another node on a shared
+    /// database) to cancel it. Returns that node's name, or `None` when
+    /// the run is not active or no other process can execute it.
+    ///
+    /// Refused with [`Error::RegistryUnavailable`](crate::Error::RegistryUnavailable)
+    /// while the store cannot write.
+    pub async fn request_cancel(&self, run_id: &str) -> Result<Option<String>> {
+        self.store.request_cancel(run_id).await
     }
 
     /// A registry that lives in this process's memory only.

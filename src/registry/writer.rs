@@ -78,6 +78,9 @@ pub(super) enum Write {
     /// Nothing to write: wakes the writer to find out what the checkpoint
     /// thread noticed (the file deleted or replaced).
     Check,
+    /// Asks the node executing a run on a shared database to cancel it;
+    /// answers that node's name, `None` if the run is not active.
+    RequestCancel(String, Reply<Option<String>>),
     /// Renews this node's lease on a shared database, and settles the runs
     /// of nodes whose lease ran out. Nobody waits for it: when the database
     /// cannot be written it is dropped, and the next one tries again.
@@ -371,7 +374,9 @@ fn answer(write: Write, outcome: Outcome) {
         Write::Insert(.., reply) | Write::Replace(.., reply) | Write::Flush(reply) => {
             let _ = reply.send(outcome.into_result(|o| matches!(o, Outcome::Done).then_some(())));
         }
-        Write::Transition(.., reply) | Write::Progress(.., reply) => {
+        Write::Transition(.., reply)
+        | Write::Progress(.., reply)
+        | Write::RequestCancel(_, reply) => {
             let _ = reply.send(outcome.into_result(|o| match o {
                 Outcome::Applied(module) => Some(module),
                 _ => None,
@@ -512,6 +517,11 @@ impl Queue {
 
     pub(super) fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()> {
         self.enqueue(Write::Log(run_id.to_owned(), log, None))
+    }
+
+    pub(super) async fn request_cancel(&self, run_id: &str) -> Result<Option<String>> {
+        self.write_or_refuse(|reply| Write::RequestCancel(run_id.to_owned(), reply))
+            .await
     }
 
     pub(super) async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {

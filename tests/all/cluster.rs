@@ -118,6 +118,83 @@ async fn a_restarted_node_marks_what_its_last_process_left_interrupted() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_hears_the_others_status_changes_in_order() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let lease = Duration::from_secs(30);
+    let a = node(&url, &schema, "a", lease).await;
+    let b = node(&url, &schema, "b", lease).await;
+    let mut heard = a.subscribe();
+
+    let own = Run::new("hello", "Hello");
+    a.add_run(&own).await.unwrap();
+    let theirs = Run::new("hello", "Hello");
+    b.add_run(&theirs).await.unwrap();
+    assert!(
+        b.transition(&Transition::running(&theirs.run_id))
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.transition(&Transition::completed(&theirs.run_id, json!("done")))
+            .await
+            .unwrap()
+    );
+
+    let mut own_events = 0;
+    let mut their_statuses = Vec::new();
+    while their_statuses.len() < 3 {
+        let event = tokio::time::timeout(DEADLINE, heard.recv())
+            .await
+            .expect("b's status changes reach a")
+            .unwrap();
+        let modrun::RunEvent::Status { run_id, change, .. } = event else {
+            continue;
+        };
+        if run_id == own.run_id {
+            own_events += 1;
+        } else if run_id == theirs.run_id {
+            their_statuses.push(change.status);
+        }
+    }
+    assert_eq!(
+        their_statuses,
+        [RunStatus::Queued, RunStatus::Running, RunStatus::Completed]
+    );
+    // A's own change was announced too, before b's: a published it once.
+    assert_eq!(own_events, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_asked_of_a_lost_node_is_settled_as_cancelled() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let lease = Duration::from_secs(1);
+    let lost = node(&url, &schema, "lost", lease).await;
+    let survivor = node(&url, &schema, "survivor", lease).await;
+    let run = Run::new("countdown", "Countdown");
+    lost.add_run(&run).await.unwrap();
+    assert!(
+        lost.transition(&Transition::running(&run.run_id))
+            .await
+            .unwrap()
+    );
+    // Nobody on "lost" handles the request: it stays asked.
+    assert_eq!(
+        survivor
+            .request_cancel(&run.run_id)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("lost")
+    );
+    drop(lost);
+    let run = wait_for(&survivor, &run.run_id, RunStatus::Cancelled).await;
+    assert!(run.error_message.unwrap().starts_with("cancelled by user"),);
+    assert_eq!(survivor.request_cancel(&run.run_id).await.unwrap(), None);
+}
+
 fn start_node(plugins: &Path, url: &str, name: &str) -> Server {
     Server::start(
         plugins,
@@ -146,10 +223,13 @@ async fn two_servers_share_a_database_and_a_killed_ones_runs_are_settled() {
     // kill -9 a node with a run going: the other settles it within its lease.
     let long = a.start_run("countdown", json!({"seconds": 60, "step_ms": 10}));
     b.wait_status(&long, "running");
-    // Cancels reach only the node executing a run, for now: B says so.
-    let (status, body) = b.delete(&format!("/runs/{long}"));
-    assert_eq!(status, 409, "{body}");
-    assert_eq!(body["error"]["code"], "run_elsewhere", "{body}");
+    // A cancel sent to B reaches A, which executes the run.
+    let cancelled = a.start_run("countdown", json!({"seconds": 60, "step_ms": 10}));
+    b.wait_status(&cancelled, "running");
+    let (status, body) = b.delete(&format!("/runs/{cancelled}"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+    a.wait_status(&cancelled, "cancelled");
     let killed_at = Instant::now();
     drop(a);
     b.wait_status(&long, "failed");

@@ -29,24 +29,28 @@
 mod sql;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use futures_util::StreamExt;
+use tokio::sync::{broadcast, mpsc};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
 
 use super::writer::{Backend, NotCommitted, Outcome, Queue, Shared, Write};
-use super::{Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth};
+use super::{Existing, OnUnavailable, RunEvent, RunFilter, RunStore, RunSummary, StoreHealth};
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
-use sql::{Node, Prepared, ReadError};
+use sql::{CancelSink, Node, Prepared, ReadError};
 
 /// The migrations, in order: version `n` is the `n`-th file.
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_nodes.sql"),
+    include_str!("migrations/0003_events.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says
@@ -60,7 +64,7 @@ pub const STATEMENT_WAIT: Duration = Duration::from_secs(10);
 /// How a [`PostgresStore`] is opened.
 #[derive(Debug, Clone)]
 pub struct PostgresOptions {
-    /// The schema that holds modrun's tables: 1 to 63 lowercase letters,
+    /// The schema that holds modrun's tables: 1 to 48 lowercase letters,
     /// digits and underscores, not starting with a digit.
     pub schema: String,
     /// The most writes committed in one transaction.
@@ -111,12 +115,17 @@ pub struct PostgresStore {
     pool: Pool,
     stop_heartbeats: Option<std::sync::mpsc::Sender<()>>,
     heartbeats: Option<std::thread::JoinHandle<()>>,
+    /// Where the listener publishes other nodes' events, once connected.
+    events: Arc<OnceLock<broadcast::Sender<RunEvent>>>,
+    cancels: Arc<CancelSink>,
+    stop_listening: CancellationToken,
 }
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         // The heartbeat thread can wake the writer: it ends first, then the
         // writer (as `writes` is dropped) once it has committed what it holds.
+        self.stop_listening.cancel();
         drop(self.stop_heartbeats.take());
         if let Some(thread) = self.heartbeats.take() {
             let _ = thread.join();
@@ -151,6 +160,7 @@ impl PostgresStore {
             message,
         };
         check_schema_name(&options.schema).map_err(fail)?;
+        let node_name = options.node.clone();
         if options.node.is_empty() || options.node.len() > 200 || options.node.contains('\0') {
             return Err(fail(format!(
                 "{:?} is not a node name: use 1 to 200 characters, unique among the nodes",
@@ -202,10 +212,13 @@ impl PostgresStore {
             .build()
             .map_err(|e| fail(format!("cannot set up its connection pool: {e}")))?;
 
+        let config_for_listener = config.clone();
         let shared = Arc::new(Shared::new(place.clone()));
+        let cancels = Arc::new(CancelSink::default());
         let node = Node {
             id: options.node.clone(),
             lease: options.lease,
+            cancels: cancels.clone(),
         };
         let backend = PgBackend::new(config, node).map_err(|e| fail(e.to_string()))?;
         let writes = Queue::start(backend, shared, options.max_batch, "modrun-postgres")
@@ -230,11 +243,26 @@ impl PostgresStore {
                 }
             })
             .map_err(|e| fail(format!("cannot start its heartbeat thread: {e}")))?;
+        let events = Arc::new(OnceLock::new());
+        let stop_listening = CancellationToken::new();
+        tokio::spawn(listen(
+            config_for_listener,
+            Listener {
+                node: node_name,
+                schema: options.schema.clone(),
+                events: events.clone(),
+                cancels: cancels.clone(),
+            },
+            stop_listening.clone(),
+        ));
         Ok(PostgresStore {
             writes,
             pool,
             stop_heartbeats: Some(stop_heartbeats),
             heartbeats: Some(heartbeats),
+            events,
+            cancels,
+            stop_listening,
         })
     }
 
@@ -350,6 +378,15 @@ impl RunStore for PostgresStore {
     fn health(&self) -> StoreHealth {
         self.writes.shared.health()
     }
+
+    fn connect_events(&self, events: broadcast::Sender<RunEvent>, cancels: mpsc::Sender<String>) {
+        let _ = self.events.set(events);
+        self.cancels.connect(cancels);
+    }
+
+    async fn request_cancel(&self, run_id: &str) -> Result<Option<String>> {
+        self.writes.request_cancel(run_id).await
+    }
 }
 
 /// The writer's connection, made (and remade after a loss) on a runtime of
@@ -379,12 +416,21 @@ impl PgBackend {
         })
     }
 
-    async fn connect(config: &tokio_postgres::Config) -> Result<Session, NotCommitted> {
+    async fn connect(
+        config: &tokio_postgres::Config,
+        node: &Node,
+    ) -> Result<Session, NotCommitted> {
         let (client, connection) = config.connect(NoTls).await.map_err(|e| not_committed(&e))?;
         // Driven by this thread's runtime, during each `block_on`.
         tokio::spawn(async move {
             let _ = connection.await;
         });
+        // Names this node in the status changes it announces, so that its
+        // own listener skips them.
+        client
+            .execute("SELECT set_config('modrun.node', $1, false)", &[&node.id])
+            .await
+            .map_err(|e| not_committed(&e))?;
         Ok(Session {
             client,
             prepared: Prepared::default(),
@@ -398,7 +444,7 @@ impl PgBackend {
         batch: &[Write],
     ) -> Result<Vec<Outcome>, NotCommitted> {
         if session.as_ref().is_none_or(|s| s.client.is_closed()) {
-            *session = Some(PgBackend::connect(config).await?);
+            *session = Some(PgBackend::connect(config, node).await?);
         }
         let Session { client, prepared } = session.as_mut().expect("connected above");
         let tx = client.transaction().await.map_err(|e| not_committed(&e))?;
@@ -533,7 +579,8 @@ async fn settle_previous_process(
 
 fn check_schema_name(schema: &str) -> Result<(), String> {
     let mut chars = schema.chars();
-    let valid = (1..=63).contains(&schema.len())
+    // Its notification channels ("<schema>_control") must fit in 63 bytes.
+    let valid = (1..=48).contains(&schema.len())
         && chars
             .next()
             .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
@@ -542,7 +589,7 @@ fn check_schema_name(schema: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{schema:?} is not a schema name modrun uses: 1 to 63 lowercase letters, digits \
+            "{schema:?} is not a schema name modrun uses: 1 to 48 lowercase letters, digits \
              and '_', not starting with a digit"
         ))
     }
@@ -623,6 +670,156 @@ fn describe(e: &tokio_postgres::Error) -> String {
                 source = cause.source();
             }
             text
+        }
+    }
+}
+
+/// What a node's listener hears about and where it tells it.
+struct Listener {
+    node: String,
+    schema: String,
+    events: Arc<OnceLock<broadcast::Sender<RunEvent>>>,
+    cancels: Arc<CancelSink>,
+}
+
+/// The longest a listener waits before it connects again, after a loss.
+const LISTEN_RETRY: Duration = Duration::from_secs(2);
+
+/// Listens, on a connection of its own, to the status changes other nodes
+/// announce and to the cancels asked of this node; reconnects with backoff
+/// after a loss (notifications sent meanwhile are lost: the cancels are
+/// read again at once, and at every heartbeat).
+async fn listen(config: tokio_postgres::Config, listener: Listener, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        match listen_once(&config, &listener, &stop).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), "lost the database listener; reconnecting");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(LISTEN_RETRY);
+    }
+}
+
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    listener: &Listener,
+    stop: &CancellationToken,
+) -> Result<(), tokio_postgres::Error> {
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (notes, mut heard) = mpsc::channel(1024);
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let driver = tokio::spawn(async move {
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(note)) => {
+                    // A listener that falls behind drops notifications
+                    // rather than grow without bound.
+                    let _ = notes.try_send(note);
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    let schema = &listener.schema;
+    client
+        .batch_execute(&format!("LISTEN {schema}_events; LISTEN {schema}_control"))
+        .await?;
+    // Cancels asked while this node was not listening.
+    let pending = client
+        .query(
+            "SELECT run_id FROM runs WHERE node = $1 AND status IN ('queued', 'running') \
+             AND cancel_requested_at IS NOT NULL",
+            &[&listener.node],
+        )
+        .await?;
+    for row in pending {
+        listener.cancels.send(row.get(0));
+    }
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            note = heard.recv() => match note {
+                Some(note) => listener.hear(note.channel(), note.payload()),
+                None => break,
+            },
+        }
+    }
+    drop(client);
+    match driver.await {
+        Ok(Err(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A status change as a node announces it (`0003_events.sql`).
+#[derive(serde::Deserialize)]
+struct Announced {
+    node: Option<String>,
+    run_id: String,
+    module_id: String,
+    status: String,
+    at: i64,
+    message: Option<String>,
+}
+
+/// A cancel asked of a node.
+#[derive(serde::Deserialize)]
+struct CancelAsked {
+    run_id: String,
+    node: Option<String>,
+}
+
+impl Listener {
+    /// Publishes another node's status change, or hands over a cancel asked
+    /// of this one. A payload that does not parse is another program's (or
+    /// a hostile row's): it is logged and ignored.
+    fn hear(&self, channel: &str, payload: &str) {
+        if channel.ends_with("_control") {
+            match serde_json::from_str::<CancelAsked>(payload) {
+                Ok(asked) if asked.node.as_deref() == Some(self.node.as_str()) => {
+                    self.cancels.send(asked.run_id);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignored a cancel notification that does not parse")
+                }
+            }
+            return;
+        }
+        let announced = match serde_json::from_str::<Announced>(payload) {
+            Ok(announced) => announced,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignored a status notification that does not parse");
+                return;
+            }
+        };
+        if announced.node.as_deref() == Some(self.node.as_str()) {
+            return; // This node published it already.
+        }
+        let Ok(status) = announced.status.parse() else {
+            tracing::warn!(status = %announced.status, "ignored a status notification with an unknown status");
+            return;
+        };
+        if let Some(events) = self.events.get()
+            && events.receiver_count() > 0
+        {
+            let _ = events.send(RunEvent::Status {
+                run_id: announced.run_id,
+                module_id: announced.module_id,
+                change: crate::run::StatusChange {
+                    status,
+                    at: DateTime::from_timestamp_nanos(announced.at),
+                    message: announced.message,
+                },
+            });
         }
     }
 }

@@ -89,16 +89,34 @@ const RENEW: &str = "INSERT INTO nodes (node_id, started_at, heartbeat_at, lease
 const RESCUE: &str = "WITH settled AS (SELECT pg_postmaster_start_time() \
      < now() - $3::bigint * interval '1 millisecond' AS up), \
      gone AS (DELETE FROM nodes WHERE lease_until < now() AND (SELECT up FROM settled)), \
-     lost AS (UPDATE runs r SET status = 'failed', completed_at = $1, exit_code = $2, \
-     error_message = 'node lost: ' || coalesce(r.node, 'an unknown node') || \
-     ' stopped renewing its lease while the run was ' || r.status, \
+     lost AS (UPDATE runs r SET \
+     status = CASE WHEN r.cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END, \
+     completed_at = $1, \
+     exit_code = CASE WHEN r.cancel_requested_at IS NULL THEN $2::integer ELSE $4::integer END, \
+     error_message = CASE WHEN r.cancel_requested_at IS NULL \
+     THEN 'node lost: ' || coalesce(r.node, 'an unknown node') || \
+     ' stopped renewing its lease while the run was ' || r.status \
+     ELSE 'cancelled by user (settled for ' || coalesce(r.node, 'an unknown node') || \
+     ', which was lost)' END, \
      history_len = r.history_len + 1 \
      WHERE r.status IN ('queued', 'running') AND (SELECT up FROM settled) AND NOT EXISTS \
      (SELECT 1 FROM nodes n WHERE n.node_id = r.node AND n.lease_until >= now()) \
-     RETURNING r.id, r.history_len, r.error_message), \
+     RETURNING r.id, r.history_len, r.status, r.error_message), \
      h AS (INSERT INTO run_history (run, seq, status, at, message) \
-     SELECT id, history_len - 1, 'failed', $1, error_message FROM lost) \
+     SELECT id, history_len - 1, status, $1, error_message FROM lost) \
      SELECT count(*) FROM lost";
+
+/// Records the intent to cancel an active run and tells the node that
+/// executes it, in one transaction; answers that node.
+const REQUEST_CANCEL: &str = "WITH c AS (UPDATE runs SET cancel_requested_at = $2 \
+     WHERE run_id = $1 AND status IN ('queued', 'running') RETURNING run_id, node) \
+     SELECT node, pg_notify(current_schema() || '_control', \
+     json_build_object('run_id', run_id, 'node', node)::text)::text FROM c";
+
+/// The runs this node executes whose cancel was asked elsewhere: read at
+/// each heartbeat, in case a notification was missed.
+const PENDING_CANCELS: &str = "SELECT run_id FROM runs WHERE node = $1 \
+     AND status IN ('queued', 'running') AND cancel_requested_at IS NOT NULL";
 
 /// At a node's start, settles the runs its previous process (same node
 /// name) left active: `Failed`, interrupted.
@@ -114,10 +132,31 @@ const SET_LOG: &str = "UPDATE runs SET log = $2 WHERE run_id = $1";
 const CLEANUP: &str =
     "DELETE FROM runs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < $1";
 
-/// The node a writer records runs for, and how long its lease lasts.
+/// The node a writer records runs for, how long its lease lasts, and
+/// where it hands the cancels other nodes asked of it.
 pub(super) struct Node {
     pub(super) id: String,
     pub(super) lease: std::time::Duration,
+    pub(super) cancels: std::sync::Arc<CancelSink>,
+}
+
+/// Where a node's store hands the ids of runs whose cancel another node
+/// asked for: to its registry, once connected ([`RunStore::connect_events`]).
+#[derive(Default)]
+pub(super) struct CancelSink(std::sync::OnceLock<tokio::sync::mpsc::Sender<String>>);
+
+impl CancelSink {
+    pub(super) fn connect(&self, cancels: tokio::sync::mpsc::Sender<String>) {
+        let _ = self.0.set(cancels);
+    }
+
+    /// Hands over a request; a full channel drops it (the next heartbeat
+    /// reads it again).
+    pub(super) fn send(&self, run_id: String) {
+        if let Some(cancels) = self.0.get() {
+            let _ = cancels.try_send(run_id);
+        }
+    }
 }
 
 /// Statements prepared on the writer's connection, by their text.
@@ -189,7 +228,8 @@ enum Sent<'a> {
     ManyProgress(Vec<Cow<'a, str>>, Vec<f64>, Vec<Cow<'a, str>>),
     Log(Cow<'a, str>, Option<String>),
     Cleanup(i64),
-    Heartbeat(&'a str, i64, i64, i32),
+    Heartbeat(&'a Node, i64, i64, [i32; 2]),
+    RequestCancel(Cow<'a, str>, i64),
     Nothing,
 }
 
@@ -238,11 +278,14 @@ impl<'a> Sent<'a> {
             Write::Log(run_id, log, _) => Sent::Log(clean(run_id), log_text(log)),
             Write::Cleanup(cutoff, _) => Sent::Cleanup(nanos_clamped(*cutoff)),
             Write::Heartbeat => Sent::Heartbeat(
-                &node.id,
+                node,
                 i64::try_from(node.lease.as_millis()).unwrap_or(i64::MAX),
                 nanos(Utc::now()),
-                crate::run::EXIT_FAILURE,
+                [crate::run::EXIT_FAILURE, crate::run::EXIT_CANCELLED],
             ),
+            Write::RequestCancel(run_id, _) => {
+                Sent::RequestCancel(clean(run_id), nanos(Utc::now()))
+            }
             Write::ReportedProgress | Write::Flush(_) | Write::Check => Sent::Nothing,
         })
     }
@@ -277,6 +320,8 @@ pub(super) async fn apply_pipelined(
         CLEANUP,
         RENEW,
         RESCUE,
+        PENDING_CANCELS,
+        REQUEST_CANCEL,
     ] {
         let needed = sent.iter().any(|sent| statement_of(sent).contains(&sql));
         if needed {
@@ -370,12 +415,16 @@ async fn send<'s>(
                 usize::try_from(deleted).unwrap_or(usize::MAX),
             ))
         }
-        Sent::Heartbeat(node, lease, at, exit_code) => {
-            let (_, rescued) = futures_util::future::try_join(
-                tx.execute(statement(RENEW), &[node, lease]),
-                tx.query_one(statement(RESCUE), &[at, exit_code, lease]),
+        Sent::Heartbeat(node, lease, at, [failed, cancelled]) => {
+            let (_, rescued, pending) = futures_util::future::try_join3(
+                tx.execute(statement(RENEW), &[&node.id, lease]),
+                tx.query_one(statement(RESCUE), &[at, failed, lease, cancelled]),
+                tx.query(statement(PENDING_CANCELS), &[&node.id]),
             )
             .await?;
+            for row in pending {
+                node.cancels.send(row.get(0));
+            }
             let lost: i64 = rescued.get(0);
             if lost > 0 {
                 tracing::warn!(
@@ -384,6 +433,14 @@ async fn send<'s>(
                 );
             }
             Some(Outcome::Done)
+        }
+        Sent::RequestCancel(run_id, at) => {
+            let row = tx
+                .query_opt(statement(REQUEST_CANCEL), &[run_id, at])
+                .await?;
+            // An active run recorded by an older modrun has no node.
+            let node: Option<Option<String>> = row.map(|row| row.get(0));
+            Some(Outcome::Applied(node.map(Option::unwrap_or_default)))
         }
         Sent::Nothing => Some(Outcome::Done),
     })
@@ -399,7 +456,8 @@ fn statement_of(sent: &Sent<'_>) -> &'static [&'static str] {
         Sent::ManyProgress(..) => &[PROGRESS_MANY],
         Sent::Log(..) => &[SET_LOG],
         Sent::Cleanup(_) => &[CLEANUP],
-        Sent::Heartbeat(..) => &[RENEW, RESCUE],
+        Sent::Heartbeat(..) => &[RENEW, RESCUE, PENDING_CANCELS],
+        Sent::RequestCancel(..) => &[REQUEST_CANCEL],
         Sent::Nothing => &[],
     }
 }

@@ -82,6 +82,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outc
         ),
         Write::Cleanup(cutoff, _) => Outcome::Count(sql::delete_finished_before(tx, *cutoff)?),
         Write::Flush(_) | Write::Check | Write::Heartbeat => Outcome::Done,
+        // One process holds the file: no other executes its runs.
+        Write::RequestCancel(..) => Outcome::Applied(None),
     })
 }
 
