@@ -119,7 +119,7 @@ async fn a_restarted_node_marks_what_its_last_process_left_interrupted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_node_hears_the_others_status_changes_in_order() {
+async fn each_node_hears_the_others_status_changes_and_progress_in_order() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
     let lease = Duration::from_secs(30);
@@ -136,6 +136,12 @@ async fn each_node_hears_the_others_status_changes_in_order() {
             .await
             .unwrap()
     );
+    let half = modrun::Progress {
+        fraction: 0.5,
+        message: "half way".into(),
+    };
+    b.report_progress(&theirs.run_id, "hello", half.clone())
+        .unwrap();
     assert!(
         b.transition(&Transition::completed(&theirs.run_id, json!("done")))
             .await
@@ -144,13 +150,21 @@ async fn each_node_hears_the_others_status_changes_in_order() {
 
     let mut own_events = 0;
     let mut their_statuses = Vec::new();
+    let mut their_progress = Vec::new();
     while their_statuses.len() < 3 {
         let event = tokio::time::timeout(DEADLINE, heard.recv())
             .await
             .expect("b's status changes reach a")
             .unwrap();
-        let modrun::RunEvent::Status { run_id, change, .. } = event else {
-            continue;
+        let (run_id, change) = match event {
+            modrun::RunEvent::Status { run_id, change, .. } => (run_id, change),
+            modrun::RunEvent::Progress {
+                run_id, progress, ..
+            } if run_id == theirs.run_id => {
+                their_progress.push(progress);
+                continue;
+            }
+            _ => continue,
         };
         if run_id == own.run_id {
             own_events += 1;
@@ -161,6 +175,11 @@ async fn each_node_hears_the_others_status_changes_in_order() {
     assert_eq!(
         their_statuses,
         [RunStatus::Queued, RunStatus::Running, RunStatus::Completed]
+    );
+    assert_eq!(
+        their_progress,
+        [half],
+        "progress is announced with its batch, before the end"
     );
     // A's own change was announced too, before b's: a published it once.
     assert_eq!(own_events, 1);

@@ -759,7 +759,20 @@ async fn listen_once(
     }
 }
 
-/// A status change as a node announces it (`0003_events.sql`).
+/// What a node announces: progress of its runs (one notification per
+/// batch the writer commits) or a status change (`0003_events.sql`).
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Notice {
+    Progress {
+        node: Option<String>,
+        /// (run id, module id, fraction, message)
+        progress: Vec<(String, String, f64, String)>,
+    },
+    Status(Announced),
+}
+
+/// A status change as a node announces it.
 #[derive(serde::Deserialize)]
 struct Announced {
     node: Option<String>,
@@ -794,8 +807,20 @@ impl Listener {
             }
             return;
         }
-        let announced = match serde_json::from_str::<Announced>(payload) {
-            Ok(announced) => announced,
+        let announced = match serde_json::from_str::<Notice>(payload) {
+            Ok(Notice::Status(announced)) => announced,
+            Ok(Notice::Progress { node, progress }) => {
+                if node.as_deref() != Some(self.node.as_str()) {
+                    for (run_id, module_id, fraction, message) in progress {
+                        self.publish(RunEvent::Progress {
+                            run_id,
+                            module_id,
+                            progress: crate::run::Progress { fraction, message },
+                        });
+                    }
+                }
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "ignored a status notification that does not parse");
                 return;
@@ -808,18 +833,22 @@ impl Listener {
             tracing::warn!(status = %announced.status, "ignored a status notification with an unknown status");
             return;
         };
+        self.publish(RunEvent::Status {
+            run_id: announced.run_id,
+            module_id: announced.module_id,
+            change: crate::run::StatusChange {
+                status,
+                at: DateTime::from_timestamp_nanos(announced.at),
+                message: announced.message,
+            },
+        });
+    }
+
+    fn publish(&self, event: RunEvent) {
         if let Some(events) = self.events.get()
             && events.receiver_count() > 0
         {
-            let _ = events.send(RunEvent::Status {
-                run_id: announced.run_id,
-                module_id: announced.module_id,
-                change: crate::run::StatusChange {
-                    status,
-                    at: DateTime::from_timestamp_nanos(announced.at),
-                    message: announced.message,
-                },
-            });
+            let _ = events.send(event);
         }
     }
 }

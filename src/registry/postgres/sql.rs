@@ -67,11 +67,21 @@ const MOVE: &str = "WITH u AS (UPDATE runs SET status = $2, started_at = $3, \
 const PROGRESS: &str = "UPDATE runs SET progress_fraction = $2, progress_message = $3 \
      WHERE run_id = $1 AND status IN ('queued', 'running') RETURNING module_id";
 
-/// The latest progress of many runs in one statement.
-const PROGRESS_MANY: &str = "UPDATE runs r SET progress_fraction = p.fraction, \
+/// The latest progress of many runs in one statement, announced to the
+/// other nodes in one notification: at most 30 runs of the batch (picked
+/// at random, so none is always left out; progress is latest-wins), their
+/// messages cut, and none if it would not fit a notification.
+const PROGRESS_MANY: &str = "WITH u AS (UPDATE runs r SET progress_fraction = p.fraction, \
      progress_message = p.message \
      FROM unnest($1::text[], $2::float8[], $3::text[]) AS p(run_id, fraction, message) \
-     WHERE r.run_id = p.run_id AND r.status IN ('queued', 'running')";
+     WHERE r.run_id = p.run_id AND r.status IN ('queued', 'running') \
+     RETURNING r.run_id, r.module_id, p.fraction, left(p.message, 100) AS message), \
+     shown AS (SELECT * FROM u ORDER BY random() LIMIT 30), \
+     payload AS (SELECT json_build_object('node', current_setting('modrun.node', true), \
+     'progress', json_agg(json_build_array(run_id, module_id, fraction, message)))::text AS text \
+     FROM shown HAVING count(*) > 0) \
+     SELECT pg_notify(current_schema() || '_events', text)::text FROM payload \
+     WHERE octet_length(text) < 7900";
 
 /// Renews this node's lease (`$2` milliseconds from now, server time).
 const RENEW: &str = "INSERT INTO nodes (node_id, started_at, heartbeat_at, lease_until) \
@@ -399,7 +409,7 @@ async fn send<'s>(
             Some(Outcome::Applied(row.map(|row| row.get(0))))
         }
         Sent::ManyProgress(ids, fractions, messages) => {
-            tx.execute(statement(PROGRESS_MANY), &[ids, fractions, messages])
+            tx.query(statement(PROGRESS_MANY), &[ids, fractions, messages])
                 .await?;
             Some(Outcome::Done)
         }
