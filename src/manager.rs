@@ -244,13 +244,14 @@ impl BackgroundTaskManager {
         F: Future + Send + 'static,
         F::Output: TaskOutput,
     {
-        self.start_gated_task(run, None, work).await
+        self.start_gated_task(run.requeued(), None, work).await
     }
 
-    /// [`start_task`](Self::start_task), with the run also waiting, `Queued`,
-    /// for the permits of `gate` (first come first served) before it
-    /// starts: how a module's own limit on concurrent runs, and the engine's
-    /// pool of instances, are kept.
+    /// [`start_task`](Self::start_task) of a run taken as it is (a fresh
+    /// run, or one resumed with its record), with the run also waiting,
+    /// `Queued`, for the permits of `gate` (first come first served) before
+    /// it starts: how a module's own limit on concurrent runs, and the
+    /// engine's pool of instances, are kept.
     pub(crate) async fn start_gated_task<F>(
         &self,
         run: Run,
@@ -264,7 +265,6 @@ impl BackgroundTaskManager {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let run = run.requeued();
         let (task, slot) = self.admit(&run.run_id, gate.as_deref())?;
         let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
         let run_id = run.run_id.clone();

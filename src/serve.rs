@@ -109,6 +109,17 @@ impl Stack {
         };
         let manager = BackgroundTaskManager::with_limits(registry.clone(), limits);
         let runner = ModuleRunner::new(host, manager);
+        if !in_memory && !is_database_url(&location) {
+            // A registry file this process holds alone: the runs the last
+            // process left queued are ours to start.
+            let resumed = runner.resume_queued().await?;
+            if resumed > 0 {
+                tracing::info!(
+                    runs = resumed,
+                    "resumed the runs the last process left queued"
+                );
+            }
+        }
         // Cancels other nodes sharing the registry asked of this one.
         if let Some(mut requests) = registry.take_cancel_requests() {
             let runner = runner.clone();

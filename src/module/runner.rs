@@ -17,7 +17,9 @@ use super::output::CappedOutput;
 use crate::error::{Error, Result};
 use crate::manager::{BackgroundTaskManager, Failure, Gate, TaskOutput};
 use crate::registry::RunRegistry;
-use crate::run::{EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run};
+use crate::run::{
+    EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, Transition,
+};
 
 /// Starts runs of loaded modules as tracked tasks.
 ///
@@ -128,8 +130,15 @@ impl ModuleRunner {
         let mut run = Run::new(module_id, &summary.info.name);
         run.parameters = parameters;
         run.module_version = Some(summary.content_hash.clone());
+        self.launch(&module, run).await
+    }
 
-        let gate = self.gate(module_id, summary.manifest.limits.max_concurrent);
+    /// Starts `run`, a run of `module` as recorded, through the manager.
+    async fn launch(&self, module: &Arc<LoadedModule>, run: Run) -> Result<String> {
+        let gate = self.gate(
+            &run.module_id,
+            module.summary.manifest.limits.max_concurrent,
+        );
         let work = execute(
             self.host.clone(),
             module.clone(),
@@ -138,6 +147,56 @@ impl ModuleRunner {
             serde_json::to_string(&run.parameters).expect("a JSON map always serializes"),
         );
         self.manager.start_gated_task(run, Some(gate), work).await
+    }
+
+    /// Starts again the module runs a previous process left `Queued` in
+    /// the registry (it stopped, or crashed, before their turn came): each
+    /// with its id, parameters and history, on the module version it was
+    /// started with. A run whose module is no longer loaded, or has changed
+    /// since, is recorded `Failed` saying so. Returns how many were resumed.
+    ///
+    /// For a registry this process holds alone (SQLite): on a shared
+    /// database, the queued runs of other nodes are theirs.
+    pub async fn resume_queued(&self) -> Result<usize> {
+        let mut resumed = 0;
+        for run in self.registry().runs_by_status(RunStatus::Queued).await? {
+            if self.manager.is_task_active(&run.run_id) {
+                continue;
+            }
+            let run_id = run.run_id.clone();
+            let module = self.host.get(&run.module_id);
+            let refusal = match (&module, &run.module_version) {
+                (None, _) => Some(format!(
+                    "module {} is not loaded any more; the run was queued before modrun \
+                     stopped and cannot be resumed",
+                    run.module_id
+                )),
+                (Some(module), Some(version)) if module.summary.content_hash != *version => {
+                    Some(format!(
+                        "module {} changed while the run was queued (it was {version}, it is \
+                         now {}); start it again to run the new version",
+                        run.module_id, module.summary.content_hash
+                    ))
+                }
+                (Some(_), None) => {
+                    Some("the run was queued as a plain task, which cannot be resumed".to_owned())
+                }
+                (Some(_), Some(_)) => None,
+            };
+            match (refusal, module) {
+                (Some(reason), _) => {
+                    self.registry()
+                        .transition(&Transition::failed(&run_id, EXIT_FAILURE, reason))
+                        .await?;
+                }
+                (None, Some(module)) => match self.launch(&module, run).await {
+                    Ok(_) => resumed += 1,
+                    Err(e) => tracing::warn!(run_id, error = %e, "cannot resume a queued run"),
+                },
+                (None, None) => unreachable!("a refusal is given when the module is missing"),
+            }
+        }
+        Ok(resumed)
     }
 
     /// Cancels a run ([`BackgroundTaskManager::cancel_task`]), and nudges

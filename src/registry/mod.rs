@@ -449,8 +449,11 @@ impl RunRegistry {
 
     /// A registry in a SQLite file (created if missing), with default options.
     ///
-    /// Runs that a previous process left `Queued` or `Running` are marked
-    /// `Failed` ("interrupted") before this returns; see [`SqliteStore::open`].
+    /// Runs that a previous process left `Running`, and plain tasks it left
+    /// `Queued`, are marked `Failed` ("interrupted") before this returns;
+    /// its queued module runs wait for
+    /// [`ModuleRunner::resume_queued`](crate::ModuleRunner::resume_queued).
+    /// See [`SqliteStore::open`].
     pub fn open_sqlite(path: impl AsRef<std::path::Path>) -> Result<RunRegistry> {
         Ok(RunRegistry::new(SqliteStore::open(
             path,

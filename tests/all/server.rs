@@ -211,6 +211,65 @@ async fn after_kill_9_a_restart_keeps_every_run_and_marks_the_unfinished_interru
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_the_runs_still_queued_are_resumed() {
+    let plugins = plugins_dir(&["hello", "countdown"]);
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("registry.db");
+    let one_at_a_time = ["--max-concurrent", "1"];
+    let mut server = Server::start(plugins.path(), &db, &one_at_a_time);
+    let running = server.start_run("countdown", json!({"seconds": 60, "step_ms": 50}));
+    server.wait_status(&running, "running");
+    let waiting: Vec<String> = ["one", "two"]
+        .iter()
+        .map(|name| server.start_run("hello", json!({"name": name})))
+        .collect();
+    let orphan = server.start_run("countdown", json!({"seconds": 0.1, "step_ms": 10}));
+    for run_id in waiting.iter().chain([&orphan]) {
+        let (_, body) = server.get(&format!("/runs/{run_id}"));
+        assert_eq!(body["run"]["status"], "queued", "{body}");
+    }
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    drop(server);
+    // The countdown module goes away meanwhile: its queued run cannot resume.
+    std::fs::remove_file(plugins.path().join("countdown.wasm")).unwrap();
+
+    let restarted = Server::start(plugins.path(), &db, &one_at_a_time);
+    for (run_id, name) in waiting.iter().zip(["one", "two"]) {
+        restarted.wait_status(run_id, "completed");
+        let (_, body) = restarted.get(&format!("/runs/{run_id}"));
+        assert_eq!(
+            body["run"]["output"],
+            json!({"greeting": format!("Hello, {name}!")})
+        );
+        let statuses: Vec<&str> = body["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            statuses,
+            ["queued", "running", "completed"],
+            "one history, resumed"
+        );
+    }
+    let (_, body) = restarted.get(&format!("/runs/{running}"));
+    assert_eq!(body["run"]["status"], "failed");
+    assert!(
+        body["run"]["error_message"]
+            .as_str()
+            .unwrap()
+            .starts_with("interrupted")
+    );
+    let (_, body) = restarted.get(&format!("/runs/{orphan}"));
+    assert_eq!(body["run"]["status"], "failed");
+    let message = body["run"]["error_message"].as_str().unwrap();
+    assert!(message.contains("not loaded any more"), "{message}");
+    assert_eq!(restarted.terminate(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_starts_past_the_limits_gets_429s_and_loses_nothing() {
     let plugins = plugins_dir(&["countdown"]);
     let data = tempfile::tempdir().unwrap();

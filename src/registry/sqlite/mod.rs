@@ -32,7 +32,9 @@
 //!
 //! Opening the file takes an exclusive lock beside it (`<file>.lock`), so two
 //! processes never share one registry, then marks every run a previous
-//! process left `Queued` or `Running` as `Failed` ("interrupted").
+//! process left `Running`, and every plain task it left `Queued`, as
+//! `Failed` ("interrupted"). Module runs it left `Queued` stay queued, for
+//! [`ModuleRunner::resume_queued`](crate::ModuleRunner::resume_queued).
 
 mod backend;
 mod reader;

@@ -151,11 +151,17 @@ fn migrate(conn: &mut Connection) -> Result<(), String> {
     Ok(())
 }
 
-/// Marks runs that a previous process left unfinished as failed.
+/// Marks the runs a previous process left unfinished as failed: those it
+/// was executing, and the queued plain tasks (their work was a future in
+/// that process). Queued module runs stay queued, for a runner to resume
+/// ([`ModuleRunner::resume_queued`](crate::ModuleRunner::resume_queued)).
 fn mark_interrupted(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let unfinished: Vec<String> = tx
-        .prepare("SELECT run_id FROM runs WHERE status IN ('queued', 'running')")?
+        .prepare(
+            "SELECT run_id FROM runs WHERE status = 'running' \
+             OR (status = 'queued' AND module_version IS NULL)",
+        )?
         .query_map([], |row| row.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for run_id in unfinished {
