@@ -1339,6 +1339,80 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
         1,
         "(reported; baseline: one bare run, us)",
     ));
+    cross_node_cancel(&url, &schema, &plugins, rows).await
+}
+
+/// Latency from a cancel asked of node B to `Cancelled` seen on B, for
+/// countdowns that node A executes (A hears it by NOTIFY, cancels, and
+/// B hears the change by NOTIFY); baseline: the same cancel on node A.
+async fn cross_node_cancel(
+    url: &str,
+    schema: &str,
+    plugins: &std::path::Path,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(plugins.join("countdown.wasm"), dir.path().join("countdown.wasm"))?;
+    let a = postgres_registry(url, schema, "cancel-a").await?;
+    let b = postgres_registry(url, schema, "cancel-b").await?;
+    let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
+    host.load_dir(dir.path()).await?;
+    let runner = modrun::ModuleRunner::new(host, BackgroundTaskManager::new(a.clone()));
+    let mut requests = a
+        .take_cancel_requests()
+        .ok_or_else(|| anyhow::anyhow!("cancel requests taken"))?;
+    let owner = runner.clone();
+    tokio::spawn(async move {
+        while let Some(run_id) = requests.recv().await {
+            let _ = owner.cancel(&run_id).await;
+        }
+    });
+    let mut runs = Vec::new();
+    for _ in 0..100 {
+        runs.push(
+            runner
+                .start("countdown", serde_json::json!({"seconds": 60, "step_ms": 100}))
+                .await?,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.runs_by_status(modrun::RunStatus::Running).await?.len() < runs.len() {
+        anyhow::ensure!(Instant::now() < deadline, "countdowns did not all start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let local = runs.split_off(50);
+    let mut across = Vec::new();
+    let mut events = b.subscribe();
+    for run_id in &runs {
+        let begin = Instant::now();
+        anyhow::ensure!(b.request_cancel(run_id).await?.is_some(), "not active");
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), events.recv()).await??;
+            if let modrun::registry::RunEvent::Status { run_id: id, change, .. } = event
+                && id == *run_id
+                && change.status == modrun::RunStatus::Cancelled
+            {
+                break;
+            }
+        }
+        across.push(begin.elapsed());
+    }
+    let mut same = Vec::new();
+    for run_id in &local {
+        let begin = Instant::now();
+        anyhow::ensure!(runner.cancel(run_id).await?, "not cancelled");
+        same.push(begin.elapsed());
+    }
+    runner.manager().wait_all().await;
+    across.sort();
+    same.sort();
+    rows.push(Row::measured(
+        "cross-node cancel -> Cancelled seen, p99 ms (50)",
+        percentile(&across, 0.99).as_secs_f64() * 1e3,
+        percentile(&same, 0.99).as_secs_f64() * 1e3,
+        2,
+        "<= 100 ms (baseline: cancel on the executing node)",
+    ));
     Ok(())
 }
 
