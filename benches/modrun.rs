@@ -1352,7 +1352,10 @@ async fn cross_node_cancel(
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    std::fs::copy(plugins.join("countdown.wasm"), dir.path().join("countdown.wasm"))?;
+    std::fs::copy(
+        plugins.join("countdown.wasm"),
+        dir.path().join("countdown.wasm"),
+    )?;
     let a = postgres_registry(url, schema, "cancel-a").await?;
     let b = postgres_registry(url, schema, "cancel-b").await?;
     let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
@@ -1371,7 +1374,10 @@ async fn cross_node_cancel(
     for _ in 0..100 {
         runs.push(
             runner
-                .start("countdown", serde_json::json!({"seconds": 60, "step_ms": 100}))
+                .start(
+                    "countdown",
+                    serde_json::json!({"seconds": 60, "step_ms": 100}),
+                )
                 .await?,
         );
     }
@@ -1388,7 +1394,9 @@ async fn cross_node_cancel(
         anyhow::ensure!(b.request_cancel(run_id).await?.is_some(), "not active");
         loop {
             let event = tokio::time::timeout(Duration::from_secs(10), events.recv()).await??;
-            if let modrun::registry::RunEvent::Status { run_id: id, change, .. } = event
+            if let modrun::registry::RunEvent::Status {
+                run_id: id, change, ..
+            } = event
                 && id == *run_id
                 && change.status == modrun::RunStatus::Cancelled
             {

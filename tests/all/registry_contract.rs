@@ -56,6 +56,7 @@ contract!(
     racing_terminal_changes_have_exactly_one_winner,
     status_changes_stay_cheap_with_many_runs,
     hostile_text_is_stored,
+    many_ends_at_once_apply_to_exactly_the_active_runs,
 );
 
 fn sample_run(module: &str) -> Run {
@@ -561,4 +562,45 @@ async fn hostile_text_is_stored(registry: RunRegistry) {
         "{message:?}"
     );
     assert!(stored.module_name.ends_with("name 🌍"));
+}
+
+async fn many_ends_at_once_apply_to_exactly_the_active_runs(registry: RunRegistry) {
+    // Concurrent changes share commits (and, on PostgreSQL, statements):
+    // each still applies exactly as the status flow says.
+    let runs: Vec<Run> = (0..200).map(|_| sample_run("ends")).collect();
+    for run in &runs {
+        registry.add_run(run).await.unwrap();
+    }
+    let all = |change: fn(&String) -> Transition| {
+        futures_util::future::join_all(runs.iter().map(|run| {
+            let (registry, change) = (registry.clone(), change(&run.run_id));
+            async move { registry.transition(&change).await.unwrap() }
+        }))
+    };
+    assert!(
+        all(|run_id| Transition::running(run_id))
+            .await
+            .into_iter()
+            .all(|applied| applied)
+    );
+    for run in &runs[..100] {
+        assert!(
+            registry
+                .transition(&Transition::completed(&run.run_id, json!(1)))
+                .await
+                .unwrap()
+        );
+    }
+    let failed = all(|run_id| Transition::failed(run_id, 1, "late")).await;
+    for (index, (run, applied)) in runs.iter().zip(failed).enumerate() {
+        let stored = registry.get_run(&run.run_id).await.unwrap().unwrap();
+        let expected = if index < 100 {
+            RunStatus::Completed
+        } else {
+            RunStatus::Failed
+        };
+        assert_eq!(applied, index >= 100, "run {index}");
+        assert_eq!(stored.status, expected, "run {index}");
+        assert_eq!(registry.history(&run.run_id).await.unwrap().len(), 3);
+    }
 }

@@ -64,6 +64,30 @@ const MOVE: &str = "WITH u AS (UPDATE runs SET status = $2, started_at = $3, \
      SELECT id, history_len - 1, $2, $3, $5 FROM u) \
      SELECT module_id FROM u";
 
+/// Many runs' changes to one active status `$2`, from the statuses in
+/// `$4`, in one statement; answers the runs changed with their modules.
+const MOVE_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], $5::text[]) \
+     AS c(run_id, at, message)), \
+     u AS (UPDATE runs r SET status = $2, started_at = c.at, history_len = r.history_len + 1 \
+     FROM c WHERE r.run_id = c.run_id AND r.status = ANY($4) \
+     RETURNING r.id, r.history_len, r.run_id, r.module_id, c.at, c.message), \
+     h AS (INSERT INTO run_history (run, seq, status, at, message) \
+     SELECT id, history_len - 1, $2, at, message FROM u) \
+     SELECT run_id, module_id FROM u";
+
+/// Many runs' ends in one terminal status `$2`, from the statuses in `$7`.
+const END_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], \
+     $4::int4[], $5::text[], $6::text[], $8::text[], $9::text[]) \
+     AS c(run_id, at, exit_code, error_message, output, log, message)), \
+     u AS (UPDATE runs r SET status = $2, completed_at = c.at, exit_code = c.exit_code, \
+     error_message = c.error_message, output = coalesce(c.output, r.output), \
+     log = coalesce(c.log, r.log), history_len = r.history_len + 1 \
+     FROM c WHERE r.run_id = c.run_id AND r.status = ANY($7) \
+     RETURNING r.id, r.history_len, r.run_id, r.module_id, c.at, c.message), \
+     h AS (INSERT INTO run_history (run, seq, status, at, message) \
+     SELECT id, history_len - 1, $2, at, message FROM u) \
+     SELECT run_id, module_id FROM u";
+
 const PROGRESS: &str = "UPDATE runs SET progress_fraction = $2, progress_message = $3 \
      WHERE run_id = $1 AND status IN ('queued', 'running') RETURNING module_id";
 
@@ -244,6 +268,19 @@ enum Sent<'a> {
 }
 
 impl<'a> Sent<'a> {
+    /// The run the write is about, if it is about one.
+    fn run_id(&self) -> Option<&str> {
+        match self {
+            Sent::Insert(values, _) => Some(&values.run_id),
+            Sent::End { run_id, .. }
+            | Sent::Move { run_id, .. }
+            | Sent::Progress(run_id, ..)
+            | Sent::Log(run_id, _)
+            | Sent::RequestCancel(run_id, _) => Some(run_id),
+            _ => None,
+        }
+    }
+
     /// The values of `write`; `None` for a write that needs answers before
     /// it knows what to send (a whole-record replace).
     fn new(write: &'a Write, node: &'a Node) -> Option<Sent<'a>> {
@@ -338,10 +375,154 @@ pub(super) async fn apply_pipelined(
             statements.insert(sql, prepared.get(tx, sql).await?);
         }
     }
+    for sql in [MOVE_MANY, END_MANY] {
+        statements.insert(sql, prepared.get(tx, sql).await?);
+    }
     let statement = |sql: &'static str| &statements[sql];
-    let sends = sent.iter().map(|sent| send(tx, &statement, sent));
-    let outcomes = futures_util::future::try_join_all(sends).await?;
-    Ok(outcomes.into_iter().collect())
+    let jobs = jobs(&sent);
+    let sends = jobs.iter().map(|job| async {
+        Ok::<_, tokio_postgres::Error>(match job {
+            Job::One(index) => vec![(*index, send(tx, &statement, &sent[*index]).await?)],
+            Job::Many(indexes) => send_many(tx, &statement, &sent, indexes).await?,
+        })
+    });
+    let mut outcomes: Vec<Option<Option<Outcome>>> = (0..sent.len()).map(|_| None).collect();
+    for answered in futures_util::future::try_join_all(sends).await? {
+        for (index, outcome) in answered {
+            outcomes[index] = Some(outcome);
+        }
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| outcome.expect("every write belongs to one job"))
+        .collect())
+}
+
+/// How the writes of a batch are sent: one by one, or, for many runs
+/// changing to the same status, in one statement.
+enum Job {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+/// The batch's writes as jobs, in order. Changes are grouped only when no
+/// run appears in two of the batch's writes, so that grouping cannot
+/// reorder what one run went through.
+fn jobs(sent: &[Sent<'_>]) -> Vec<Job> {
+    let mut seen = std::collections::HashSet::new();
+    let distinct = sent
+        .iter()
+        .filter_map(Sent::run_id)
+        .all(|run_id| seen.insert(run_id));
+    let key = |sent: &Sent<'_>| match sent {
+        Sent::Move { to, .. } => Some((false, *to)),
+        Sent::End { to, .. } => Some((true, *to)),
+        _ => None,
+    };
+    let mut jobs = Vec::new();
+    let mut groups: HashMap<(bool, &'static str), usize> = HashMap::new();
+    for (index, one) in sent.iter().enumerate() {
+        match key(one).filter(|_| distinct) {
+            Some(key) => match groups.get(&key) {
+                Some(&job) => match &mut jobs[job] {
+                    Job::Many(indexes) => indexes.push(index),
+                    Job::One(first) => jobs[job] = Job::Many(vec![*first, index]),
+                },
+                None => {
+                    groups.insert(key, jobs.len());
+                    jobs.push(Job::One(index));
+                }
+            },
+            None => jobs.push(Job::One(index)),
+        }
+    }
+    jobs
+}
+
+/// Sends the changes of many runs to one status in one statement.
+async fn send_many<'s>(
+    tx: &Transaction<'_>,
+    statement: &impl Fn(&'static str) -> &'s Statement,
+    sent: &[Sent<'_>],
+    indexes: &[usize],
+) -> Result<Vec<(usize, Option<Outcome>)>, tokio_postgres::Error> {
+    let mut ids: Vec<&str> = Vec::new();
+    let mut ats: Vec<i64> = Vec::new();
+    let mut messages: Vec<Option<&str>> = Vec::new();
+    let mut exit_codes: Vec<Option<i32>> = Vec::new();
+    let mut errors: Vec<Option<&str>> = Vec::new();
+    let mut outputs: Vec<Option<&str>> = Vec::new();
+    let mut logs: Vec<Option<&str>> = Vec::new();
+    let (mut status, mut from, mut ends) = ("", &[][..], false);
+    for &index in indexes {
+        match &sent[index] {
+            Sent::Move {
+                run_id,
+                to,
+                at,
+                allowed,
+                message,
+            } => {
+                (status, from) = (*to, allowed.as_slice());
+                ids.push(run_id);
+                ats.push(*at);
+                messages.push(message.as_deref());
+            }
+            Sent::End {
+                run_id,
+                to,
+                at,
+                exit_code,
+                error_message,
+                output,
+                allowed,
+                log,
+                message,
+            } => {
+                (status, from, ends) = (*to, allowed.as_slice(), true);
+                ids.push(run_id);
+                ats.push(*at);
+                messages.push(message.as_deref());
+                exit_codes.push(*exit_code);
+                errors.push(error_message.as_deref());
+                outputs.push(output.as_deref());
+                logs.push(log.as_deref());
+            }
+            _ => unreachable!("only status changes are grouped"),
+        }
+    }
+    let rows = if ends {
+        tx.query(
+            statement(END_MANY),
+            &[
+                &ids,
+                &status,
+                &ats,
+                &exit_codes,
+                &errors,
+                &outputs,
+                &from,
+                &logs,
+                &messages,
+            ],
+        )
+        .await?
+    } else {
+        tx.query(
+            statement(MOVE_MANY),
+            &[&ids, &status, &ats, &from, &messages],
+        )
+        .await?
+    };
+    let changed: HashMap<&str, String> = rows
+        .iter()
+        .map(|row| (row.get::<_, &str>(0), row.get::<_, String>(1)))
+        .collect();
+    Ok(indexes
+        .iter()
+        .zip(&ids)
+        .map(|(&index, run_id)| (index, Some(Outcome::Applied(changed.get(run_id).cloned()))))
+        .collect())
 }
 
 /// Sends one write's statements; `None` when the write needs more than
