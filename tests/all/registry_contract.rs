@@ -57,6 +57,7 @@ contract!(
     status_changes_stay_cheap_with_many_runs,
     hostile_text_is_stored,
     many_ends_at_once_apply_to_exactly_the_active_runs,
+    many_adds_at_once_keep_the_rules_for_taken_ids,
 );
 
 fn sample_run(module: &str) -> Run {
@@ -603,4 +604,41 @@ async fn many_ends_at_once_apply_to_exactly_the_active_runs(registry: RunRegistr
         assert_eq!(stored.status, expected, "run {index}");
         assert_eq!(registry.history(&run.run_id).await.unwrap().len(), 3);
     }
+}
+
+async fn many_adds_at_once_keep_the_rules_for_taken_ids(registry: RunRegistry) {
+    // Adds that share a commit (on PostgreSQL, a statement) still replace
+    // a finished run and refuse an active one, each alone.
+    let finished = sample_run("taken");
+    let active = sample_run("taken");
+    for run in [&finished, &active] {
+        registry.add_run(run).await.unwrap();
+    }
+    assert!(
+        registry
+            .transition(&Transition::cancelled(&finished.run_id, "done"))
+            .await
+            .unwrap()
+    );
+    let mut adds: Vec<Run> = (0..50).map(|_| sample_run("fresh")).collect();
+    adds.push(sample_run("again").with_id(&finished.run_id));
+    adds.push(sample_run("again").with_id(&active.run_id));
+    let results = futures_util::future::join_all(adds.iter().map(|run| {
+        let registry = registry.clone();
+        async move { registry.add_run(run).await }
+    }))
+    .await;
+    for (run, result) in adds.iter().zip(results) {
+        if run.run_id == active.run_id {
+            assert!(matches!(result, Err(Error::RunActive { .. })), "{result:?}");
+        } else {
+            result.unwrap();
+            let stored = registry.get_run(&run.run_id).await.unwrap().unwrap();
+            assert_eq!(stored.module_id, run.module_id);
+            assert_eq!(stored.status, RunStatus::Queued);
+            assert_eq!(registry.history(&run.run_id).await.unwrap().len(), 1);
+        }
+    }
+    let kept = registry.get_run(&active.run_id).await.unwrap().unwrap();
+    assert_eq!(kept.module_id, "taken", "the active run is left as it was");
 }

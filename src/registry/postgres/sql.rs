@@ -64,6 +64,18 @@ const MOVE: &str = "WITH u AS (UPDATE runs SET status = $2, started_at = $3, \
      SELECT id, history_len - 1, $2, $3, $5 FROM u) \
      SELECT module_id FROM u";
 
+/// Many new runs in one statement, with their first history rows; the
+/// caller compares the rows written with the runs sent (an id taken means
+/// fewer).
+const INSERT_MANY: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, \
+     status, created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
+     progress_fraction, progress_message, module_version, log, history_len, node) \
+     SELECT u.*, 1, $16 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+     $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[], $11::text[], \
+     $12::float8[], $13::text[], $14::text[], $15::text[]) AS u \
+     ON CONFLICT (run_id) DO NOTHING RETURNING id, status, created_at) \
+     INSERT INTO run_history (run, seq, status, at) SELECT id, 0, status, created_at FROM r";
+
 /// Many runs' changes to one active status `$2`, from the statuses in
 /// `$4`, in one statement; answers the runs changed with their modules.
 const MOVE_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], $5::text[]) \
@@ -375,7 +387,7 @@ pub(super) async fn apply_pipelined(
             statements.insert(sql, prepared.get(tx, sql).await?);
         }
     }
-    for sql in [MOVE_MANY, END_MANY] {
+    for sql in [INSERT_MANY, MOVE_MANY, END_MANY] {
         statements.insert(sql, prepared.get(tx, sql).await?);
     }
     let statement = |sql: &'static str| &statements[sql];
@@ -415,12 +427,13 @@ fn jobs(sent: &[Sent<'_>]) -> Vec<Job> {
         .filter_map(Sent::run_id)
         .all(|run_id| seen.insert(run_id));
     let key = |sent: &Sent<'_>| match sent {
-        Sent::Move { to, .. } => Some((false, *to)),
-        Sent::End { to, .. } => Some((true, *to)),
+        Sent::Insert(..) => Some(("insert", "")),
+        Sent::Move { to, .. } => Some(("move", *to)),
+        Sent::End { to, .. } => Some(("end", *to)),
         _ => None,
     };
     let mut jobs = Vec::new();
-    let mut groups: HashMap<(bool, &'static str), usize> = HashMap::new();
+    let mut groups: HashMap<(&str, &'static str), usize> = HashMap::new();
     for (index, one) in sent.iter().enumerate() {
         match key(one).filter(|_| distinct) {
             Some(key) => match groups.get(&key) {
@@ -453,6 +466,9 @@ async fn send_many<'s>(
     let mut errors: Vec<Option<&str>> = Vec::new();
     let mut outputs: Vec<Option<&str>> = Vec::new();
     let mut logs: Vec<Option<&str>> = Vec::new();
+    if let Sent::Insert(_, node) = &sent[indexes[0]] {
+        return insert_many(tx, statement, sent, indexes, node).await;
+    }
     let (mut status, mut from, mut ends) = ("", &[][..], false);
     for &index in indexes {
         match &sent[index] {
@@ -635,6 +651,57 @@ async fn send<'s>(
         }
         Sent::Nothing => Some(Outcome::Done),
     })
+}
+
+/// Inserts many new runs in one statement. `None` for every one of them
+/// if any id was taken: the batch then goes write by write.
+async fn insert_many<'s, 'a>(
+    tx: &Transaction<'_>,
+    statement: &impl Fn(&'static str) -> &'s Statement,
+    sent: &'a [Sent<'a>],
+    indexes: &[usize],
+    node: &str,
+) -> Result<Vec<(usize, Option<Outcome>)>, tokio_postgres::Error> {
+    let runs: Vec<&'a RunValues<'a>> = indexes
+        .iter()
+        .map(|&index| match &sent[index] {
+            Sent::Insert(values, _) => values,
+            _ => unreachable!("only inserts are grouped with inserts"),
+        })
+        .collect();
+    let texts =
+        |get: fn(&'a RunValues<'a>) -> &'a str| runs.iter().map(|r| get(r)).collect::<Vec<_>>();
+    let optional = |get: fn(&'a RunValues<'a>) -> Option<&'a str>| {
+        runs.iter().map(|r| get(r)).collect::<Vec<_>>()
+    };
+    let written = tx
+        .execute(
+            statement(INSERT_MANY),
+            &[
+                &texts(|r| &r.run_id),
+                &texts(|r| &r.module_id),
+                &texts(|r| &r.module_name),
+                &texts(|r| r.status),
+                &runs.iter().map(|r| r.created_at).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.started_at).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.completed_at).collect::<Vec<_>>(),
+                &texts(|r| &r.parameters),
+                &runs.iter().map(|r| r.exit_code).collect::<Vec<_>>(),
+                &optional(|r| r.error_message.as_deref()),
+                &optional(|r| r.output.as_deref()),
+                &runs.iter().map(|r| r.fraction).collect::<Vec<_>>(),
+                &optional(|r| r.progress_message.as_deref()),
+                &optional(|r| r.module_version.as_deref()),
+                &optional(|r| r.log.as_deref()),
+                &node,
+            ],
+        )
+        .await?;
+    let all = written == indexes.len() as u64;
+    Ok(indexes
+        .iter()
+        .map(|&index| (index, all.then_some(Outcome::Done)))
+        .collect())
 }
 
 /// The statements a write sends.
