@@ -454,3 +454,79 @@ async fn a_database_restart_loses_no_run() {
     let after = Run::new("hello", "Hello");
     registry.add_run(&after).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_take_3000_starts_and_every_run_ends_once() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let plugins = plugins_dir(&["hello"]);
+    let nodes: Vec<Server> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|name| start_node(plugins.path(), &url, name))
+        .collect();
+    let bases: Vec<String> = nodes.iter().map(|node| node.base.clone()).collect();
+    // Ten clients, each spreading its starts over the three nodes.
+    let clients: Vec<_> = (0..10)
+        .map(|client| {
+            let bases = bases.clone();
+            std::thread::spawn(move || {
+                (0..300)
+                    .map(|index| {
+                        let base = &bases[(client + index) % bases.len()];
+                        let mut response = ureq::post(&format!("{base}/modules/hello/runs"))
+                            .send_json(json!({"name": format!("{client}-{index}")}))
+                            .expect("start accepted");
+                        let body: serde_json::Value = response.body_mut().read_json().unwrap();
+                        body["run_id"].as_str().unwrap().to_owned()
+                    })
+                    .collect::<Vec<String>>()
+            })
+        })
+        .collect();
+    let started: Vec<String> = clients
+        .into_iter()
+        .flat_map(|client| client.join().unwrap())
+        .collect();
+    assert_eq!(started.len(), 3000);
+
+    // Every run is recorded once and ends once, whichever node is asked.
+    let registry = RunRegistry::open_postgres(&url).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let active = registry.active_runs().await.unwrap().len();
+        if active == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{active} runs never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let completed = registry.runs_by_status(RunStatus::Completed).await.unwrap();
+    assert_eq!(
+        completed.len(),
+        3000,
+        "every start completed, none lost, none doubled"
+    );
+    let distinct: std::collections::HashSet<&str> =
+        completed.iter().map(|run| run.run_id.as_str()).collect();
+    let handed_out: std::collections::HashSet<&str> = started.iter().map(String::as_str).collect();
+    assert_eq!(distinct, handed_out);
+    for run in completed.iter().step_by(97) {
+        let statuses: Vec<RunStatus> = registry
+            .history(&run.run_id)
+            .await
+            .unwrap()
+            .iter()
+            .map(|change| change.status)
+            .collect();
+        assert_eq!(
+            statuses,
+            [RunStatus::Queued, RunStatus::Running, RunStatus::Completed]
+        );
+    }
+    let (_, listing) = nodes[2].get("/runs?limit=10000");
+    assert_eq!(listing["runs"].as_array().unwrap().len(), 3000);
+}
