@@ -311,9 +311,30 @@ async fn a_cancelled_runs_log_is_committed_before_shutdown_returns() {
     }
     let report = manager.shutdown(Duration::ZERO).await.unwrap();
     assert_eq!(report.cancelled, std::slice::from_ref(&run_id));
+    assert_eq!(report.still_running, 0, "the cancelled guest stopped");
     drop((runner, manager, registry));
 
-    let reopened = RunRegistry::open_sqlite(&db).unwrap();
+    // Read beside whatever still holds the file (the last handle may be
+    // dropped on another thread a moment later): the log must be there.
+    let reader = modrun::registry::SqliteReader::open(&db).unwrap();
+    let run = reader.get(&run_id).unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Cancelled);
+    assert!(
+        run.log
+            .iter()
+            .any(|entry| entry.message.starts_with("counting down")),
+        "committed before shutdown returned: {:?}",
+        run.log
+    );
+    let started = Instant::now();
+    let reopened = loop {
+        match RunRegistry::open_sqlite(&db) {
+            Err(modrun::Error::RegistryInUse { .. }) if started.elapsed() < DEADLINE => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => break other.unwrap(),
+        }
+    };
     let run = reopened.get_run(&run_id).await.unwrap().unwrap();
     assert_eq!(run.status, RunStatus::Cancelled);
     assert!(
