@@ -68,8 +68,26 @@ async fn a_lost_nodes_active_runs_fail_and_its_finished_runs_stay() {
     survivor.add_run(&mine).await.unwrap();
 
     // The lost node stops renewing its lease (its store is closed); within
-    // a lease and a heartbeat the survivor settles its active runs.
+    // a lease and a heartbeat the survivor settles its active runs, and
+    // its subscribers hear of it.
+    let mut heard = survivor.subscribe();
     drop(lost);
+    let mut settled = std::collections::HashSet::new();
+    while settled.len() < 2 {
+        let event = tokio::time::timeout(DEADLINE, heard.recv())
+            .await
+            .expect("the settled runs are announced")
+            .unwrap();
+        if let modrun::RunEvent::Status { run_id, change, .. } = event
+            && change.status == RunStatus::Failed
+        {
+            settled.insert(run_id);
+        }
+    }
+    assert_eq!(
+        settled,
+        [running.run_id.clone(), queued.run_id.clone()].into()
+    );
     for run_id in [&running.run_id, &queued.run_id] {
         let run = wait_for(&survivor, run_id, RunStatus::Failed).await;
         let message = run.error_message.unwrap();

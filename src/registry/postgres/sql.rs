@@ -152,6 +152,13 @@ const RESCUE: &str = "WITH settled AS (SELECT pg_postmaster_start_time() \
      SELECT id, history_len - 1, status, $1, error_message FROM lost) \
      SELECT count(*) FROM lost";
 
+/// Until [`NAMED`], in this transaction, changes are announced as no
+/// node's.
+const ANONYMOUS: &str = "SELECT set_config('modrun.node', '', true)";
+
+/// Changes are announced as this node's (`$1`) again.
+const NAMED: &str = "SELECT set_config('modrun.node', $1, true)";
+
 /// Records the intent to cancel an active run and tells the node that
 /// executes it, in one transaction; answers that node.
 const REQUEST_CANCEL: &str = "WITH c AS (UPDATE runs SET cancel_requested_at = $2 \
@@ -378,7 +385,9 @@ pub(super) async fn apply_pipelined(
         SET_LOG,
         CLEANUP,
         RENEW,
+        ANONYMOUS,
         RESCUE,
+        NAMED,
         PENDING_CANCELS,
         REQUEST_CANCEL,
     ] {
@@ -623,9 +632,14 @@ async fn send<'s>(
             ))
         }
         Sent::Heartbeat(node, lease, at, [failed, cancelled]) => {
-            let (_, rescued, pending) = futures_util::future::try_join3(
+            // The runs settled are announced as nobody's, so that this
+            // node's own listener publishes them too (the store, not the
+            // registry, changed them). Prepared statements, sent in order.
+            let (_, _, rescued, _, pending) = futures_util::future::try_join5(
                 tx.execute(statement(RENEW), &[&node.id, lease]),
+                tx.execute(statement(ANONYMOUS), &[]),
                 tx.query_one(statement(RESCUE), &[at, failed, lease, cancelled]),
+                tx.execute(statement(NAMED), &[&node.id]),
                 tx.query(statement(PENDING_CANCELS), &[&node.id]),
             )
             .await?;
@@ -714,7 +728,7 @@ fn statement_of(sent: &Sent<'_>) -> &'static [&'static str] {
         Sent::ManyProgress(..) => &[PROGRESS_MANY],
         Sent::Log(..) => &[SET_LOG],
         Sent::Cleanup(_) => &[CLEANUP],
-        Sent::Heartbeat(..) => &[RENEW, RESCUE, PENDING_CANCELS],
+        Sent::Heartbeat(..) => &[RENEW, ANONYMOUS, RESCUE, NAMED, PENDING_CANCELS],
         Sent::RequestCancel(..) => &[REQUEST_CANCEL],
         Sent::Nothing => &[],
     }
