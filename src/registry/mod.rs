@@ -114,8 +114,71 @@ pub struct RunSummary {
     pub module_version: Option<String>,
 }
 
-/// The most characters of an error message a summary shows.
+/// The most characters of an error message a summary shows (the database
+/// stores cut it in SQL: [`SUMMARY_COLUMNS`]).
 const SUMMARY_ERROR_CHARS: usize = 1024;
+
+/// The columns of a whole run, as the database stores read them.
+pub(crate) const RUN_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, \
+     started_at, completed_at, parameters, exit_code, error_message, output, progress_fraction, \
+     progress_message, module_version, log";
+
+/// The columns of a run summary, as the database stores read them: the
+/// error message cut at [`SUMMARY_ERROR_CHARS`], then its whole length
+/// (for [`mark_cut`]).
+pub(crate) const SUMMARY_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, \
+     started_at, completed_at, exit_code, substr(error_message, 1, 1024), \
+     length(error_message), progress_fraction, progress_message, module_version";
+
+/// An error message a summary column cut, marked " [cut]" if its whole
+/// length (`chars`) is longer.
+pub(crate) fn mark_cut(mut message: String, chars: i64) -> String {
+    if usize::try_from(chars).is_ok_and(|chars| chars > message.chars().count()) {
+        message.push_str(" [cut]");
+    }
+    message
+}
+
+/// The SQL the database stores list runs with, newest first: `columns` of
+/// the runs `filter` selects. Its parameters are numbered after `mark`
+/// (`?` for SQLite, `$` for PostgreSQL), in this order: the module id if
+/// the filter has one, then the cursor's creation time (nanoseconds) and
+/// run id if it has one.
+pub(crate) fn listing_sql(columns: &str, filter: &RunFilter, mark: char) -> String {
+    let mut sql = format!("SELECT {columns} FROM runs WHERE true");
+    let mut parameters = 0;
+    let mut next = || {
+        parameters += 1;
+        format!("{mark}{parameters}")
+    };
+    if !filter.statuses.is_empty() {
+        // Status names are ours, not the caller's: safe to inline, and
+        // inlined the planner can prove the active-runs index applies.
+        let names: Vec<String> = filter.statuses.iter().map(|s| format!("'{s}'")).collect();
+        sql.push_str(&format!(" AND status IN ({})", names.join(", ")));
+        if filter.statuses.iter().all(|s| s.is_active()) {
+            sql.push_str(" AND status IN ('queued', 'running')");
+        }
+    }
+    if filter.module_id.is_some() {
+        sql.push_str(&format!(" AND module_id = {}", next()));
+    }
+    if filter.after.is_some() {
+        sql.push_str(&format!(
+            " AND (created_at, run_id) < ({}, {})",
+            next(),
+            next()
+        ));
+    }
+    sql.push_str(" ORDER BY created_at DESC, run_id DESC");
+    if let Some(limit) = filter.limit {
+        sql.push_str(&format!(
+            " LIMIT {}",
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ));
+    }
+    sql
+}
 
 impl From<&Run> for RunSummary {
     fn from(run: &Run) -> RunSummary {

@@ -16,18 +16,11 @@ use tokio_postgres::{Row, Statement, Transaction};
 
 use crate::error::Error;
 use crate::registry::writer::{Outcome, Write};
-use crate::registry::{Existing, RunCursor, RunFilter, RunSummary, Taken, check_replace, on_taken};
+use crate::registry::{
+    Existing, RUN_COLUMNS, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, check_replace,
+    listing_sql, mark_cut, on_taken,
+};
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange};
-
-/// The columns of a whole run, in the order `read_run` reads them.
-const RUN_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
-     completed_at, parameters, exit_code, error_message, output, progress_fraction, \
-     progress_message, module_version, log";
-
-/// The columns of a run summary, in the order `read_summary` reads them.
-const SUMMARY_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
-     completed_at, exit_code, substr(error_message, 1, 1024), length(error_message), \
-     progress_fraction, progress_message, module_version";
 
 const INSERT_RUN: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, status, \
      created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
@@ -953,41 +946,19 @@ async fn select_where<T>(
     filter: &RunFilter,
     read: impl Fn(&Row) -> Result<T, Error>,
 ) -> Result<Vec<T>, ReadError> {
-    let mut sql = format!("SELECT {columns} FROM runs WHERE true");
+    let sql = listing_sql(columns, filter, '$');
     let module_id = filter.module_id.as_deref().map(clean);
     let cursor = filter
         .after
         .as_ref()
         .map(|RunCursor { created_at, run_id }| (nanos_clamped(*created_at), clean(run_id)));
     let mut values: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    if !filter.statuses.is_empty() {
-        // Status names are ours, not the caller's: safe to inline, and
-        // inlined the planner can prove the active-runs index applies.
-        let names: Vec<String> = filter.statuses.iter().map(|s| format!("'{s}'")).collect();
-        sql.push_str(&format!(" AND status IN ({})", names.join(", ")));
-        if filter.statuses.iter().all(|s| s.is_active()) {
-            sql.push_str(" AND status IN ('queued', 'running')");
-        }
-    }
     if let Some(module_id) = &module_id {
         values.push(module_id);
-        sql.push_str(&format!(" AND module_id = ${}", values.len()));
     }
     if let Some((created_at, run_id)) = &cursor {
         values.push(created_at);
         values.push(run_id);
-        sql.push_str(&format!(
-            " AND (created_at, run_id) < (${}, ${})",
-            values.len() - 1,
-            values.len()
-        ));
-    }
-    sql.push_str(" ORDER BY created_at DESC, run_id DESC");
-    if let Some(limit) = filter.limit {
-        sql.push_str(&format!(
-            " LIMIT {}",
-            i64::try_from(limit).unwrap_or(i64::MAX)
-        ));
     }
     let statement = client.prepare_cached(&sql).await?;
     client
@@ -1082,12 +1053,7 @@ fn read_summary(row: &Row) -> Result<RunSummary, Error> {
     let error_message = row
         .try_get::<_, Option<String>>(8)
         .map_err(corrupt)?
-        .map(|mut message| {
-            if error_length.is_some_and(|length| length as usize > message.chars().count()) {
-                message.push_str(" [cut]");
-            }
-            message
-        });
+        .map(|message| mark_cut(message, error_length.unwrap_or_default().into()));
     Ok(RunSummary {
         run_id: row.try_get(0).map_err(corrupt)?,
         module_id: row.try_get(1).map_err(corrupt)?,

@@ -6,19 +6,11 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::error::Error;
 use crate::registry::writer::Outcome;
-use crate::registry::{Existing, RunCursor, RunFilter, RunSummary, Taken, check_replace, on_taken};
+use crate::registry::{
+    Existing, RUN_COLUMNS, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, check_replace,
+    listing_sql, mark_cut, on_taken,
+};
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
-
-/// The columns of a whole run, in the order `read_run` reads them.
-const RUN_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
-     completed_at, parameters, exit_code, error_message, output, progress_fraction, \
-     progress_message, module_version, log";
-
-/// The columns of a run summary, in the order `read_summary` reads them.
-/// The error message is cut: a listing of thousands of runs stays small.
-const SUMMARY_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, started_at, \
-     completed_at, exit_code, substr(error_message, 1, 1024), length(error_message), \
-     progress_fraction, progress_message, module_version";
 
 /// What the write path needs of a stored run.
 pub(super) struct Stored {
@@ -253,34 +245,16 @@ fn select_where<T>(
     filter: &RunFilter,
     read: impl Fn(&Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Vec<T>> {
-    let mut sql = format!("SELECT {columns} FROM runs WHERE 1 = 1");
+    let sql = listing_sql(columns, filter, '?');
     let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
-    if !filter.statuses.is_empty() {
-        // Status names are ours, not the caller's: safe to inline, and
-        // inlined the planner can prove the active-runs index applies.
-        let names: Vec<String> = filter.statuses.iter().map(|s| format!("'{s}'")).collect();
-        sql.push_str(&format!(" AND status IN ({})", names.join(", ")));
-        if filter.statuses.iter().all(|s| s.is_active()) {
-            sql.push_str(" AND status IN ('queued', 'running')");
-        }
-    }
     if let Some(module_id) = &filter.module_id {
-        sql.push_str(" AND module_id = ?");
         values.push(Box::new(module_id.clone()));
     }
     if let Some(RunCursor { created_at, run_id }) = &filter.after {
-        sql.push_str(" AND (created_at, run_id) < (?, ?)");
         values.push(Box::new(
             created_at.timestamp_nanos_opt().unwrap_or(i64::MAX),
         ));
         values.push(Box::new(run_id.clone()));
-    }
-    sql.push_str(" ORDER BY created_at DESC, run_id DESC");
-    if let Some(limit) = filter.limit {
-        sql.push_str(&format!(
-            " LIMIT {}",
-            i64::try_from(limit).unwrap_or(i64::MAX)
-        ));
     }
     let mut statement = conn.prepare_cached(&sql)?;
     let rows = statement
@@ -336,12 +310,9 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
 
 fn read_summary(row: &Row<'_>) -> rusqlite::Result<RunSummary> {
     let error_length: Option<i64> = row.get(9)?;
-    let error_message = row.get::<_, Option<String>>(8)?.map(|mut message| {
-        if error_length.is_some_and(|length| length > message.chars().count() as i64) {
-            message.push_str(" [cut]");
-        }
-        message
-    });
+    let error_message = row
+        .get::<_, Option<String>>(8)?
+        .map(|message| mark_cut(message, error_length.unwrap_or_default()));
     Ok(RunSummary {
         run_id: row.get(0)?,
         module_id: row.get(1)?,
