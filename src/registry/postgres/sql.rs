@@ -40,23 +40,6 @@ const CURRENT: &str =
 const ADD_HISTORY: &str =
     "INSERT INTO run_history (run, seq, status, at, message) VALUES ($1, $2, $3, $4, $5)";
 
-/// A terminal change, from one of the statuses in `$7`.
-const END: &str = "WITH u AS (UPDATE runs SET status = $2, completed_at = $3, exit_code = $4, \
-     error_message = $5, output = coalesce($6, output), log = coalesce($8, log), \
-     history_len = history_len + 1 WHERE run_id = $1 AND status = ANY($7) \
-     RETURNING id, history_len, module_id), \
-     h AS (INSERT INTO run_history (run, seq, status, at, message) \
-     SELECT id, history_len - 1, $2, $3, $9 FROM u) \
-     SELECT module_id FROM u";
-
-/// A change to an active status, from one of the statuses in `$4`.
-const MOVE: &str = "WITH u AS (UPDATE runs SET status = $2, started_at = $3, \
-     history_len = history_len + 1 WHERE run_id = $1 AND status = ANY($4) \
-     RETURNING id, history_len, module_id), \
-     h AS (INSERT INTO run_history (run, seq, status, at, message) \
-     SELECT id, history_len - 1, $2, $3, $5 FROM u) \
-     SELECT module_id FROM u";
-
 /// Many new runs in one statement, with their first history rows; the
 /// caller compares the rows written with the runs sent (an id taken means
 /// fewer).
@@ -69,8 +52,9 @@ const INSERT_MANY: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, modul
      ON CONFLICT (run_id) DO NOTHING RETURNING id, status, created_at) \
      INSERT INTO run_history (run, seq, status, at) SELECT id, 0, status, created_at FROM r";
 
-/// Many runs' changes to one active status `$2`, from the statuses in
-/// `$4`, in one statement; answers the runs changed with their modules.
+/// Runs' changes to one active status `$2`, from the statuses in `$4`, in
+/// one statement (for one run as for many); answers the runs changed
+/// with their modules.
 const MOVE_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], $5::text[]) \
      AS c(run_id, at, message)), \
      u AS (UPDATE runs r SET status = $2, started_at = c.at, history_len = r.history_len + 1 \
@@ -80,7 +64,7 @@ const MOVE_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[
      SELECT id, history_len - 1, $2, at, message FROM u) \
      SELECT run_id, module_id FROM u";
 
-/// Many runs' ends in one terminal status `$2`, from the statuses in `$7`.
+/// Runs' ends in one terminal status `$2`, from the statuses in `$7`.
 const END_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], \
      $4::int4[], $5::text[], $6::text[], $8::text[], $9::text[]) \
      AS c(run_id, at, exit_code, error_message, output, log, message)), \
@@ -371,8 +355,6 @@ pub(super) async fn apply_pipelined(
     let mut statements = HashMap::new();
     for sql in [
         INSERT_RUN,
-        END,
-        MOVE,
         PROGRESS,
         PROGRESS_MANY,
         SET_LOG,
@@ -454,7 +436,7 @@ fn jobs(sent: &[Sent<'_>]) -> Vec<Job> {
     jobs
 }
 
-/// Sends the changes of many runs to one status in one statement.
+/// Sends the changes of runs (one or many) to one status in one statement.
 async fn send_many<'s>(
     tx: &Transaction<'_>,
     statement: &impl Fn(&'static str) -> &'s Statement,
@@ -560,46 +542,9 @@ async fn send<'s>(
                 None
             }
         }
-        Sent::End {
-            run_id,
-            to,
-            at,
-            exit_code,
-            error_message,
-            output,
-            allowed,
-            log,
-            message,
-        } => {
-            let row = tx
-                .query_opt(
-                    statement(END),
-                    &[
-                        run_id,
-                        to,
-                        at,
-                        exit_code,
-                        error_message,
-                        output,
-                        allowed,
-                        log,
-                        message,
-                    ],
-                )
-                .await?;
-            Some(Outcome::Applied(row.map(|row| row.get(0))))
-        }
-        Sent::Move {
-            run_id,
-            to,
-            at,
-            allowed,
-            message,
-        } => {
-            let row = tx
-                .query_opt(statement(MOVE), &[run_id, to, at, allowed, message])
-                .await?;
-            Some(Outcome::Applied(row.map(|row| row.get(0))))
+        Sent::Move { .. } | Sent::End { .. } => {
+            let mut changed = send_many(tx, statement, std::slice::from_ref(sent), &[0]).await?;
+            changed.pop().and_then(|(_, outcome)| outcome)
         }
         Sent::Progress(run_id, fraction, message) => {
             let row = tx
@@ -715,8 +660,8 @@ async fn insert_many<'s, 'a>(
 fn statement_of(sent: &Sent<'_>) -> &'static [&'static str] {
     match sent {
         Sent::Insert(..) => &[INSERT_RUN],
-        Sent::End { .. } => &[END],
-        Sent::Move { .. } => &[MOVE],
+        Sent::End { .. } => &[END_MANY],
+        Sent::Move { .. } => &[MOVE_MANY],
         Sent::Progress(..) => &[PROGRESS],
         Sent::ManyProgress(..) => &[PROGRESS_MANY],
         Sent::Log(..) => &[SET_LOG],
