@@ -734,11 +734,7 @@ async fn listen_once(
         .await?;
     // Cancels asked while this node was not listening.
     let pending = client
-        .query(
-            "SELECT run_id FROM runs WHERE node = $1 AND status IN ('queued', 'running') \
-             AND cancel_requested_at IS NOT NULL",
-            &[&listener.node],
-        )
+        .query(sql::PENDING_CANCELS, &[&listener.node])
         .await?;
     for row in pending {
         listener.cancels.send(row.get(0));

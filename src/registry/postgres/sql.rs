@@ -144,8 +144,9 @@ const REQUEST_CANCEL: &str = "WITH c AS (UPDATE runs SET cancel_requested_at = $
      json_build_object('run_id', run_id, 'node', node)::text)::text FROM c";
 
 /// The runs this node executes whose cancel was asked elsewhere: read at
-/// each heartbeat, in case a notification was missed.
-const PENDING_CANCELS: &str = "SELECT run_id FROM runs WHERE node = $1 \
+/// each heartbeat, in case a notification was missed, and when the
+/// listener (re)connects.
+pub(super) const PENDING_CANCELS: &str = "SELECT run_id FROM runs WHERE node = $1 \
      AND status IN ('queued', 'running') AND cancel_requested_at IS NOT NULL";
 
 /// At a node's start, settles the runs its previous process (same node
