@@ -265,12 +265,6 @@ pub(super) async fn get_run(
     Ok(Json(json!({ "run": run, "history": history })))
 }
 
-/// Cancels a run: 200 `{"success": true}` when it was active and is now
-/// cancelled, 404 for an unknown run, 409 `{"success": false}` when it had
-/// already finished. A run another node executes (on a shared database)
-/// is cancelled through that node: 200 once it is cancelled, 202
-/// `{"status": "cancel_requested"}` if that takes longer than
-/// [`CANCEL_WAIT`], 409 if it finished first.
 /// How long a cancel waits for the node executing the run to cancel it.
 const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -289,17 +283,8 @@ async fn cancel_elsewhere(
             .await?
             .ok_or_else(|| Error::RunNotFound(run_id.to_owned()))?;
         match run.status {
-            RunStatus::Cancelled => {
-                return Ok(Json(json!({"success": true, "status": "cancelled"})).into_response());
-            }
-            status if status.is_terminal() => {
-                let answer = json!({
-                    "success": false,
-                    "status": status,
-                    "error": {"code": "run_finished", "message": format!("run {run_id} already {status}")},
-                });
-                return Ok((StatusCode::CONFLICT, Json(answer)).into_response());
-            }
+            RunStatus::Cancelled => return Ok(cancelled()),
+            status if status.is_terminal() => return Ok(not_cancelled(run_id, status)),
             _ => {}
         }
         if tokio::time::Instant::now() >= deadline {
@@ -322,12 +307,18 @@ async fn cancel_elsewhere(
     }
 }
 
+/// Cancels a run: 200 `{"success": true}` when it was active and is now
+/// cancelled, 404 for an unknown run, 409 `{"success": false}` when it had
+/// already finished. A run another node executes (on a shared database)
+/// is cancelled through that node: 200 once it is cancelled, 202
+/// `{"status": "cancel_requested"}` if that takes longer than
+/// [`CANCEL_WAIT`], 409 if it finished first.
 pub(super) async fn cancel_run(
     State(state): State<AppState>,
     ApiPath(run_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     if state.runner.cancel(&run_id).await? {
-        return Ok(Json(json!({"success": true, "status": "cancelled"})).into_response());
+        return Ok(cancelled());
     }
     let run = state
         .runner
@@ -340,18 +331,28 @@ pub(super) async fn cancel_run(
     {
         return cancel_elsewhere(&state, &run_id, &node).await;
     }
-    let error = if run.status.is_active() {
+    Ok(not_cancelled(&run_id, run.status))
+}
+
+/// 200: the run is cancelled.
+fn cancelled() -> Response {
+    Json(json!({"success": true, "status": "cancelled"})).into_response()
+}
+
+/// 409: the run was not cancelled, as it is `status`: finished, or active
+/// in another process sharing the registry that cannot be asked.
+fn not_cancelled(run_id: &str, status: RunStatus) -> Response {
+    let error = if status.is_active() {
         json!({
             "code": "run_elsewhere",
             "message": format!(
-                "run {run_id} is {} in another modrun process sharing this registry; cancel \
-                 it through that process",
-                run.status
+                "run {run_id} is {status} in another modrun process sharing this registry; \
+                 cancel it through that process"
             ),
         })
     } else {
-        json!({"code": "run_finished", "message": format!("run {run_id} already {}", run.status)})
+        json!({"code": "run_finished", "message": format!("run {run_id} already {status}")})
     };
-    let answer = json!({"success": false, "status": run.status, "error": error});
-    Ok((StatusCode::CONFLICT, Json(answer)).into_response())
+    let answer = json!({"success": false, "status": status, "error": error});
+    (StatusCode::CONFLICT, Json(answer)).into_response()
 }
