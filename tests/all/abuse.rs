@@ -316,16 +316,18 @@ async fn a_cancelled_runs_log_is_committed_before_shutdown_returns() {
 
     // Read beside whatever still holds the file (the last handle may be
     // dropped on another thread a moment later): the log must be there.
+    let cancelled_with_its_log = |run: modrun::Run| {
+        assert_eq!(run.status, RunStatus::Cancelled);
+        assert!(
+            run.log
+                .iter()
+                .any(|entry| entry.message.starts_with("counting down")),
+            "committed before shutdown returned: {:?}",
+            run.log
+        );
+    };
     let reader = modrun::registry::SqliteReader::open(&db).unwrap();
-    let run = reader.get(&run_id).unwrap().unwrap();
-    assert_eq!(run.status, RunStatus::Cancelled);
-    assert!(
-        run.log
-            .iter()
-            .any(|entry| entry.message.starts_with("counting down")),
-        "committed before shutdown returned: {:?}",
-        run.log
-    );
+    cancelled_with_its_log(reader.get(&run_id).unwrap().unwrap());
     let started = Instant::now();
     let reopened = loop {
         match RunRegistry::open_sqlite(&db) {
@@ -335,15 +337,7 @@ async fn a_cancelled_runs_log_is_committed_before_shutdown_returns() {
             other => break other.unwrap(),
         }
     };
-    let run = reopened.get_run(&run_id).await.unwrap().unwrap();
-    assert_eq!(run.status, RunStatus::Cancelled);
-    assert!(
-        run.log
-            .iter()
-            .any(|entry| entry.message.starts_with("counting down")),
-        "{:?}",
-        run.log
-    );
+    cancelled_with_its_log(reopened.get_run(&run_id).await.unwrap().unwrap());
 }
 
 /// A field of `/proc/<pid>/status`, in KiB.
