@@ -623,24 +623,31 @@ async fn bare_wasmtime_per_second(
     Ok((count / producers * producers) as f64 / begin.elapsed().as_secs_f64())
 }
 
-/// modrun end to end: `start("hello")` until `Completed` is recorded.
+/// modrun end to end: `start("hello")` until `Completed` is recorded, on
+/// one node per registry (several nodes of one database share the
+/// producers evenly). `sequential`: one producer, each run awaited.
 async fn modrun_runs_per_second(
     plugins: &std::path::Path,
-    registry: RunRegistry,
+    registries: Vec<RunRegistry>,
     count: usize,
     sequential: bool,
 ) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     std::fs::copy(plugins.join("hello.wasm"), dir.path().join("hello.wasm"))?;
-    let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
-    host.load_dir(dir.path()).await?;
-    let manager = BackgroundTaskManager::new(registry);
-    let runner = modrun::ModuleRunner::new(host, manager.clone());
+    let mut runners = Vec::new();
+    for registry in registries {
+        let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
+        host.load_dir(dir.path()).await?;
+        runners.push(modrun::ModuleRunner::new(
+            host,
+            BackgroundTaskManager::new(registry),
+        ));
+    }
     let producers = if sequential { 1 } else { PRODUCERS };
     let begin = Instant::now();
     let tasks: Vec<_> = (0..producers)
-        .map(|_| {
-            let (runner, manager) = (runner.clone(), manager.clone());
+        .map(|index| {
+            let runner = runners[index % runners.len()].clone();
             tokio::spawn(async move {
                 for _ in 0..count / producers {
                     runner
@@ -648,7 +655,7 @@ async fn modrun_runs_per_second(
                         .await
                         .expect("start");
                     if sequential {
-                        manager.wait_all().await;
+                        runner.manager().wait_all().await;
                     }
                 }
             })
@@ -657,17 +664,21 @@ async fn modrun_runs_per_second(
     for task in tasks {
         task.await?;
     }
-    manager.wait_all().await;
+    for runner in &runners {
+        runner.manager().wait_all().await;
+    }
     let rate = (count / producers * producers) as f64 / begin.elapsed().as_secs_f64();
-    let failed = manager
-        .registry()
-        .runs_by_status(modrun::RunStatus::Failed)
-        .await?;
-    anyhow::ensure!(
-        failed.is_empty(),
-        "runs failed: {:?}",
-        failed[0].error_message
-    );
+    for runner in &runners {
+        let failed = runner
+            .registry()
+            .runs_by_status(modrun::RunStatus::Failed)
+            .await?;
+        anyhow::ensure!(
+            failed.is_empty(),
+            "runs failed: {:?}",
+            failed[0].error_message
+        );
+    }
     Ok(rate)
 }
 
@@ -704,11 +715,16 @@ async fn wasm_figures(
         let bare =
             bare_wasmtime_per_second(&hello, config.wasmtime_config(), calls, sequential).await?;
         let memory =
-            modrun_runs_per_second(&plugins, RunRegistry::in_memory(), calls, sequential).await?;
-        let db = dir.join(format!("wasm-{shape}.db").replace(' ', "-"));
-        let sqlite =
-            modrun_runs_per_second(&plugins, RunRegistry::open_sqlite(db)?, calls, sequential)
+            modrun_runs_per_second(&plugins, vec![RunRegistry::in_memory()], calls, sequential)
                 .await?;
+        let db = dir.join(format!("wasm-{shape}.db").replace(' ', "-"));
+        let sqlite = modrun_runs_per_second(
+            &plugins,
+            vec![RunRegistry::open_sqlite(db)?],
+            calls,
+            sequential,
+        )
+        .await?;
         for (registry, rate) in [("in-memory", memory), ("SQLite", sqlite)] {
             rows.push(Row {
                 name: format!("hello runs/s, {registry}, {shape}"),
@@ -1128,7 +1144,7 @@ async fn http_figures(
     let runs = sizes.wasm_calls;
     let library = modrun_runs_per_second(
         &plugins,
-        RunRegistry::open_sqlite(dir.join("http-library.db"))?,
+        vec![RunRegistry::open_sqlite(dir.join("http-library.db"))?],
         runs,
         false,
     )
@@ -1300,7 +1316,7 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
         for index in 0..nodes {
             registries.push(postgres_registry(&url, &schema, &format!("bench-{index}")).await?);
         }
-        let rate = modrun_nodes_runs_per_second(&plugins, registries, calls).await?;
+        let rate = modrun_runs_per_second(&plugins, registries, calls, false).await?;
         rows.push(Row::measured(
             &format!("hello runs/s, PostgreSQL, all cores, {nodes} node(s)"),
             rate,
@@ -1319,7 +1335,7 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
     let commit = raw_postgres_commit_seconds(&url, &raw_schema).await?;
     let sequential = modrun_runs_per_second(
         &plugins,
-        postgres_registry(&url, &schema, "bench-sequential").await?,
+        vec![postgres_registry(&url, &schema, "bench-sequential").await?],
         calls / 4,
         true,
     )
@@ -1422,58 +1438,6 @@ async fn cross_node_cancel(
         "<= 100 ms (baseline: cancel on the executing node)",
     ));
     Ok(())
-}
-
-/// modrun on several nodes of one database: the producers split evenly.
-async fn modrun_nodes_runs_per_second(
-    plugins: &std::path::Path,
-    registries: Vec<RunRegistry>,
-    count: usize,
-) -> anyhow::Result<f64> {
-    let dir = tempfile::tempdir()?;
-    std::fs::copy(plugins.join("hello.wasm"), dir.path().join("hello.wasm"))?;
-    let mut runners = Vec::new();
-    for registry in registries {
-        let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
-        host.load_dir(dir.path()).await?;
-        runners.push(modrun::ModuleRunner::new(
-            host,
-            BackgroundTaskManager::new(registry),
-        ));
-    }
-    let begin = Instant::now();
-    let tasks: Vec<_> = (0..PRODUCERS)
-        .map(|index| {
-            let runner = runners[index % runners.len()].clone();
-            tokio::spawn(async move {
-                for _ in 0..count / PRODUCERS {
-                    runner
-                        .start("hello", serde_json::json!({"name": "Ada"}))
-                        .await
-                        .expect("start");
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await?;
-    }
-    for runner in &runners {
-        runner.manager().wait_all().await;
-    }
-    let rate = (count / PRODUCERS * PRODUCERS) as f64 / begin.elapsed().as_secs_f64();
-    for runner in &runners {
-        let failed = runner
-            .registry()
-            .runs_by_status(modrun::RunStatus::Failed)
-            .await?;
-        anyhow::ensure!(
-            failed.is_empty(),
-            "runs failed: {:?}",
-            failed[0].error_message
-        );
-    }
-    Ok(rate)
 }
 
 /// The raw SQL ceiling: runs per second through insert, claim and complete
