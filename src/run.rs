@@ -167,6 +167,11 @@ pub struct Run {
     pub progress: Option<Progress>,
     /// The content hash of the module version that ran.
     pub module_version: Option<String>,
+    /// The node that executes (or executed) the run, where several nodes
+    /// share one database; `None` for a run not yet claimed, and in a
+    /// store one process holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// What the run's work logged (for a module: its log calls, then its
     /// captured standard output and error), capped by the host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -242,6 +247,7 @@ impl Run {
             output: None,
             progress: None,
             module_version: None,
+            node: None,
             log: Vec::new(),
         }
     }

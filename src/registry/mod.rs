@@ -118,10 +118,18 @@ pub struct RunSummary {
 /// stores cut it in SQL: [`SUMMARY_COLUMNS`]).
 const SUMMARY_ERROR_CHARS: usize = 1024;
 
+/// [`RUN_COLUMNS`] as a literal, for backends that read more after them.
+macro_rules! run_columns {
+    () => {
+        "run_id, module_id, module_name, status, created_at, started_at, completed_at, \
+         parameters, exit_code, error_message, output, progress_fraction, progress_message, \
+         module_version, log"
+    };
+}
+pub(crate) use run_columns;
+
 /// The columns of a whole run, as the database stores read them.
-pub(crate) const RUN_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, \
-     started_at, completed_at, parameters, exit_code, error_message, output, progress_fraction, \
-     progress_message, module_version, log";
+pub(crate) const RUN_COLUMNS: &str = run_columns!();
 
 /// The columns of a run summary, as the database stores read them: the
 /// error message cut at [`SUMMARY_ERROR_CHARS`], then its whole length
@@ -431,6 +439,78 @@ pub trait RunStore: Send + Sync + 'static {
         let _ = run_id;
         Ok(None)
     }
+
+    // The queue's verbs, for a store several processes share (nodes on one
+    // database): module runs are recorded queued for no process in
+    // particular, and each process claims what it has room for.
+
+    /// Whether this store is a queue several processes share, so that
+    /// module runs should be [`enqueue`](Self::enqueue)d for any of them to
+    /// [`claim`](Self::claim) (`false` by default).
+    fn is_shared_queue(&self) -> bool {
+        false
+    }
+
+    /// Records `run`, `Queued`, for whichever process claims it; or, when
+    /// its status is `Running`, claimed by this process as it is recorded
+    /// (its history: queued at `created_at`, running at `started_at`). By
+    /// default, as an insert.
+    async fn enqueue(&self, run: &Run) -> Result<()> {
+        self.insert(run, Existing::ReplaceFinished).await
+    }
+
+    /// Notified whenever another process queues a run (or gives one
+    /// back), for this one's claimer to wake (`None` by default).
+    fn queued_elsewhere(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
+
+    /// Claims queued runs for this process: of each [`Wanted`] module
+    /// version at most its count, and `limit` in all, oldest first. They
+    /// are recorded `Running`, for this process, before they come back:
+    /// no other process can claim them. (Nothing to claim by default.)
+    async fn claim(&self, wanted: &[Wanted], limit: usize) -> Result<Vec<Run>> {
+        let _ = (wanted, limit);
+        Ok(Vec::new())
+    }
+
+    /// Gives back runs this process claimed but did not start: `Queued`
+    /// again, for any process, with `reason` in their history. Returns the
+    /// runs given back, with their modules.
+    async fn release(&self, run_ids: &[String], reason: &str) -> Result<Vec<(String, String)>> {
+        let _ = (run_ids, reason);
+        Ok(Vec::new())
+    }
+
+    /// The runs the store holds `Running` for this process.
+    async fn claimed(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// The module versions (`<module>@<content hash>`) that queued runs
+    /// no process has claimed were started on.
+    async fn queued_versions(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// Tells the other processes which module versions this one can run
+    /// (`<module>@<content hash>`), so that a queued run none of them can
+    /// run is settled rather than left waiting.
+    fn publish_versions(&self, versions: Vec<String>) {
+        let _ = versions;
+    }
+}
+
+/// Queued runs a process asks for when it claims: runs of `module_id`
+/// started on `version` (its content hash), at most `count` of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    /// The module.
+    pub module_id: String,
+    /// The module version the runs were started on.
+    pub version: String,
+    /// The most runs wanted.
+    pub count: usize,
 }
 
 /// The record of runs and of every status change, shared by everything that
@@ -565,6 +645,100 @@ impl RunRegistry {
             },
         });
         Ok(())
+    }
+
+    /// Whether module runs go through a queue several processes share
+    /// ([`RunStore::is_shared_queue`]).
+    #[must_use]
+    pub fn is_shared_queue(&self) -> bool {
+        self.store.is_shared_queue()
+    }
+
+    /// Records `run`, `Queued`, for whichever process sharing the store
+    /// claims it ([`RunStore::enqueue`]) — or, `Running`, claimed by this
+    /// one as it starts — and publishes the events.
+    pub(crate) async fn enqueue(&self, run: &Run) -> Result<()> {
+        self.store.enqueue(run).await?;
+        self.publish(|| RunEvent::Status {
+            run_id: run.run_id.clone(),
+            module_id: run.module_id.clone(),
+            change: StatusChange {
+                status: RunStatus::Queued,
+                at: run.created_at,
+                message: None,
+            },
+        });
+        if let (RunStatus::Running, Some(at)) = (run.status, run.started_at) {
+            self.publish(|| RunEvent::Status {
+                run_id: run.run_id.clone(),
+                module_id: run.module_id.clone(),
+                change: StatusChange {
+                    status: RunStatus::Running,
+                    at,
+                    message: None,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// What tells this process that another queued a run it may claim
+    /// ([`RunStore::queued_elsewhere`]).
+    pub(crate) fn queued_elsewhere(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.store.queued_elsewhere()
+    }
+
+    /// Claims queued runs for this process ([`RunStore::claim`]), and
+    /// publishes their start.
+    pub(crate) async fn claim(&self, wanted: &[Wanted], limit: usize) -> Result<Vec<Run>> {
+        let runs = self.store.claim(wanted, limit).await?;
+        for run in &runs {
+            self.publish(|| RunEvent::Status {
+                run_id: run.run_id.clone(),
+                module_id: run.module_id.clone(),
+                change: StatusChange {
+                    status: RunStatus::Running,
+                    at: run.started_at.unwrap_or_else(Utc::now),
+                    message: None,
+                },
+            });
+        }
+        Ok(runs)
+    }
+
+    /// Gives claimed runs back to the queue ([`RunStore::release`]), and
+    /// publishes it.
+    pub(crate) async fn release(&self, run_ids: &[String], reason: &str) -> Result<usize> {
+        let released = self.store.release(run_ids, reason).await?;
+        let at = Utc::now();
+        for (run_id, module_id) in &released {
+            self.publish(|| RunEvent::Status {
+                run_id: run_id.clone(),
+                module_id: module_id.clone(),
+                change: StatusChange {
+                    status: RunStatus::Queued,
+                    at,
+                    message: Some(reason.to_owned()),
+                },
+            });
+        }
+        Ok(released.len())
+    }
+
+    /// The runs the store holds `Running` for this process.
+    pub(crate) async fn claimed(&self) -> Result<Vec<String>> {
+        self.store.claimed().await
+    }
+
+    /// The module versions unclaimed queued runs were started on.
+    pub(crate) async fn queued_versions(&self) -> Result<Vec<String>> {
+        self.store.queued_versions().await
+    }
+
+    /// Tells the processes sharing the store which module versions this
+    /// one can run ([`RunStore::publish_versions`]).
+    pub(crate) fn publish_versions(&self, versions: Vec<String>) {
+        self.store.publish_versions(versions);
     }
 
     /// Replaces a run's record with `run`. If its status differs from the

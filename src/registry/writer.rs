@@ -62,6 +62,9 @@ pub(super) trait Backend: Send + 'static {
 /// One write, queued for the writer thread.
 pub(super) enum Write {
     Insert(Run, Existing, Reply<()>),
+    /// A new run, `Queued` for whichever node claims it (on a store that
+    /// is a queue several nodes share).
+    Enqueue(Run, Reply<()>),
     Replace(Run, Option<StatusChange>, Reply<()>),
     Transition(Transition, OnUnavailable, Reply<Option<String>>),
     Progress(String, Progress, Reply<Option<String>>),
@@ -371,7 +374,10 @@ impl Outcome {
 fn answer(write: Write, outcome: Outcome) {
     // A caller that gave up waiting dropped its receiver: nothing to tell.
     match write {
-        Write::Insert(.., reply) | Write::Replace(.., reply) | Write::Flush(reply) => {
+        Write::Insert(.., reply)
+        | Write::Enqueue(_, reply)
+        | Write::Replace(.., reply)
+        | Write::Flush(reply) => {
             let _ = reply.send(outcome.into_result(|o| matches!(o, Outcome::Done).then_some(())));
         }
         Write::Transition(.., reply)
@@ -467,6 +473,12 @@ impl Queue {
     pub(super) async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
         check_times(run)?;
         self.write_or_refuse(|reply| Write::Insert(run.clone(), existing, reply))
+            .await
+    }
+
+    pub(super) async fn enqueue_run(&self, run: &Run) -> Result<()> {
+        check_times(run)?;
+        self.write_or_refuse(|reply| Write::Enqueue(run.clone(), reply))
             .await
     }
 

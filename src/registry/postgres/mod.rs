@@ -41,7 +41,9 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::writer::{Backend, NotCommitted, Outcome, Queue, Shared, Write};
-use super::{Existing, OnUnavailable, RunEvent, RunFilter, RunStore, RunSummary, StoreHealth};
+use super::{
+    Existing, OnUnavailable, RunEvent, RunFilter, RunStore, RunSummary, StoreHealth, Wanted,
+};
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
 use sql::{CancelSink, Node, Prepared, ReadError};
@@ -51,6 +53,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_nodes.sql"),
     include_str!("migrations/0003_events.sql"),
+    include_str!("migrations/0004_queue.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says
@@ -112,6 +115,12 @@ pub fn default_node_name() -> String {
 /// Runs in a PostgreSQL database. See the [module documentation](self).
 pub struct PostgresStore {
     writes: Queue,
+    /// This node's name.
+    node: String,
+    /// The module versions this node can run, for its heartbeats.
+    versions: Arc<std::sync::Mutex<Option<Vec<String>>>>,
+    /// Told when another node queues a run.
+    queued: Arc<tokio::sync::Notify>,
     pool: Pool,
     stop_heartbeats: Option<std::sync::mpsc::Sender<()>>,
     heartbeats: Option<std::thread::JoinHandle<()>>,
@@ -215,10 +224,12 @@ impl PostgresStore {
         let config_for_listener = config.clone();
         let shared = Arc::new(Shared::new(place.clone()));
         let cancels = Arc::new(CancelSink::default());
+        let versions = Arc::new(std::sync::Mutex::new(None));
         let node = Node {
             id: options.node.clone(),
             lease: options.lease,
             cancels: cancels.clone(),
+            versions: versions.clone(),
         };
         let backend = PgBackend::new(config, node).map_err(|e| fail(e.to_string()))?;
         let writes = Queue::start(backend, shared, options.max_batch, "modrun-postgres")
@@ -244,6 +255,7 @@ impl PostgresStore {
             })
             .map_err(|e| fail(format!("cannot start its heartbeat thread: {e}")))?;
         let events = Arc::new(OnceLock::new());
+        let queued = Arc::new(tokio::sync::Notify::new());
         let stop_listening = CancellationToken::new();
         tokio::spawn(listen(
             config_for_listener,
@@ -252,11 +264,15 @@ impl PostgresStore {
                 schema: options.schema.clone(),
                 events: events.clone(),
                 cancels: cancels.clone(),
+                queued: queued.clone(),
             },
             stop_listening.clone(),
         ));
         Ok(PostgresStore {
             writes,
+            node: options.node.clone(),
+            versions,
+            queued,
             pool,
             stop_heartbeats: Some(stop_heartbeats),
             heartbeats: Some(heartbeats),
@@ -387,6 +403,65 @@ impl RunStore for PostgresStore {
     async fn request_cancel(&self, run_id: &str) -> Result<Option<String>> {
         self.writes.request_cancel(run_id).await
     }
+
+    fn is_shared_queue(&self) -> bool {
+        true
+    }
+
+    fn queued_elsewhere(&self) -> Option<Arc<tokio::sync::Notify>> {
+        Some(self.queued.clone())
+    }
+
+    async fn enqueue(&self, run: &Run) -> Result<()> {
+        self.writes.enqueue_run(run).await
+    }
+
+    async fn claim(&self, wanted: &[Wanted], limit: usize) -> Result<Vec<Run>> {
+        if wanted.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.read(async |client| sql::claim(client, &self.node, wanted, limit).await)
+            .await
+    }
+
+    async fn release(&self, run_ids: &[String], reason: &str) -> Result<Vec<(String, String)>> {
+        if run_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(async |client| sql::release(client, &self.node, run_ids, reason).await)
+            .await
+    }
+
+    async fn claimed(&self) -> Result<Vec<String>> {
+        self.read(async |client| {
+            let statement = client.prepare_cached(sql::CLAIMED).await?;
+            let rows = client.query(&statement, &[&self.node]).await?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+        .await
+    }
+
+    async fn queued_versions(&self) -> Result<Vec<String>> {
+        self.read(async |client| {
+            let statement = client.prepare_cached(sql::QUEUED_VERSIONS).await?;
+            let rows = client.query(&statement, &[]).await?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+        .await
+    }
+
+    fn publish_versions(&self, versions: Vec<String>) {
+        let changed = {
+            let mut known = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = known.as_ref() != Some(&versions);
+            *known = Some(versions);
+            changed
+        };
+        // The other nodes hear of it now rather than at the next heartbeat.
+        if changed && let Some(writer) = self.writes.sender() {
+            let _ = writer.send(Write::Heartbeat);
+        }
+    }
 }
 
 /// The writer's connection, made (and remade after a loss) on a runtime of
@@ -428,7 +503,7 @@ impl PgBackend {
         // Names this node in the status changes it announces, so that its
         // own listener skips them.
         client
-            .execute("SELECT set_config('modrun.node', $1, false)", &[&node.id])
+            .execute(sql::SESSION_NODE, &[&node.id])
             .await
             .map_err(|e| not_committed(&e))?;
         Ok(Session {
@@ -680,6 +755,8 @@ struct Listener {
     schema: String,
     events: Arc<OnceLock<broadcast::Sender<RunEvent>>>,
     cancels: Arc<CancelSink>,
+    /// Told when another node queues a run (or gives one back).
+    queued: Arc<tokio::sync::Notify>,
 }
 
 /// The longest a listener waits before it connects again, after a loss.
@@ -777,6 +854,9 @@ struct Announced {
     status: String,
     at: i64,
     message: Option<String>,
+    /// The run waits, queued, for any node to claim it.
+    #[serde(default)]
+    claimable: bool,
 }
 
 /// A cancel asked of a node.
@@ -829,6 +909,9 @@ impl Listener {
             tracing::warn!(status = %announced.status, "ignored a status notification with an unknown status");
             return;
         };
+        if announced.claimable {
+            self.queued.notify_one();
+        }
         self.publish(RunEvent::Status {
             run_id: announced.run_id,
             module_id: announced.module_id,

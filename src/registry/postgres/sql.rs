@@ -17,10 +17,14 @@ use tokio_postgres::{Row, Statement, Transaction};
 use crate::error::Error;
 use crate::registry::writer::{Outcome, Write};
 use crate::registry::{
-    Existing, RUN_COLUMNS, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, check_replace,
-    listing_sql, mark_cut, on_taken,
+    Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Wanted, check_replace,
+    listing_sql, mark_cut, on_taken, run_columns,
 };
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange};
+
+/// A run's columns as this backend reads them: the shared ones, then the
+/// node that executes it.
+const PG_RUN_COLUMNS: &str = concat!(run_columns!(), ", node");
 
 const INSERT_RUN: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, status, \
      created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
@@ -51,6 +55,19 @@ const INSERT_MANY: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, modul
      $12::float8[], $13::text[], $14::text[], $15::text[]) AS u \
      ON CONFLICT (run_id) DO NOTHING RETURNING id, status, created_at) \
      INSERT INTO run_history (run, seq, status, at) SELECT id, 0, status, created_at FROM r";
+
+/// Many new runs claimed by this node (`$16`) as they are recorded:
+/// `Running`, with two history rows each (queued when created, running
+/// when started), in one statement.
+const INSERT_CLAIMED: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, \
+     status, created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
+     progress_fraction, progress_message, module_version, log, history_len, node, attempt) \
+     SELECT u.*, 2, $16, 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+     $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[], $11::text[], \
+     $12::float8[], $13::text[], $14::text[], $15::text[]) AS u \
+     ON CONFLICT (run_id) DO NOTHING RETURNING id, created_at, started_at) \
+     INSERT INTO run_history (run, seq, status, at) \
+     SELECT id, 0, 'queued', created_at FROM r UNION ALL SELECT id, 1, 'running', started_at FROM r";
 
 /// Runs' changes to one active status `$2`, from the statuses in `$4`, in
 /// one statement (for one run as for many); answers the runs changed
@@ -96,10 +113,74 @@ const PROGRESS_MANY: &str = "WITH u AS (UPDATE runs r SET progress_fraction = p.
      SELECT pg_notify(current_schema() || '_events', text)::text FROM payload \
      WHERE octet_length(text) < 7900";
 
-/// Renews this node's lease (`$2` milliseconds from now, server time).
-const RENEW: &str = "INSERT INTO nodes (node_id, started_at, heartbeat_at, lease_until) \
-     VALUES ($1, now(), now(), now() + $2::bigint * interval '1 millisecond') \
-     ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = now(), lease_until = excluded.lease_until";
+/// Renews this node's lease (`$2` milliseconds from now, server time),
+/// with the module versions it can run (`$3`, NULL while not known).
+const RENEW: &str = "INSERT INTO nodes (node_id, started_at, heartbeat_at, lease_until, versions) \
+     VALUES ($1, now(), now(), now() + $2::bigint * interval '1 millisecond', $3) \
+     ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = now(), lease_until = excluded.lease_until, \
+     versions = excluded.versions";
+
+/// Settles the queued runs no live node can run: their module, at the
+/// version they were started with, is loaded nowhere (it changed or was
+/// removed after they were queued). Only runs queued for longer than a
+/// lease (`$3` ms before `$1`), so that a node that just loaded a version
+/// has published it; and only by a node that knows its own versions
+/// (`$4` not NULL), so that a cluster starting up fails nothing.
+const STRANDED: &str = "WITH s AS (UPDATE runs r SET status = 'failed', completed_at = $1, \
+     exit_code = $2, error_message = 'no node can run it: module ' || r.module_id || \
+     CASE WHEN r.module_version IS NULL THEN '' ELSE ' at version ' || r.module_version END || \
+     ' is loaded on no live node (it changed or was removed after the run was queued); \
+     start the run again', history_len = r.history_len + 1 \
+     WHERE r.status = 'queued' AND r.node IS NULL AND $4::text[] IS NOT NULL \
+     AND r.created_at < $1 - $3::bigint * 1000000 AND NOT EXISTS (SELECT 1 FROM nodes n \
+     WHERE n.lease_until >= now() \
+     AND r.module_id || '@' || coalesce(r.module_version, '') = ANY(n.versions)) \
+     RETURNING r.id, r.history_len, r.error_message), \
+     h AS (INSERT INTO run_history (run, seq, status, at, message) \
+     SELECT id, history_len - 1, 'failed', $1, error_message FROM s) \
+     SELECT count(*) FROM s";
+
+/// Claims queued runs for node `$5` at `$6`: for each module and version
+/// of `$1` and `$2`, at most `$3` runs, and `$4` in all, oldest first,
+/// skipping the rows other nodes are claiming. Marks them `Running` for
+/// this node, counts the attempt, writes their history, and answers them.
+pub(super) const CLAIM: &str = concat!(
+    "WITH w AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
+     AS w(module_id, version, n)), \
+     picked AS (SELECT p.id FROM w CROSS JOIN LATERAL (SELECT r.id FROM runs r \
+     WHERE r.status = 'queued' AND r.node IS NULL AND r.module_id = w.module_id \
+     AND r.module_version = w.version ORDER BY r.id LIMIT w.n FOR UPDATE SKIP LOCKED) p \
+     ORDER BY p.id LIMIT $4), \
+     u AS (UPDATE runs r SET status = 'running', started_at = $6, node = $5, \
+     attempt = r.attempt + 1, history_len = r.history_len + 1 FROM picked \
+     WHERE r.id = picked.id AND r.status = 'queued' AND r.node IS NULL RETURNING r.*), \
+     h AS (INSERT INTO run_history (run, seq, status, at) \
+     SELECT id, history_len - 1, 'running', $6 FROM u) \
+     SELECT ",
+    run_columns!(),
+    ", node FROM u ORDER BY id"
+);
+
+/// Gives runs node `$2` claimed but did not start back to the queue,
+/// `Queued` again for any node, with `$4` in their history at `$3`.
+/// Answers them with their modules.
+pub(super) const RELEASE: &str = "WITH u AS (UPDATE runs r SET status = 'queued', node = NULL, \
+     started_at = NULL, history_len = r.history_len + 1 \
+     WHERE r.run_id = ANY($1) AND r.node = $2 AND r.status = 'running' \
+     RETURNING r.id, r.history_len, r.run_id, r.module_id), \
+     h AS (INSERT INTO run_history (run, seq, status, at, message) \
+     SELECT id, history_len - 1, 'queued', $3, $4 FROM u) \
+     SELECT run_id, module_id FROM u";
+
+/// The runs node `$1` holds `Running`.
+pub(super) const CLAIMED: &str = "SELECT run_id FROM runs WHERE node = $1 AND status = 'running'";
+
+/// The module versions unclaimed queued runs were started on.
+pub(super) const QUEUED_VERSIONS: &str = "SELECT DISTINCT module_id || '@' || module_version \
+     FROM runs WHERE status = 'queued' AND node IS NULL AND module_version IS NOT NULL";
+
+/// Names the session's node in the status changes it announces.
+pub(super) const SESSION_NODE: &str = "SELECT set_config('modrun.node', $1, false)";
 
 /// Settles the active runs of nodes without a live lease: `Failed`, with
 /// the node named. The status condition is checked again under the row
@@ -122,7 +203,8 @@ const RESCUE: &str = "WITH settled AS (SELECT pg_postmaster_start_time() \
      ELSE 'cancelled by user (settled for ' || coalesce(r.node, 'an unknown node') || \
      ', which was lost)' END, \
      history_len = r.history_len + 1 \
-     WHERE r.status IN ('queued', 'running') AND (SELECT up FROM settled) AND NOT EXISTS \
+     WHERE r.status IN ('queued', 'running') AND (SELECT up FROM settled) \
+     AND NOT (r.status = 'queued' AND r.node IS NULL) AND NOT EXISTS \
      (SELECT 1 FROM nodes n WHERE n.node_id = r.node AND n.lease_until >= now()) \
      RETURNING r.id, r.history_len, r.status, r.error_message), \
      h AS (INSERT INTO run_history (run, seq, status, at, message) \
@@ -135,6 +217,15 @@ const ANONYMOUS: &str = "SELECT set_config('modrun.node', '', true)";
 
 /// Changes are announced as this node's (`$1`) again.
 const NAMED: &str = "SELECT set_config('modrun.node', $1, true)";
+
+/// Cancels a run that is queued for no node yet: no node has claimed it,
+/// so none needs telling. Answers how many (0 or 1).
+const CANCEL_QUEUED: &str = "WITH q AS (UPDATE runs SET status = 'cancelled', completed_at = $2, \
+     exit_code = $3, error_message = $4, history_len = history_len + 1 \
+     WHERE run_id = $1 AND status = 'queued' AND node IS NULL RETURNING id, history_len), \
+     h AS (INSERT INTO run_history (run, seq, status, at, message) \
+     SELECT id, history_len - 1, 'cancelled', $2, $4 FROM q) \
+     SELECT count(*) FROM q";
 
 /// Records the intent to cancel an active run and tells the node that
 /// executes it, in one transaction; answers that node.
@@ -169,6 +260,18 @@ pub(super) struct Node {
     pub(super) id: String,
     pub(super) lease: std::time::Duration,
     pub(super) cancels: std::sync::Arc<CancelSink>,
+    /// The module versions it can run, as `<module>@<hash>`; `None` until
+    /// its runner says.
+    pub(super) versions: std::sync::Arc<std::sync::Mutex<Option<Vec<String>>>>,
+}
+
+impl Node {
+    fn versions(&self) -> Option<Vec<String>> {
+        self.versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Where a node's store hands the ids of runs whose cancel another node
@@ -219,7 +322,12 @@ pub(super) async fn apply(
     write: &Write,
 ) -> Result<Outcome, tokio_postgres::Error> {
     match write {
-        Write::Insert(run, existing, _) => insert(tx, prepared, node, run, *existing).await,
+        Write::Insert(run, existing, _) => {
+            insert(tx, prepared, Some(&node.id), run, *existing).await
+        }
+        Write::Enqueue(run, _) if run.status != RunStatus::Running => {
+            insert(tx, prepared, None, run, Existing::ReplaceFinished).await
+        }
         Write::Replace(run, change, _) => replace(tx, prepared, run, change.as_ref()).await,
         other => {
             let sent = Sent::new(other, node).expect("only a replace sends nothing up front");
@@ -228,7 +336,13 @@ pub(super) async fn apply(
                 statements.insert(*sql, prepared.get(tx, sql).await?);
             }
             let outcome = send(tx, &|sql| &statements[sql], &sent).await?;
-            Ok(outcome.expect("only an insert needs more than its statement"))
+            Ok(outcome.unwrap_or_else(|| {
+                // A claimed run whose id is taken: never a fresh run's.
+                Outcome::Failed(Error::RunActive {
+                    run_id: sent.run_id().unwrap_or_default().to_owned(),
+                    status: RunStatus::Running,
+                })
+            }))
         }
     }
 }
@@ -236,7 +350,10 @@ pub(super) async fn apply(
 /// The values one write sends: owned here, so that every write of a batch
 /// can be sent before the first answer comes back.
 enum Sent<'a> {
-    Insert(RunValues<'a>, &'a str),
+    /// A new run, and the node that executes it (`None`: whichever claims it).
+    Insert(RunValues<'a>, Option<&'a str>),
+    /// A new run this node claimed as it was started: recorded `Running`.
+    Claimed(RunValues<'a>, &'a str),
     End {
         run_id: Cow<'a, str>,
         to: &'static str,
@@ -259,8 +376,15 @@ enum Sent<'a> {
     ManyProgress(Vec<Cow<'a, str>>, Vec<f64>, Vec<Cow<'a, str>>),
     Log(Cow<'a, str>, Option<String>),
     Cleanup(i64),
-    Heartbeat(&'a Node, i64, i64, [i32; 2]),
-    RequestCancel(Cow<'a, str>, i64),
+    Heartbeat {
+        node: &'a Node,
+        lease: i64,
+        at: i64,
+        exit_codes: [i32; 2],
+        versions: Option<Vec<String>>,
+    },
+    /// The run, when, and the node asking.
+    RequestCancel(Cow<'a, str>, i64, &'a str),
     Nothing,
 }
 
@@ -268,12 +392,12 @@ impl<'a> Sent<'a> {
     /// The run the write is about, if it is about one.
     fn run_id(&self) -> Option<&str> {
         match self {
-            Sent::Insert(values, _) => Some(&values.run_id),
+            Sent::Insert(values, _) | Sent::Claimed(values, _) => Some(&values.run_id),
             Sent::End { run_id, .. }
             | Sent::Move { run_id, .. }
             | Sent::Progress(run_id, ..)
             | Sent::Log(run_id, _)
-            | Sent::RequestCancel(run_id, _) => Some(run_id),
+            | Sent::RequestCancel(run_id, ..) => Some(run_id),
             _ => None,
         }
     }
@@ -282,7 +406,11 @@ impl<'a> Sent<'a> {
     /// it knows what to send (a whole-record replace).
     fn new(write: &'a Write, node: &'a Node) -> Option<Sent<'a>> {
         Some(match write {
-            Write::Insert(run, ..) => Sent::Insert(RunValues::new(run, 1), &node.id),
+            Write::Insert(run, ..) => Sent::Insert(RunValues::new(run, 1), Some(&node.id)),
+            Write::Enqueue(run, _) if run.status == RunStatus::Running => {
+                Sent::Claimed(RunValues::new(run, 2), &node.id)
+            }
+            Write::Enqueue(run, _) => Sent::Insert(RunValues::new(run, 1), None),
             Write::Replace(..) => return None,
             Write::Transition(change, ..) => {
                 let message = change
@@ -321,14 +449,15 @@ impl<'a> Sent<'a> {
             ),
             Write::Log(run_id, log, _) => Sent::Log(clean(run_id), log_text(log)),
             Write::Cleanup(cutoff, _) => Sent::Cleanup(nanos_clamped(*cutoff)),
-            Write::Heartbeat => Sent::Heartbeat(
+            Write::Heartbeat => Sent::Heartbeat {
                 node,
-                i64::try_from(node.lease.as_millis()).unwrap_or(i64::MAX),
-                nanos(Utc::now()),
-                [crate::run::EXIT_FAILURE, crate::run::EXIT_CANCELLED],
-            ),
+                lease: i64::try_from(node.lease.as_millis()).unwrap_or(i64::MAX),
+                at: nanos(Utc::now()),
+                exit_codes: [crate::run::EXIT_FAILURE, crate::run::EXIT_CANCELLED],
+                versions: node.versions(),
+            },
             Write::RequestCancel(run_id, _) => {
-                Sent::RequestCancel(clean(run_id), nanos(Utc::now()))
+                Sent::RequestCancel(clean(run_id), nanos(Utc::now()), &node.id)
             }
             Write::ReportedProgress | Write::Flush(_) | Write::Check => Sent::Nothing,
         })
@@ -363,8 +492,10 @@ pub(super) async fn apply_pipelined(
         RENEW,
         ANONYMOUS,
         RESCUE,
+        STRANDED,
         NAMED,
         PENDING_CANCELS,
+        CANCEL_QUEUED,
         REQUEST_CANCEL,
     ] {
         let needed = sent.iter().any(|sent| statement_of(sent).contains(&sql));
@@ -372,7 +503,7 @@ pub(super) async fn apply_pipelined(
             statements.insert(sql, prepared.get(tx, sql).await?);
         }
     }
-    for sql in [INSERT_MANY, MOVE_MANY, END_MANY] {
+    for sql in [INSERT_MANY, INSERT_CLAIMED, MOVE_MANY, END_MANY] {
         statements.insert(sql, prepared.get(tx, sql).await?);
     }
     let statement = |sql: &'static str| &statements[sql];
@@ -412,7 +543,9 @@ fn jobs(sent: &[Sent<'_>]) -> Vec<Job> {
         .filter_map(Sent::run_id)
         .all(|run_id| seen.insert(run_id));
     let key = |sent: &Sent<'_>| match sent {
-        Sent::Insert(..) => Some(("insert", "")),
+        Sent::Insert(_, Some(_)) => Some(("insert", "")),
+        Sent::Insert(_, None) => Some(("enqueue", "")),
+        Sent::Claimed(..) => Some(("claimed", "")),
         Sent::Move { to, .. } => Some(("move", *to)),
         Sent::End { to, .. } => Some(("end", *to)),
         _ => None,
@@ -451,8 +584,14 @@ async fn send_many<'s>(
     let mut errors: Vec<Option<&str>> = Vec::new();
     let mut outputs: Vec<Option<&str>> = Vec::new();
     let mut logs: Vec<Option<&str>> = Vec::new();
-    if let Sent::Insert(_, node) = &sent[indexes[0]] {
-        return insert_many(tx, statement, sent, indexes, node).await;
+    match &sent[indexes[0]] {
+        Sent::Insert(_, node) => {
+            return insert_many(tx, statement(INSERT_MANY), sent, indexes, *node).await;
+        }
+        Sent::Claimed(_, node) => {
+            return insert_many(tx, statement(INSERT_CLAIMED), sent, indexes, Some(node)).await;
+        }
+        _ => {}
     }
     let (mut status, mut from, mut ends) = ("", &[][..], false);
     for &index in indexes {
@@ -543,7 +682,7 @@ async fn send<'s>(
                 None
             }
         }
-        Sent::Move { .. } | Sent::End { .. } => {
+        Sent::Move { .. } | Sent::End { .. } | Sent::Claimed(..) => {
             let mut changed = send_many(tx, statement, std::slice::from_ref(sent), &[0]).await?;
             changed.pop().and_then(|(_, outcome)| outcome)
         }
@@ -570,18 +709,36 @@ async fn send<'s>(
                 usize::try_from(deleted).unwrap_or(usize::MAX),
             ))
         }
-        Sent::Heartbeat(node, lease, at, [failed, cancelled]) => {
+        Sent::Heartbeat {
+            node,
+            lease,
+            at,
+            exit_codes: [failed, cancelled],
+            versions,
+        } => {
             // The runs settled are announced as nobody's, so that this
             // node's own listener publishes them too (the store, not the
             // registry, changed them). Prepared statements, sent in order.
-            let (_, _, rescued, _, pending) = futures_util::future::try_join5(
-                tx.execute(statement(RENEW), &[&node.id, lease]),
-                tx.execute(statement(ANONYMOUS), &[]),
-                tx.query_one(statement(RESCUE), &[at, failed, lease, cancelled]),
-                tx.execute(statement(NAMED), &[&node.id]),
-                tx.query(statement(PENDING_CANCELS), &[&node.id]),
+            let ((_, _, rescued, stranded), (_, pending)) = futures_util::future::try_join(
+                futures_util::future::try_join4(
+                    tx.execute(statement(RENEW), &[&node.id, lease, versions]),
+                    tx.execute(statement(ANONYMOUS), &[]),
+                    tx.query_one(statement(RESCUE), &[at, failed, lease, cancelled]),
+                    tx.query_one(statement(STRANDED), &[at, failed, lease, versions]),
+                ),
+                futures_util::future::try_join(
+                    tx.execute(statement(NAMED), &[&node.id]),
+                    tx.query(statement(PENDING_CANCELS), &[&node.id]),
+                ),
             )
             .await?;
+            let stranded: i64 = stranded.get(0);
+            if stranded > 0 {
+                tracing::warn!(
+                    runs = stranded,
+                    "failed queued runs whose module version no live node has loaded"
+                );
+            }
             for row in pending {
                 node.cancels.send(row.get(0));
             }
@@ -594,10 +751,24 @@ async fn send<'s>(
             }
             Some(Outcome::Done)
         }
-        Sent::RequestCancel(run_id, at) => {
-            let row = tx
-                .query_opt(statement(REQUEST_CANCEL), &[run_id, at])
-                .await?;
+        Sent::RequestCancel(run_id, at, node_id) => {
+            // A run no node has claimed is cancelled here and now, and
+            // announced as nobody's, so that this node's listener publishes
+            // it too; a claimed one is its node's to stop.
+            let reason = crate::manager::CancelReason::User.to_string();
+            let (_, queued, _, row) = futures_util::future::try_join4(
+                tx.execute(statement(ANONYMOUS), &[]),
+                tx.query_one(
+                    statement(CANCEL_QUEUED),
+                    &[run_id, at, &crate::run::EXIT_CANCELLED, &reason],
+                ),
+                tx.execute(statement(NAMED), &[node_id]),
+                tx.query_opt(statement(REQUEST_CANCEL), &[run_id, at]),
+            )
+            .await?;
+            if queued.get::<_, i64>(0) == 1 {
+                return Ok(Some(Outcome::Applied(Some(String::new()))));
+            }
             // An active run recorded by an older modrun has no node.
             let node: Option<Option<String>> = row.map(|row| row.get(0));
             Some(Outcome::Applied(node.map(Option::unwrap_or_default)))
@@ -608,17 +779,17 @@ async fn send<'s>(
 
 /// Inserts many new runs in one statement. `None` for every one of them
 /// if any id was taken: the batch then goes write by write.
-async fn insert_many<'s, 'a>(
+async fn insert_many<'a>(
     tx: &Transaction<'_>,
-    statement: &impl Fn(&'static str) -> &'s Statement,
+    statement: &Statement,
     sent: &'a [Sent<'a>],
     indexes: &[usize],
-    node: &str,
+    node: Option<&str>,
 ) -> Result<Vec<(usize, Option<Outcome>)>, tokio_postgres::Error> {
     let runs: Vec<&'a RunValues<'a>> = indexes
         .iter()
         .map(|&index| match &sent[index] {
-            Sent::Insert(values, _) => values,
+            Sent::Insert(values, _) | Sent::Claimed(values, _) => values,
             _ => unreachable!("only inserts are grouped with inserts"),
         })
         .collect();
@@ -629,7 +800,7 @@ async fn insert_many<'s, 'a>(
     };
     let written = tx
         .execute(
-            statement(INSERT_MANY),
+            statement,
             &[
                 &texts(|r| &r.run_id),
                 &texts(|r| &r.module_id),
@@ -650,7 +821,13 @@ async fn insert_many<'s, 'a>(
             ],
         )
         .await?;
-    let all = written == indexes.len() as u64;
+    // The rows written are history rows: one per run, or two if claimed.
+    let per_run = if matches!(sent[indexes[0]], Sent::Claimed(..)) {
+        2
+    } else {
+        1
+    };
+    let all = written == indexes.len() as u64 * per_run;
     Ok(indexes
         .iter()
         .map(|&index| (index, all.then_some(Outcome::Done)))
@@ -661,14 +838,15 @@ async fn insert_many<'s, 'a>(
 fn statement_of(sent: &Sent<'_>) -> &'static [&'static str] {
     match sent {
         Sent::Insert(..) => &[INSERT_RUN],
+        Sent::Claimed(..) => &[INSERT_CLAIMED],
         Sent::End { .. } => &[END_MANY],
         Sent::Move { .. } => &[MOVE_MANY],
         Sent::Progress(..) => &[PROGRESS],
         Sent::ManyProgress(..) => &[PROGRESS_MANY],
         Sent::Log(..) => &[SET_LOG],
         Sent::Cleanup(_) => &[CLEANUP],
-        Sent::Heartbeat(..) => &[RENEW, ANONYMOUS, RESCUE, NAMED, PENDING_CANCELS],
-        Sent::RequestCancel(..) => &[REQUEST_CANCEL],
+        Sent::Heartbeat { .. } => &[RENEW, ANONYMOUS, RESCUE, STRANDED, NAMED, PENDING_CANCELS],
+        Sent::RequestCancel(..) => &[ANONYMOUS, CANCEL_QUEUED, NAMED, REQUEST_CANCEL],
         Sent::Nothing => &[],
     }
 }
@@ -699,13 +877,13 @@ async fn current(
 async fn insert(
     tx: &Transaction<'_>,
     prepared: &mut Prepared,
-    node: &Node,
+    node: Option<&str>,
     run: &Run,
     existing: Existing,
 ) -> Result<Outcome, tokio_postgres::Error> {
     let values = RunValues::new(run, 1);
     let mut params = values.params()[..15].to_vec();
-    params.push(&node.id);
+    params.push(&node);
     // The common case, a new id, takes one statement; only a conflict looks further.
     let statement = prepared.get(tx, INSERT_RUN).await?;
     if tx.execute(&statement, &params).await? == 1 {
@@ -734,7 +912,7 @@ async fn insert(
             tx.execute(&update, &values.params()).await?;
             tx.execute(
                 "UPDATE runs SET node = $2 WHERE id = $1",
-                &[&stored.id, &node.id],
+                &[&stored.id, &node],
             )
             .await?;
             Ok(Outcome::Done)
@@ -857,11 +1035,65 @@ impl<'a> RunValues<'a> {
     }
 }
 
+/// Claims queued runs for `node` ([`CLAIM`]), on a pooled connection
+/// that announces its changes as this node's.
+pub(super) async fn claim(
+    client: &ClientWrapper,
+    node: &str,
+    wanted: &[Wanted],
+    limit: usize,
+) -> Result<Vec<Run>, ReadError> {
+    let modules: Vec<Cow<'_, str>> = wanted.iter().map(|w| clean(&w.module_id)).collect();
+    let versions: Vec<Cow<'_, str>> = wanted.iter().map(|w| clean(&w.version)).collect();
+    let counts: Vec<i64> = wanted
+        .iter()
+        .map(|w| i64::try_from(w.count).unwrap_or(i64::MAX))
+        .collect();
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let (named, claim) = futures_util::future::try_join(
+        client.prepare_cached(SESSION_NODE),
+        client.prepare_cached(CLAIM),
+    )
+    .await?;
+    let at = nanos(Utc::now());
+    let (_, rows) = futures_util::future::try_join(
+        client.execute(&named, &[&node]),
+        client.query(&claim, &[&modules, &versions, &counts, &limit, &node, &at]),
+    )
+    .await?;
+    rows.iter()
+        .map(read_run)
+        .collect::<Result<Vec<Run>, Error>>()
+        .map_err(ReadError::Corrupt)
+}
+
+/// Gives runs `node` claimed back to the queue ([`RELEASE`]).
+pub(super) async fn release(
+    client: &ClientWrapper,
+    node: &str,
+    run_ids: &[String],
+    reason: &str,
+) -> Result<Vec<(String, String)>, ReadError> {
+    let (named, release) = futures_util::future::try_join(
+        client.prepare_cached(SESSION_NODE),
+        client.prepare_cached(RELEASE),
+    )
+    .await?;
+    let ids: Vec<Cow<'_, str>> = run_ids.iter().map(|id| clean(id)).collect();
+    let at = nanos(Utc::now());
+    let (_, rows) = futures_util::future::try_join(
+        client.execute(&named, &[&node]),
+        client.query(&release, &[&ids, &node, &at, &clean(reason)]),
+    )
+    .await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
 pub(super) async fn select_run(
     client: &ClientWrapper,
     run_id: &str,
 ) -> Result<Option<Run>, ReadError> {
-    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = $1");
+    let sql = format!("SELECT {PG_RUN_COLUMNS} FROM runs WHERE run_id = $1");
     let statement = client.prepare_cached(&sql).await?;
     client
         .query_opt(&statement, &[&clean(run_id)])
@@ -875,7 +1107,7 @@ pub(super) async fn select_runs(
     client: &ClientWrapper,
     filter: &RunFilter,
 ) -> Result<Vec<Run>, ReadError> {
-    select_where(client, RUN_COLUMNS, filter, read_run).await
+    select_where(client, PG_RUN_COLUMNS, filter, read_run).await
 }
 
 pub(super) async fn select_summaries(
@@ -986,6 +1218,7 @@ fn read_run(row: &Row) -> Result<Run, Error> {
             Some(text) => parse_json(text)?,
             None => Vec::new(),
         },
+        node: row.try_get(15).map_err(corrupt)?,
     })
 }
 

@@ -8,6 +8,7 @@ use rusqlite::{Connection, params};
 
 use super::schema::{describe, unavailable_reason};
 use super::sql;
+use crate::registry::Existing;
 use crate::registry::writer::{Backend, NotCommitted, Outcome, Write};
 use crate::run::Progress;
 
@@ -64,6 +65,8 @@ impl Backend for SqliteBackend {
 fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outcome> {
     Ok(match write {
         Write::Insert(run, existing, _) => sql::insert(tx, run, *existing)?,
+        // One process holds the file: a queued run is this process's.
+        Write::Enqueue(run, _) => sql::insert(tx, run, Existing::ReplaceFinished)?,
         Write::Replace(run, change, _) => sql::replace(tx, run, change.as_ref())?,
         Write::Transition(change, ..) => Outcome::Applied(sql::apply_transition(tx, change)?),
         Write::Progress(run_id, progress, _) => {

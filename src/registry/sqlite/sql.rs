@@ -305,6 +305,7 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
             Some(text) => parse_json(14, &text)?,
             None => Vec::new(),
         },
+        node: None,
     })
 }
 
