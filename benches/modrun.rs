@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
-use modrun::{BackgroundTaskManager, Run, RunRegistry, Transition};
+use modrun::{BackgroundTaskManager, Run, RunFilter, RunRegistry, Transition};
 
 /// Counts live heap bytes, so memory per task is measured, not estimated.
 struct Counting;
@@ -635,13 +635,16 @@ async fn modrun_runs_per_second(
     let dir = tempfile::tempdir()?;
     std::fs::copy(plugins.join("hello.wasm"), dir.path().join("hello.wasm"))?;
     let mut runners = Vec::new();
+    let mut claimers = Vec::new();
     for registry in registries {
         let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
         host.load_dir(dir.path()).await?;
-        runners.push(modrun::ModuleRunner::new(
-            host,
-            BackgroundTaskManager::new(registry),
-        ));
+        let runner = modrun::ModuleRunner::new(host, BackgroundTaskManager::new(registry));
+        // On a database nodes share, the store is the queue, as `serve` has it.
+        if runner.registry().is_shared_queue() {
+            claimers.push(runner.claim_from_queue()?);
+        }
+        runners.push(runner);
     }
     let producers = if sequential { 1 } else { PRODUCERS };
     let begin = Instant::now();
@@ -649,13 +652,19 @@ async fn modrun_runs_per_second(
         .map(|index| {
             let runner = runners[index % runners.len()].clone();
             tokio::spawn(async move {
+                let queue = runner.registry().is_shared_queue();
                 for _ in 0..count / producers {
-                    runner
+                    // Through a shared queue the run is not this manager's
+                    // until claimed: its end is heard, not waited for.
+                    let mut events = (sequential && queue).then(|| runner.registry().subscribe());
+                    let run_id = runner
                         .start("hello", serde_json::json!({"name": "Ada"}))
                         .await
                         .expect("start");
-                    if sequential {
-                        runner.manager().wait_all().await;
+                    match &mut events {
+                        Some(events) => wait_for_end(events, &run_id).await,
+                        None if sequential => runner.manager().wait_all().await,
+                        None => {}
                     }
                 }
             })
@@ -664,10 +673,22 @@ async fn modrun_runs_per_second(
     for task in tasks {
         task.await?;
     }
+    // Every run has ended once none is queued or running anywhere.
+    let active = RunFilter {
+        statuses: vec![modrun::RunStatus::Queued, modrun::RunStatus::Running],
+        limit: Some(1),
+        ..RunFilter::default()
+    };
     for runner in &runners {
+        while !runner.registry().list_summaries(&active).await?.is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         runner.manager().wait_all().await;
     }
     let rate = (count / producers * producers) as f64 / begin.elapsed().as_secs_f64();
+    for claimer in claimers {
+        claimer.stop().await;
+    }
     for runner in &runners {
         let failed = runner
             .registry()
@@ -680,6 +701,25 @@ async fn modrun_runs_per_second(
         );
     }
     Ok(rate)
+}
+
+/// Waits for the event that ends `run_id` (the run executes on the node
+/// whose events these are).
+async fn wait_for_end(
+    events: &mut tokio::sync::broadcast::Receiver<modrun::RunEvent>,
+    run_id: &str,
+) {
+    loop {
+        match events.recv().await {
+            Ok(modrun::RunEvent::Status {
+                run_id: id, change, ..
+            }) if id == run_id && change.status.is_terminal() => {
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the run's events were lost: {e}"),
+        }
+    }
 }
 
 fn resident_bytes() -> anyhow::Result<f64> {

@@ -44,7 +44,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
         max_concurrent: Some(64),
         max_queued: Some(1024),
     };
-    let stack = Stack::open(
+    let mut stack = Stack::open(
         &plugins,
         &options.db,
         options.in_memory,
@@ -119,11 +119,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
             },
         }
     }
-    let _ = stack
-        .runner
-        .manager()
-        .shutdown(Duration::from_secs(2))
-        .await;
+    let _ = stack.shutdown(Duration::from_secs(2)).await;
     listening.stop().await;
     Ok(ExitCode::SUCCESS)
 }

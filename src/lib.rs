@@ -41,6 +41,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod error;
 pub mod http;
 pub mod manager;

@@ -170,6 +170,8 @@ struct Inner {
     /// until they stop), and a wake-up for `wait_all` when it reaches zero.
     tasks: AtomicUsize,
     idle: Notify,
+    /// Told whenever a task ends: room for another may be free.
+    ended: Notify,
     next_task: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -215,6 +217,7 @@ impl BackgroundTaskManager {
                 state: Mutex::new(State::default()),
                 tasks: AtomicUsize::new(0),
                 idle: Notify::new(),
+                ended: Notify::new(),
                 next_task: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
             }),
@@ -376,6 +379,102 @@ impl BackgroundTaskManager {
             tracing::info!(run_id, %reason, "run cancelled");
         }
         Ok(recorded)
+    }
+
+    /// Up to `wanted` places for runs to start now: as many slots as are
+    /// free (all `wanted` without `max_concurrent`); none while shutting
+    /// down, or while tasks of this manager wait for a slot. What a claimer
+    /// takes before it claims runs from a shared queue.
+    pub(crate) fn reserve(&self, wanted: usize) -> Vec<Room> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let Some(max) = self.inner.limits.max_concurrent else {
+            return (0..wanted).map(|_| Room { slot: None }).collect();
+        };
+        let mut state = self.inner.lock();
+        if !state.waiting.is_empty() {
+            return Vec::new();
+        }
+        let free = max.saturating_sub(state.running).min(wanted);
+        state.running += free;
+        drop(state);
+        (0..free)
+            .map(|_| Room {
+                slot: Some(Slot::new(self.inner.clone())),
+            })
+            .collect()
+    }
+
+    /// Starts the work of a run claimed from a shared queue: already
+    /// recorded `Running` for this process, so it starts at once, in the
+    /// room and with the permits its claimer took. It is tracked, cancelled
+    /// and shut down as any task is.
+    pub(crate) fn start_claimed<F>(
+        &self,
+        run: &Run,
+        room: Room,
+        permits: [Option<OwnedSemaphorePermit>; 2],
+        work: F,
+    ) -> Result<()>
+    where
+        F: Future + Send + 'static,
+        F::Output: TaskOutput,
+    {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let mut state = self.inner.lock();
+        if let Some(tracked) = state.active.get(&run.run_id) {
+            return Err(Error::RunActive {
+                run_id: run.run_id.clone(),
+                status: if tracked.started {
+                    RunStatus::Running
+                } else {
+                    RunStatus::Queued
+                },
+            });
+        }
+        let token = CancellationToken::new();
+        let task = self.inner.next_task.fetch_add(1, Ordering::Relaxed);
+        state.active.insert(
+            run.run_id.clone(),
+            Tracked {
+                token: token.clone(),
+                task,
+                started: true,
+                queued: false,
+            },
+        );
+        drop(state);
+        self.inner.tasks.fetch_add(1, Ordering::AcqRel);
+        let end = TaskEnd {
+            inner: self.inner.clone(),
+            run_id: run.run_id.clone(),
+            token,
+            task,
+        };
+        let [first, then] = permits;
+        let held = Held {
+            _slot: room.slot,
+            _first: first,
+            _then: then,
+        };
+        let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
+        tokio::spawn(execute_claimed(end, held, work).instrument(span));
+        Ok(())
+    }
+
+    /// Resolves once a task has ended since the last call (or now, if one
+    /// has): room for another may be free.
+    pub(crate) async fn task_ended(&self) {
+        self.inner.ended.notified().await;
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has begun.
+    #[must_use]
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Acquire)
     }
 
     /// Waits until every task started so far has ended (cancelled ones
@@ -551,6 +650,13 @@ impl Inner {
     }
 }
 
+/// A place for one run claimed from a shared queue, taken before the
+/// claim: its slot, when the manager bounds concurrent tasks. Freed when
+/// dropped unused.
+pub(crate) struct Room {
+    slot: Option<Slot>,
+}
+
 /// A place among the tasks allowed to run at once; freed when dropped.
 struct Slot {
     owner: Option<Arc<Inner>>,
@@ -628,6 +734,7 @@ struct TaskEnd {
 impl Drop for TaskEnd {
     fn drop(&mut self) {
         self.inner.forget(&self.run_id, self.task);
+        self.inner.ended.notify_one();
         if self.inner.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.inner.idle.notify_waiters();
         }
@@ -680,6 +787,17 @@ async fn execute<F>(
             return;
         }
     }
+    perform(&end, work).await;
+}
+
+/// Does a started run's work, and records how it ended (unless it was
+/// cancelled: the canceller recorded that).
+async fn perform<F>(end: &TaskEnd, work: F)
+where
+    F: Future + Send + 'static,
+    F::Output: TaskOutput,
+{
+    let (inner, run_id, token) = (&end.inner, end.run_id.as_str(), &end.token);
     let outcome = tokio::select! {
         biased;
         () = token.cancelled() => return,
@@ -709,6 +827,17 @@ async fn execute<F>(
     if let Err(e) = inner.registry.hold_transition(&change).await {
         tracing::error!(error = %e, status = %change.to, "cannot record the run's end");
     }
+}
+
+/// A run claimed from a shared queue, started as its claim recorded it
+/// (`Running`): it holds the room and permits its claimer took.
+async fn execute_claimed<F>(end: TaskEnd, held: Held, work: F)
+where
+    F: Future + Send + 'static,
+    F::Output: TaskOutput,
+{
+    let _held = held;
+    perform(&end, work).await;
 }
 
 /// What a started run holds until it ends: its slot and its gate's permits.

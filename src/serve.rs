@@ -8,11 +8,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use modrun::cluster::Claimer;
 use modrun::http::{AppState, BrowserPolicy, router};
 use modrun::module::{DEFAULT_DEBOUNCE, Reloader};
 use modrun::registry::{PostgresOptions, PostgresStore, is_database_url};
 use modrun::{
-    BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunRegistry, TaskLimits,
+    BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunRegistry, ShutdownReport,
+    TaskLimits,
 };
 
 /// How `serve` was asked to run.
@@ -50,6 +52,8 @@ impl Default for NodeOptions {
 pub struct Stack {
     pub runner: ModuleRunner,
     _reloader: Option<Reloader>,
+    /// On a shared database: takes this node's share of the queue.
+    claimer: Option<Claimer>,
 }
 
 impl Stack {
@@ -120,12 +124,19 @@ impl Stack {
                 );
             }
         }
+        // On a database several nodes share, the store is the queue: runs
+        // started here may run anywhere, and this node runs its share.
+        let claimer = if runner.registry().is_shared_queue() {
+            Some(runner.claim_from_queue()?)
+        } else {
+            None
+        };
         // Cancels other nodes sharing the registry asked of this one.
         if let Some(mut requests) = registry.take_cancel_requests() {
             let runner = runner.clone();
             tokio::spawn(async move {
                 while let Some(run_id) = requests.recv().await {
-                    match runner.cancel(&run_id).await {
+                    match runner.cancel_here(&run_id).await {
                         Ok(true) => tracing::info!(run_id, "run cancelled as another node asked"),
                         Ok(false) => {}
                         Err(e) => {
@@ -138,7 +149,18 @@ impl Stack {
         Ok(Stack {
             runner,
             _reloader: reloader,
+            claimer,
         })
+    }
+
+    /// Stops claiming queued runs, then shuts the task manager down
+    /// ([`BackgroundTaskManager::shutdown`]): runs still queued stay in the
+    /// shared queue for the other nodes.
+    pub async fn shutdown(&mut self, grace: Duration) -> modrun::Result<ShutdownReport> {
+        if let Some(claimer) = self.claimer.take() {
+            claimer.stop().await;
+        }
+        self.runner.manager().shutdown(grace).await
     }
 }
 
@@ -203,7 +225,7 @@ impl Listening {
 }
 
 pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
-    let stack = Stack::open(
+    let mut stack = Stack::open(
         &options.plugins,
         &options.db,
         options.in_memory,
@@ -227,7 +249,7 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
 
     shutdown_signal().await;
     tracing::info!(grace = ?options.grace, "shutting down: no new runs; waiting for the running ones");
-    let report = stack.runner.manager().shutdown(options.grace).await;
+    let report = stack.shutdown(options.grace).await;
     listening.stop().await;
     match report {
         Ok(report) => {

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::extract::{ApiPath, ApiQuery};
 use super::{ApiError, AppState};
 use crate::error::Error;
-use crate::module::is_safe_module_id;
+use crate::module::{CancelAnswer, is_safe_module_id};
 use crate::registry::{RunCursor, RunFilter};
 use crate::run::RunStatus;
 
@@ -317,21 +317,20 @@ pub(super) async fn cancel_run(
     State(state): State<AppState>,
     ApiPath(run_id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    if state.runner.cancel(&run_id).await? {
-        return Ok(cancelled());
+    match state.runner.cancel_or_ask(&run_id).await? {
+        CancelAnswer::Cancelled => Ok(cancelled()),
+        CancelAnswer::Asked(node) => cancel_elsewhere(&state, &run_id, &node).await,
+        CancelAnswer::NotActive => {
+            let run = state
+                .runner
+                .registry()
+                .get_run(&run_id)
+                .await?
+                .ok_or_else(|| Error::RunNotFound(run_id.clone()))?;
+            // Finished; or active in another process that cannot be asked.
+            Ok(not_cancelled(&run_id, run.status))
+        }
     }
-    let run = state
-        .runner
-        .registry()
-        .get_run(&run_id)
-        .await?
-        .ok_or_else(|| Error::RunNotFound(run_id.clone()))?;
-    if run.status.is_active()
-        && let Some(node) = state.runner.registry().request_cancel(&run_id).await?
-    {
-        return cancel_elsewhere(&state, &run_id, &node).await;
-    }
-    Ok(not_cancelled(&run_id, run.status))
 }
 
 /// 200: the run is cancelled.

@@ -24,10 +24,11 @@ mod runner;
 
 pub use build::{BuiltPlugin, build_plugins};
 pub use engine::HostConfig;
+pub(crate) use loader::LoadedModule;
 pub use loader::{
     CompileStats, LoadFailure, LoadReport, ModuleHost, ModuleInfo, ModuleSummary, ReloadEvent,
     is_safe_module_id,
 };
 pub use manifest::{ComponentFile, DirGrant, Grants, Manifest, ModuleLimits};
 pub use reload::{DEFAULT_DEBOUNCE, Reloader, changes_content};
-pub use runner::ModuleRunner;
+pub use runner::{CancelAnswer, ModuleRunner};

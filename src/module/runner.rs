@@ -2,10 +2,10 @@
 //! it through the task manager in a fresh, bounded sandbox.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{Map, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 use wasmtime::Trap;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx};
@@ -14,8 +14,9 @@ use super::host::{EchoBudget, HostState, RunContext, RunLog};
 use super::loader::{LoadedModule, ModuleHost, is_safe_module_id};
 use super::manifest::Grants;
 use super::output::CappedOutput;
+use crate::cluster::{Claimer, Versions};
 use crate::error::{Error, Result};
-use crate::manager::{BackgroundTaskManager, Failure, Gate, TaskOutput};
+use crate::manager::{BackgroundTaskManager, Failure, Gate, Room, TaskOutput};
 use crate::registry::RunRegistry;
 use crate::run::{
     EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, Transition,
@@ -29,6 +30,10 @@ pub struct ModuleRunner {
     host: ModuleHost,
     manager: BackgroundTaskManager,
     gates: Arc<Mutex<Gates>>,
+    /// Set once this runner takes its runs from a queue several nodes
+    /// share ([`claim_from_queue`](Self::claim_from_queue)): the module
+    /// versions its queued runs may need.
+    queue: Arc<OnceLock<Arc<Versions>>>,
 }
 
 /// What runs wait on before they start: the engine's pool of instances
@@ -56,6 +61,7 @@ impl ModuleRunner {
                 pool,
                 modules: HashMap::new(),
             })),
+            queue: Arc::new(OnceLock::new()),
         }
     }
 
@@ -79,6 +85,10 @@ impl ModuleRunner {
 
     /// Starts a run of `module_id` with `parameters` (a JSON object, or null
     /// for none) and returns its id once it is recorded `Queued`.
+    ///
+    /// Once this runner [claims from a queue](Self::claim_from_queue), the
+    /// run is recorded for whichever node claims it (this one or another),
+    /// pinned to the module version loaded here now.
     ///
     /// An unknown module ([`Error::UnknownModule`]) or parameters that fail
     /// the module's schema ([`Error::InvalidParameters`]) record no run.
@@ -130,7 +140,109 @@ impl ModuleRunner {
         let mut run = Run::new(module_id, &summary.info.name);
         run.parameters = parameters;
         run.module_version = Some(summary.content_hash.clone());
+        if let Some(versions) = self.queue.get() {
+            return self.enqueue(versions, &module, run).await;
+        }
         self.launch(&module, run).await
+    }
+
+    /// Records a run in the shared queue. With room here for it now, it is
+    /// claimed by this node in the same write (`Running`) and starts at
+    /// once; otherwise it waits, `Queued`, for any node to claim it.
+    async fn enqueue(
+        &self,
+        versions: &Arc<Versions>,
+        module: &Arc<LoadedModule>,
+        mut run: Run,
+    ) -> Result<String> {
+        if self.manager.is_shutting_down() {
+            return Err(Error::ShuttingDown);
+        }
+        versions.retain(module);
+        let run_id = run.run_id.clone();
+        let Some((room, permits)) = self.room_for(module) else {
+            self.registry().enqueue(&run).await?;
+            versions.queued_here.notify_one();
+            return Ok(run_id);
+        };
+        run.status = RunStatus::Running;
+        run.started_at = Some(chrono::Utc::now());
+        // A task records and starts the run, so that a caller that stops
+        // waiting cannot leave it recorded `Running` with nothing running it.
+        let (runner, module) = (self.clone(), module.clone());
+        let recorded = tokio::spawn(async move {
+            runner.registry().enqueue(&run).await?;
+            if let Err(e) = runner.start_claimed(&module, &run, room, permits) {
+                // Shutting down meanwhile: the run is any node's again.
+                tracing::warn!(run_id = %run.run_id, error = %e, "giving a run back to the queue");
+                runner
+                    .registry()
+                    .release(
+                        std::slice::from_ref(&run.run_id),
+                        "given back: the node that started it was shutting down",
+                    )
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        });
+        recorded.await.map_err(|_| Error::RegistryClosed)??;
+        Ok(run_id)
+    }
+
+    /// A slot, an instance and the module's own permit, if all are free now.
+    fn room_for(&self, module: &LoadedModule) -> Option<(Room, [Option<OwnedSemaphorePermit>; 2])> {
+        let room = self.manager.reserve(1).pop()?;
+        let first = match module.summary.manifest.limits.max_concurrent {
+            None => None,
+            Some(max) => {
+                let gate = self.gate(&module.summary.info.id, Some(max));
+                Some(gate.first.as_ref()?.clone().try_acquire_owned().ok()?)
+            }
+        };
+        let instance = self.host.instance_pool().try_acquire_owned().ok()?;
+        Some((room, [first, Some(instance)]))
+    }
+
+    /// From now on, records module runs in the registry's shared queue
+    /// (PostgreSQL: several nodes on one database) and executes the queued
+    /// runs this node has room for, whichever node started them: see
+    /// [`Claimer`]. Fails if the registry is not a shared queue, or if
+    /// this runner claims already.
+    pub fn claim_from_queue(&self) -> Result<Claimer> {
+        if !self.registry().is_shared_queue() {
+            return Err(Error::Engine(
+                "this registry is not a queue several nodes share (PostgreSQL); runs start \
+                 where they are started"
+                    .into(),
+            ));
+        }
+        let versions = Arc::new(Versions::default());
+        if self.queue.set(versions.clone()).is_err() {
+            return Err(Error::Engine(
+                "this runner claims from its queue already".into(),
+            ));
+        }
+        Ok(Claimer::start(self.clone(), versions))
+    }
+
+    /// Starts a run this node claimed from the shared queue, on the module
+    /// version it was started on, in the room and with the permits taken
+    /// for it.
+    pub(crate) fn start_claimed(
+        &self,
+        module: &Arc<LoadedModule>,
+        run: &Run,
+        room: Room,
+        permits: [Option<OwnedSemaphorePermit>; 2],
+    ) -> Result<()> {
+        let work = execute(
+            self.host.clone(),
+            module.clone(),
+            self.registry().clone(),
+            run.run_id.clone(),
+            serde_json::to_string(&run.parameters).expect("a JSON map always serializes"),
+        );
+        self.manager.start_claimed(run, room, permits, work)
     }
 
     /// Starts `run`, a run of `module` as recorded, through the manager.
@@ -202,7 +314,22 @@ impl ModuleRunner {
     /// Cancels a run ([`BackgroundTaskManager::cancel_task`]), and nudges
     /// every running module to yield at once, so that a cancelled module in
     /// a tight loop stops now rather than at the next epoch tick.
+    ///
+    /// On a registry several nodes share, a run still queued for no node
+    /// is cancelled too, and the node executing a run is asked to cancel
+    /// it; see [`cancel_or_ask`](Self::cancel_or_ask). `true` only for a
+    /// run cancelled by the time this returns.
     pub async fn cancel(&self, run_id: &str) -> Result<bool> {
+        Ok(matches!(
+            self.cancel_or_ask(run_id).await?,
+            CancelAnswer::Cancelled
+        ))
+    }
+
+    /// Cancels a run this node executes (or has queued, in its own
+    /// memory): what a node does when another asks it to. `false` for any
+    /// other run.
+    pub async fn cancel_here(&self, run_id: &str) -> Result<bool> {
         let cancelled = self.manager.cancel_task(run_id).await?;
         if cancelled {
             self.host.engine().increment_epoch();
@@ -210,10 +337,25 @@ impl ModuleRunner {
         Ok(cancelled)
     }
 
+    /// Cancels a run this node executes, or one queued for no node yet;
+    /// for a run another node executes, asks that node to
+    /// ([`RunRegistry::request_cancel`]).
+    pub async fn cancel_or_ask(&self, run_id: &str) -> Result<CancelAnswer> {
+        if self.cancel_here(run_id).await? {
+            return Ok(CancelAnswer::Cancelled);
+        }
+        Ok(match self.registry().request_cancel(run_id).await? {
+            // An empty node name: the store cancelled it, unclaimed.
+            Some(node) if node.is_empty() => CancelAnswer::Cancelled,
+            Some(node) => CancelAnswer::Asked(node),
+            None => CancelAnswer::NotActive,
+        })
+    }
+
     /// What a run of `module_id` waits on: the module's own limit, if it
     /// has one, then the engine's pool of instances, so that runs past the
     /// pool wait `Queued` instead of failing to instantiate.
-    fn gate(&self, module_id: &str, max_concurrent: Option<usize>) -> Arc<Gate> {
+    pub(crate) fn gate(&self, module_id: &str, max_concurrent: Option<usize>) -> Arc<Gate> {
         let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
         let Some(max) = max_concurrent else {
             return gates.pool.clone();
@@ -235,6 +377,20 @@ impl ModuleRunner {
         }
         entry.1.clone()
     }
+}
+
+/// What [`ModuleRunner::cancel_or_ask`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelAnswer {
+    /// The run is cancelled.
+    Cancelled,
+    /// Another node executes the run, and was asked to cancel it: it is
+    /// cancelled once that node has stopped it (or, if that node is lost,
+    /// once another settles its runs).
+    Asked(String),
+    /// No run by this id was active here or, as far as the registry
+    /// knows, anywhere that can be asked.
+    NotActive,
 }
 
 fn json_kind(value: &Value) -> &'static str {

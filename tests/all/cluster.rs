@@ -246,34 +246,49 @@ async fn two_servers_share_a_database_and_a_killed_ones_runs_are_settled() {
         return;
     };
     let plugins = plugins_dir(&["hello", "countdown"]);
-    let a = start_node(plugins.path(), &url, "a");
-    let b = start_node(plugins.path(), &url, "b");
+    let mut nodes = vec![
+        ("a", start_node(plugins.path(), &url, "a")),
+        ("b", start_node(plugins.path(), &url, "b")),
+    ];
 
-    // Each executes what it starts; both see every run.
-    let on_a = a.start_run("hello", json!({"name": "A"}));
-    let on_b = b.start_run("hello", json!({"name": "B"}));
-    a.wait_status(&on_b, "completed");
-    b.wait_status(&on_a, "completed");
-    let (_, listing) = a.get("/runs");
+    // Runs started on either node run on either; both see every run.
+    let on_a = nodes[0].1.start_run("hello", json!({"name": "A"}));
+    let on_b = nodes[1].1.start_run("hello", json!({"name": "B"}));
+    nodes[0].1.wait_status(&on_b, "completed");
+    nodes[1].1.wait_status(&on_a, "completed");
+    let (_, listing) = nodes[0].1.get("/runs");
     assert_eq!(listing["runs"].as_array().unwrap().len(), 2, "{listing}");
 
-    // kill -9 a node with a run going: the other settles it within its lease.
-    let long = a.start_run("countdown", json!({"seconds": 60, "step_ms": 10}));
-    b.wait_status(&long, "running");
-    // A cancel sent to B reaches A, which executes the run.
-    let cancelled = a.start_run("countdown", json!({"seconds": 60, "step_ms": 10}));
-    b.wait_status(&cancelled, "running");
-    let (status, body) = b.delete(&format!("/runs/{cancelled}"));
+    // A cancel sent to the node that does not execute a run reaches the
+    // one that does.
+    let cancelled = nodes[0]
+        .1
+        .start_run("countdown", json!({"seconds": 60, "step_ms": 10}));
+    nodes[0].1.wait_status(&cancelled, "running");
+    let executor = executing_node(&nodes[0].1, &cancelled);
+    let other = nodes.iter().find(|(name, _)| *name != executor).unwrap();
+    let (status, body) = other.1.delete(&format!("/runs/{cancelled}"));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "cancelled", "{body}");
-    a.wait_status(&cancelled, "cancelled");
+
+    // kill -9 the node executing a run: the other settles it within its lease.
+    let long = nodes[1]
+        .1
+        .start_run("countdown", json!({"seconds": 60, "step_ms": 10}));
+    nodes[1].1.wait_status(&long, "running");
+    let executor = executing_node(&nodes[1].1, &long);
+    let killed = nodes
+        .iter()
+        .position(|(name, _)| *name == executor)
+        .unwrap();
     let killed_at = Instant::now();
-    drop(a);
-    b.wait_status(&long, "failed");
-    let (_, body) = b.get(&format!("/runs/{long}"));
+    drop(nodes.remove(killed));
+    let survivor = &nodes[0].1;
+    survivor.wait_status(&long, "failed");
+    let (_, body) = survivor.get(&format!("/runs/{long}"));
     let message = body["run"]["error_message"].as_str().unwrap();
     assert!(
-        message.starts_with("node lost: a stopped renewing"),
+        message.starts_with(&format!("node lost: {executor} stopped renewing")),
         "{message}"
     );
     assert!(
@@ -282,8 +297,17 @@ async fn two_servers_share_a_database_and_a_killed_ones_runs_are_settled() {
         killed_at.elapsed()
     );
     // And the survivor keeps working.
-    let after = b.start_run("hello", json!({"name": "again"}));
-    b.wait_status(&after, "completed");
+    let after = survivor.start_run("hello", json!({"name": "again"}));
+    survivor.wait_status(&after, "completed");
+}
+
+/// The node executing a run, as any node reports it.
+fn executing_node(server: &Server, run_id: &str) -> String {
+    let (_, body) = server.get(&format!("/runs/{run_id}"));
+    body["run"]["node"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no node executes {run_id}: {body}"))
+        .to_owned()
 }
 
 /// A PostgreSQL server of the test's own, in a temporary directory, that

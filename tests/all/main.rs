@@ -59,5 +59,10 @@ mod dev;
 /// node settled, restarts, `modrun serve` processes sharing a database.
 mod cluster;
 
+/// The store as the queue, on PostgreSQL: claims, module limits applied
+/// at claim, runs started on one node executed by another, runs no node
+/// can run settled.
+mod queue;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;

@@ -88,6 +88,11 @@ impl Server {
     }
 
     pub(crate) fn wait_status(&self, run_id: &str, wanted: &str) {
+        self.wait_status_within(run_id, wanted, DEADLINE);
+    }
+
+    /// [`wait_status`](Self::wait_status) for a run that takes long.
+    pub(crate) fn wait_status_within(&self, run_id: &str, wanted: &str, deadline: Duration) {
         let start = Instant::now();
         loop {
             let (_, body) = self.get(&format!("/runs/{run_id}"));
@@ -95,7 +100,7 @@ impl Server {
                 return;
             }
             assert!(
-                start.elapsed() < DEADLINE,
+                start.elapsed() < deadline,
                 "{run_id} never became {wanted}: {body}"
             );
             std::thread::sleep(Duration::from_millis(10));

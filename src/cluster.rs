@@ -1,0 +1,356 @@
+//! Several nodes on one database: the store is the queue.
+//!
+//! A node that [claims from the queue](crate::ModuleRunner::claim_from_queue)
+//! records each module run it starts `Queued` for no node in particular,
+//! pinned to the module version it resolved to. Its [`Claimer`] then takes
+//! the queued runs it has room for, whichever node started them: one
+//! statement claims a batch (`FOR UPDATE SKIP LOCKED`, oldest first), marks
+//! it `Running` for this node, and writes its history. Room means a free
+//! slot of the task manager, a permit of the engine's instance pool, and,
+//! for a module with its own `max_concurrent`, one of that module's
+//! permits: limits are applied when a run is claimed, so a run that waits
+//! for its module never holds a slot another module could use.
+//!
+//! A node with room for a run as it is started claims it at once: it is
+//! recorded `Running` for that node in the write that records it, and
+//! starts without waiting for a claim. Otherwise the claimer wakes when a
+//! run is queued (on any node: the database announces it), when one of
+//! its runs ends, when a module reloads, and once a second in case a
+//! notification was lost.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::ModuleRunner;
+use crate::module::LoadedModule;
+use crate::registry::Wanted;
+use crate::run::Run;
+
+/// The most runs one claim takes.
+pub const CLAIM_BATCH: usize = 128;
+
+/// How often the claimer looks for queued runs when nothing woke it: the
+/// fallback for a lost notification.
+pub const CLAIM_POLL: Duration = Duration::from_secs(1);
+
+/// How often the claimer forgets the module versions no queued run needs
+/// any more.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// Takes queued runs from the shared queue and starts them on this node;
+/// see the [module documentation](self). Stop it with
+/// [`stop`](Self::stop) before shutting the task manager down, so that no
+/// run is claimed that cannot start.
+#[derive(Debug)]
+pub struct Claimer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Claimer {
+    pub(crate) fn start(runner: ModuleRunner, versions: Arc<Versions>) -> Claimer {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(claim_loop(runner, versions, stop.clone()));
+        Claimer { stop, task }
+    }
+
+    /// Stops claiming: returns once a claim under way has finished, and
+    /// what it took has started (or gone back to the queue).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The module versions a node can run from the queue: every module's
+/// current version, and the earlier versions that runs it queued were
+/// pinned to (kept while such runs wait), by `<module>@<content hash>`.
+#[derive(Default)]
+pub(crate) struct Versions {
+    kept: Mutex<HashMap<String, Arc<LoadedModule>>>,
+    /// A version was added since the node last published its versions.
+    changed: AtomicBool,
+    /// Told when this node queues a run for any node.
+    pub(crate) queued_here: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Versions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Versions").finish_non_exhaustive()
+    }
+}
+
+impl Versions {
+    /// Keeps `module`'s version for the runs queued on it.
+    pub(crate) fn retain(&self, module: &Arc<LoadedModule>) {
+        let key = key_of(module);
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if let std::collections::hash_map::Entry::Vacant(entry) = kept.entry(key) {
+            entry.insert(module.clone());
+            self.changed.store(true, Ordering::Release);
+        }
+    }
+
+    /// Every version this node can run: the kept ones and `runner`'s
+    /// current ones.
+    fn all(&self, runner: &ModuleRunner) -> HashMap<String, Arc<LoadedModule>> {
+        let mut all = self.kept.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for id in runner.host().module_ids() {
+            if let Some(module) = runner.host().get(&id) {
+                all.insert(key_of(&module), module);
+            }
+        }
+        all
+    }
+
+    /// Forgets the kept versions that are not current and that no queued
+    /// run needs.
+    fn prune(&self, runner: &ModuleRunner, needed: &HashSet<String>) {
+        let current: HashSet<String> = runner
+            .host()
+            .module_ids()
+            .iter()
+            .filter_map(|id| runner.host().get(id))
+            .map(|module| key_of(&module))
+            .collect();
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let before = kept.len();
+        kept.retain(|key, _| current.contains(key) || needed.contains(key));
+        if kept.len() != before {
+            self.changed.store(true, Ordering::Release);
+        }
+    }
+}
+
+fn key_of(module: &LoadedModule) -> String {
+    format!("{}@{}", module.summary.info.id, module.summary.content_hash)
+}
+
+async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: CancellationToken) {
+    let registry = runner.registry().clone();
+    let elsewhere = registry.queued_elsewhere();
+    let mut reloads = runner.host().subscribe();
+    let mut last_prune = Instant::now();
+    // Whether a claim may have been recorded without this node hearing of
+    // it (its answer was lost): what the store holds for this node is then
+    // compared with what runs here.
+    let mut unsure = false;
+    let mut warned: Option<Instant> = None;
+    publish_versions(&runner, &versions);
+    while !stop.is_cancelled() {
+        if versions.changed.swap(false, Ordering::AcqRel) {
+            publish_versions(&runner, &versions);
+        }
+        let mut failed = None;
+        if unsure {
+            match reconcile(&runner).await {
+                Ok(()) => unsure = false,
+                Err(e) => failed = Some(e),
+            }
+        }
+        if !unsure && let Err(e) = claim_all(&runner, &versions).await {
+            // Any claim that failed may have been recorded all the same.
+            unsure = true;
+            failed = Some(e);
+        }
+        if let Some(e) = failed
+            && warned.is_none_or(|at| at.elapsed() > Duration::from_secs(30))
+        {
+            tracing::warn!(error = %e, "cannot claim queued runs for now; trying again");
+            warned = Some(Instant::now());
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = Instant::now();
+            match registry.queued_versions().await {
+                Ok(needed) => versions.prune(&runner, &needed.into_iter().collect()),
+                Err(e) => tracing::debug!(error = %e, "cannot read the versions queued runs need"),
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = runner.manager().task_ended() => {}
+            () = versions.queued_here.notified() => {}
+            () = notified(elsewhere.as_deref()) => {}
+            reload = reloads.recv() => {
+                if !matches!(reload, Err(broadcast::error::RecvError::Closed)) {
+                    versions.changed.store(true, Ordering::Release);
+                }
+            }
+            () = tokio::time::sleep(CLAIM_POLL) => {}
+        }
+    }
+}
+
+/// Resolves when `notify` is told; never without one.
+async fn notified(notify: Option<&tokio::sync::Notify>) {
+    match notify {
+        Some(notify) => notify.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn publish_versions(runner: &ModuleRunner, versions: &Versions) {
+    let mut all: Vec<String> = versions.all(runner).into_keys().collect();
+    all.sort();
+    runner.registry().publish_versions(all);
+}
+
+/// Claims and starts queued runs until this node has no room left or the
+/// queue has nothing more it can run.
+async fn claim_all(runner: &ModuleRunner, versions: &Versions) -> crate::Result<()> {
+    loop {
+        let taken = claim_once(runner, versions).await?;
+        if !taken {
+            return Ok(());
+        }
+    }
+}
+
+/// One claim, as large as this node has room for; whether it filled that
+/// room (there may be more to claim).
+async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result<bool> {
+    let mut rooms = runner.manager().reserve(CLAIM_BATCH);
+    let pool = runner.host().instance_pool();
+    let mut instances: Vec<OwnedSemaphorePermit> = Vec::new();
+    while instances.len() < rooms.len() {
+        match pool.clone().try_acquire_owned() {
+            Ok(permit) => instances.push(permit),
+            Err(_) => break,
+        }
+    }
+    rooms.truncate(instances.len());
+    let room = rooms.len();
+    if room == 0 {
+        return Ok(false);
+    }
+    let modules = versions.all(runner);
+    // A module's own limit: the permits free now, shared by its versions.
+    let mut limited: HashMap<&str, Vec<OwnedSemaphorePermit>> = HashMap::new();
+    let mut wanted = Vec::new();
+    for (key, module) in &modules {
+        let id = module.summary.info.id.as_str();
+        let count = match module.summary.manifest.limits.max_concurrent {
+            None => room,
+            Some(max) => {
+                if !limited.contains_key(id) {
+                    let gate = runner.gate(id, Some(max));
+                    let mut permits = Vec::new();
+                    if let Some(first) = &gate.first {
+                        while permits.len() < room {
+                            match first.clone().try_acquire_owned() {
+                                Ok(permit) => permits.push(permit),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    limited.insert(id, permits);
+                }
+                limited[id].len()
+            }
+        };
+        if count > 0 {
+            let version = key[id.len() + 1..].to_owned();
+            wanted.push(Wanted {
+                module_id: id.to_owned(),
+                version,
+                count,
+            });
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(false);
+    }
+    let claimed = runner.registry().claim(&wanted, room).await?;
+    let filled = claimed.len() == room;
+    let mut unstarted = Vec::new();
+    for run in claimed {
+        let started = start(
+            runner,
+            &modules,
+            &mut limited,
+            &mut rooms,
+            &mut instances,
+            &run,
+        );
+        if let Err(e) = started {
+            tracing::warn!(run_id = %run.run_id, error = %e, "cannot start a claimed run; giving it back");
+            unstarted.push(run.run_id);
+        }
+    }
+    if !unstarted.is_empty() {
+        runner
+            .registry()
+            .release(
+                &unstarted,
+                "given back: the node that claimed it could not start it",
+            )
+            .await?;
+    }
+    Ok(filled)
+}
+
+/// Starts one claimed run with a room, an instance permit and, for a
+/// limited module, one of its permits.
+fn start(
+    runner: &ModuleRunner,
+    modules: &HashMap<String, Arc<LoadedModule>>,
+    limited: &mut HashMap<&str, Vec<OwnedSemaphorePermit>>,
+    rooms: &mut Vec<crate::manager::Room>,
+    instances: &mut Vec<OwnedSemaphorePermit>,
+    run: &Run,
+) -> crate::Result<()> {
+    let key = format!(
+        "{}@{}",
+        run.module_id,
+        run.module_version.as_deref().unwrap_or_default()
+    );
+    let module = modules
+        .get(&key)
+        .ok_or_else(|| crate::Error::UnknownModule(key.clone()))?;
+    let first = match limited.get_mut(run.module_id.as_str()) {
+        Some(permits) => Some(permits.pop().ok_or_else(|| {
+            crate::Error::Engine(format!(
+                "claimed more runs of {} than it has room for",
+                run.module_id
+            ))
+        })?),
+        None => None,
+    };
+    let (Some(room), Some(instance)) = (rooms.pop(), instances.pop()) else {
+        return Err(crate::Error::Engine(
+            "claimed more runs than there is room for".into(),
+        ));
+    };
+    runner.start_claimed(module, run, room, [first, Some(instance)])
+}
+
+/// Gives back the runs the store holds `Running` for this node that do
+/// not run here: a claim recorded whose answer never arrived.
+async fn reconcile(runner: &ModuleRunner) -> crate::Result<()> {
+    let stray: Vec<String> = runner
+        .registry()
+        .claimed()
+        .await?
+        .into_iter()
+        .filter(|run_id| !runner.manager().is_task_active(run_id))
+        .collect();
+    if !stray.is_empty() {
+        let released = runner
+            .registry()
+            .release(
+                &stray,
+                "given back: the database recorded the claim, but its answer was lost",
+            )
+            .await?;
+        tracing::warn!(
+            runs = released,
+            "gave back runs claimed while the database was out of reach"
+        );
+    }
+    Ok(())
+}

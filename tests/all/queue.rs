@@ -1,0 +1,227 @@
+use std::time::Duration;
+
+use chrono::Utc;
+use modrun::registry::{PostgresOptions, PostgresStore, Wanted};
+use modrun::{
+    BackgroundTaskManager, ModuleHost, ModuleRunner, Run, RunRegistry, RunStatus, RunStore,
+    TaskLimits,
+};
+use serde_json::json;
+
+use crate::support::{
+    database_url, fresh_schema, plugins_dir, statuses, test_host_config, wait_for_end,
+    wait_for_status,
+};
+
+async fn store(url: &str, schema: &str, node: &str) -> PostgresStore {
+    let options = PostgresOptions {
+        schema: schema.to_owned(),
+        node: node.to_owned(),
+        lease: Duration::from_secs(1),
+        ..PostgresOptions::default()
+    };
+    PostgresStore::connect(url, options).await.unwrap()
+}
+
+/// A node: a runner over `dir`'s plugins on the shared schema, with
+/// `max_concurrent` slots; claiming only once asked to.
+async fn node(
+    url: &str,
+    schema: &str,
+    name: &str,
+    dir: &std::path::Path,
+    max_concurrent: usize,
+) -> ModuleRunner {
+    let registry = RunRegistry::new(store(url, schema, name).await);
+    let host = ModuleHost::new(test_host_config()).unwrap();
+    host.load_dir(dir).await.unwrap();
+    let limits = TaskLimits {
+        max_concurrent: Some(max_concurrent),
+        max_queued: Some(1000),
+    };
+    ModuleRunner::new(host, BackgroundTaskManager::with_limits(registry, limits))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_runs_are_running_for_their_node_and_can_be_given_back() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let store = store(&url, &schema, "claimer").await;
+    let mut queued = Vec::new();
+    for index in 0..5 {
+        let mut run = Run::new("hello", "Hello");
+        run.module_version = Some(if index < 4 { "v1" } else { "v2" }.to_owned());
+        store.enqueue(&run).await.unwrap();
+        queued.push(run);
+    }
+    let wanted = |version: &str, count| Wanted {
+        module_id: "hello".into(),
+        version: version.into(),
+        count,
+    };
+    // Of v1 at most 3, of v2 any, 3 in all: the oldest three of v1.
+    let claimed = store
+        .claim(&[wanted("v1", 3), wanted("v2", 5)], 3)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|run| run.run_id.as_str()).collect();
+    let oldest: Vec<&str> = queued[..3].iter().map(|run| run.run_id.as_str()).collect();
+    assert_eq!(ids, oldest);
+    for run in &claimed {
+        assert_eq!(run.status, RunStatus::Running);
+        assert_eq!(run.node.as_deref(), Some("claimer"));
+        assert!(run.started_at.is_some());
+    }
+    // Claimed runs are nobody else's.
+    let again = store.claim(&[wanted("v1", 10)], 10).await.unwrap();
+    assert_eq!(again.len(), 1, "only the fourth v1 run was left");
+    let mut held = store.claimed().await.unwrap();
+    held.sort();
+    let mut expected: Vec<String> = queued[..4].iter().map(|r| r.run_id.clone()).collect();
+    expected.sort();
+    assert_eq!(held, expected);
+
+    // Given back: queued again, for any node.
+    let released = store.release(&held[..1], "given back").await.unwrap();
+    assert_eq!(released, [(held[0].clone(), "hello".to_owned())]);
+    let registry = RunRegistry::new(store);
+    let run = registry.get_run(&held[0]).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Queued);
+    assert_eq!(run.node, None);
+    assert_eq!(
+        statuses(&registry, &held[0]).await,
+        [RunStatus::Queued, RunStatus::Running, RunStatus::Queued]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_run_no_live_node_can_run_is_failed_saying_why() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let store = store(&url, &schema, "only").await;
+    let mut stale = Run::new("hello", "Hello");
+    stale.module_version = Some("sha256:gone".into());
+    stale.created_at = Utc::now() - chrono::Duration::seconds(30);
+    store.enqueue(&stale).await.unwrap();
+    let mut fresh = Run::new("hello", "Hello");
+    fresh.module_version = Some("sha256:gone".into());
+    store.enqueue(&fresh).await.unwrap();
+    let mut runnable = Run::new("hello", "Hello");
+    runnable.module_version = Some("sha256:here".into());
+    runnable.created_at = stale.created_at;
+    store.enqueue(&runnable).await.unwrap();
+    // Until the node says what it can run, nothing is settled.
+    store.publish_versions(vec!["hello@sha256:here".into()]);
+    let registry = RunRegistry::new(store);
+
+    let failed = wait_for_end(&registry, &stale.run_id).await;
+    assert_eq!(failed.status, RunStatus::Failed);
+    let message = failed.error_message.unwrap();
+    assert!(
+        message.contains("no node can run it: module hello at version sha256:gone"),
+        "{message}"
+    );
+    // A run some live node can run waits, and so does a run queued just
+    // now (a node that loaded its version may not have said so yet).
+    for run in [&fresh, &runnable] {
+        let run = registry.get_run(&run.run_id).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Queued);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_limit_is_applied_at_claim_and_starves_no_other_module() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let dir = plugins_dir(&["countdown", "hello"]);
+    std::fs::write(
+        dir.path().join("countdown.toml"),
+        "[limits]\nmax_concurrent = 4\n",
+    )
+    .unwrap();
+    let runner = node(&url, &schema, "a", dir.path(), 64).await;
+    let claimer = runner.claim_from_queue().unwrap();
+    let mut countdowns = Vec::new();
+    for _ in 0..64 {
+        countdowns.push(
+            runner
+                .start("countdown", json!({"seconds": 60, "step_ms": 10}))
+                .await
+                .unwrap(),
+        );
+    }
+    for run_id in &countdowns[..4] {
+        wait_for_status(runner.registry(), run_id, RunStatus::Running).await;
+    }
+    // 60 slots are still free: another module runs at once.
+    let hello = runner.start("hello", json!({"name": "Ada"})).await.unwrap();
+    let hello = wait_for_end(runner.registry(), &hello).await;
+    assert_eq!(
+        hello.status,
+        RunStatus::Completed,
+        "{:?}",
+        hello.error_message
+    );
+    assert_eq!(hello.node.as_deref(), Some("a"));
+    for run_id in &countdowns[4..] {
+        let run = runner.registry().get_run(run_id).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Queued, "the module's limit holds");
+    }
+    assert_eq!(runner.manager().active_task_count(), 4);
+
+    // Freeing one of the module's places claims the next in line.
+    assert!(runner.cancel(&countdowns[0]).await.unwrap());
+    wait_for_status(runner.registry(), &countdowns[4], RunStatus::Running).await;
+    // A run still queued is cancelled in the queue, by whoever asks.
+    assert!(runner.cancel(&countdowns[63]).await.unwrap());
+    let cancelled = runner
+        .registry()
+        .get_run(&countdowns[63])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cancelled.status, RunStatus::Cancelled);
+    assert_eq!(
+        statuses(runner.registry(), &countdowns[63]).await,
+        [RunStatus::Queued, RunStatus::Cancelled]
+    );
+    claimer.stop().await;
+    runner
+        .manager()
+        .shutdown(Duration::from_millis(10))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_started_on_a_busy_node_runs_on_one_with_room() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let dir = plugins_dir(&["countdown", "hello"]);
+    let busy = node(&url, &schema, "busy", dir.path(), 1).await;
+    let idle = node(&url, &schema, "idle", dir.path(), 4).await;
+    let busy_claimer = busy.claim_from_queue().unwrap();
+    let long = busy
+        .start("countdown", json!({"seconds": 60, "step_ms": 10}))
+        .await
+        .unwrap();
+    let running = wait_for_status(busy.registry(), &long, RunStatus::Running).await;
+    assert_eq!(running.node.as_deref(), Some("busy"));
+
+    // The busy node has no room: the idle one takes what it starts.
+    let idle_claimer = idle.claim_from_queue().unwrap();
+    let hello = busy.start("hello", json!({"name": "B"})).await.unwrap();
+    let hello = wait_for_end(busy.registry(), &hello).await;
+    assert_eq!(
+        hello.status,
+        RunStatus::Completed,
+        "{:?}",
+        hello.error_message
+    );
+    assert_eq!(hello.node.as_deref(), Some("idle"));
+    assert_eq!(hello.output, Some(json!({"greeting": "Hello, B!"})));
+
+    assert!(busy.cancel(&long).await.unwrap());
+    busy_claimer.stop().await;
+    idle_claimer.stop().await;
+}
