@@ -1395,7 +1395,67 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
         1,
         "(reported; baseline: one bare run, us)",
     ));
+    claim_latency(&url, &schema, &plugins, rows).await?;
     cross_node_cancel(&url, &schema, &plugins, rows).await
+}
+
+/// Latency from a start on node A, which has no room, to the run's
+/// `Running` on node B, which claims it from the queue (A's insert wakes
+/// B by NOTIFY); baseline: a start on B itself, which has room and claims
+/// the run in the write that records it. One run at a time: an idle
+/// cluster.
+async fn claim_latency(
+    url: &str,
+    schema: &str,
+    plugins: &std::path::Path,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for name in ["hello.wasm", "countdown.wasm"] {
+        std::fs::copy(plugins.join(name), dir.path().join(name))?;
+    }
+    let node = async |name: &str, max_concurrent| -> anyhow::Result<modrun::ModuleRunner> {
+        let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
+        host.load_dir(dir.path()).await?;
+        let limits = modrun::TaskLimits {
+            max_concurrent: Some(max_concurrent),
+            max_queued: None,
+        };
+        let registry = postgres_registry(url, schema, name).await?;
+        Ok(modrun::ModuleRunner::new(
+            host,
+            BackgroundTaskManager::with_limits(registry, limits),
+        ))
+    };
+    let (full, idle) = (node("claim-full", 1).await?, node("claim-idle", 8).await?);
+    let claimers = [full.claim_from_queue()?, idle.claim_from_queue()?];
+    // A's one slot is taken for the whole measurement.
+    let long = full
+        .start(
+            "countdown",
+            serde_json::json!({"seconds": 120, "step_ms": 100}),
+        )
+        .await?;
+    let mut events = idle.registry().subscribe();
+    let (mut claimed, mut at_once) = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        claimed.push(start_to_running(&full, &mut events).await?);
+        at_once.push(start_to_running(&idle, &mut events).await?);
+    }
+    full.cancel(&long).await?;
+    for claimer in claimers {
+        claimer.stop().await;
+    }
+    claimed.sort();
+    at_once.sort();
+    rows.push(Row::measured(
+        "claim latency, start -> Running on another node, p99 ms (200)",
+        percentile(&claimed, 0.99).as_secs_f64() * 1e3,
+        percentile(&at_once, 0.99).as_secs_f64() * 1e3,
+        2,
+        "<= 5 ms (baseline: start on a node with room)",
+    ));
+    Ok(())
 }
 
 /// Latency from a cancel asked of node B to `Cancelled` seen on B, for
@@ -1478,6 +1538,34 @@ async fn cross_node_cancel(
         "<= 100 ms (baseline: cancel on the executing node)",
     ));
     Ok(())
+}
+
+/// How long a hello started on `on` takes to be `Running`, as `events`
+/// (of the node that executes it) tell; returns once it has ended.
+async fn start_to_running(
+    on: &modrun::ModuleRunner,
+    events: &mut tokio::sync::broadcast::Receiver<modrun::RunEvent>,
+) -> anyhow::Result<Duration> {
+    let begin = Instant::now();
+    let run_id = on
+        .start("hello", serde_json::json!({"name": "Ada"}))
+        .await?;
+    let mut running = None;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.recv()).await??;
+        if let modrun::RunEvent::Status {
+            run_id: id, change, ..
+        } = event
+            && id == run_id
+        {
+            match change.status {
+                modrun::RunStatus::Running => running = Some(begin.elapsed()),
+                status if status.is_terminal() => break,
+                _ => {}
+            }
+        }
+    }
+    running.ok_or_else(|| anyhow::anyhow!("{run_id} ended without running"))
 }
 
 /// The raw SQL ceiling: runs per second through insert, claim and complete
