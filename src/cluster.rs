@@ -141,12 +141,41 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
     // compared with what runs here.
     let mut unsure = false;
     let mut warned: Option<Instant> = None;
+    let mut last_check = Instant::now();
+    let mut fenced = false;
+    let mut suspects = HashSet::new();
     publish_versions(&runner, &versions);
     while !stop.is_cancelled() {
         if versions.changed.swap(false, Ordering::AcqRel) {
             publish_versions(&runner, &versions);
         }
+        // A node about to lose its lease stops its runs before any other
+        // node may settle them, and claims nothing until it renews.
+        let expiring = registry.lease_left().is_some_and(|left| left.is_zero());
+        if expiring && !fenced {
+            let stopped = runner.manager().abandon_started(
+                "stopped: this node could not renew its lease in time (the database is out of \
+                 its reach), so it stopped the run before another node could settle it",
+            );
+            tracing::error!(
+                runs = stopped,
+                "cannot renew this node's lease: stopped its runs"
+            );
+        }
+        fenced = expiring;
+        if fenced {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(CLAIM_POLL / 10) => continue,
+            }
+        }
         let mut failed = None;
+        if last_check.elapsed() >= CLAIM_POLL {
+            last_check = Instant::now();
+            if let Err(e) = stop_lost_runs(&runner, &mut suspects).await {
+                failed = Some(e);
+            }
+        }
         if unsure {
             match reconcile(&runner).await {
                 Ok(()) => unsure = false,
@@ -327,6 +356,36 @@ fn start(
         ));
     };
     runner.start_claimed(module, run, room, [first, Some(instance)])
+}
+
+/// Stops the work of the runs this node executes that the store no longer
+/// holds for it: another node settled or re-queued them (this node was
+/// frozen, or cut off, past its lease). A run is stopped when two checks
+/// in a row find it so (`suspects` holds those of the last check), so
+/// that a run that had just ended is not taken for lost.
+async fn stop_lost_runs(
+    runner: &ModuleRunner,
+    suspects: &mut HashSet<String>,
+) -> crate::Result<()> {
+    let started = runner.manager().started_task_ids();
+    if started.is_empty() {
+        suspects.clear();
+        return Ok(());
+    }
+    let held: HashSet<String> = runner.registry().claimed().await?.into_iter().collect();
+    let mut now_suspect = HashSet::new();
+    for run_id in started {
+        if held.contains(&run_id) {
+            continue;
+        }
+        if suspects.contains(&run_id) {
+            runner.manager().stop_lost(&run_id);
+        } else {
+            now_suspect.insert(run_id);
+        }
+    }
+    *suspects = now_suspect;
+    Ok(())
 }
 
 /// Gives back the runs the store holds `Running` for this node that do

@@ -461,8 +461,51 @@ impl BackgroundTaskManager {
             _then: then,
         };
         let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
-        tokio::spawn(execute_claimed(end, held, work).instrument(span));
+        tokio::spawn(execute_claimed(end, held, work, run.attempt).instrument(span));
         Ok(())
+    }
+
+    /// The runs whose work has started, here.
+    #[must_use]
+    pub fn started_task_ids(&self) -> Vec<String> {
+        self.inner
+            .lock()
+            .active
+            .iter()
+            .filter(|(_, tracked)| tracked.started)
+            .map(|(run_id, _)| run_id.clone())
+            .collect()
+    }
+
+    /// Stops a run's work without recording anything: for a run this node
+    /// has lost (another node settled or re-queued it).
+    pub(crate) fn stop_lost(&self, run_id: &str) {
+        tracing::warn!(
+            run_id,
+            "this node lost the run (another node settled or re-queued it); stopping its work"
+        );
+        self.inner.stop(run_id);
+    }
+
+    /// Stops every started run's work, recording each `Failed` with
+    /// `message`, held until the registry can write it (a run another node
+    /// has settled meanwhile keeps that end): for a node about to lose its
+    /// lease, which must not execute runs it no longer holds.
+    pub(crate) fn abandon_started(&self, message: &str) -> usize {
+        let run_ids = self.started_task_ids();
+        for run_id in &run_ids {
+            self.inner.stop(run_id);
+            let registry = self.inner.registry.clone();
+            let mut change = Transition::failed(run_id, EXIT_FAILURE, message);
+            // Only while this node still holds the run.
+            change.attempt = Some(0);
+            tokio::spawn(async move {
+                if let Err(e) = registry.hold_transition(&change).await {
+                    tracing::error!(run_id = %change.run_id, error = %e, "cannot record an abandoned run");
+                }
+            });
+        }
+        run_ids.len()
     }
 
     /// Resolves once a task has ended since the last call (or now, if one
@@ -787,12 +830,14 @@ async fn execute<F>(
             return;
         }
     }
-    perform(&end, work).await;
+    perform(&end, work, None).await;
 }
 
 /// Does a started run's work, and records how it ended (unless it was
-/// cancelled: the canceller recorded that).
-async fn perform<F>(end: &TaskEnd, work: F)
+/// cancelled: the canceller recorded that). For the `attempt` of a run
+/// claimed from a shared queue, the end is fenced: it is recorded only if
+/// the store still holds the run as that attempt of this node's.
+async fn perform<F>(end: &TaskEnd, work: F, attempt: Option<u32>)
 where
     F: Future + Send + 'static,
     F::Output: TaskOutput,
@@ -824,20 +869,27 @@ where
         }
     };
     change.log = log;
-    if let Err(e) = inner.registry.hold_transition(&change).await {
-        tracing::error!(error = %e, status = %change.to, "cannot record the run's end");
+    change.attempt = attempt;
+    match inner.registry.hold_transition(&change).await {
+        Ok(true) => {}
+        Ok(false) if attempt.is_some() => tracing::warn!(
+            status = %change.to,
+            "this node lost the run while it ran (another node settled or re-queued it): its end is not recorded"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, status = %change.to, "cannot record the run's end"),
     }
 }
 
 /// A run claimed from a shared queue, started as its claim recorded it
 /// (`Running`): it holds the room and permits its claimer took.
-async fn execute_claimed<F>(end: TaskEnd, held: Held, work: F)
+async fn execute_claimed<F>(end: TaskEnd, held: Held, work: F, attempt: Option<u32>)
 where
     F: Future + Send + 'static,
     F::Output: TaskOutput,
 {
     let _held = held;
-    perform(&end, work).await;
+    perform(&end, work, attempt).await;
 }
 
 /// What a started run holds until it ends: its slot and its gate's permits.

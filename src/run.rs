@@ -172,6 +172,11 @@ pub struct Run {
     /// store one process holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// How many times a node has claimed the run from a shared queue (a
+    /// run re-queued after its node was lost runs again); `None` where
+    /// runs are not claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
     /// What the run's work logged (for a module: its log calls, then its
     /// captured standard output and error), capped by the host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -248,6 +253,7 @@ impl Run {
             progress: None,
             module_version: None,
             node: None,
+            attempt: None,
             log: Vec::new(),
         }
     }
@@ -347,6 +353,13 @@ pub struct Transition {
     pub output: Option<Value>,
     /// The run's log, saved with a terminal status (none: keep what is saved).
     pub log: Option<Vec<LogEntry>>,
+    /// For a run this node executes on a registry nodes share: the
+    /// attempt it executes (0: whichever attempt this node holds). The
+    /// change then applies only while the store still holds the run as
+    /// that attempt, executed by this node (a fenced write: once another
+    /// node has settled or re-queued the run, this node's late change is
+    /// refused). Ignored by stores one process holds.
+    pub attempt: Option<u32>,
 }
 
 impl Transition {
@@ -404,6 +417,7 @@ impl Transition {
             error_message: None,
             output: None,
             log: None,
+            attempt: None,
         }
     }
 

@@ -8,6 +8,8 @@
 //! memory_mib = 128           # linear memory a run may use (up to the host's ceiling)
 //! max_concurrent = 4         # runs of this module at once; more wait, queued (1 to 10000)
 //! max_output_kib = 1024      # a run whose JSON output is larger fails (1 to 65536)
+//! retry_on_node_loss = false # several nodes: a run whose node is lost runs again
+//! max_attempts = 3           # ...at most this many times in all (1 to 10)
 //!
 //! [grants]
 //! env = ["LANG"]             # host environment variables passed through
@@ -43,7 +45,15 @@ pub struct ModuleLimits {
     /// The largest JSON output a run may return, in bytes; a larger one
     /// makes the run fail.
     pub max_output_bytes: usize,
+    /// How many times in all a run may be executed, on a registry nodes
+    /// share: a run whose node is lost mid-run is queued again while it
+    /// has had fewer attempts (1: never; the manifest's
+    /// `retry_on_node_loss = true` makes it 3 unless `max_attempts` says).
+    pub max_attempts: u32,
 }
+
+/// The most attempts a manifest may allow a run.
+pub const MAX_ATTEMPTS_CEILING: u64 = 10;
 
 /// The most runs of one module at once a manifest may allow.
 pub const MAX_CONCURRENT_CEILING: usize = 10_000;
@@ -58,6 +68,7 @@ impl Default for ModuleLimits {
             memory_bytes: 64 << 20,
             max_concurrent: None,
             max_output_bytes: 1 << 20,
+            max_attempts: 1,
         }
     }
 }
@@ -135,6 +146,8 @@ struct LimitsFile {
     memory_mib: Option<u64>,
     max_concurrent: Option<u64>,
     max_output_kib: Option<u64>,
+    retry_on_node_loss: Option<bool>,
+    max_attempts: Option<u64>,
 }
 
 impl Manifest {
@@ -207,6 +220,25 @@ impl Manifest {
             }
             limits.max_output_bytes = usize::try_from(kib << 10).unwrap_or(usize::MAX);
         }
+        match (file.limits.retry_on_node_loss, file.limits.max_attempts) {
+            (Some(true), attempts) => {
+                let attempts = attempts.unwrap_or(3);
+                if !(2..=MAX_ATTEMPTS_CEILING).contains(&attempts) {
+                    return Err(format!(
+                        "limits.max_attempts must be from 2 to {MAX_ATTEMPTS_CEILING} with \
+                         retry_on_node_loss, not {attempts}"
+                    ));
+                }
+                limits.max_attempts = u32::try_from(attempts).unwrap_or(1);
+            }
+            (_, Some(attempts)) if attempts != 1 => {
+                return Err(format!(
+                    "limits.max_attempts = {attempts} needs retry_on_node_loss = true: a run is \
+                     only executed again when its node is lost"
+                ));
+            }
+            _ => limits.max_attempts = 1,
+        }
         for dir in &file.grants.dirs {
             if !dir.host.is_absolute() {
                 return Err(format!(
@@ -264,8 +296,12 @@ mod tests {
         assert_eq!(manifest.limits.timeout, Duration::from_millis(2500));
         assert_eq!(manifest.limits.memory_bytes, 16 << 20);
         assert_eq!(manifest.limits.max_concurrent, Some(3));
+        assert_eq!(manifest.limits.max_attempts, 1);
         assert_eq!(manifest.grants.env, ["LANG"]);
         assert!(!manifest.grants.dirs[0].writable);
+        let retried = "[limits]\nretry_on_node_loss = true\n";
+        let retried = Manifest::parse(retried, &ModuleLimits::default(), CEILING).unwrap();
+        assert_eq!(retried.limits.max_attempts, 3);
     }
 
     #[test]
@@ -279,6 +315,11 @@ mod tests {
                 "from 1 to 10000",
             ),
             ("[limits]\nmax_output_kib = 0\n", "max_output_kib"),
+            ("[limits]\nmax_attempts = 3\n", "needs retry_on_node_loss"),
+            (
+                "[limits]\nretry_on_node_loss = true\nmax_attempts = 11\n",
+                "from 2 to 10",
+            ),
             ("[limits]\nmax_output_kib = 65537\n", "max_output_kib"),
             ("[limits]\nmemory_mib = 0\n", "memory_mib"),
             ("[limits]\ntimeout_secs = inf\n", "timeout_secs"),

@@ -160,18 +160,20 @@ impl ModuleRunner {
         }
         versions.retain(module);
         let run_id = run.run_id.clone();
+        let attempts = module.summary.manifest.limits.max_attempts;
         let Some((room, permits)) = self.room_for(module) else {
-            self.registry().enqueue(&run).await?;
+            self.registry().enqueue(&run, attempts).await?;
             versions.queued_here.notify_one();
             return Ok(run_id);
         };
         run.status = RunStatus::Running;
         run.started_at = Some(chrono::Utc::now());
+        run.attempt = Some(1);
         // A task records and starts the run, so that a caller that stops
         // waiting cannot leave it recorded `Running` with nothing running it.
         let (runner, module) = (self.clone(), module.clone());
         let recorded = tokio::spawn(async move {
-            runner.registry().enqueue(&run).await?;
+            runner.registry().enqueue(&run, attempts).await?;
             if let Err(e) = runner.start_claimed(&module, &run, room, permits) {
                 // Shutting down meanwhile: the run is any node's again.
                 tracing::warn!(run_id = %run.run_id, error = %e, "giving a run back to the queue");

@@ -394,7 +394,8 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// Saves a run's log without waiting for it to be durable, in order
     /// with the run's other writes (held while the store cannot write):
-    /// what a run's work does when it is stopped and cannot wait.
+    /// what a run's work does when it is stopped and cannot wait. On a
+    /// store nodes share, only while this node holds the run.
     fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()>;
 
     /// One run.
@@ -453,9 +454,11 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// Records `run`, `Queued`, for whichever process claims it; or, when
     /// its status is `Running`, claimed by this process as it is recorded
-    /// (its history: queued at `created_at`, running at `started_at`). By
-    /// default, as an insert.
-    async fn enqueue(&self, run: &Run) -> Result<()> {
+    /// (its history: queued at `created_at`, running at `started_at`).
+    /// A run whose process is lost is queued again while it has taken
+    /// fewer than `max_attempts` attempts. By default, as an insert.
+    async fn enqueue(&self, run: &Run, max_attempts: u32) -> Result<()> {
+        let _ = max_attempts;
         self.insert(run, Existing::ReplaceFinished).await
     }
 
@@ -482,7 +485,8 @@ pub trait RunStore: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
-    /// The runs the store holds `Running` for this process.
+    /// The active runs the store holds for this process (executing, or
+    /// queued in its own memory).
     async fn claimed(&self) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
@@ -498,6 +502,14 @@ pub trait RunStore: Send + Sync + 'static {
     /// run is settled rather than left waiting.
     fn publish_versions(&self, versions: Vec<String>) {
         let _ = versions;
+    }
+
+    /// For a store other processes share, where each holds a lease: how
+    /// much longer this process may execute the runs it holds before
+    /// another may settle them (its lease's time left, less a margin).
+    /// `None`: no lease (the default).
+    fn lease_left(&self) -> Option<Duration> {
+        None
     }
 }
 
@@ -657,8 +669,8 @@ impl RunRegistry {
     /// Records `run`, `Queued`, for whichever process sharing the store
     /// claims it ([`RunStore::enqueue`]) — or, `Running`, claimed by this
     /// one as it starts — and publishes the events.
-    pub(crate) async fn enqueue(&self, run: &Run) -> Result<()> {
-        self.store.enqueue(run).await?;
+    pub(crate) async fn enqueue(&self, run: &Run, max_attempts: u32) -> Result<()> {
+        self.store.enqueue(run, max_attempts).await?;
         self.publish(|| RunEvent::Status {
             run_id: run.run_id.clone(),
             module_id: run.module_id.clone(),
@@ -725,9 +737,15 @@ impl RunRegistry {
         Ok(released.len())
     }
 
-    /// The runs the store holds `Running` for this process.
+    /// The active runs the store holds for this process.
     pub(crate) async fn claimed(&self) -> Result<Vec<String>> {
         self.store.claimed().await
+    }
+
+    /// How much longer this process may execute the runs it holds
+    /// ([`RunStore::lease_left`]).
+    pub(crate) fn lease_left(&self) -> Option<Duration> {
+        self.store.lease_left()
     }
 
     /// The module versions unclaimed queued runs were started on.

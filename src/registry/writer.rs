@@ -63,8 +63,8 @@ pub(super) trait Backend: Send + 'static {
 pub(super) enum Write {
     Insert(Run, Existing, Reply<()>),
     /// A new run, `Queued` for whichever node claims it (on a store that
-    /// is a queue several nodes share).
-    Enqueue(Run, Reply<()>),
+    /// is a queue several nodes share), and how many attempts it may take.
+    Enqueue(Run, u32, Reply<()>),
     Replace(Run, Option<StatusChange>, Reply<()>),
     Transition(Transition, OnUnavailable, Reply<Option<String>>),
     Progress(String, Progress, Reply<Option<String>>),
@@ -375,7 +375,7 @@ fn answer(write: Write, outcome: Outcome) {
     // A caller that gave up waiting dropped its receiver: nothing to tell.
     match write {
         Write::Insert(.., reply)
-        | Write::Enqueue(_, reply)
+        | Write::Enqueue(.., reply)
         | Write::Replace(.., reply)
         | Write::Flush(reply) => {
             let _ = reply.send(outcome.into_result(|o| matches!(o, Outcome::Done).then_some(())));
@@ -476,9 +476,9 @@ impl Queue {
             .await
     }
 
-    pub(super) async fn enqueue_run(&self, run: &Run) -> Result<()> {
+    pub(super) async fn enqueue_run(&self, run: &Run, max_attempts: u32) -> Result<()> {
         check_times(run)?;
-        self.write_or_refuse(|reply| Write::Enqueue(run.clone(), reply))
+        self.write_or_refuse(|reply| Write::Enqueue(run.clone(), max_attempts, reply))
             .await
     }
 

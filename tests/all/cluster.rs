@@ -572,3 +572,81 @@ async fn three_servers_take_3000_starts_and_every_run_ends_once() {
     let (_, listing) = nodes[2].get("/runs?limit=10000");
     assert_eq!(listing["runs"].as_array().unwrap().len(), 3000);
 }
+
+/// Sends `signal` to a server's process.
+fn signal(server: &Server, signal: &str) {
+    let pid = server.child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// The runs a server's task manager holds, from its metrics.
+fn active_runs(server: &Server) -> u64 {
+    let text = ureq::get(&format!("{}/metrics", server.base))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("modrun_active_runs "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no modrun_active_runs in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_lease_finds_its_run_rerun_elsewhere_and_cannot_overwrite_it() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let plugins = plugins_dir(&["countdown"]);
+    std::fs::write(
+        plugins.path().join("countdown.toml"),
+        "[limits]\nretry_on_node_loss = true\nmax_attempts = 3\n",
+    )
+    .unwrap();
+    let nodes = [
+        ("a", start_node(plugins.path(), &url, "a")),
+        ("b", start_node(plugins.path(), &url, "b")),
+    ];
+    let run_id = nodes[0]
+        .1
+        .start_run("countdown", json!({"seconds": 4, "step_ms": 50}));
+    nodes[0].1.wait_status(&run_id, "running");
+    let frozen_name = executing_node(&nodes[0].1, &run_id);
+    let (frozen, other) = if frozen_name == "a" {
+        (&nodes[0], &nodes[1])
+    } else {
+        (&nodes[1], &nodes[0])
+    };
+
+    // Frozen past its 2 s lease: the other node re-queues the run, claims
+    // it and runs it to the end.
+    signal(&frozen.1, "-STOP");
+    other
+        .1
+        .wait_status_within(&run_id, "completed", Duration::from_secs(60));
+    let (_, body) = other.1.get(&format!("/runs/{run_id}"));
+    assert_eq!(body["run"]["node"], other.0, "{body}");
+    assert_eq!(body["run"]["attempt"], 2, "{body}");
+    let requeued = body["history"][2]["message"].as_str().unwrap();
+    assert!(
+        requeued.starts_with(&format!("node lost: {} stopped renewing", frozen.0)),
+        "{requeued}"
+    );
+
+    // Thawed, the frozen node's own attempt (its countdown is long over)
+    // ends or is stopped, and records nothing over the result.
+    signal(&frozen.1, "-CONT");
+    let start = Instant::now();
+    while active_runs(&frozen.1) > 0 {
+        assert!(start.elapsed() < DEADLINE, "the frozen node still runs it");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, after) = other.1.get(&format!("/runs/{run_id}"));
+    assert_eq!(after["run"], body["run"], "the result stands");
+    assert_eq!(after["history"].as_array().unwrap().len(), 5, "{after}");
+}

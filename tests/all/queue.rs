@@ -51,7 +51,7 @@ async fn claimed_runs_are_running_for_their_node_and_can_be_given_back() {
     for index in 0..5 {
         let mut run = Run::new("hello", "Hello");
         run.module_version = Some(if index < 4 { "v1" } else { "v2" }.to_owned());
-        store.enqueue(&run).await.unwrap();
+        store.enqueue(&run, 1).await.unwrap();
         queued.push(run);
     }
     let wanted = |version: &str, count| Wanted {
@@ -102,14 +102,14 @@ async fn a_queued_run_no_live_node_can_run_is_failed_saying_why() {
     let mut stale = Run::new("hello", "Hello");
     stale.module_version = Some("sha256:gone".into());
     stale.created_at = Utc::now() - chrono::Duration::seconds(30);
-    store.enqueue(&stale).await.unwrap();
+    store.enqueue(&stale, 1).await.unwrap();
     let mut fresh = Run::new("hello", "Hello");
     fresh.module_version = Some("sha256:gone".into());
-    store.enqueue(&fresh).await.unwrap();
+    store.enqueue(&fresh, 1).await.unwrap();
     let mut runnable = Run::new("hello", "Hello");
     runnable.module_version = Some("sha256:here".into());
     runnable.created_at = stale.created_at;
-    store.enqueue(&runnable).await.unwrap();
+    store.enqueue(&runnable, 1).await.unwrap();
     // Until the node says what it can run, nothing is settled.
     store.publish_versions(vec!["hello@sha256:here".into()]);
     let registry = RunRegistry::new(store);
@@ -224,4 +224,76 @@ async fn a_run_started_on_a_busy_node_runs_on_one_with_room() {
     assert!(busy.cancel(&long).await.unwrap());
     busy_claimer.stop().await;
     idle_claimer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nodes_run_that_may_retry_is_queued_again_and_its_late_end_refused() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let lost = store(&url, &schema, "lost").await;
+    // Claimed by "lost" as it was recorded, with three attempts allowed.
+    let mut run = Run::new("countdown", "Countdown");
+    run.module_version = Some("v1".into());
+    run.status = RunStatus::Running;
+    run.started_at = Some(Utc::now());
+    lost.enqueue(&run, 3).await.unwrap();
+    let once = Run::new("countdown", "Countdown");
+    let mut once = Run {
+        module_version: Some("v1".into()),
+        status: RunStatus::Running,
+        started_at: Some(Utc::now()),
+        ..once
+    };
+    once.attempt = None;
+    lost.enqueue(&once, 1).await.unwrap();
+    drop(lost);
+
+    // Its lease runs out: the run that may retry is queued again, for any
+    // node; the other fails.
+    let survivor = RunRegistry::new(store(&url, &schema, "survivor").await);
+    let queued_again = wait_for_status(&survivor, &run.run_id, RunStatus::Queued).await;
+    assert_eq!(queued_again.node, None);
+    let failed = wait_for_end(&survivor, &once.run_id).await;
+    assert_eq!(failed.status, RunStatus::Failed);
+    let history = survivor.history(&run.run_id).await.unwrap();
+    let message = history[2].message.as_deref().unwrap();
+    assert!(
+        message.starts_with("node lost: lost stopped renewing its lease")
+            && message.ends_with("queued again (attempt 2 of 3)"),
+        "{message}"
+    );
+
+    // Claimed again, by the survivor: attempt 2.
+    let claimer = store(&url, &schema, "claimer").await;
+    let wanted = Wanted {
+        module_id: "countdown".into(),
+        version: "v1".into(),
+        count: 1,
+    };
+    let claimed = claimer.claim(&[wanted], 1).await.unwrap();
+    assert_eq!(claimed[0].attempt, Some(2));
+    assert_eq!(claimed[0].node.as_deref(), Some("claimer"));
+
+    // The lost node comes back and reports its attempt's end: refused.
+    let late = RunRegistry::new(store(&url, &schema, "lost").await);
+    let mut end = modrun::Transition::completed(&run.run_id, json!("stale"));
+    end.attempt = Some(1);
+    assert!(!late.hold_transition(&end).await.unwrap());
+    // The claimer's own attempt ends as it reports.
+    let claimer = RunRegistry::new(claimer);
+    let mut end = modrun::Transition::completed(&run.run_id, json!("fresh"));
+    end.attempt = Some(2);
+    assert!(claimer.hold_transition(&end).await.unwrap());
+    let run = claimer.get_run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(run.output, Some(json!("fresh")));
+    assert_eq!(
+        statuses(&claimer, &run.run_id).await,
+        [
+            RunStatus::Queued,
+            RunStatus::Running,
+            RunStatus::Queued,
+            RunStatus::Running,
+            RunStatus::Completed
+        ]
+    );
 }

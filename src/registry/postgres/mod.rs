@@ -121,6 +121,9 @@ pub struct PostgresStore {
     versions: Arc<std::sync::Mutex<Option<Vec<String>>>>,
     /// Told when another node queues a run.
     queued: Arc<tokio::sync::Notify>,
+    /// When this node's last committed renewal began, and its lease.
+    renewed: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    lease: Duration,
     pool: Pool,
     stop_heartbeats: Option<std::sync::mpsc::Sender<()>>,
     heartbeats: Option<std::thread::JoinHandle<()>>,
@@ -225,11 +228,13 @@ impl PostgresStore {
         let shared = Arc::new(Shared::new(place.clone()));
         let cancels = Arc::new(CancelSink::default());
         let versions = Arc::new(std::sync::Mutex::new(None));
+        let renewed = Arc::new(std::sync::Mutex::new(None));
         let node = Node {
             id: options.node.clone(),
             lease: options.lease,
             cancels: cancels.clone(),
             versions: versions.clone(),
+            renewed: renewed.clone(),
         };
         let backend = PgBackend::new(config, node).map_err(|e| fail(e.to_string()))?;
         let writes = Queue::start(backend, shared, options.max_batch, "modrun-postgres")
@@ -273,6 +278,8 @@ impl PostgresStore {
             node: options.node.clone(),
             versions,
             queued,
+            renewed,
+            lease: options.lease,
             pool,
             stop_heartbeats: Some(stop_heartbeats),
             heartbeats: Some(heartbeats),
@@ -412,8 +419,8 @@ impl RunStore for PostgresStore {
         Some(self.queued.clone())
     }
 
-    async fn enqueue(&self, run: &Run) -> Result<()> {
-        self.writes.enqueue_run(run).await
+    async fn enqueue(&self, run: &Run, max_attempts: u32) -> Result<()> {
+        self.writes.enqueue_run(run, max_attempts).await
     }
 
     async fn claim(&self, wanted: &[Wanted], limit: usize) -> Result<Vec<Run>> {
@@ -448,6 +455,13 @@ impl RunStore for PostgresStore {
             Ok(rows.iter().map(|row| row.get(0)).collect())
         })
         .await
+    }
+
+    fn lease_left(&self) -> Option<Duration> {
+        // A quarter of the lease is kept in hand: the node stops its runs
+        // before any other node may settle them.
+        let renewed = (*self.renewed.lock().unwrap_or_else(|e| e.into_inner()))?;
+        Some((self.lease * 3 / 4).saturating_sub(renewed.elapsed()))
     }
 
     fn publish_versions(&self, versions: Vec<String>) {
@@ -554,6 +568,7 @@ impl Backend for PgBackend {
             node,
             session,
         } = self;
+        let began = std::time::Instant::now();
         let committed = runtime.block_on(async {
             tokio::time::timeout(
                 STATEMENT_WAIT,
@@ -570,6 +585,9 @@ impl Backend for PgBackend {
         if matches!(result, Err(NotCommitted::Unavailable(_))) {
             // The connection may be half-open or mid-transaction: start afresh.
             *session = None;
+        }
+        if result.is_ok() && batch.iter().any(|write| matches!(write, Write::Heartbeat)) {
+            *node.renewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
         }
         result
     }

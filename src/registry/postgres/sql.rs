@@ -23,13 +23,13 @@ use crate::registry::{
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange};
 
 /// A run's columns as this backend reads them: the shared ones, then the
-/// node that executes it.
-const PG_RUN_COLUMNS: &str = concat!(run_columns!(), ", node");
+/// node that executes it and its attempt.
+const PG_RUN_COLUMNS: &str = concat!(run_columns!(), ", node, attempt");
 
 const INSERT_RUN: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, status, \
      created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
-     progress_fraction, progress_message, module_version, log, history_len, node) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1, $16) \
+     progress_fraction, progress_message, module_version, log, history_len, node, max_attempts) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1, $16, $17) \
      ON CONFLICT (run_id) DO NOTHING RETURNING id) \
      INSERT INTO run_history (run, seq, status, at) SELECT id, 0, $4, $5 FROM r";
 
@@ -49,10 +49,10 @@ const ADD_HISTORY: &str =
 /// fewer).
 const INSERT_MANY: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, \
      status, created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
-     progress_fraction, progress_message, module_version, log, history_len, node) \
+     progress_fraction, progress_message, module_version, log, max_attempts, history_len, node) \
      SELECT u.*, 1, $16 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
      $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[], $11::text[], \
-     $12::float8[], $13::text[], $14::text[], $15::text[]) AS u \
+     $12::float8[], $13::text[], $14::text[], $15::text[], $17::int4[]) AS u \
      ON CONFLICT (run_id) DO NOTHING RETURNING id, status, created_at) \
      INSERT INTO run_history (run, seq, status, at) SELECT id, 0, status, created_at FROM r";
 
@@ -61,34 +61,38 @@ const INSERT_MANY: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, modul
 /// when started), in one statement.
 const INSERT_CLAIMED: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, \
      status, created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
-     progress_fraction, progress_message, module_version, log, history_len, node, attempt) \
-     SELECT u.*, 2, $16, 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+     progress_fraction, progress_message, module_version, log, max_attempts, history_len, node, \
+     attempt) SELECT u.*, 2, $16, 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
      $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[], $11::text[], \
-     $12::float8[], $13::text[], $14::text[], $15::text[]) AS u \
+     $12::float8[], $13::text[], $14::text[], $15::text[], $17::int4[]) AS u \
      ON CONFLICT (run_id) DO NOTHING RETURNING id, created_at, started_at) \
      INSERT INTO run_history (run, seq, status, at) \
      SELECT id, 0, 'queued', created_at FROM r UNION ALL SELECT id, 1, 'running', started_at FROM r";
 
 /// Runs' changes to one active status `$2`, from the statuses in `$4`, in
 /// one statement (for one run as for many); answers the runs changed
-/// with their modules.
-const MOVE_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], $5::text[]) \
-     AS c(run_id, at, message)), \
+/// with their modules. A change with an attempt (`$6`) is fenced: it
+/// applies only while the run is that attempt, executed by node `$7`.
+const MOVE_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], $5::text[], \
+     $6::int4[]) AS c(run_id, at, message, attempt)), \
      u AS (UPDATE runs r SET status = $2, started_at = c.at, history_len = r.history_len + 1 \
      FROM c WHERE r.run_id = c.run_id AND r.status = ANY($4) \
+     AND (c.attempt IS NULL OR (r.node = $7 AND c.attempt IN (0, r.attempt))) \
      RETURNING r.id, r.history_len, r.run_id, r.module_id, c.at, c.message), \
      h AS (INSERT INTO run_history (run, seq, status, at, message) \
      SELECT id, history_len - 1, $2, at, message FROM u) \
      SELECT run_id, module_id FROM u";
 
-/// Runs' ends in one terminal status `$2`, from the statuses in `$7`.
+/// Runs' ends in one terminal status `$2`, from the statuses in `$7`;
+/// fenced as [`MOVE_MANY`] is (attempts `$10`, node `$11`).
 const END_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], \
-     $4::int4[], $5::text[], $6::text[], $8::text[], $9::text[]) \
-     AS c(run_id, at, exit_code, error_message, output, log, message)), \
+     $4::int4[], $5::text[], $6::text[], $8::text[], $9::text[], $10::int4[]) \
+     AS c(run_id, at, exit_code, error_message, output, log, message, attempt)), \
      u AS (UPDATE runs r SET status = $2, completed_at = c.at, exit_code = c.exit_code, \
      error_message = c.error_message, output = coalesce(c.output, r.output), \
      log = coalesce(c.log, r.log), history_len = r.history_len + 1 \
      FROM c WHERE r.run_id = c.run_id AND r.status = ANY($7) \
+     AND (c.attempt IS NULL OR (r.node = $11 AND c.attempt IN (0, r.attempt))) \
      RETURNING r.id, r.history_len, r.run_id, r.module_id, c.at, c.message), \
      h AS (INSERT INTO run_history (run, seq, status, at, message) \
      SELECT id, history_len - 1, $2, at, message FROM u) \
@@ -100,11 +104,12 @@ const PROGRESS: &str = "UPDATE runs SET progress_fraction = $2, progress_message
 /// The latest progress of many runs in one statement, announced to the
 /// other nodes in one notification: at most 30 runs of the batch (picked
 /// at random, so none is always left out; progress is latest-wins), their
-/// messages cut, and none if it would not fit a notification.
+/// messages cut, and none if it would not fit a notification. Only runs
+/// this node (`$4`) holds: a node that lost a run cannot report for it.
 const PROGRESS_MANY: &str = "WITH u AS (UPDATE runs r SET progress_fraction = p.fraction, \
      progress_message = p.message \
      FROM unnest($1::text[], $2::float8[], $3::text[]) AS p(run_id, fraction, message) \
-     WHERE r.run_id = p.run_id AND r.status IN ('queued', 'running') \
+     WHERE r.run_id = p.run_id AND r.status IN ('queued', 'running') AND r.node = $4 \
      RETURNING r.run_id, r.module_id, p.fraction, left(p.message, 100) AS message), \
      shown AS (SELECT * FROM u ORDER BY random() LIMIT 30), \
      payload AS (SELECT json_build_object('node', current_setting('modrun.node', true), \
@@ -158,7 +163,7 @@ pub(super) const CLAIM: &str = concat!(
      SELECT id, history_len - 1, 'running', $6 FROM u) \
      SELECT ",
     run_columns!(),
-    ", node FROM u ORDER BY id"
+    ", node, attempt FROM u ORDER BY id"
 );
 
 /// Gives runs node `$2` claimed but did not start back to the queue,
@@ -172,8 +177,9 @@ pub(super) const RELEASE: &str = "WITH u AS (UPDATE runs r SET status = 'queued'
      SELECT id, history_len - 1, 'queued', $3, $4 FROM u) \
      SELECT run_id, module_id FROM u";
 
-/// The runs node `$1` holds `Running`.
-pub(super) const CLAIMED: &str = "SELECT run_id FROM runs WHERE node = $1 AND status = 'running'";
+/// The active runs node `$1` holds.
+pub(super) const CLAIMED: &str =
+    "SELECT run_id FROM runs WHERE node = $1 AND status IN ('queued', 'running')";
 
 /// The module versions unclaimed queued runs were started on.
 pub(super) const QUEUED_VERSIONS: &str = "SELECT DISTINCT module_id || '@' || module_version \
@@ -183,9 +189,12 @@ pub(super) const QUEUED_VERSIONS: &str = "SELECT DISTINCT module_id || '@' || mo
 pub(super) const SESSION_NODE: &str = "SELECT set_config('modrun.node', $1, false)";
 
 /// Settles the active runs of nodes without a live lease: `Failed`, with
-/// the node named. The status condition is checked again under the row
-/// lock, so a run its node completed meanwhile keeps its end. Node rows
-/// whose lease ran out go with it (a node that comes back renews anew).
+/// the node named; `Cancelled` if a cancel was asked; or, for a running
+/// run of a module that opted in with attempts left, `Queued` again for
+/// any node (its history says why). The status condition is checked
+/// again under the row lock, so a run its node completed meanwhile keeps
+/// its end. Node rows whose lease ran out go with it (a node that comes
+/// back renews anew).
 ///
 /// Nothing is settled until the server has been up for a lease (`$3` ms):
 /// while it was down no node could renew, and every live node gets a
@@ -193,22 +202,33 @@ pub(super) const SESSION_NODE: &str = "SELECT set_config('modrun.node', $1, fals
 const RESCUE: &str = "WITH settled AS (SELECT pg_postmaster_start_time() \
      < now() - $3::bigint * interval '1 millisecond' AS up), \
      gone AS (DELETE FROM nodes WHERE lease_until < now() AND (SELECT up FROM settled)), \
-     lost AS (UPDATE runs r SET \
-     status = CASE WHEN r.cancel_requested_at IS NULL THEN 'failed' ELSE 'cancelled' END, \
-     completed_at = $1, \
-     exit_code = CASE WHEN r.cancel_requested_at IS NULL THEN $2::integer ELSE $4::integer END, \
-     error_message = CASE WHEN r.cancel_requested_at IS NULL \
-     THEN 'node lost: ' || coalesce(r.node, 'an unknown node') || \
-     ' stopped renewing its lease while the run was ' || r.status \
-     ELSE 'cancelled by user (settled for ' || coalesce(r.node, 'an unknown node') || \
-     ', which was lost)' END, \
-     history_len = r.history_len + 1 \
+     doomed AS (SELECT r.id, coalesce(r.node, 'an unknown node') AS node, r.status, r.attempt, \
+     r.max_attempts, r.cancel_requested_at IS NOT NULL AS cancel, \
+     r.status = 'running' AND r.cancel_requested_at IS NULL \
+     AND r.attempt BETWEEN 1 AND r.max_attempts - 1 \
+     AS again FROM runs r \
      WHERE r.status IN ('queued', 'running') AND (SELECT up FROM settled) \
      AND NOT (r.status = 'queued' AND r.node IS NULL) AND NOT EXISTS \
      (SELECT 1 FROM nodes n WHERE n.node_id = r.node AND n.lease_until >= now()) \
-     RETURNING r.id, r.history_len, r.status, r.error_message), \
+     FOR UPDATE OF r), \
+     lost AS (UPDATE runs r SET \
+     status = CASE WHEN d.again THEN 'queued' WHEN d.cancel THEN 'cancelled' ELSE 'failed' END, \
+     node = CASE WHEN d.again THEN NULL ELSE r.node END, \
+     started_at = CASE WHEN d.again THEN NULL ELSE r.started_at END, \
+     completed_at = CASE WHEN d.again THEN NULL ELSE $1::bigint END, \
+     exit_code = CASE WHEN d.again THEN NULL WHEN d.cancel THEN $4::integer \
+     ELSE $2::integer END, \
+     error_message = CASE WHEN d.again THEN NULL \
+     WHEN d.cancel THEN 'cancelled by user (settled for ' || d.node || ', which was lost)' \
+     ELSE 'node lost: ' || d.node || ' stopped renewing its lease while the run was ' \
+     || d.status END, \
+     history_len = r.history_len + 1 \
+     FROM doomed d WHERE r.id = d.id \
+     RETURNING r.id, r.history_len, r.status, CASE WHEN d.again THEN 'node lost: ' || d.node \
+     || ' stopped renewing its lease while the run was running; queued again (attempt ' \
+     || (d.attempt + 1) || ' of ' || d.max_attempts || ')' ELSE r.error_message END AS message), \
      h AS (INSERT INTO run_history (run, seq, status, at, message) \
-     SELECT id, history_len - 1, status, $1, error_message FROM lost) \
+     SELECT id, history_len - 1, status, $1, message FROM lost) \
      SELECT count(*) FROM lost";
 
 /// Until [`NAMED`], in this transaction, changes are announced as no
@@ -241,15 +261,30 @@ pub(super) const PENDING_CANCELS: &str = "SELECT run_id FROM runs WHERE node = $
      AND status IN ('queued', 'running') AND cancel_requested_at IS NOT NULL";
 
 /// At a node's start, settles the runs its previous process (same node
-/// name) left active: `Failed`, interrupted.
-pub(super) const RESTARTED: &str = "WITH lost AS (UPDATE runs SET status = 'failed', \
-     completed_at = $1, exit_code = $2, error_message = $3, history_len = history_len + 1 \
-     WHERE node = $4 AND status IN ('queued', 'running') RETURNING id, history_len), \
+/// name) left active: `Failed`, interrupted; or, for a run of a module
+/// that opted in with attempts left, `Queued` again for any node.
+pub(super) const RESTARTED: &str = "WITH doomed AS (SELECT id, \
+     status = 'running' AND attempt BETWEEN 1 AND max_attempts - 1 AS again FROM runs \
+     WHERE node = $4 AND status IN ('queued', 'running') FOR UPDATE), \
+     lost AS (UPDATE runs r SET status = CASE WHEN d.again THEN 'queued' ELSE 'failed' END, \
+     node = CASE WHEN d.again THEN NULL ELSE r.node END, \
+     started_at = CASE WHEN d.again THEN NULL ELSE r.started_at END, \
+     completed_at = CASE WHEN d.again THEN NULL ELSE $1::bigint END, \
+     exit_code = CASE WHEN d.again THEN NULL ELSE $2::integer END, \
+     error_message = CASE WHEN d.again THEN NULL ELSE $3::text END, \
+     history_len = r.history_len + 1 FROM doomed d WHERE r.id = d.id \
+     RETURNING r.id, r.history_len, r.status, \
+     CASE WHEN d.again THEN $3::text || '; queued again' ELSE $3::text END AS message), \
      h AS (INSERT INTO run_history (run, seq, status, at, message) \
-     SELECT id, history_len - 1, 'failed', $1, $3 FROM lost) \
+     SELECT id, history_len - 1, status, $1, message FROM lost) \
      SELECT count(*) FROM lost";
 
 const SET_LOG: &str = "UPDATE runs SET log = $2 WHERE run_id = $1";
+
+/// A stopped run's own log, saved by the node that executed it: only while
+/// that node (`$3`) still holds the run, so that a node that lost the run
+/// (another settled or re-ran it) cannot overwrite the log there.
+const SAVE_OWN_LOG: &str = "UPDATE runs SET log = $2 WHERE run_id = $1 AND node = $3";
 
 const CLEANUP: &str =
     "DELETE FROM runs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < $1";
@@ -263,6 +298,8 @@ pub(super) struct Node {
     /// The module versions it can run, as `<module>@<hash>`; `None` until
     /// its runner says.
     pub(super) versions: std::sync::Arc<std::sync::Mutex<Option<Vec<String>>>>,
+    /// When its last renewal that committed began.
+    pub(super) renewed: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Node {
@@ -323,10 +360,18 @@ pub(super) async fn apply(
 ) -> Result<Outcome, tokio_postgres::Error> {
     match write {
         Write::Insert(run, existing, _) => {
-            insert(tx, prepared, Some(&node.id), run, *existing).await
+            let owner = Owner {
+                node: Some(&node.id),
+                max_attempts: 1,
+            };
+            insert(tx, prepared, owner, run, *existing).await
         }
-        Write::Enqueue(run, _) if run.status != RunStatus::Running => {
-            insert(tx, prepared, None, run, Existing::ReplaceFinished).await
+        Write::Enqueue(run, attempts, _) if run.status != RunStatus::Running => {
+            let owner = Owner {
+                node: None,
+                max_attempts: *attempts,
+            };
+            insert(tx, prepared, owner, run, Existing::ReplaceFinished).await
         }
         Write::Replace(run, change, _) => replace(tx, prepared, run, change.as_ref()).await,
         other => {
@@ -347,6 +392,13 @@ pub(super) async fn apply(
     }
 }
 
+/// The attempt a fenced change is for, and the node executing it.
+#[derive(Clone, Copy)]
+struct Fence<'a> {
+    attempt: Option<i32>,
+    node: &'a str,
+}
+
 /// The values one write sends: owned here, so that every write of a batch
 /// can be sent before the first answer comes back.
 enum Sent<'a> {
@@ -364,6 +416,7 @@ enum Sent<'a> {
         allowed: Vec<&'static str>,
         log: Option<String>,
         message: Option<String>,
+        fence: Fence<'a>,
     },
     Move {
         run_id: Cow<'a, str>,
@@ -371,10 +424,12 @@ enum Sent<'a> {
         at: i64,
         allowed: Vec<&'static str>,
         message: Option<String>,
+        fence: Fence<'a>,
     },
     Progress(Cow<'a, str>, f64, Cow<'a, str>),
-    ManyProgress(Vec<Cow<'a, str>>, Vec<f64>, Vec<Cow<'a, str>>),
-    Log(Cow<'a, str>, Option<String>),
+    ManyProgress(Vec<Cow<'a, str>>, Vec<f64>, Vec<Cow<'a, str>>, &'a str),
+    /// A log, and the node whose stopped run it is (fenced), if it is one.
+    Log(Cow<'a, str>, Option<String>, Option<&'a str>),
     Cleanup(i64),
     Heartbeat {
         node: &'a Node,
@@ -396,7 +451,7 @@ impl<'a> Sent<'a> {
             Sent::End { run_id, .. }
             | Sent::Move { run_id, .. }
             | Sent::Progress(run_id, ..)
-            | Sent::Log(run_id, _)
+            | Sent::Log(run_id, ..)
             | Sent::RequestCancel(run_id, ..) => Some(run_id),
             _ => None,
         }
@@ -407,16 +462,22 @@ impl<'a> Sent<'a> {
     fn new(write: &'a Write, node: &'a Node) -> Option<Sent<'a>> {
         Some(match write {
             Write::Insert(run, ..) => Sent::Insert(RunValues::new(run, 1), Some(&node.id)),
-            Write::Enqueue(run, _) if run.status == RunStatus::Running => {
-                Sent::Claimed(RunValues::new(run, 2), &node.id)
+            Write::Enqueue(run, attempts, _) if run.status == RunStatus::Running => {
+                Sent::Claimed(RunValues::new(run, 2).with_attempts(*attempts), &node.id)
             }
-            Write::Enqueue(run, _) => Sent::Insert(RunValues::new(run, 1), None),
+            Write::Enqueue(run, attempts, _) => {
+                Sent::Insert(RunValues::new(run, 1).with_attempts(*attempts), None)
+            }
             Write::Replace(..) => return None,
             Write::Transition(change, ..) => {
                 let message = change
                     .status_change()
                     .message
                     .map(|m| clean(&m).into_owned());
+                let fence = Fence {
+                    attempt: change.attempt.and_then(|n| i32::try_from(n).ok()),
+                    node: &node.id,
+                };
                 if change.to.is_terminal() {
                     Sent::End {
                         run_id: clean(&change.run_id),
@@ -428,6 +489,7 @@ impl<'a> Sent<'a> {
                         allowed: allowed_from(change.to),
                         log: change.log.as_deref().and_then(log_text),
                         message,
+                        fence,
                     }
                 } else {
                     Sent::Move {
@@ -436,6 +498,7 @@ impl<'a> Sent<'a> {
                         at: nanos(change.at),
                         allowed: allowed_from(change.to),
                         message,
+                        fence,
                     }
                 }
             }
@@ -446,8 +509,13 @@ impl<'a> Sent<'a> {
                 reports.iter().map(|(id, _)| clean(id)).collect(),
                 reports.iter().map(|(_, p)| p.fraction).collect(),
                 reports.iter().map(|(_, p)| clean(&p.message)).collect(),
+                &node.id,
             ),
-            Write::Log(run_id, log, _) => Sent::Log(clean(run_id), log_text(log)),
+            // Nobody waits: a stopped run's own log.
+            Write::Log(run_id, log, None) => {
+                Sent::Log(clean(run_id), log_text(log), Some(&node.id))
+            }
+            Write::Log(run_id, log, Some(_)) => Sent::Log(clean(run_id), log_text(log), None),
             Write::Cleanup(cutoff, _) => Sent::Cleanup(nanos_clamped(*cutoff)),
             Write::Heartbeat => Sent::Heartbeat {
                 node,
@@ -488,6 +556,7 @@ pub(super) async fn apply_pipelined(
         PROGRESS,
         PROGRESS_MANY,
         SET_LOG,
+        SAVE_OWN_LOG,
         CLEANUP,
         RENEW,
         ANONYMOUS,
@@ -584,6 +653,8 @@ async fn send_many<'s>(
     let mut errors: Vec<Option<&str>> = Vec::new();
     let mut outputs: Vec<Option<&str>> = Vec::new();
     let mut logs: Vec<Option<&str>> = Vec::new();
+    let mut attempts: Vec<Option<i32>> = Vec::new();
+    let mut node = "";
     match &sent[indexes[0]] {
         Sent::Insert(_, node) => {
             return insert_many(tx, statement(INSERT_MANY), sent, indexes, *node).await;
@@ -602,11 +673,13 @@ async fn send_many<'s>(
                 at,
                 allowed,
                 message,
+                fence,
             } => {
-                (status, from) = (*to, allowed.as_slice());
+                (status, from, node) = (*to, allowed.as_slice(), fence.node);
                 ids.push(run_id);
                 ats.push(*at);
                 messages.push(message.as_deref());
+                attempts.push(fence.attempt);
             }
             Sent::End {
                 run_id,
@@ -618,8 +691,10 @@ async fn send_many<'s>(
                 allowed,
                 log,
                 message,
+                fence,
             } => {
-                (status, from, ends) = (*to, allowed.as_slice(), true);
+                (status, from, ends, node) = (*to, allowed.as_slice(), true, fence.node);
+                attempts.push(fence.attempt);
                 ids.push(run_id);
                 ats.push(*at);
                 messages.push(message.as_deref());
@@ -644,13 +719,15 @@ async fn send_many<'s>(
                 &from,
                 &logs,
                 &messages,
+                &attempts,
+                &node,
             ],
         )
         .await?
     } else {
         tx.query(
             statement(MOVE_MANY),
-            &[&ids, &status, &ats, &from, &messages],
+            &[&ids, &status, &ats, &from, &messages, &attempts, &node],
         )
         .await?
     };
@@ -676,6 +753,7 @@ async fn send<'s>(
         Sent::Insert(values, node) => {
             let mut params = values.params()[..15].to_vec();
             params.push(node);
+            params.push(&values.max_attempts);
             if tx.execute(statement(INSERT_RUN), &params).await? == 1 {
                 Some(Outcome::Done)
             } else {
@@ -692,13 +770,19 @@ async fn send<'s>(
                 .await?;
             Some(Outcome::Applied(row.map(|row| row.get(0))))
         }
-        Sent::ManyProgress(ids, fractions, messages) => {
-            tx.query(statement(PROGRESS_MANY), &[ids, fractions, messages])
+        Sent::ManyProgress(ids, fractions, messages, node) => {
+            tx.query(statement(PROGRESS_MANY), &[ids, fractions, messages, node])
                 .await?;
             Some(Outcome::Done)
         }
-        Sent::Log(run_id, log) => {
-            let changed = tx.execute(statement(SET_LOG), &[run_id, log]).await?;
+        Sent::Log(run_id, log, own) => {
+            let changed = match own {
+                None => tx.execute(statement(SET_LOG), &[run_id, log]).await?,
+                Some(node) => {
+                    tx.execute(statement(SAVE_OWN_LOG), &[run_id, log, node])
+                        .await?
+                }
+            };
             Some(Outcome::Count(
                 usize::try_from(changed).unwrap_or(usize::MAX),
             ))
@@ -818,6 +902,7 @@ async fn insert_many<'a>(
                 &optional(|r| r.module_version.as_deref()),
                 &optional(|r| r.log.as_deref()),
                 &node,
+                &runs.iter().map(|r| r.max_attempts).collect::<Vec<_>>(),
             ],
         )
         .await?;
@@ -843,12 +928,20 @@ fn statement_of(sent: &Sent<'_>) -> &'static [&'static str] {
         Sent::Move { .. } => &[MOVE_MANY],
         Sent::Progress(..) => &[PROGRESS],
         Sent::ManyProgress(..) => &[PROGRESS_MANY],
-        Sent::Log(..) => &[SET_LOG],
+        Sent::Log(.., None) => &[SET_LOG],
+        Sent::Log(.., Some(_)) => &[SAVE_OWN_LOG],
         Sent::Cleanup(_) => &[CLEANUP],
         Sent::Heartbeat { .. } => &[RENEW, ANONYMOUS, RESCUE, STRANDED, NAMED, PENDING_CANCELS],
         Sent::RequestCancel(..) => &[ANONYMOUS, CANCEL_QUEUED, NAMED, REQUEST_CANCEL],
         Sent::Nothing => &[],
     }
+}
+
+/// Who executes a new run (`None`: whichever node claims it), and how
+/// many attempts it may take.
+struct Owner<'a> {
+    node: Option<&'a str>,
+    max_attempts: u32,
 }
 
 /// What the write path needs of a stored run.
@@ -877,13 +970,15 @@ async fn current(
 async fn insert(
     tx: &Transaction<'_>,
     prepared: &mut Prepared,
-    node: Option<&str>,
+    owner: Owner<'_>,
     run: &Run,
     existing: Existing,
 ) -> Result<Outcome, tokio_postgres::Error> {
-    let values = RunValues::new(run, 1);
+    let Owner { node, max_attempts } = owner;
+    let values = RunValues::new(run, 1).with_attempts(max_attempts);
     let mut params = values.params()[..15].to_vec();
     params.push(&node);
+    params.push(&values.max_attempts);
     // The common case, a new id, takes one statement; only a conflict looks further.
     let statement = prepared.get(tx, INSERT_RUN).await?;
     if tx.execute(&statement, &params).await? == 1 {
@@ -989,6 +1084,8 @@ struct RunValues<'a> {
     module_version: Option<Cow<'a, str>>,
     log: Option<String>,
     history_len: i32,
+    /// How many attempts a run of the queue may take (1 for any other).
+    max_attempts: i32,
 }
 
 impl<'a> RunValues<'a> {
@@ -1010,7 +1107,13 @@ impl<'a> RunValues<'a> {
             module_version: run.module_version.as_deref().map(clean),
             log: log_text(&run.log),
             history_len,
+            max_attempts: 1,
         }
+    }
+
+    fn with_attempts(mut self, max_attempts: u32) -> RunValues<'a> {
+        self.max_attempts = i32::try_from(max_attempts).unwrap_or(i32::MAX).max(1);
+        self
     }
 
     fn params(&self) -> [&(dyn ToSql + Sync); 16] {
@@ -1219,6 +1322,10 @@ fn read_run(row: &Row) -> Result<Run, Error> {
             None => Vec::new(),
         },
         node: row.try_get(15).map_err(corrupt)?,
+        attempt: row
+            .try_get::<_, i32>(16)
+            .map_err(corrupt)
+            .map(|attempt| u32::try_from(attempt).ok().filter(|&n| n > 0))?,
     })
 }
 

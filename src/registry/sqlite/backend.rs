@@ -66,7 +66,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outc
     Ok(match write {
         Write::Insert(run, existing, _) => sql::insert(tx, run, *existing)?,
         // One process holds the file: a queued run is this process's.
-        Write::Enqueue(run, _) => sql::insert(tx, run, Existing::ReplaceFinished)?,
+        Write::Enqueue(run, ..) => sql::insert(tx, run, Existing::ReplaceFinished)?,
         Write::Replace(run, change, _) => sql::replace(tx, run, change.as_ref())?,
         Write::Transition(change, ..) => Outcome::Applied(sql::apply_transition(tx, change)?),
         Write::Progress(run_id, progress, _) => {

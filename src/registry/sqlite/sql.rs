@@ -306,6 +306,7 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
             None => Vec::new(),
         },
         node: None,
+        attempt: None,
     })
 }
 

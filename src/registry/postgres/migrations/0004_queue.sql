@@ -32,3 +32,7 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- How many attempts a run may take: a run whose node is lost while it
+-- runs is queued again while it has had fewer (its module opts in).
+ALTER TABLE runs ADD COLUMN max_attempts INTEGER NOT NULL DEFAULT 1;
