@@ -82,6 +82,31 @@ enum Command {
         /// nodes fail this node's active runs ("node lost").
         #[arg(long, default_value_t = 30.0)]
         node_lease: f64,
+        /// Remove finished runs this long after they end (30d, 12h, 90min),
+        /// in the background; `never` keeps them. A module's manifest may
+        /// say otherwise for its own runs ([retention]).
+        #[arg(long, default_value = "30d", value_name = "DURATION")]
+        retain: String,
+    },
+    /// Remove finished runs completed more than --older-than ago, with
+    /// their history and logs (through the server that holds the registry,
+    /// if one does). Active runs are never removed.
+    Cleanup {
+        /// How long ago they ended: 30d, 12h, 90min.
+        #[arg(long, value_name = "DURATION")]
+        older_than: String,
+        /// Only runs in this status (completed, failed, cancelled); repeat for more.
+        #[arg(long)]
+        status: Vec<RunStatus>,
+        /// Only runs of this module.
+        #[arg(long)]
+        module: Option<String>,
+        /// Count what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The bearer token of the server that holds the registry, if it has one.
+        #[arg(long, env = "MODRUN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Run a module once: progress on standard error, output as JSON on
     /// standard output, recorded in the registry (through the server that
@@ -266,7 +291,15 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             cors_origins,
             node,
             node_lease,
+            retain,
         } => {
+            let retain = match retain.trim() {
+                "never" => None,
+                age => Some(
+                    modrun::module::parse_age(age)
+                        .map_err(|e| anyhow::anyhow!("--retain: {e}, or never"))?,
+                ),
+            };
             let grace = Duration::try_from_secs_f64(grace)
                 .map_err(|_| anyhow::anyhow!("--grace must be a number of seconds, not {grace}"))?;
             let lease = Duration::try_from_secs_f64(node_lease)
@@ -292,6 +325,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     cors_origins,
                 },
                 node: serve::NodeOptions { name: node, lease },
+                retain,
             };
             return serve::run(options).await;
         }
@@ -348,6 +382,23 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Cancel { run, server, token } => return cancel(&server, &run, token.as_deref()),
+        Command::Cleanup {
+            older_than,
+            status,
+            module,
+            dry_run,
+            token,
+        } => {
+            return oneshot::cleanup(oneshot::CleanupRequest {
+                db: &cli.db,
+                token: token.as_deref(),
+                older_than: &older_than,
+                statuses: status,
+                module_id: module,
+                dry_run,
+            })
+            .await;
+        }
         Command::Runs { .. } | Command::Show { .. } => {}
     }
     let registry = Records::open(&cli.db).await?;
@@ -357,6 +408,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Serve { .. }
         | Command::Run { .. }
         | Command::Modules { .. }
+        | Command::Cleanup { .. }
         | Command::Cancel { .. } => unreachable!("handled above"),
         Command::Runs {
             status,

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use modrun::registry::{RunEvent, is_database_url};
+use modrun::registry::{Cleanup, RunEvent, is_database_url};
 use modrun::{
     BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, Run, RunRegistry, RunStatus,
 };
@@ -77,6 +77,84 @@ pub async fn run(request: RunRequest<'_>) -> anyhow::Result<ExitCode> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// What `modrun cleanup` removes.
+pub struct CleanupRequest<'a> {
+    pub db: &'a Path,
+    pub token: Option<&'a str>,
+    pub older_than: &'a str,
+    pub statuses: Vec<RunStatus>,
+    pub module_id: Option<String>,
+    pub dry_run: bool,
+}
+
+/// Removes finished runs (or counts them, with `dry_run`) from the
+/// registry at `db`, or through the server that holds it, and says how
+/// many.
+pub async fn cleanup(request: CleanupRequest<'_>) -> anyhow::Result<ExitCode> {
+    let age = match modrun::module::parse_age(request.older_than) {
+        Ok(age) => age,
+        Err(e) => {
+            eprintln!("error: --older-than: {e}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    if let Some(active) = request.statuses.iter().find(|s| s.is_active()) {
+        eprintln!("error: {active} runs are active and never removed; choose finished statuses");
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
+    let cleanup = Cleanup {
+        statuses: request.statuses.clone(),
+        module_id: request.module_id.clone(),
+        ..Cleanup::older_than(age)
+    };
+    let (removed, before) = match RunRegistry::open(&request.db.to_string_lossy()).await {
+        Ok(registry) => {
+            let removed = if request.dry_run {
+                registry.count_finished(&cleanup).await?
+            } else {
+                registry.cleanup(&cleanup).await?
+            };
+            registry.flush().await?;
+            (removed, cleanup.before.to_rfc3339())
+        }
+        Err(modrun::Error::RegistryInUse { .. }) => {
+            let api = Api {
+                base: server_address(request.db)?,
+                token: request.token.map(str::to_owned),
+            };
+            let body = serde_json::json!({
+                "older_than": request.older_than,
+                "statuses": request.statuses,
+                "module_id": request.module_id,
+                "dry_run": request.dry_run,
+            });
+            let (status, answer) =
+                tokio::task::spawn_blocking(move || api.send("POST", "/cleanup", Some(&body)))
+                    .await??;
+            if status != 200 {
+                eprintln!(
+                    "error: the server answered {status}: {}",
+                    answer["error"]["message"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                );
+                return Ok(ExitCode::from(if status == 400 { EXIT_USAGE } else { 1 }));
+            }
+            let removed = answer["removed"].as_u64().unwrap_or(0);
+            let before = answer["before"].as_str().unwrap_or("?").to_owned();
+            (usize::try_from(removed).unwrap_or(usize::MAX), before)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let verb = if request.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    println!("{verb} {removed} finished run(s) completed before {before}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Where a server over `db` writes its address: beside a SQLite file, and

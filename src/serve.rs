@@ -28,6 +28,33 @@ pub struct ServeOptions {
     pub limits: TaskLimits,
     pub browser: BrowserPolicy,
     pub node: NodeOptions,
+    /// How long finished runs are kept (`None`: for ever).
+    pub retain: Option<Duration>,
+}
+
+/// How often `serve` removes the finished runs past their retention.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Keeps the registry bounded: at once, then every [`RETENTION_EVERY`],
+/// removes the finished runs past `retain` or their module's own
+/// retention, in small batches that starts and status changes pass.
+fn keep_bounded(runner: ModuleRunner, retain: Option<Duration>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Some(cleanup) = runner.retention(retain) {
+                match runner.registry().cleanup(&cleanup).await {
+                    Ok(0) => {}
+                    Ok(removed) => {
+                        tracing::info!(removed, "removed finished runs past their retention");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot remove old runs now; trying again later");
+                    }
+                }
+            }
+            tokio::time::sleep(RETENTION_EVERY).await;
+        }
+    })
 }
 
 /// Who this server is among the nodes sharing a PostgreSQL registry.
@@ -234,6 +261,7 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
         &options.node,
     )
     .await?;
+    let retention = keep_bounded(stack.runner.clone(), options.retain);
     // `modrun run` finds the server holding the registry beside it.
     let address_file = crate::oneshot::address_file_of(&options.db, options.in_memory);
     let listening = Listening::start(
@@ -249,6 +277,7 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
 
     shutdown_signal().await;
     tracing::info!(grace = ?options.grace, "shutting down: no new runs; waiting for the running ones");
+    retention.abort();
     let report = stack.shutdown(options.grace).await;
     listening.stop().await;
     match report {

@@ -135,6 +135,73 @@ pub(super) async fn start_run(
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }
 
+/// What `POST /cleanup` asks for.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CleanupRequest {
+    older_than: String,
+    #[serde(default)]
+    statuses: Vec<RunStatus>,
+    module_id: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Removes finished runs completed more than `older_than` ago (of the
+/// given statuses and module), with their history and logs, or with
+/// `dry_run` only counts them: `{"removed": n, "dry_run": b, "before": t}`.
+pub(super) async fn cleanup(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        ApiError::new(rejection.status(), "unreadable_body", rejection.body_text())
+    })?;
+    check_json_content_type(&headers, false)?;
+    let request: CleanupRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_cleanup",
+            format!("the body is not a cleanup request: {e}"),
+        )
+    })?;
+    let age = crate::module::parse_age(&request.older_than).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_cleanup",
+            format!("older_than: {e}"),
+        )
+    })?;
+    if let Some(active) = request.statuses.iter().find(|s| s.is_active()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_cleanup",
+            format!("{active} runs are active and never removed; choose finished statuses"),
+        ));
+    }
+    if let Some(module_id) = &request.module_id {
+        checked_module_id(module_id)?;
+    }
+    let cleanup = crate::registry::Cleanup {
+        statuses: request.statuses,
+        module_id: request.module_id,
+        ..crate::registry::Cleanup::older_than(age)
+    };
+    let registry = state.runner.registry();
+    let removed = if request.dry_run {
+        registry.count_finished(&cleanup).await?
+    } else {
+        registry.cleanup(&cleanup).await?
+    };
+    Ok(Json(json!({
+        "removed": removed,
+        "dry_run": request.dry_run,
+        "before": cleanup.before,
+    }))
+    .into_response())
+}
+
 /// A body must be declared JSON: a page on another site can send a
 /// `text/plain` or form body without asking, never a JSON one. An empty
 /// body without a content type is no parameters.

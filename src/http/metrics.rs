@@ -93,6 +93,8 @@ impl Counts {
 }
 
 pub(super) async fn render(State(state): State<AppState>) -> Response {
+    // Asked first: nothing is held across the wait.
+    let disk_bytes = state.runner.registry().disk_bytes().await;
     let manager = state.runner.manager();
     let counts = lock(&state.metrics.inner);
     let mut text = String::new();
@@ -151,5 +153,34 @@ pub(super) async fn render(State(state): State<AppState>) -> Response {
         counts.reload_failures
     );
     drop(counts);
+    let registry = state.runner.registry();
+    let retention = registry.retention_stats();
+    let _ = writeln!(
+        text,
+        "# HELP modrun_runs_removed_total Finished runs removed by cleanups."
+    );
+    let _ = writeln!(text, "# TYPE modrun_runs_removed_total counter");
+    let _ = writeln!(text, "modrun_runs_removed_total {}", retention.removed);
+    if let Some(last) = retention.last_cleanup {
+        let _ = writeln!(
+            text,
+            "# HELP modrun_last_cleanup_timestamp_seconds When the last cleanup finished."
+        );
+        let _ = writeln!(text, "# TYPE modrun_last_cleanup_timestamp_seconds gauge");
+        let _ = writeln!(
+            text,
+            "modrun_last_cleanup_timestamp_seconds {}",
+            last.timestamp()
+        );
+    }
+    // A registry that cannot say (or be asked now) is left out.
+    if let Ok(Some(bytes)) = disk_bytes {
+        let _ = writeln!(
+            text,
+            "# HELP modrun_registry_bytes The registry's size on disk."
+        );
+        let _ = writeln!(text, "# TYPE modrun_registry_bytes gauge");
+        let _ = writeln!(text, "modrun_registry_bytes {bytes}");
+    }
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }

@@ -84,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .route("/tasks/{run_id}", delete(handlers::cancel_run))
         .route("/events", get(events::stream))
         .route("/metrics", get(metrics::render))
+        .route("/cleanup", post(handlers::cleanup))
         .route("/openapi.json", get(handlers::openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let cors = cors_layer(&state.browser);

@@ -22,6 +22,10 @@
 //!
 //! [component]
 //! allow_symlink = false      # may plugins/<id>.wasm be a symbolic link
+//!
+//! [retention]                # instead of `serve --retain`, for this module
+//! keep = "7d"                # its finished runs, this long after they end
+//! keep_failed = "90d"        # its failed runs (wins over `keep`)
 //! ```
 //!
 //! Whatever the grants, a module opens only regular files and directories
@@ -114,6 +118,16 @@ pub struct ComponentFile {
     pub allow_symlink: bool,
 }
 
+/// How long a module's finished runs are kept, where it says (instead of
+/// the server's `--retain`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Its finished runs, this long after they end.
+    pub keep: Option<Duration>,
+    /// Its failed runs (wins over `keep` for them).
+    pub keep_failed: Option<Duration>,
+}
+
 /// A parsed manifest: limits and grants.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -123,6 +137,8 @@ pub struct Manifest {
     pub grants: Grants,
     /// How the component file may be found.
     pub component: ComponentFile,
+    /// How long its finished runs are kept.
+    pub retention: Retention,
 }
 
 /// The longest manifest read, in bytes.
@@ -137,6 +153,15 @@ struct ManifestFile {
     grants: Grants,
     #[serde(default)]
     component: ComponentFile,
+    #[serde(default)]
+    retention: RetentionFile,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionFile {
+    keep: Option<String>,
+    keep_failed: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -267,12 +292,34 @@ impl Manifest {
         {
             return Err(format!("grants.env: {name:?} is not a variable name"));
         }
+        let keep = |key: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
+            value
+                .as_deref()
+                .map(|text| parse_age(text).map_err(|e| format!("retention.{key}: {e}")))
+                .transpose()
+        };
+        let retention = Retention {
+            keep: keep("keep", &file.retention.keep)?,
+            keep_failed: keep("keep_failed", &file.retention.keep_failed)?,
+        };
         Ok(Manifest {
             limits,
             grants: file.grants,
             component: file.component,
+            retention,
         })
     }
+}
+
+/// A retention age such as `30d`, `12h` or `90min`: at least a second.
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let age = humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("{text:?} is not a duration ({e}); write it like 30d, 12h or 90min")
+    })?;
+    if age < Duration::from_secs(1) {
+        return Err(format!("{text:?} is shorter than a second"));
+    }
+    Ok(age)
 }
 
 #[cfg(test)]
@@ -302,6 +349,13 @@ mod tests {
         let retried = "[limits]\nretry_on_node_loss = true\n";
         let retried = Manifest::parse(retried, &ModuleLimits::default(), CEILING).unwrap();
         assert_eq!(retried.limits.max_attempts, 3);
+        let kept = "[retention]\nkeep = \"7d\"\nkeep_failed = \"12h\"\n";
+        let kept = Manifest::parse(kept, &ModuleLimits::default(), CEILING).unwrap();
+        assert_eq!(kept.retention.keep, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(
+            kept.retention.keep_failed,
+            Some(Duration::from_secs(12 * 3600))
+        );
     }
 
     #[test]
@@ -316,6 +370,12 @@ mod tests {
             ),
             ("[limits]\nmax_output_kib = 0\n", "max_output_kib"),
             ("[limits]\nmax_attempts = 3\n", "needs retry_on_node_loss"),
+            ("[retention]\nkeep = \"soon\"\n", "retention.keep"),
+            (
+                "[retention]\nkeep_failed = \"0s\"\n",
+                "shorter than a second",
+            ),
+            ("[retention]\nkeep_all = \"1d\"\n", "unknown field"),
             (
                 "[limits]\nretry_on_node_loss = true\nmax_attempts = 11\n",
                 "from 2 to 10",

@@ -29,6 +29,6 @@ pub use loader::{
     CompileStats, LoadFailure, LoadReport, ModuleHost, ModuleInfo, ModuleSummary, ReloadEvent,
     is_safe_module_id,
 };
-pub use manifest::{ComponentFile, DirGrant, Grants, Manifest, ModuleLimits};
+pub use manifest::{ComponentFile, DirGrant, Grants, Manifest, ModuleLimits, Retention, parse_age};
 pub use reload::{DEFAULT_DEBOUNCE, Reloader, changes_content};
 pub use runner::{CancelAnswer, ModuleRunner};

@@ -17,7 +17,7 @@ use super::output::CappedOutput;
 use crate::cluster::{Claimer, Versions};
 use crate::error::{Error, Result};
 use crate::manager::{BackgroundTaskManager, Failure, Gate, Room, TaskOutput};
-use crate::registry::RunRegistry;
+use crate::registry::{Cleanup, Override, RunRegistry, ago};
 use crate::run::{
     EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, Transition,
 };
@@ -351,6 +351,41 @@ impl ModuleRunner {
             Some(node) if node.is_empty() => CancelAnswer::Cancelled,
             Some(node) => CancelAnswer::Asked(node),
             None => CancelAnswer::NotActive,
+        })
+    }
+
+    /// The cleanup that keeps the registry within `retain` (`None`: keep
+    /// runs for ever) and within each loaded module's own retention
+    /// (its manifest's `[retention]`); `None` when nothing is ever removed.
+    #[must_use]
+    pub fn retention(&self, retain: Option<std::time::Duration>) -> Option<Cleanup> {
+        let mut overrides = Vec::new();
+        for module in self.host.modules() {
+            let retention = &module.manifest.retention;
+            let id = &module.info.id;
+            if let Some(keep) = retention.keep {
+                overrides.push(Override {
+                    module_id: id.clone(),
+                    status: None,
+                    before: ago(keep),
+                });
+            }
+            if let Some(keep) = retention.keep_failed {
+                overrides.push(Override {
+                    module_id: id.clone(),
+                    status: Some(RunStatus::Failed),
+                    before: ago(keep),
+                });
+            }
+        }
+        if retain.is_none() && overrides.is_empty() {
+            return None;
+        }
+        Some(Cleanup {
+            before: retain.map_or(chrono::DateTime::<chrono::Utc>::MIN_UTC, ago),
+            statuses: Vec::new(),
+            module_id: None,
+            overrides,
         })
     }
 

@@ -7,6 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use super::Cleanup;
 use super::{
     Existing, OnUnavailable, RunFilter, RunStore, RunSummary, Taken, check_replace, on_taken,
 };
@@ -168,14 +169,27 @@ impl RunStore for MemoryStore {
             .unwrap_or_default())
     }
 
-    async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {
+    async fn remove_finished(&self, cleanup: &Cleanup, limit: usize) -> Result<usize> {
         let mut runs = self.lock();
-        let before = runs.len();
-        runs.retain(|_, entry| {
-            !(entry.run.status.is_terminal()
-                && entry.run.completed_at.is_some_and(|at| at < cutoff))
-        });
-        Ok(before - runs.len())
+        let mut doomed: Vec<(DateTime<Utc>, String)> = runs
+            .values()
+            .filter(|entry| cleanup.matches(&entry.run))
+            .map(|entry| (entry.run.created_at, entry.run.run_id.clone()))
+            .collect();
+        doomed.sort();
+        doomed.truncate(limit);
+        for (_, run_id) in &doomed {
+            runs.remove(run_id);
+        }
+        Ok(doomed.len())
+    }
+
+    async fn count_finished(&self, cleanup: &Cleanup) -> Result<usize> {
+        Ok(self
+            .lock()
+            .values()
+            .filter(|entry| cleanup.matches(&entry.run))
+            .count())
     }
 
     async fn flush(&self) -> Result<()> {

@@ -16,11 +16,13 @@
 
 mod memory;
 mod postgres;
+mod retention;
 mod sqlite;
 mod writer;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,6 +34,7 @@ pub use memory::MemoryStore;
 pub use postgres::{
     DEFAULT_LEASE, PostgresOptions, PostgresStore, STATEMENT_WAIT, default_node_name,
 };
+pub use retention::{Cleanup, Override, ago};
 pub use sqlite::{INTERRUPTED, SqliteOptions, SqliteReader, SqliteStore, Synchronous};
 
 use crate::error::Result;
@@ -166,6 +169,9 @@ pub(crate) fn listing_sql(columns: &str, filter: &RunFilter, mark: char) -> Stri
         sql.push_str(&format!(" AND status IN ({})", names.join(", ")));
         if filter.statuses.iter().all(|s| s.is_active()) {
             sql.push_str(" AND status IN ('queued', 'running')");
+        } else if filter.statuses.iter().all(|s| s.is_terminal()) {
+            // Likewise for the finished runs' index by status.
+            sql.push_str(" AND status IN ('completed', 'failed', 'cancelled')");
         }
     }
     if filter.module_id.is_some() {
@@ -411,9 +417,19 @@ pub trait RunStore: Send + Sync + 'static {
     /// The status changes of a run, oldest first (empty if unknown).
     async fn history(&self, run_id: &str) -> Result<Vec<StatusChange>>;
 
-    /// Deletes finished runs completed before `cutoff`, with their history;
-    /// returns how many.
-    async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize>;
+    /// Removes the oldest runs `cleanup` matches, at most `limit` of them,
+    /// with their history and logs; returns how many. Active runs are
+    /// never removed.
+    async fn remove_finished(&self, cleanup: &Cleanup, limit: usize) -> Result<usize>;
+
+    /// How many runs `cleanup` would remove.
+    async fn count_finished(&self, cleanup: &Cleanup) -> Result<usize>;
+
+    /// The bytes the store takes on disk, where it can tell (`None` by
+    /// default).
+    async fn disk_bytes(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
 
     /// Returns once every change made so far is durable.
     async fn flush(&self) -> Result<()>;
@@ -552,7 +568,30 @@ pub struct RunRegistry {
     store: Arc<dyn RunStore>,
     events: broadcast::Sender<RunEvent>,
     cancel_requests: Arc<std::sync::Mutex<Option<mpsc::Receiver<String>>>>,
+    retention: Arc<Removed>,
 }
+
+/// What cleanups removed, counted as they go.
+#[derive(Default)]
+struct Removed {
+    removed: AtomicU64,
+    /// When the last cleanup finished (Unix seconds; 0: none yet).
+    last_cleanup: AtomicI64,
+}
+
+/// What cleanups removed since a registry was opened
+/// ([`RunRegistry::retention_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RetentionStats {
+    /// Runs removed.
+    pub removed: u64,
+    /// When the last cleanup finished.
+    pub last_cleanup: Option<DateTime<Utc>>,
+}
+
+/// How many runs one write of a cleanup removes at most: small enough
+/// that the writes queued behind it wait a few milliseconds at most.
+pub const CLEANUP_BATCH: usize = 500;
 
 impl std::fmt::Debug for RunRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -573,6 +612,7 @@ impl RunRegistry {
             store: Arc::new(store),
             events,
             cancel_requests: Arc::new(std::sync::Mutex::new(Some(cancel_requests))),
+            retention: Arc::new(Removed::default()),
         }
     }
 
@@ -947,11 +987,52 @@ impl RunRegistry {
     /// Deletes finished runs that completed more than `older_than` ago, with
     /// their history, and returns how many. Active runs are never deleted.
     pub async fn cleanup_old_runs(&self, older_than: Duration) -> Result<usize> {
-        let age = chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
-        let cutoff = Utc::now()
-            .checked_sub_signed(age)
-            .unwrap_or(DateTime::<Utc>::MIN_UTC);
-        self.store.cleanup(cutoff).await
+        self.cleanup(&Cleanup::older_than(older_than)).await
+    }
+
+    /// Removes every run `cleanup` matches, with its history and log, in
+    /// batches of [`CLEANUP_BATCH`] (each its own short write, so starts
+    /// and status changes go on meanwhile); returns how many. Active runs
+    /// are never removed.
+    pub async fn cleanup(&self, cleanup: &Cleanup) -> Result<usize> {
+        let mut removed = 0;
+        loop {
+            let batch = self.store.remove_finished(cleanup, CLEANUP_BATCH).await?;
+            removed += batch;
+            self.retention
+                .removed
+                .fetch_add(batch as u64, Ordering::Relaxed);
+            if batch < CLEANUP_BATCH {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        self.retention
+            .last_cleanup
+            .store(Utc::now().timestamp(), Ordering::Relaxed);
+        Ok(removed)
+    }
+
+    /// How many runs `cleanup` would remove, removing none.
+    pub async fn count_finished(&self, cleanup: &Cleanup) -> Result<usize> {
+        self.store.count_finished(cleanup).await
+    }
+
+    /// The bytes the registry takes on disk, where its store can tell.
+    pub async fn disk_bytes(&self) -> Result<Option<u64>> {
+        self.store.disk_bytes().await
+    }
+
+    /// What cleanups removed since this registry was opened.
+    #[must_use]
+    pub fn retention_stats(&self) -> RetentionStats {
+        let last = self.retention.last_cleanup.load(Ordering::Relaxed);
+        RetentionStats {
+            removed: self.retention.removed.load(Ordering::Relaxed),
+            last_cleanup: (last != 0)
+                .then(|| DateTime::from_timestamp(last, 0))
+                .flatten(),
+        }
     }
 
     /// Returns once every change made so far is durable.

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::registry::{Existing, OnUnavailable, StoreHealth};
+use crate::registry::{Cleanup, Existing, OnUnavailable, StoreHealth};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -76,7 +76,8 @@ pub(super) enum Write {
     TakenProgress(Vec<(String, Progress)>),
     /// A log to save; with no reply, nobody waits and it is held.
     Log(String, Vec<LogEntry>, Option<Reply<bool>>),
-    Cleanup(DateTime<Utc>, Reply<usize>),
+    /// Removes the oldest runs (at most this many) a cleanup matches.
+    Cleanup(Cleanup, usize, Reply<usize>),
     Flush(Reply<()>),
     /// Nothing to write: wakes the writer to find out what the checkpoint
     /// thread noticed (the file deleted or replaced).
@@ -394,7 +395,7 @@ fn answer(write: Write, outcome: Outcome) {
                 _ => None,
             }));
         }
-        Write::Cleanup(_, reply) => {
+        Write::Cleanup(.., reply) => {
             let _ = reply.send(outcome.into_result(|o| match o {
                 Outcome::Count(n) => Some(n),
                 _ => None,
@@ -536,8 +537,8 @@ impl Queue {
             .await
     }
 
-    pub(super) async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {
-        self.write_or_refuse(|reply| Write::Cleanup(cutoff, reply))
+    pub(super) async fn remove_finished(&self, cleanup: &Cleanup, limit: usize) -> Result<usize> {
+        self.write_or_refuse(|reply| Write::Cleanup(cleanup.clone(), limit, reply))
             .await
     }
 

@@ -64,5 +64,9 @@ mod cluster;
 /// can run settled.
 mod queue;
 
+/// Retention: `serve --retain` and `modrun cleanup` remove finished runs
+/// past their limits, never active ones, and the file shrinks.
+mod retention;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;

@@ -51,6 +51,7 @@ contract!(
     a_finished_id_is_replaced_with_a_fresh_history,
     queries_filter_and_order_newest_first,
     cleanup_deletes_only_old_finished_runs,
+    a_cleanup_applies_module_limits_and_counts_what_it_would_remove,
     progress_is_stored_for_active_runs_only,
     subscribers_see_every_change_in_order,
     racing_terminal_changes_have_exactly_one_winner,
@@ -381,6 +382,79 @@ async fn cleanup_deletes_only_old_finished_runs(registry: RunRegistry) {
     assert_eq!(registry.cleanup_old_runs(day).await.unwrap(), 0);
     assert_eq!(registry.cleanup_old_runs(Duration::MAX).await.unwrap(), 0);
     assert_eq!(registry.cleanup_old_runs(Duration::ZERO).await.unwrap(), 1);
+}
+
+async fn a_cleanup_applies_module_limits_and_counts_what_it_would_remove(registry: RunRegistry) {
+    let days = |n: i64| chrono::Utc::now() - chrono::Duration::days(n);
+    // (module, how it ended, days ago)
+    let plan = [
+        ("a", RunStatus::Failed, 40),
+        ("a", RunStatus::Completed, 40),
+        ("a", RunStatus::Cancelled, 40),
+        ("b", RunStatus::Failed, 40),
+        ("b", RunStatus::Completed, 20),
+        ("c", RunStatus::Completed, 5),
+    ];
+    let mut ids = Vec::new();
+    for (module, status, ago) in plan {
+        let run = sample_run(module);
+        registry.add_run(&run).await.unwrap();
+        let mut end = match status {
+            RunStatus::Failed => Transition::failed(&run.run_id, 1, "x"),
+            RunStatus::Cancelled => Transition::cancelled(&run.run_id, "x"),
+            _ => Transition::completed(&run.run_id, json!(1)),
+        };
+        end.at = days(ago);
+        assert!(registry.transition(&end).await.unwrap());
+        ids.push(run.run_id);
+    }
+    let active = sample_run("a");
+    registry.add_run(&active).await.unwrap();
+
+    // 30 days, but b keeps its runs 10 days and its failures 60.
+    let cleanup = modrun::registry::Cleanup {
+        before: days(30),
+        statuses: Vec::new(),
+        module_id: None,
+        overrides: vec![
+            modrun::registry::Override {
+                module_id: "b".into(),
+                status: None,
+                before: days(10),
+            },
+            modrun::registry::Override {
+                module_id: "b".into(),
+                status: Some(RunStatus::Failed),
+                before: days(60),
+            },
+        ],
+    };
+    let only_failed = modrun::registry::Cleanup {
+        statuses: vec![RunStatus::Failed],
+        ..cleanup.clone()
+    };
+    let only_c = modrun::registry::Cleanup {
+        module_id: Some("c".into()),
+        ..cleanup.clone()
+    };
+    assert_eq!(registry.count_finished(&only_failed).await.unwrap(), 1);
+    assert_eq!(registry.count_finished(&only_c).await.unwrap(), 0);
+    assert_eq!(registry.count_finished(&cleanup).await.unwrap(), 4);
+    // Counting removed nothing.
+    for run_id in &ids {
+        assert!(registry.get_run(run_id).await.unwrap().is_some());
+    }
+    assert_eq!(registry.cleanup(&cleanup).await.unwrap(), 4);
+    let left: Vec<bool> =
+        futures_util::future::join_all(ids.iter().map(|run_id| registry.get_run(run_id)))
+            .await
+            .into_iter()
+            .map(|run| run.unwrap().is_some())
+            .collect();
+    assert_eq!(left, [false, false, false, true, false, true]);
+    assert!(registry.get_run(&active.run_id).await.unwrap().is_some());
+    assert_eq!(registry.retention_stats().removed, 4);
+    assert!(registry.retention_stats().last_cleanup.is_some());
 }
 
 async fn progress_is_stored_for_active_runs_only(registry: RunRegistry) {

@@ -42,7 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::writer::{Backend, NotCommitted, Outcome, Queue, Shared, Write};
 use super::{
-    Existing, OnUnavailable, RunEvent, RunFilter, RunStore, RunSummary, StoreHealth, Wanted,
+    Cleanup, Existing, OnUnavailable, RunEvent, RunFilter, RunStore, RunSummary, StoreHealth,
+    Wanted,
 };
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
@@ -54,6 +55,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_nodes.sql"),
     include_str!("migrations/0003_events.sql"),
     include_str!("migrations/0004_queue.sql"),
+    include_str!("migrations/0005_retention.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says
@@ -390,8 +392,27 @@ impl RunStore for PostgresStore {
             .await
     }
 
-    async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {
-        self.writes.cleanup(cutoff).await
+    async fn remove_finished(&self, cleanup: &Cleanup, limit: usize) -> Result<usize> {
+        self.writes.remove_finished(cleanup, limit).await
+    }
+
+    async fn count_finished(&self, cleanup: &Cleanup) -> Result<usize> {
+        self.read(async |client| sql::count_finished(client, cleanup).await)
+            .await
+    }
+
+    async fn disk_bytes(&self) -> Result<Option<u64>> {
+        self.read(async |client| {
+            let row = client
+                .query_one(
+                    "SELECT (pg_total_relation_size('runs') \
+                     + pg_total_relation_size('run_history'))::bigint",
+                    &[],
+                )
+                .await?;
+            Ok(u64::try_from(row.get::<_, i64>(0)).ok())
+        })
+        .await
     }
 
     async fn flush(&self) -> Result<()> {

@@ -17,8 +17,8 @@ use tokio_postgres::{Row, Statement, Transaction};
 use crate::error::Error;
 use crate::registry::writer::{Outcome, Write};
 use crate::registry::{
-    Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Wanted, check_replace,
-    listing_sql, mark_cut, on_taken, run_columns,
+    Cleanup, Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Wanted,
+    check_replace, listing_sql, mark_cut, on_taken, run_columns,
 };
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange};
 
@@ -286,8 +286,22 @@ const SET_LOG: &str = "UPDATE runs SET log = $2 WHERE run_id = $1";
 /// (another settled or re-ran it) cannot overwrite the log there.
 const SAVE_OWN_LOG: &str = "UPDATE runs SET log = $2 WHERE run_id = $1 AND node = $3";
 
-const CLEANUP: &str =
-    "DELETE FROM runs WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < $1";
+/// Removes the runs a cleanup matches, oldest-ended first (their history
+/// goes with them): at most `$8`, ended before the latest limit `$1`, in the
+/// statuses `$2`, of module `$3` (any if NULL), completed before their
+/// module's own limit (`$4`..`$6`: module, status or NULL, limit) or else
+/// `$7`. One node at a time: a node that finds another removing removes
+/// nothing this time.
+const REMOVE_FINISHED: &str = "WITH turn AS (SELECT \
+     pg_try_advisory_xact_lock(hashtext(current_schema() || ' cleanup')) AS mine), \
+     doomed AS (SELECT r.id FROM runs r WHERE (SELECT mine FROM turn) \
+     AND r.status IN ('completed', 'failed', 'cancelled') AND r.completed_at < $1 \
+     AND r.status = ANY($2) AND ($3::text IS NULL OR r.module_id = $3) \
+     AND r.completed_at < coalesce((SELECT o.before FROM unnest($4::text[], $5::text[], \
+     $6::int8[]) AS o(module, status, before) WHERE o.module = r.module_id \
+     AND coalesce(o.status, r.status) = r.status ORDER BY o.status IS NULL LIMIT 1), $7) \
+     ORDER BY r.completed_at LIMIT $8 FOR UPDATE SKIP LOCKED) \
+     DELETE FROM runs WHERE id IN (SELECT id FROM doomed)";
 
 /// The node a writer records runs for, how long its lease lasts, and
 /// where it hands the cancels other nodes asked of it.
@@ -430,7 +444,7 @@ enum Sent<'a> {
     ManyProgress(Vec<Cow<'a, str>>, Vec<f64>, Vec<Cow<'a, str>>, &'a str),
     /// A log, and the node whose stopped run it is (fenced), if it is one.
     Log(Cow<'a, str>, Option<String>, Option<&'a str>),
-    Cleanup(i64),
+    Cleanup(CleanupValues, i64),
     Heartbeat {
         node: &'a Node,
         lease: i64,
@@ -516,7 +530,10 @@ impl<'a> Sent<'a> {
                 Sent::Log(clean(run_id), log_text(log), Some(&node.id))
             }
             Write::Log(run_id, log, Some(_)) => Sent::Log(clean(run_id), log_text(log), None),
-            Write::Cleanup(cutoff, _) => Sent::Cleanup(nanos_clamped(*cutoff)),
+            Write::Cleanup(cleanup, limit, _) => Sent::Cleanup(
+                CleanupValues::new(cleanup),
+                i64::try_from(*limit).unwrap_or(i64::MAX),
+            ),
             Write::Heartbeat => Sent::Heartbeat {
                 node,
                 lease: i64::try_from(node.lease.as_millis()).unwrap_or(i64::MAX),
@@ -557,7 +574,7 @@ pub(super) async fn apply_pipelined(
         PROGRESS_MANY,
         SET_LOG,
         SAVE_OWN_LOG,
-        CLEANUP,
+        REMOVE_FINISHED,
         RENEW,
         ANONYMOUS,
         RESCUE,
@@ -787,8 +804,10 @@ async fn send<'s>(
                 usize::try_from(changed).unwrap_or(usize::MAX),
             ))
         }
-        Sent::Cleanup(cutoff) => {
-            let deleted = tx.execute(statement(CLEANUP), &[cutoff]).await?;
+        Sent::Cleanup(values, limit) => {
+            let mut params = values.params();
+            params.push(limit);
+            let deleted = tx.execute(statement(REMOVE_FINISHED), &params).await?;
             Some(Outcome::Count(
                 usize::try_from(deleted).unwrap_or(usize::MAX),
             ))
@@ -930,7 +949,7 @@ fn statement_of(sent: &Sent<'_>) -> &'static [&'static str] {
         Sent::ManyProgress(..) => &[PROGRESS_MANY],
         Sent::Log(.., None) => &[SET_LOG],
         Sent::Log(.., Some(_)) => &[SAVE_OWN_LOG],
-        Sent::Cleanup(_) => &[CLEANUP],
+        Sent::Cleanup(..) => &[REMOVE_FINISHED],
         Sent::Heartbeat { .. } => &[RENEW, ANONYMOUS, RESCUE, STRANDED, NAMED, PENDING_CANCELS],
         Sent::RequestCancel(..) => &[ANONYMOUS, CANCEL_QUEUED, NAMED, REQUEST_CANCEL],
         Sent::Nothing => &[],
@@ -1190,6 +1209,77 @@ pub(super) async fn release(
     )
     .await?;
     Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+/// The values of a cleanup's condition, in [`REMOVE_FINISHED`]'s order.
+pub(super) struct CleanupValues {
+    latest: i64,
+    statuses: Vec<&'static str>,
+    module: Option<String>,
+    modules: Vec<String>,
+    statuses_of: Vec<Option<&'static str>>,
+    befores: Vec<i64>,
+    before: i64,
+}
+
+impl CleanupValues {
+    fn new(cleanup: &Cleanup) -> CleanupValues {
+        CleanupValues {
+            latest: nanos_clamped(cleanup.latest()),
+            statuses: cleanup
+                .finished_statuses()
+                .into_iter()
+                .map(RunStatus::as_str)
+                .collect(),
+            module: cleanup.module_id.as_deref().map(|m| clean(m).into_owned()),
+            modules: cleanup
+                .overrides
+                .iter()
+                .map(|o| clean(&o.module_id).into_owned())
+                .collect(),
+            statuses_of: cleanup
+                .overrides
+                .iter()
+                .map(|o| o.status.map(RunStatus::as_str))
+                .collect(),
+            befores: cleanup
+                .overrides
+                .iter()
+                .map(|o| nanos_clamped(o.before))
+                .collect(),
+            before: nanos_clamped(cleanup.before),
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.latest,
+            &self.statuses,
+            &self.module,
+            &self.modules,
+            &self.statuses_of,
+            &self.befores,
+            &self.before,
+        ]
+    }
+}
+
+/// How many runs a cleanup would remove.
+pub(super) async fn count_finished(
+    client: &ClientWrapper,
+    cleanup: &Cleanup,
+) -> Result<usize, ReadError> {
+    let (_, condition) = REMOVE_FINISHED
+        .split_once("FROM runs r WHERE (SELECT mine FROM turn) AND ")
+        .expect("the statement names its condition");
+    let (condition, _) = condition
+        .split_once(" ORDER BY r.completed_at")
+        .expect("the statement orders its runs");
+    let sql = format!("SELECT count(*) FROM runs r WHERE {condition}");
+    let values = CleanupValues::new(cleanup);
+    let statement = client.prepare_cached(&sql).await?;
+    let row = client.query_one(&statement, &values.params()).await?;
+    Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
 
 pub(super) async fn select_run(

@@ -83,7 +83,9 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outc
             tx.prepare_cached("UPDATE runs SET log = ?2 WHERE run_id = ?1")?
                 .execute(params![run_id, sql::log_text(log)?])?,
         ),
-        Write::Cleanup(cutoff, _) => Outcome::Count(sql::delete_finished_before(tx, *cutoff)?),
+        Write::Cleanup(cleanup, limit, _) => {
+            Outcome::Count(sql::remove_finished(tx, cleanup, *limit)?)
+        }
         Write::Flush(_) | Write::Check | Write::Heartbeat => Outcome::Done,
         // One process holds the file: no other executes its runs.
         Write::RequestCancel(..) => Outcome::Applied(None),

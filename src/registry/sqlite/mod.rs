@@ -47,13 +47,12 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 pub use reader::SqliteReader;
 use rusqlite::Connection;
 pub use schema::INTERRUPTED;
 
 use super::writer::{Queue, Shared, Write};
-use super::{Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth};
+use super::{Cleanup, Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth};
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
 use backend::SqliteBackend;
@@ -264,8 +263,25 @@ impl RunStore for SqliteStore {
             .await
     }
 
-    async fn cleanup(&self, cutoff: DateTime<Utc>) -> Result<usize> {
-        self.writes.cleanup(cutoff).await
+    async fn remove_finished(&self, cleanup: &Cleanup, limit: usize) -> Result<usize> {
+        self.writes.remove_finished(cleanup, limit).await
+    }
+
+    async fn count_finished(&self, cleanup: &Cleanup) -> Result<usize> {
+        let cleanup = cleanup.clone();
+        self.read(move |conn| sql::count_finished(conn, &cleanup))
+            .await
+    }
+
+    async fn disk_bytes(&self) -> Result<Option<u64>> {
+        // The file, and its write-ahead log until it is checkpointed.
+        let mut bytes = 0;
+        for suffix in ["", "-wal"] {
+            let mut path = self.path().as_os_str().to_owned();
+            path.push(suffix);
+            bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+        }
+        Ok(Some(bytes))
     }
 
     async fn flush(&self) -> Result<()> {

@@ -17,6 +17,7 @@ use crate::run::{EXIT_FAILURE, Transition};
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_run_log.sql"),
+    include_str!("migrations/0003_retention.sql"),
 ];
 
 /// The message recorded on runs found unfinished when the registry opens.
@@ -80,6 +81,7 @@ fn prepare_writer(conn: &mut Connection, synchronous: Synchronous) -> Result<(),
     // not a database, before anything is written to it.
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
         .map_err(|e| describe(&e))?;
+    incremental_vacuum(conn)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
         .map_err(|e| describe(&e))?;
@@ -98,11 +100,38 @@ fn prepare_writer(conn: &mut Connection, synchronous: Synchronous) -> Result<(),
     )
     .map_err(|e| describe(&e))?;
     // A 64 MiB page cache. Checkpoints (copying the log into the database
-    // file) are the checkpoint thread's job, not the writer's.
+    // file) are the checkpoint thread's job, not the writer's; after one,
+    // the log file is cut back to 16 MiB.
     conn.pragma_update(None, "cache_size", -65536)
         .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 0))
+        .and_then(|()| conn.pragma_update(None, "journal_size_limit", 16 << 20))
         .map_err(|e| describe(&e))?;
     conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// Puts the file in incremental auto-vacuum mode, so that the space of
+/// removed runs goes back to the filesystem as cleanups go: a new file
+/// before anything is written to it, a file an older modrun made by
+/// rewriting it once (`VACUUM`, which takes a while on a large file).
+fn incremental_vacuum(conn: &Connection) -> Result<(), String> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = conn
+        .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
+        .map_err(|e| describe(&e))?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |row| row.get(0))
+        .map_err(|e| describe(&e))?;
+    conn.pragma_update(None, "auto_vacuum", INCREMENTAL)
+        .map_err(|e| describe(&e))?;
+    if pages > 0 {
+        tracing::info!("rewriting the registry file once, so that cleanups give space back");
+        conn.execute_batch("VACUUM")
+            .map_err(|e| format!("cannot rewrite it for incremental vacuum: {}", describe(&e)))?;
+    }
     Ok(())
 }
 

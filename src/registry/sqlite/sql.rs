@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::error::Error;
+use crate::registry::retention::{Cleanup, nanos_clamped};
 use crate::registry::writer::Outcome;
 use crate::registry::{
     Existing, RUN_COLUMNS, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, check_replace,
@@ -390,28 +391,96 @@ pub(super) fn nanos(at: DateTime<Utc>) -> rusqlite::Result<i64> {
     })
 }
 
-/// Deletes finished runs completed before `cutoff`, with their history;
-/// returns how many runs.
-pub(super) fn delete_finished_before(
-    tx: &rusqlite::Transaction<'_>,
-    cutoff: DateTime<Utc>,
-) -> rusqlite::Result<usize> {
-    // A cutoff before 1677 deletes nothing, one after 2262 everything.
-    let cutoff = cutoff
-        .timestamp_nanos_opt()
-        .unwrap_or(if cutoff.timestamp() < 0 {
-            i64::MIN
-        } else {
-            i64::MAX
-        });
-    tx.execute(
-        "DELETE FROM run_history WHERE run IN (SELECT id FROM runs \
-         WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1)",
-        [cutoff],
-    )?;
-    tx.execute(
-        "DELETE FROM runs \
-         WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1",
-        [cutoff],
+/// The condition a cleanup puts on a run (`?1`: the latest limit, `?2`:
+/// the overrides as JSON, `?3`: the limit otherwise, `?4`: the module):
+/// the finished runs' index by completion is read up to the latest
+/// limit, and each run there checked against its own.
+fn cleanup_condition(cleanup: &Cleanup) -> String {
+    let statuses: Vec<String> = cleanup
+        .finished_statuses()
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect();
+    format!(
+        "status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1 \
+         AND status IN ({}) AND (?4 IS NULL OR module_id = ?4) \
+         AND completed_at < coalesce(\
+         (SELECT o.value ->> 'before' FROM json_each(?2) o \
+         WHERE o.value ->> 'module' = runs.module_id \
+         AND coalesce(o.value ->> 'status', runs.status) = runs.status \
+         ORDER BY o.value ->> 'status' IS NULL LIMIT 1), ?3)",
+        statuses.join(", ")
     )
+}
+
+/// The values of [`cleanup_condition`]'s parameters.
+fn cleanup_values(cleanup: &Cleanup) -> (i64, String, i64, Option<String>) {
+    let overrides: Vec<serde_json::Value> = cleanup
+        .overrides
+        .iter()
+        .map(|o| {
+            serde_json::json!({
+                "module": o.module_id,
+                "status": o.status.map(|s| s.as_str()),
+                "before": nanos_clamped(o.before),
+            })
+        })
+        .collect();
+    (
+        nanos_clamped(cleanup.latest()),
+        serde_json::Value::Array(overrides).to_string(),
+        nanos_clamped(cleanup.before),
+        cleanup.module_id.clone(),
+    )
+}
+
+/// Removes the oldest `limit` runs `cleanup` matches, with their history;
+/// returns how many runs.
+pub(super) fn remove_finished(
+    tx: &rusqlite::Transaction<'_>,
+    cleanup: &Cleanup,
+    limit: usize,
+) -> rusqlite::Result<usize> {
+    let (latest, overrides, before, module) = cleanup_values(cleanup);
+    let sql = format!(
+        "SELECT id FROM runs WHERE {} ORDER BY completed_at LIMIT ?5",
+        cleanup_condition(cleanup)
+    );
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let ids: Vec<i64> = tx
+        .prepare_cached(&sql)?
+        .query_map(params![latest, overrides, before, module, limit], |row| {
+            row.get(0)
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let ids = serde_json::to_string(&ids).expect("numbers serialize");
+    tx.prepare_cached("DELETE FROM run_history WHERE run IN (SELECT value FROM json_each(?1))")?
+        .execute([&ids])?;
+    let removed = tx
+        .prepare_cached("DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?1))")?
+        .execute([&ids])?;
+    // Gives the freed pages back to the filesystem (the file is in
+    // incremental auto-vacuum mode), a batch at a time. The pragma frees
+    // one page per step: it is stepped to its end.
+    let mut vacuum = tx.prepare_cached("PRAGMA incremental_vacuum")?;
+    let mut steps = vacuum.query([])?;
+    while steps.next()?.is_some() {}
+    Ok(removed)
+}
+
+/// How many runs `cleanup` would remove.
+pub(super) fn count_finished(conn: &Connection, cleanup: &Cleanup) -> rusqlite::Result<usize> {
+    let (latest, overrides, before, module) = cleanup_values(cleanup);
+    let sql = format!(
+        "SELECT count(*) FROM runs WHERE {}",
+        cleanup_condition(cleanup)
+    );
+    conn.prepare_cached(&sql)?
+        .query_row(params![latest, overrides, before, module], |row| {
+            row.get::<_, i64>(0)
+        })
+        .map(|n| usize::try_from(n).unwrap_or(0))
 }
