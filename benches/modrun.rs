@@ -54,6 +54,8 @@ struct Sizes {
     history: usize,
     changes: usize,
     in_flight: usize,
+    /// Finished runs in the registry that the retention rows clean up.
+    retained: usize,
 }
 
 struct Row {
@@ -88,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             history: 100_000,
             changes: 20_000,
             in_flight: 100_000,
+            retained: 100_000,
         }
     } else {
         Sizes {
@@ -97,6 +100,7 @@ fn main() -> anyhow::Result<()> {
             history: 100_000,
             changes: 100_000,
             in_flight: 100_000,
+            retained: 1_000_000,
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -135,6 +139,9 @@ fn main() -> anyhow::Result<()> {
         }
         if wanted("dev") {
             dev_figures(quick, &mut rows)?;
+        }
+        if wanted("retention") {
+            retention_figures(&sizes, dir.path(), &mut rows).await?;
         }
         if wanted("postgres") {
             postgres_figures(&sizes, &mut rows).await?;
@@ -730,6 +737,143 @@ fn resident_bytes() -> anyhow::Result<f64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))?;
     Ok(kib * 1024.0)
+}
+
+/// A SQLite registry holding `count` runs that ended 40 days ago (one in
+/// a thousand failed, the rest completed), written straight into its
+/// tables in one transaction: what a server that ran for months holds.
+fn fill_old_runs(path: &std::path::Path, count: usize) -> anyhow::Result<()> {
+    drop(RunRegistry::open_sqlite(path)?);
+    let mut conn = rusqlite::Connection::open(path)?;
+    let tx = conn.transaction()?;
+    {
+        let mut runs = tx.prepare(
+            "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
+             completed_at, parameters, exit_code, error_message, output, module_version, \
+             history_len) VALUES (?1, 'hello', 'Hello', ?2, ?3, ?3 + 1000, ?3 + 2000, \
+             '{\"name\":\"Ada\"}', ?4, ?5, '{\"greeting\":\"Hello, Ada!\"}', 'sha256:x', 3)",
+        )?;
+        let mut history = tx.prepare(
+            "INSERT INTO run_history (run, seq, status, at) VALUES (?1, 0, 'queued', ?2), \
+             (?1, 1, 'running', ?2 + 1000), (?1, 2, ?3, ?2 + 2000)",
+        )?;
+        let first = (chrono::Utc::now() - chrono::Duration::days(40))
+            .timestamp_nanos_opt()
+            .unwrap_or_default();
+        for index in 0..count {
+            let failed = index % 1000 == 999;
+            let status = if failed { "failed" } else { "completed" };
+            let at = first + index as i64 * 1_000_000;
+            runs.execute(rusqlite::params![
+                uuid::Uuid::now_v7().to_string(),
+                status,
+                at,
+                i32::from(failed),
+                failed.then_some("boom"),
+            ])?;
+            history.execute(rusqlite::params![tx.last_insert_rowid(), at, status])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// With many old runs in the registry: the start latency while a cleanup
+/// removes them all (baseline: the same without it), and listing the
+/// newest failed runs (baseline: the newest runs of any status).
+async fn retention_figures(
+    sizes: &Sizes,
+    dir: &std::path::Path,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let count = sizes.retained;
+    let path = dir.join("retention.db");
+    let filling = path.clone();
+    tokio::task::spawn_blocking(move || fill_old_runs(&filling, count)).await??;
+    let registry = RunRegistry::open_sqlite(&path)?;
+
+    let list = async |filter: RunFilter| -> anyhow::Result<Duration> {
+        let mut times = Vec::new();
+        for _ in 0..30 {
+            let begin = Instant::now();
+            let listed = registry.list_summaries(&filter).await?;
+            times.push(begin.elapsed());
+            anyhow::ensure!(listed.len() == 100, "listed {}", listed.len());
+        }
+        times.sort();
+        Ok(percentile(&times, 0.5))
+    };
+    let failed = list(RunFilter {
+        statuses: vec![modrun::RunStatus::Failed],
+        limit: Some(100),
+        ..RunFilter::default()
+    })
+    .await?;
+    let any = list(RunFilter {
+        limit: Some(100),
+        ..RunFilter::default()
+    })
+    .await?;
+    rows.push(Row::measured(
+        &format!("list newest 100 failed of {count} runs (0.1% failed), ms"),
+        failed.as_secs_f64() * 1e3,
+        any.as_secs_f64() * 1e3,
+        3,
+        "<= 2 x (baseline: newest 100 of any status)",
+    ));
+
+    let manager = BackgroundTaskManager::new(registry.clone());
+    let starts = async |until: Option<&tokio::task::JoinHandle<modrun::Result<usize>>>| {
+        let mut times = Vec::new();
+        while times.len() < 2000 && until.is_none_or(|cleanup| !cleanup.is_finished()) {
+            let begin = Instant::now();
+            manager
+                .start_task(Run::new("bench", "Bench"), async {})
+                .await
+                .expect("start");
+            times.push(begin.elapsed());
+            if until.is_none() && times.len() >= 1000 {
+                break;
+            }
+        }
+        times.sort();
+        times
+    };
+    let quiet = starts(None).await;
+    let cleaner = registry.clone();
+    let began = Instant::now();
+    let cleanup = tokio::spawn(async move {
+        cleaner
+            .cleanup(&modrun::registry::Cleanup::older_than(Duration::from_secs(
+                30 * 86_400,
+            )))
+            .await
+    });
+    let during = starts(Some(&cleanup)).await;
+    let removed = cleanup.await??;
+    let took = began.elapsed();
+    anyhow::ensure!(removed == count, "removed {removed} of {count}");
+    anyhow::ensure!(
+        during.len() >= 50,
+        "only {} starts during the cleanup",
+        during.len()
+    );
+    rows.push(Row::measured(
+        &format!("start p99 during a cleanup of {count} runs, ms"),
+        percentile(&during, 0.99).as_secs_f64() * 1e3,
+        percentile(&quiet, 0.99).as_secs_f64() * 1e3,
+        3,
+        "<= 2 x (baseline: the same without a cleanup)",
+    ));
+    rows.push(Row::measured(
+        "  runs removed per second by that cleanup",
+        removed as f64 / took.as_secs_f64(),
+        removed as f64 / took.as_secs_f64(),
+        0,
+        "(reported)",
+    ));
+    manager.wait_all().await;
+    Ok(())
 }
 
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {

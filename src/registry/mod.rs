@@ -590,8 +590,10 @@ pub struct RetentionStats {
 }
 
 /// How many runs one write of a cleanup removes at most: small enough
-/// that the writes queued behind it wait a few milliseconds at most.
-pub const CLEANUP_BATCH: usize = 500;
+/// that a write that arrives while one commits waits about a millisecond
+/// (the writer commits a cleanup alone, and only when no other write
+/// waits).
+pub const CLEANUP_BATCH: usize = 20;
 
 impl std::fmt::Debug for RunRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -991,12 +993,14 @@ impl RunRegistry {
     }
 
     /// Removes every run `cleanup` matches, with its history and log, in
-    /// batches of [`CLEANUP_BATCH`] (each its own short write, so starts
-    /// and status changes go on meanwhile); returns how many. Active runs
-    /// are never removed.
+    /// batches of [`CLEANUP_BATCH`]; returns how many. Active runs are
+    /// never removed. Each batch is its own short write, and the cleanup
+    /// rests as long as each took before the next, so that starts and
+    /// status changes go on meanwhile at about their usual pace.
     pub async fn cleanup(&self, cleanup: &Cleanup) -> Result<usize> {
         let mut removed = 0;
         loop {
+            let began = std::time::Instant::now();
             let batch = self.store.remove_finished(cleanup, CLEANUP_BATCH).await?;
             removed += batch;
             self.retention
@@ -1005,7 +1009,7 @@ impl RunRegistry {
             if batch < CLEANUP_BATCH {
                 break;
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(began.elapsed()).await;
         }
         self.retention
             .last_cleanup

@@ -214,6 +214,9 @@ impl<B: Backend> Writer<B> {
     pub(super) fn run(mut self, queue: &mpsc::Receiver<Write>) {
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut held: Vec<Write> = Vec::new();
+        // Cleanups, each committed alone once no other write waits: a
+        // start or a status change never waits behind more than one.
+        let mut cleanups: std::collections::VecDeque<Write> = std::collections::VecDeque::new();
         let mut busy = false;
         let mut backoff = FIRST_RETRY;
         let mut closed_at: Option<Instant> = None;
@@ -226,9 +229,17 @@ impl<B: Backend> Writer<B> {
                 }
                 batch.append(&mut held);
             } else if closed_at.is_none() {
-                match next_write(queue, busy) {
-                    Some(write) => batch.push(write),
-                    None => closed_at = Some(Instant::now()),
+                if cleanups.is_empty() {
+                    match next_write(queue, busy) {
+                        Some(write) => batch.push(write),
+                        None => closed_at = Some(Instant::now()),
+                    }
+                } else {
+                    match queue.try_recv() {
+                        Ok(write) => batch.push(write),
+                        Err(mpsc::TryRecvError::Disconnected) => closed_at = Some(Instant::now()),
+                        Err(mpsc::TryRecvError::Empty) => {}
+                    }
                 }
             }
             while batch.len() < self.max_batch {
@@ -236,6 +247,16 @@ impl<B: Backend> Writer<B> {
                     Ok(write) => batch.push(write),
                     Err(_) => break,
                 }
+            }
+            let (later, now): (Vec<Write>, Vec<Write>) = batch
+                .drain(..)
+                .partition(|write| matches!(write, Write::Cleanup(..)));
+            batch = now;
+            cleanups.extend(later);
+            if batch.is_empty()
+                && let Some(cleanup) = cleanups.pop_front()
+            {
+                batch.push(cleanup);
             }
             if closed_at.is_some() && batch.is_empty() {
                 return;

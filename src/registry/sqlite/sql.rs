@@ -443,7 +443,8 @@ pub(super) fn remove_finished(
 ) -> rusqlite::Result<usize> {
     let (latest, overrides, before, module) = cleanup_values(cleanup);
     let sql = format!(
-        "SELECT id FROM runs WHERE {} ORDER BY completed_at LIMIT ?5",
+        "SELECT id FROM runs INDEXED BY runs_finished_by_completion WHERE {} \
+         ORDER BY completed_at LIMIT ?5",
         cleanup_condition(cleanup)
     );
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -462,10 +463,11 @@ pub(super) fn remove_finished(
     let removed = tx
         .prepare_cached("DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?1))")?
         .execute([&ids])?;
-    // Gives the freed pages back to the filesystem (the file is in
-    // incremental auto-vacuum mode), a batch at a time. The pragma frees
+    // Gives freed pages back to the filesystem (the file is in incremental
+    // auto-vacuum mode), a few per batch: about what a batch frees, so the
+    // free list does not grow while a cleanup goes on. The pragma frees
     // one page per step: it is stepped to its end.
-    let mut vacuum = tx.prepare_cached("PRAGMA incremental_vacuum")?;
+    let mut vacuum = tx.prepare_cached("PRAGMA incremental_vacuum(16)")?;
     let mut steps = vacuum.query([])?;
     while steps.next()?.is_some() {}
     Ok(removed)
@@ -475,7 +477,7 @@ pub(super) fn remove_finished(
 pub(super) fn count_finished(conn: &Connection, cleanup: &Cleanup) -> rusqlite::Result<usize> {
     let (latest, overrides, before, module) = cleanup_values(cleanup);
     let sql = format!(
-        "SELECT count(*) FROM runs WHERE {}",
+        "SELECT count(*) FROM runs INDEXED BY runs_finished_by_completion WHERE {}",
         cleanup_condition(cleanup)
     );
     conn.prepare_cached(&sql)?
