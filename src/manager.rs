@@ -179,7 +179,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     /// Runs this manager owns that are not finished: queued or running.
-    active: HashMap<String, Tracked>,
+    /// Keyed by the run id the task holds too (one allocation for both).
+    active: HashMap<Arc<str>, Tracked>,
     /// Slots in use, when `max_concurrent` is set.
     running: usize,
     /// Tasks that did not get a slot when they were admitted and have not
@@ -277,7 +278,8 @@ impl BackgroundTaskManager {
         let (recorded, on_recorded) = oneshot::channel();
         // Boxed: the task's future then holds a pointer, not the whole record,
         // for as long as the work runs.
-        tokio::spawn(execute(task, slot, gate, Box::new(run), recorded, work).instrument(span));
+        let execute = execute(task, slot, gate, Some(Box::new(run)), Some(recorded), work);
+        tokio::spawn(execute.instrument(span));
         on_recorded.await.map_err(|_| Error::RegistryClosed)??;
         Ok(run_id)
     }
@@ -329,8 +331,9 @@ impl BackgroundTaskManager {
         };
         let token = CancellationToken::new();
         let task = self.inner.next_task.fetch_add(1, Ordering::Relaxed);
+        let key: Arc<str> = Arc::from(run_id);
         state.active.insert(
-            run_id.to_owned(),
+            key.clone(),
             Tracked {
                 token: token.clone(),
                 task,
@@ -341,7 +344,7 @@ impl BackgroundTaskManager {
         self.inner.tasks.fetch_add(1, Ordering::AcqRel);
         let end = TaskEnd {
             inner: self.inner.clone(),
-            run_id: run_id.to_owned(),
+            run_id: key,
             token,
             task,
         };
@@ -425,7 +428,7 @@ impl BackgroundTaskManager {
             return Err(Error::ShuttingDown);
         }
         let mut state = self.inner.lock();
-        if let Some(tracked) = state.active.get(&run.run_id) {
+        if let Some(tracked) = state.active.get(run.run_id.as_str()) {
             return Err(Error::RunActive {
                 run_id: run.run_id.clone(),
                 status: if tracked.started {
@@ -437,8 +440,9 @@ impl BackgroundTaskManager {
         }
         let token = CancellationToken::new();
         let task = self.inner.next_task.fetch_add(1, Ordering::Relaxed);
+        let key: Arc<str> = Arc::from(run.run_id.as_str());
         state.active.insert(
-            run.run_id.clone(),
+            key.clone(),
             Tracked {
                 token: token.clone(),
                 task,
@@ -450,18 +454,20 @@ impl BackgroundTaskManager {
         self.inner.tasks.fetch_add(1, Ordering::AcqRel);
         let end = TaskEnd {
             inner: self.inner.clone(),
-            run_id: run.run_id.clone(),
+            run_id: key,
             token,
             task,
         };
         let [first, then] = permits;
-        let held = Held {
+        let held = Box::new(Held {
             _slot: room.slot,
             _first: first,
             _then: then,
-        };
+            attempt: run.attempt,
+        });
         let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
-        tokio::spawn(execute_claimed(end, held, work, run.attempt).instrument(span));
+        let execute = execute(end, Pending::Claimed(held), None, None, None, work);
+        tokio::spawn(execute.instrument(span));
         Ok(())
     }
 
@@ -473,7 +479,7 @@ impl BackgroundTaskManager {
             .active
             .iter()
             .filter(|(_, tracked)| tracked.started)
-            .map(|(run_id, _)| run_id.clone())
+            .map(|(run_id, _)| run_id.to_string())
             .collect()
     }
 
@@ -590,7 +596,12 @@ impl BackgroundTaskManager {
     /// The ids of the runs that are queued or running.
     #[must_use]
     pub fn active_task_ids(&self) -> Vec<String> {
-        self.inner.lock().active.keys().cloned().collect()
+        self.inner
+            .lock()
+            .active
+            .keys()
+            .map(|run_id| run_id.to_string())
+            .collect()
     }
 
     /// Whether the run is queued or running in this manager.
@@ -763,13 +774,15 @@ enum Pending {
     Ready(Slot, Option<OwnedSemaphorePermit>),
     /// Counted among the queued until it holds a slot (or is forgotten).
     Queued,
+    /// Claimed from a shared queue, with the room its claimer took.
+    Claimed(Box<Held>),
 }
 
 /// A task's hold on its run id and on the live task count, released when
 /// the task's future ends, however it ends.
 struct TaskEnd {
     inner: Arc<Inner>,
-    run_id: String,
+    run_id: Arc<str>,
     token: CancellationToken,
     task: u64,
 }
@@ -784,28 +797,39 @@ impl Drop for TaskEnd {
     }
 }
 
+/// Runs a task: records its run `Queued` (`run`, telling `recorded`),
+/// waits for its turn (`slot`, then `gate`), records it `Running`, does the
+/// work and records how it ended. A run claimed from a shared queue
+/// (`Pending::Claimed`) is recorded `Running` already: none of that but
+/// the work and its end.
 async fn execute<F>(
     end: TaskEnd,
     slot: Pending,
     gate: Option<Arc<Gate>>,
-    run: Box<Run>,
-    recorded: oneshot::Sender<Result<()>>,
+    run: Option<Box<Run>>,
+    recorded: Option<oneshot::Sender<Result<()>>>,
     work: F,
 ) where
     F: Future + Send + 'static,
     F::Output: TaskOutput,
 {
-    let (inner, run_id, token) = (&end.inner, end.run_id.as_str(), &end.token);
-    let inserted = inner.registry.insert(&run, Existing::AdoptQueued).await;
-    drop(run);
-    let failed = inserted.is_err();
-    let _ = recorded.send(inserted);
-    if failed {
-        return;
+    let (inner, run_id, token) = (&end.inner, &*end.run_id, &end.token);
+    if let Some(run) = run {
+        let inserted = inner.registry.insert(&run, Existing::AdoptQueued).await;
+        drop(run);
+        let failed = inserted.is_err();
+        if let Some(recorded) = recorded {
+            let _ = recorded.send(inserted);
+        }
+        if failed {
+            return;
+        }
     }
+    let claimed = matches!(slot, Pending::Claimed(_));
     // Waiting is boxed: its state then takes no room in the future of a
     // run that never waits (no limits), and none once the work is going.
     let _held = match (slot, gate) {
+        (Pending::Claimed(held), _) => Some(held),
         (Pending::Unlimited, None) => None,
         (slot, gate) => match Box::pin(wait_to_start(&end, slot, gate)).await {
             Some(held) => Some(held),
@@ -815,34 +839,23 @@ async fn execute<F>(
     if token.is_cancelled() {
         return;
     }
-    // Marked before the registry is, so that whoever sees `Running` there
-    // also sees the task as started here.
-    inner.mark_started(run_id);
-    match inner
-        .registry
-        .hold_transition(&Transition::running(run_id))
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => return,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot record the run as running; not starting it");
-            return;
+    if !claimed {
+        // Marked before the registry is, so that whoever sees `Running`
+        // there also sees the task as started here.
+        inner.mark_started(run_id);
+        match inner
+            .registry
+            .hold_transition(&Transition::running(run_id))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the run as running; not starting it");
+                return;
+            }
         }
     }
-    perform(&end, work, None).await;
-}
-
-/// Does a started run's work, and records how it ended (unless it was
-/// cancelled: the canceller recorded that). For the `attempt` of a run
-/// claimed from a shared queue, the end is fenced: it is recorded only if
-/// the store still holds the run as that attempt of this node's.
-async fn perform<F>(end: &TaskEnd, work: F, attempt: Option<u32>)
-where
-    F: Future + Send + 'static,
-    F::Output: TaskOutput,
-{
-    let (inner, run_id, token) = (&end.inner, end.run_id.as_str(), &end.token);
     let outcome = tokio::select! {
         biased;
         () = token.cancelled() => return,
@@ -869,10 +882,12 @@ where
         }
     };
     change.log = log;
-    change.attempt = attempt;
+    // For a claimed run, the end is fenced: recorded only if the store
+    // still holds the run as this node's attempt.
+    change.attempt = _held.as_ref().and_then(|held| held.attempt);
     match inner.registry.hold_transition(&change).await {
         Ok(true) => {}
-        Ok(false) if attempt.is_some() => tracing::warn!(
+        Ok(false) if change.attempt.is_some() => tracing::warn!(
             status = %change.to,
             "this node lost the run while it ran (another node settled or re-queued it): its end is not recorded"
         ),
@@ -881,31 +896,24 @@ where
     }
 }
 
-/// A run claimed from a shared queue, started as its claim recorded it
-/// (`Running`): it holds the room and permits its claimer took.
-async fn execute_claimed<F>(end: TaskEnd, held: Held, work: F, attempt: Option<u32>)
-where
-    F: Future + Send + 'static,
-    F::Output: TaskOutput,
-{
-    let _held = held;
-    perform(&end, work, attempt).await;
-}
-
 /// What a started run holds until it ends: its slot and its gate's permits.
 struct Held {
     _slot: Option<Slot>,
     _first: Option<OwnedSemaphorePermit>,
     _then: Option<OwnedSemaphorePermit>,
+    /// The attempt of a run claimed from a shared queue.
+    attempt: Option<u32>,
 }
 
 /// Waits for what a run needs before it starts: its gate's first permit,
 /// then a slot (unless it got both when admitted), then the gate's other
 /// permit. `None` if it was cancelled meanwhile.
 async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) -> Option<Box<Held>> {
-    let (inner, run_id, token) = (&end.inner, end.run_id.as_str(), &end.token);
+    let (inner, run_id, token) = (&end.inner, &*end.run_id, &end.token);
     let first_of = |gate: &Option<Arc<Gate>>| gate.as_ref().and_then(|g| g.first.clone());
     let (slot, first) = match slot {
+        // Holds its room already.
+        Pending::Claimed(held) => return Some(held),
         Pending::Unlimited => (None, permit(first_of(&gate).as_ref(), token).await?),
         Pending::Ready(slot, first) => (Some(slot), first),
         Pending::Queued => {
@@ -928,6 +936,7 @@ async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) ->
         _slot: slot,
         _first: first,
         _then: then,
+        attempt: None,
     }))
 }
 
