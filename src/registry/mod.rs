@@ -995,8 +995,8 @@ impl RunRegistry {
     /// Removes every run `cleanup` matches, with its history and log, in
     /// batches of [`CLEANUP_BATCH`]; returns how many. Active runs are
     /// never removed. Each batch is its own short write, and the cleanup
-    /// rests as long as each took before the next, so that starts and
-    /// status changes go on meanwhile at about their usual pace.
+    /// rests twice as long as each took before the next, so that starts
+    /// and status changes go on meanwhile at about their usual pace.
     pub async fn cleanup(&self, cleanup: &Cleanup) -> Result<usize> {
         let mut removed = 0;
         loop {
@@ -1009,7 +1009,7 @@ impl RunRegistry {
             if batch < CLEANUP_BATCH {
                 break;
             }
-            tokio::time::sleep(began.elapsed()).await;
+            tokio::time::sleep(began.elapsed() * 2).await;
         }
         self.retention
             .last_cleanup
