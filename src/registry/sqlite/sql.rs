@@ -402,7 +402,8 @@ fn cleanup_condition(cleanup: &Cleanup) -> String {
         .map(|s| format!("'{s}'"))
         .collect();
     format!(
-        "status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1 \
+        "completed_at IS NOT NULL AND completed_at < ?1 \
+         AND status IN ('completed', 'failed', 'cancelled') \
          AND status IN ({}) AND (?4 IS NULL OR module_id = ?4) \
          AND completed_at < coalesce(\
          (SELECT o.value ->> 'before' FROM json_each(?2) o \
