@@ -295,14 +295,7 @@ impl BackgroundTaskManager {
     fn admit(&self, run_id: &str, gate: Option<&Gate>) -> Result<(TaskEnd, Pending)> {
         let mut state = self.inner.lock();
         if let Some(tracked) = state.active.get(run_id) {
-            return Err(Error::RunActive {
-                run_id: run_id.to_owned(),
-                status: if tracked.started {
-                    RunStatus::Running
-                } else {
-                    RunStatus::Queued
-                },
-            });
+            return Err(active(run_id, tracked));
         }
         let ready = |state: &mut State| {
             let first = match gate {
@@ -329,26 +322,8 @@ impl BackgroundTaskManager {
                 }
             },
         };
-        let token = CancellationToken::new();
-        let task = self.inner.next_task.fetch_add(1, Ordering::Relaxed);
-        let key: Arc<str> = Arc::from(run_id);
-        state.active.insert(
-            key.clone(),
-            Tracked {
-                token: token.clone(),
-                task,
-                started: false,
-                queued: matches!(slot, Pending::Queued),
-            },
-        );
-        self.inner.tasks.fetch_add(1, Ordering::AcqRel);
-        let end = TaskEnd {
-            inner: self.inner.clone(),
-            run_id: key,
-            token,
-            task,
-        };
-        Ok((end, slot))
+        let queued = matches!(slot, Pending::Queued);
+        Ok((self.inner.track(&mut state, run_id, false, queued), slot))
     }
 
     /// Cancels an active run: `true` if it was queued or running and is now
@@ -429,35 +404,10 @@ impl BackgroundTaskManager {
         }
         let mut state = self.inner.lock();
         if let Some(tracked) = state.active.get(run.run_id.as_str()) {
-            return Err(Error::RunActive {
-                run_id: run.run_id.clone(),
-                status: if tracked.started {
-                    RunStatus::Running
-                } else {
-                    RunStatus::Queued
-                },
-            });
+            return Err(active(&run.run_id, tracked));
         }
-        let token = CancellationToken::new();
-        let task = self.inner.next_task.fetch_add(1, Ordering::Relaxed);
-        let key: Arc<str> = Arc::from(run.run_id.as_str());
-        state.active.insert(
-            key.clone(),
-            Tracked {
-                token: token.clone(),
-                task,
-                started: true,
-                queued: false,
-            },
-        );
+        let end = self.inner.track(&mut state, &run.run_id, true, false);
         drop(state);
-        self.inner.tasks.fetch_add(1, Ordering::AcqRel);
-        let end = TaskEnd {
-            inner: self.inner.clone(),
-            run_id: key,
-            token,
-            task,
-        };
         let [first, then] = permits;
         let held = Box::new(Held {
             _slot: room.slot,
@@ -618,7 +568,49 @@ impl BackgroundTaskManager {
     }
 }
 
+/// The refusal of a start whose run id an active task holds.
+fn active(run_id: &str, tracked: &Tracked) -> Error {
+    Error::RunActive {
+        run_id: run_id.to_owned(),
+        status: if tracked.started {
+            RunStatus::Running
+        } else {
+            RunStatus::Queued
+        },
+    }
+}
+
 impl Inner {
+    /// Registers a new task for `run_id` (checked free) and returns its
+    /// hold, which forgets it when the task ends.
+    fn track(
+        self: &Arc<Self>,
+        state: &mut State,
+        run_id: &str,
+        started: bool,
+        queued: bool,
+    ) -> TaskEnd {
+        let token = CancellationToken::new();
+        let task = self.next_task.fetch_add(1, Ordering::Relaxed);
+        let key: Arc<str> = Arc::from(run_id);
+        state.active.insert(
+            key.clone(),
+            Tracked {
+                token: token.clone(),
+                task,
+                started,
+                queued,
+            },
+        );
+        self.tasks.fetch_add(1, Ordering::AcqRel);
+        TaskEnd {
+            inner: self.clone(),
+            run_id: key,
+            token,
+            task,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section is a few map and queue operations that do
         // not panic halfway, so a poisoned lock still guards consistent state.

@@ -362,20 +362,18 @@ impl ModuleRunner {
         let mut overrides = Vec::new();
         for module in self.host.modules() {
             let retention = &module.manifest.retention;
-            let id = &module.info.id;
-            if let Some(keep) = retention.keep {
-                overrides.push(Override {
-                    module_id: id.clone(),
-                    status: None,
-                    before: ago(keep),
-                });
-            }
-            if let Some(keep) = retention.keep_failed {
-                overrides.push(Override {
-                    module_id: id.clone(),
-                    status: Some(RunStatus::Failed),
-                    before: ago(keep),
-                });
+            let limits = [
+                (None, retention.keep),
+                (Some(RunStatus::Failed), retention.keep_failed),
+            ];
+            for (status, keep) in limits {
+                if let Some(keep) = keep {
+                    overrides.push(Override {
+                        module_id: module.info.id.clone(),
+                        status,
+                        before: ago(keep),
+                    });
+                }
             }
         }
         if retain.is_none() && overrides.is_empty() {

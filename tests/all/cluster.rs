@@ -583,20 +583,6 @@ fn signal(server: &Server, signal: &str) {
     assert!(sent.success());
 }
 
-/// The runs a server's task manager holds, from its metrics.
-fn active_runs(server: &Server) -> u64 {
-    let text = ureq::get(&format!("{}/metrics", server.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix("modrun_active_runs "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no modrun_active_runs in {text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_frozen_past_its_lease_finds_its_run_rerun_elsewhere_and_cannot_overwrite_it() {
     let Some(url) = fresh_database().await else {
@@ -642,7 +628,7 @@ async fn a_node_frozen_past_its_lease_finds_its_run_rerun_elsewhere_and_cannot_o
     // ends or is stopped, and records nothing over the result.
     signal(&frozen.1, "-CONT");
     let start = Instant::now();
-    while active_runs(&frozen.1) > 0 {
+    while frozen.1.metric("modrun_active_runs") != Some(0.0) {
         assert!(start.elapsed() < DEADLINE, "the frozen node still runs it");
         std::thread::sleep(Duration::from_millis(20));
     }

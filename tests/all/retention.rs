@@ -54,18 +54,6 @@ fn size_on_disk(db: &Path) -> u64 {
     std::fs::metadata(db).unwrap().len()
 }
 
-fn metric(server: &Server, name: &str) -> Option<f64> {
-    let text = ureq::get(&format!("{}/metrics", server.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|value| value.trim().parse().ok())
-}
-
 fn cleanup_command(db: &Path, args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_modrun"))
         .arg("cleanup")
@@ -92,12 +80,20 @@ async fn serve_removes_runs_past_their_retention_and_the_file_shrinks() {
     let plugins = plugins_dir(&["hello"]);
     let server = Server::start(plugins.path(), &db, &["--retain", "30d"]);
     let start = Instant::now();
-    while metric(&server, "modrun_runs_removed_total") != Some(3000.0) {
+    while server.metric("modrun_runs_removed_total") != Some(3000.0) {
         assert!(start.elapsed() < DEADLINE, "the old runs were not removed");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(metric(&server, "modrun_last_cleanup_timestamp_seconds").is_some());
-    assert!(metric(&server, "modrun_registry_bytes").is_some_and(|bytes| bytes > 0.0));
+    assert!(
+        server
+            .metric("modrun_last_cleanup_timestamp_seconds")
+            .is_some()
+    );
+    assert!(
+        server
+            .metric("modrun_registry_bytes")
+            .is_some_and(|bytes| bytes > 0.0)
+    );
     let (_, listing) = server.get("/runs?limit=10000");
     let mut listed: Vec<&str> = listing["runs"]
         .as_array()

@@ -107,6 +107,19 @@ impl Server {
         }
     }
 
+    /// One figure of the server's `/metrics`, if it shows it.
+    pub(crate) fn metric(&self, name: &str) -> Option<f64> {
+        let text = ureq::get(&format!("{}/metrics", self.base))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|value| value.trim().parse().ok())
+    }
+
     /// Sends SIGTERM and waits for the exit code.
     pub(crate) fn terminate(mut self) -> i32 {
         let pid = self.child.id().to_string();
