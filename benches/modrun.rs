@@ -69,6 +69,20 @@ struct Row {
 impl Row {
     /// A row of a figure and its baseline, both measured in this run, shown
     /// with `decimals` digits.
+    /// A row of the p99 of `values` against that of `baseline`, in ms.
+    fn p99_ms(
+        name: &str,
+        values: &mut [Duration],
+        baseline: &mut [Duration],
+        decimals: usize,
+        goal: &'static str,
+    ) -> Row {
+        values.sort();
+        baseline.sort();
+        let p99 = |sorted: &[Duration]| percentile(sorted, 0.99).as_secs_f64() * 1e3;
+        Row::measured(name, p99(values), p99(baseline), decimals, goal)
+    }
+
     fn measured(name: &str, value: f64, baseline: f64, decimals: usize, goal: &'static str) -> Row {
         Row {
             name: name.to_owned(),
@@ -836,10 +850,9 @@ async fn retention_figures(
                 break;
             }
         }
-        times.sort();
         times
     };
-    let quiet = starts(None).await;
+    let mut quiet = starts(None).await;
     let cleaner = registry.clone();
     let began = Instant::now();
     let cleanup = tokio::spawn(async move {
@@ -849,7 +862,7 @@ async fn retention_figures(
             )))
             .await
     });
-    let during = starts(Some(&cleanup)).await;
+    let mut during = starts(Some(&cleanup)).await;
     let removed = cleanup.await??;
     let took = began.elapsed();
     anyhow::ensure!(removed == count, "removed {removed} of {count}");
@@ -858,10 +871,10 @@ async fn retention_figures(
         "only {} starts during the cleanup",
         during.len()
     );
-    rows.push(Row::measured(
+    rows.push(Row::p99_ms(
         &format!("start p99 during a cleanup of {count} runs, ms"),
-        percentile(&during, 0.99).as_secs_f64() * 1e3,
-        percentile(&quiet, 0.99).as_secs_f64() * 1e3,
+        &mut during,
+        &mut quiet,
         3,
         "<= 2 x (baseline: the same without a cleanup)",
     ));
@@ -1590,12 +1603,10 @@ async fn claim_latency(
     for claimer in claimers {
         claimer.stop().await;
     }
-    claimed.sort();
-    at_once.sort();
-    rows.push(Row::measured(
+    rows.push(Row::p99_ms(
         "claim latency, start -> Running on another node, p99 ms (200)",
-        percentile(&claimed, 0.99).as_secs_f64() * 1e3,
-        percentile(&at_once, 0.99).as_secs_f64() * 1e3,
+        &mut claimed,
+        &mut at_once,
         2,
         "<= 5 ms (baseline: start on a node with room)",
     ));
@@ -1672,12 +1683,10 @@ async fn cross_node_cancel(
         same.push(begin.elapsed());
     }
     runner.manager().wait_all().await;
-    across.sort();
-    same.sort();
-    rows.push(Row::measured(
+    rows.push(Row::p99_ms(
         "cross-node cancel -> Cancelled seen, p99 ms (50)",
-        percentile(&across, 0.99).as_secs_f64() * 1e3,
-        percentile(&same, 0.99).as_secs_f64() * 1e3,
+        &mut across,
+        &mut same,
         2,
         "<= 100 ms (baseline: cancel on the executing node)",
     ));

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, broadcast};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::ModuleRunner;
@@ -244,14 +244,7 @@ async fn claim_all(runner: &ModuleRunner, versions: &Versions) -> crate::Result<
 /// room (there may be more to claim).
 async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result<bool> {
     let mut rooms = runner.manager().reserve(CLAIM_BATCH);
-    let pool = runner.host().instance_pool();
-    let mut instances: Vec<OwnedSemaphorePermit> = Vec::new();
-    while instances.len() < rooms.len() {
-        match pool.clone().try_acquire_owned() {
-            Ok(permit) => instances.push(permit),
-            Err(_) => break,
-        }
-    }
+    let mut instances = free_permits(&runner.host().instance_pool(), rooms.len());
     rooms.truncate(instances.len());
     let room = rooms.len();
     if room == 0 {
@@ -268,15 +261,11 @@ async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result
             Some(max) => {
                 if !limited.contains_key(id) {
                     let gate = runner.gate(id, Some(max));
-                    let mut permits = Vec::new();
-                    if let Some(first) = &gate.first {
-                        while permits.len() < room {
-                            match first.clone().try_acquire_owned() {
-                                Ok(permit) => permits.push(permit),
-                                Err(_) => break,
-                            }
-                        }
-                    }
+                    let permits = gate
+                        .first
+                        .as_ref()
+                        .map(|first| free_permits(first, room))
+                        .unwrap_or_default();
                     limited.insert(id, permits);
                 }
                 limited[id].len()
@@ -321,6 +310,13 @@ async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result
             .await?;
     }
     Ok(filled)
+}
+
+/// Up to `wanted` permits of `semaphore`, as many as are free now.
+fn free_permits(semaphore: &Arc<Semaphore>, wanted: usize) -> Vec<OwnedSemaphorePermit> {
+    (0..wanted)
+        .map_while(|_| semaphore.clone().try_acquire_owned().ok())
+        .collect()
 }
 
 /// Starts one claimed run with a room, an instance permit and, for a

@@ -237,14 +237,23 @@ impl ModuleRunner {
         room: Room,
         permits: [Option<OwnedSemaphorePermit>; 2],
     ) -> Result<()> {
-        let work = execute(
+        let work = self.work(module, run);
+        self.manager.start_claimed(run, room, permits, work)
+    }
+
+    /// The work of `run`: one execution of `module` in a fresh sandbox.
+    fn work(
+        &self,
+        module: &Arc<LoadedModule>,
+        run: &Run,
+    ) -> impl Future<Output = ModuleOutcome> + Send + use<> {
+        execute(
             self.host.clone(),
             module.clone(),
             self.registry().clone(),
             run.run_id.clone(),
             serde_json::to_string(&run.parameters).expect("a JSON map always serializes"),
-        );
-        self.manager.start_claimed(run, room, permits, work)
+        )
     }
 
     /// Starts `run`, a run of `module` as recorded, through the manager.
@@ -253,13 +262,7 @@ impl ModuleRunner {
             &run.module_id,
             module.summary.manifest.limits.max_concurrent,
         );
-        let work = execute(
-            self.host.clone(),
-            module.clone(),
-            self.registry().clone(),
-            run.run_id.clone(),
-            serde_json::to_string(&run.parameters).expect("a JSON map always serializes"),
-        );
+        let work = self.work(module, &run);
         self.manager.start_gated_task(run, Some(gate), work).await
     }
 

@@ -62,23 +62,11 @@ impl Server {
     }
 
     pub(crate) fn delete(&self, path: &str) -> (u16, Value) {
-        let response = ureq::delete(&format!("{}{path}", self.base))
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .call()
-            .expect("request sent");
-        read(response)
+        call(ureq::delete(&format!("{}{path}", self.base)))
     }
 
     pub(crate) fn get(&self, path: &str) -> (u16, Value) {
-        let response = ureq::get(&format!("{}{path}", self.base))
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .call()
-            .expect("request sent");
-        read(response)
+        call(ureq::get(&format!("{}{path}", self.base)))
     }
 
     pub(crate) fn start_run(&self, module: &str, parameters: Value) -> String {
@@ -144,6 +132,17 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends a request without a body; any status is an answer.
+fn call(request: ureq::RequestBuilder<ureq::typestate::WithoutBody>) -> (u16, Value) {
+    let response = request
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .expect("request sent");
+    read(response)
 }
 
 fn read(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {

@@ -15,6 +15,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement, Transaction};
 
 use crate::error::Error;
+use crate::registry::retention::nanos_clamped;
 use crate::registry::writer::{Outcome, Write};
 use crate::registry::{
     Cleanup, Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Wanted,
@@ -286,22 +287,34 @@ const SET_LOG: &str = "UPDATE runs SET log = $2 WHERE run_id = $1";
 /// (another settled or re-ran it) cannot overwrite the log there.
 const SAVE_OWN_LOG: &str = "UPDATE runs SET log = $2 WHERE run_id = $1 AND node = $3";
 
-/// Removes the runs a cleanup matches, oldest-ended first (their history
-/// goes with them): at most `$8`, ended before the latest limit `$1`, in the
-/// statuses `$2`, of module `$3` (any if NULL), completed before their
-/// module's own limit (`$4`..`$6`: module, status or NULL, limit) or else
-/// `$7`. One node at a time: a node that finds another removing removes
-/// nothing this time.
-const REMOVE_FINISHED: &str = "WITH turn AS (SELECT \
+/// The runs (`r`) a cleanup matches: ended before the latest limit `$1`,
+/// in the statuses `$2`, of module `$3` (any if NULL), completed before
+/// their module's own limit (`$4`..`$6`: module, status or NULL, limit)
+/// or else `$7`.
+macro_rules! cleanup_condition {
+    () => {
+        "r.status IN ('completed', 'failed', 'cancelled') AND r.completed_at < $1 \
+         AND r.status = ANY($2) AND ($3::text IS NULL OR r.module_id = $3) \
+         AND r.completed_at < coalesce((SELECT o.before FROM unnest($4::text[], $5::text[], \
+         $6::int8[]) AS o(module, status, before) WHERE o.module = r.module_id \
+         AND coalesce(o.status, r.status) = r.status ORDER BY o.status IS NULL LIMIT 1), $7)"
+    };
+}
+
+/// Removes the runs a cleanup matches (their history goes with them),
+/// oldest-ended first, at most `$8`. One node at a time: a node that finds
+/// another removing removes nothing this time.
+const REMOVE_FINISHED: &str = concat!(
+    "WITH turn AS (SELECT \
      pg_try_advisory_xact_lock(hashtext(current_schema() || ' cleanup')) AS mine), \
-     doomed AS (SELECT r.id FROM runs r WHERE (SELECT mine FROM turn) \
-     AND r.status IN ('completed', 'failed', 'cancelled') AND r.completed_at < $1 \
-     AND r.status = ANY($2) AND ($3::text IS NULL OR r.module_id = $3) \
-     AND r.completed_at < coalesce((SELECT o.before FROM unnest($4::text[], $5::text[], \
-     $6::int8[]) AS o(module, status, before) WHERE o.module = r.module_id \
-     AND coalesce(o.status, r.status) = r.status ORDER BY o.status IS NULL LIMIT 1), $7) \
-     ORDER BY r.completed_at LIMIT $8 FOR UPDATE SKIP LOCKED) \
-     DELETE FROM runs WHERE id IN (SELECT id FROM doomed)";
+     doomed AS (SELECT r.id FROM runs r WHERE (SELECT mine FROM turn) AND ",
+    cleanup_condition!(),
+    " ORDER BY r.completed_at LIMIT $8 FOR UPDATE SKIP LOCKED) \
+     DELETE FROM runs WHERE id IN (SELECT id FROM doomed)"
+);
+
+/// How many runs a cleanup matches.
+const COUNT_FINISHED: &str = concat!("SELECT count(*) FROM runs r WHERE ", cleanup_condition!());
 
 /// The node a writer records runs for, how long its lease lasts, and
 /// where it hands the cancels other nodes asked of it.
@@ -1269,15 +1282,8 @@ pub(super) async fn count_finished(
     client: &ClientWrapper,
     cleanup: &Cleanup,
 ) -> Result<usize, ReadError> {
-    let (_, condition) = REMOVE_FINISHED
-        .split_once("FROM runs r WHERE (SELECT mine FROM turn) AND ")
-        .expect("the statement names its condition");
-    let (condition, _) = condition
-        .split_once(" ORDER BY r.completed_at")
-        .expect("the statement orders its runs");
-    let sql = format!("SELECT count(*) FROM runs r WHERE {condition}");
     let values = CleanupValues::new(cleanup);
-    let statement = client.prepare_cached(&sql).await?;
+    let statement = client.prepare_cached(COUNT_FINISHED).await?;
     let row = client.query_one(&statement, &values.params()).await?;
     Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
@@ -1495,13 +1501,4 @@ fn clean(text: &str) -> Cow<'_, str> {
 /// Nanoseconds since the epoch; the store checks times before queueing.
 pub(super) fn nanos(at: DateTime<Utc>) -> i64 {
     at.timestamp_nanos_opt().unwrap_or(i64::MAX)
-}
-
-/// Nanoseconds, with times before 1677 or after 2262 at the ends of the range.
-fn nanos_clamped(at: DateTime<Utc>) -> i64 {
-    at.timestamp_nanos_opt().unwrap_or(if at.timestamp() < 0 {
-        i64::MIN
-    } else {
-        i64::MAX
-    })
 }
