@@ -14,6 +14,7 @@
 //! while the status changes of runs already going are held and committed
 //! once it can write again ([`RunRegistry::hold_transition`]).
 
+mod feed;
 mod memory;
 mod postgres;
 mod retention;
@@ -30,6 +31,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
+pub use feed::{EventFeed, FeedPosition, Numbered, Resumed};
 pub use memory::MemoryStore;
 pub use postgres::{
     DEFAULT_LEASE, PostgresOptions, PostgresStore, STATEMENT_WAIT, default_node_name,
@@ -51,10 +53,6 @@ const CANCEL_REQUESTS: usize = 1024;
 pub fn is_database_url(location: &str) -> bool {
     location.starts_with("postgres://") || location.starts_with("postgresql://")
 }
-
-/// How many events a slow subscriber may fall behind before it misses some
-/// (it is then told how many it missed, see [`broadcast::error::RecvError::Lagged`]).
-const EVENT_BUFFER: usize = 4096;
 
 /// Which runs a listing returns. Listings are always newest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -444,8 +442,15 @@ pub trait RunStore: Send + Sync + 'static {
     /// into `cancels` the ids of runs this process executes whose cancel
     /// another process asked for. Nothing to do for a store one process
     /// holds (the default).
-    fn connect_events(&self, events: broadcast::Sender<RunEvent>, cancels: mpsc::Sender<String>) {
+    fn connect_events(&self, events: EventFeed, cancels: mpsc::Sender<String>) {
         let _ = (events, cancels);
+    }
+
+    /// Tells the other processes sharing the store that a run this one
+    /// executes wrote to its log (for their event streams; nothing is
+    /// stored). Nothing to do for a store one process holds (the default).
+    fn announce_log(&self, run_id: &str, module_id: &str, entry: &LogEntry) {
+        let _ = (run_id, module_id, entry);
     }
 
     /// Asks the process that executes an active run to cancel it: records
@@ -566,7 +571,7 @@ pub struct Wanted {
 #[derive(Clone)]
 pub struct RunRegistry {
     store: Arc<dyn RunStore>,
-    events: broadcast::Sender<RunEvent>,
+    events: EventFeed,
     cancel_requests: Arc<std::sync::Mutex<Option<mpsc::Receiver<String>>>>,
     retention: Arc<Removed>,
 }
@@ -607,7 +612,7 @@ impl RunRegistry {
     /// A registry over any store.
     #[must_use]
     pub fn new(store: impl RunStore) -> RunRegistry {
-        let events = broadcast::channel(EVENT_BUFFER).0;
+        let events = EventFeed::new();
         let (cancels, cancel_requests) = mpsc::channel(CANCEL_REQUESTS);
         store.connect_events(events.clone(), cancels);
         RunRegistry {
@@ -915,6 +920,7 @@ impl RunRegistry {
     /// Tells subscribers, as it happens, that a run wrote to its log. Nothing
     /// is stored: [`set_log`](Self::set_log) saves the log.
     pub fn publish_log(&self, run_id: &str, module_id: &str, entry: &LogEntry) {
+        self.store.announce_log(run_id, module_id, entry);
         self.publish(|| RunEvent::Log {
             run_id: run_id.to_owned(),
             module_id: module_id.to_owned(),
@@ -1053,10 +1059,14 @@ impl RunRegistry {
         self.events.subscribe()
     }
 
+    /// The numbered feed of the same events, for listeners that resume
+    /// where they left off (`Last-Event-ID`).
+    #[must_use]
+    pub fn feed(&self) -> &EventFeed {
+        &self.events
+    }
+
     fn publish(&self, event: impl FnOnce() -> RunEvent) {
-        // Building the event costs allocations: skip it when nobody listens.
-        if self.events.receiver_count() > 0 {
-            let _ = self.events.send(event());
-        }
+        self.events.publish(event());
     }
 }

@@ -160,6 +160,13 @@ async fn each_node_hears_the_others_status_changes_and_progress_in_order() {
     };
     b.report_progress(&theirs.run_id, "hello", half.clone())
         .unwrap();
+    let line = modrun::LogEntry {
+        at: chrono::Utc::now(),
+        level: modrun::LogLevel::Info,
+        source: modrun::LogSource::Log,
+        message: "a line on b".into(),
+    };
+    b.publish_log(&theirs.run_id, "hello", &line);
     assert!(
         b.transition(&Transition::completed(&theirs.run_id, json!("done")))
             .await
@@ -169,7 +176,8 @@ async fn each_node_hears_the_others_status_changes_and_progress_in_order() {
     let mut own_events = 0;
     let mut their_statuses = Vec::new();
     let mut their_progress = Vec::new();
-    while their_statuses.len() < 3 {
+    let mut their_log = Vec::new();
+    while their_statuses.len() < 3 || their_log.is_empty() {
         let event = tokio::time::timeout(DEADLINE, heard.recv())
             .await
             .expect("b's status changes reach a")
@@ -180,6 +188,10 @@ async fn each_node_hears_the_others_status_changes_and_progress_in_order() {
                 run_id, progress, ..
             } if run_id == theirs.run_id => {
                 their_progress.push(progress);
+                continue;
+            }
+            modrun::RunEvent::Log { run_id, entry, .. } if run_id == theirs.run_id => {
+                their_log.push(entry);
                 continue;
             }
             _ => continue,
@@ -199,8 +211,128 @@ async fn each_node_hears_the_others_status_changes_and_progress_in_order() {
         [half],
         "progress is announced with its batch, before the end"
     );
+    // Log lines are announced too, in a batch every 100 ms.
+    assert_eq!(their_log, [line]);
     // A's own change was announced too, before b's: a published it once.
     assert_eq!(own_events, 1);
+}
+
+/// Runs SQL on the test server as its administrator.
+async fn admin(url: &str, sql: &str) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    client.batch_execute(sql).await.unwrap();
+    drop(client);
+    let _ = driver.await;
+}
+
+/// The first column of the first row of a query on the test server.
+async fn scalar(url: &str, sql: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    let value = client.query_one(sql, &[]).await.unwrap().get(0);
+    drop(client);
+    let _ = driver.await;
+    value
+}
+
+/// `url` with another user.
+fn as_user(url: &str, user: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}@{host}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_listener_lost_its_connection_reads_what_it_missed() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let lease = Duration::from_secs(30);
+    // B creates the schema; A connects as a user of its own, whose new
+    // connections can be refused while A's listener is down.
+    let b = node(&url, &schema, "b", lease).await;
+    let role = fresh_schema();
+    admin(&url, &format!("CREATE ROLE {role} LOGIN SUPERUSER")).await;
+    let a = node(&as_user(&url, &role), &schema, "a", lease).await;
+    let (_, _, mut heard) = a.feed().resume(None);
+    let listening = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' \
+         AND application_name = 'modrun-listener' AND query LIKE '%cancel_requested_at IS NOT NULL'"
+    );
+    let start = Instant::now();
+    while scalar(&url, &listening).await == 0 {
+        assert!(start.elapsed() < DEADLINE, "a's listener never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A's listener loses its connection and cannot connect again.
+    admin(
+        &url,
+        &format!(
+            "ALTER ROLE {role} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename = '{role}' AND application_name = 'modrun-listener'"
+        ),
+    )
+    .await;
+    // Meanwhile B records a run from start to end: its announcements go
+    // to nobody on A.
+    let missed = Run::new("hello", "Hello");
+    b.add_run(&missed).await.unwrap();
+    assert!(
+        b.transition(&Transition::running(&missed.run_id))
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.transition(&Transition::completed(&missed.run_id, json!("done")))
+            .await
+            .unwrap()
+    );
+    admin(&url, &format!("ALTER ROLE {role} LOGIN")).await;
+
+    // Once connected again, A reads them from the database, in order.
+    let mut statuses = Vec::new();
+    while statuses.len() < 3 {
+        let numbered = tokio::time::timeout(DEADLINE, heard.recv())
+            .await
+            .expect("a reads what it missed once it listens again")
+            .unwrap();
+        if let modrun::RunEvent::Status { run_id, change, .. } = &*numbered.event
+            && *run_id == missed.run_id
+        {
+            statuses.push(change.status);
+        }
+    }
+    assert_eq!(
+        statuses,
+        [RunStatus::Queued, RunStatus::Running, RunStatus::Completed]
+    );
+    drop(a);
+    let _ = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let driver = tokio::spawn(connection);
+            let dropped = client
+                .batch_execute(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
+                     DROP ROLE {role}"
+                ))
+                .await;
+            drop(client);
+            let _ = driver.await;
+            if dropped.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

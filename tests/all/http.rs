@@ -318,6 +318,75 @@ async fn cancel_over_http_tells_cancelled_from_finished() {
     assert_eq!(body["run"]["error_message"], "cancelled by user");
 }
 
+/// One Server-Sent Event: its name, id and data.
+#[derive(Debug)]
+struct Sse {
+    event: String,
+    id: Option<String>,
+    data: String,
+}
+
+/// Reads `/events` (with these headers) until `until` holds for an event,
+/// or the deadline passes.
+async fn read_events(
+    app: &Router,
+    uri: &str,
+    headers: &[(&str, String)],
+    until: impl Fn(&Sse) -> bool,
+) -> Vec<Sse> {
+    let mut request = Request::get(uri);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut stream = response.into_body().into_data_stream();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            while let Some(end) = text.find("\n\n") {
+                let frame: String = text.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    frame
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(str::to_owned)
+                };
+                let Some(event) = field("event: ") else {
+                    continue; // a keep-alive comment
+                };
+                let sse = Sse {
+                    event,
+                    id: field("id: "),
+                    data: field("data: ").unwrap_or_default(),
+                };
+                let done = until(&sse);
+                events.push(sse);
+                if done {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the awaited event did not arrive; saw {events:?}"));
+    events
+}
+
+fn completed(event: &Sse) -> bool {
+    event.event == "status" && event.data.contains("\"status\":\"completed\"")
+}
+
+fn feed_seq(id: &str) -> u64 {
+    id.split_once('-').unwrap().1.parse().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_stream_opens_with_a_snapshot_then_follows_the_run() {
     let (app, _, _dir) = app(None).await;
@@ -330,48 +399,77 @@ async fn the_event_stream_opens_with_a_snapshot_then_follows_the_run() {
     )
     .await;
     let run_id = body["run_id"].as_str().unwrap().to_owned();
-    let response = app
-        .clone()
-        .oneshot(
-            Request::get(format!("/events?run_id={run_id}"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let mut stream = response.into_body().into_data_stream();
-    let mut text = String::new();
-    let mut events: Vec<String> = Vec::new();
-    tokio::time::timeout(DEADLINE, async {
-        while let Some(chunk) = stream.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            events = text
-                .split("\n\n")
-                .filter_map(|frame| frame.lines().find_map(|l| l.strip_prefix("event: ")))
-                .map(str::to_owned)
-                .collect();
-            if text.contains("\"status\":\"completed\"") {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the run's end arrived on the stream");
-    assert_eq!(
-        events.first().map(String::as_str),
-        Some("snapshot"),
-        "{text}"
-    );
-    assert!(events.iter().any(|e| e == "progress"), "{events:?}");
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("status"),
+    let events = read_events(&app, &format!("/events?run_id={run_id}"), &[], completed).await;
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names.first(), Some(&"snapshot"), "{events:?}");
+    assert!(names.contains(&"progress"), "{events:?}");
+    assert!(
+        events.iter().all(|e| e.data.contains(&run_id)),
         "{events:?}"
     );
-    assert!(text.contains(&run_id));
     let (status, _) = call(&app, "GET", "/events?run_id=unknown", "", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reconnects_with_last_event_id_gets_every_event_it_missed_once() {
+    let (app, runner, _dir) = app(None).await;
+    let (_, body) = call(
+        &app,
+        "POST",
+        "/modules/countdown/runs",
+        r#"{"seconds": 0.3, "step_ms": 20}"#,
+        None,
+    )
+    .await;
+    let run_id = body["run_id"].as_str().unwrap().to_owned();
+    let uri = format!("/events?run_id={run_id}");
+    // Watch until the first progress report, then go away.
+    let before = read_events(&app, &uri, &[], |e| e.event == "progress").await;
+    let last = before.last().unwrap().id.clone().expect("events carry ids");
+    // The run ends while nobody watches.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let run = runner.registry().get_run(&run_id).await.unwrap().unwrap();
+        if run.status.is_terminal() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the run did not end");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let resumed = read_events(&app, &uri, &[("last-event-id", last.clone())], completed).await;
+    // No snapshot: exactly the events after the one seen, in order.
+    assert!(resumed.iter().all(|e| e.event != "snapshot"), "{resumed:?}");
+    let seqs: Vec<u64> = resumed
+        .iter()
+        .map(|e| feed_seq(e.id.as_deref().unwrap()))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(seqs[0] > feed_seq(&last), "{seqs:?} after {last}");
+    assert!(resumed.iter().any(|e| e.event == "progress"), "{resumed:?}");
+
+    // An id from another server (or an earlier run of this one): the
+    // client is told, and gets the state again.
+    let foreign = read_events(
+        &app,
+        &uri,
+        &[("last-event-id", "00000000-5".to_owned())],
+        |e| e.event == "snapshot",
+    )
+    .await;
+    assert_eq!(foreign[0].event, "reset", "{foreign:?}");
+    assert!(foreign[1].data.contains("\"status\":\"completed\""));
+    let (status, body) = call_with(
+        &app,
+        "GET",
+        &uri,
+        "",
+        &[("last-event-id", "yesterday".to_owned())],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_last_event_id");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

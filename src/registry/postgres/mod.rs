@@ -29,6 +29,7 @@
 mod sql;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -36,14 +37,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::StreamExt;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::writer::{Backend, NotCommitted, Outcome, Queue, Shared, Write};
 use super::{
-    Cleanup, Existing, OnUnavailable, RunEvent, RunFilter, RunStore, RunSummary, StoreHealth,
-    Wanted,
+    Cleanup, EventFeed, Existing, OnUnavailable, RunEvent, RunFilter, RunStore, RunSummary,
+    StoreHealth, Wanted,
 };
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
@@ -130,8 +131,10 @@ pub struct PostgresStore {
     stop_heartbeats: Option<std::sync::mpsc::Sender<()>>,
     heartbeats: Option<std::thread::JoinHandle<()>>,
     /// Where the listener publishes other nodes' events, once connected.
-    events: Arc<OnceLock<broadcast::Sender<RunEvent>>>,
+    events: Arc<OnceLock<EventFeed>>,
     cancels: Arc<CancelSink>,
+    /// Log lines of this node's runs, waiting to be announced.
+    logs: Arc<Outbox>,
     stop_listening: CancellationToken,
 }
 
@@ -226,7 +229,8 @@ impl PostgresStore {
             .build()
             .map_err(|e| fail(format!("cannot set up its connection pool: {e}")))?;
 
-        let config_for_listener = config.clone();
+        let mut config_for_listener = config.clone();
+        config_for_listener.application_name("modrun-listener");
         let shared = Arc::new(Shared::new(place.clone()));
         let cancels = Arc::new(CancelSink::default());
         let versions = Arc::new(std::sync::Mutex::new(None));
@@ -264,6 +268,7 @@ impl PostgresStore {
         let events = Arc::new(OnceLock::new());
         let queued = Arc::new(tokio::sync::Notify::new());
         let stop_listening = CancellationToken::new();
+        let logs = Arc::new(Outbox::default());
         tokio::spawn(listen(
             config_for_listener,
             Listener {
@@ -272,6 +277,7 @@ impl PostgresStore {
                 events: events.clone(),
                 cancels: cancels.clone(),
                 queued: queued.clone(),
+                logs: logs.clone(),
             },
             stop_listening.clone(),
         ));
@@ -287,6 +293,7 @@ impl PostgresStore {
             heartbeats: Some(heartbeats),
             events,
             cancels,
+            logs,
             stop_listening,
         })
     }
@@ -423,7 +430,11 @@ impl RunStore for PostgresStore {
         self.writes.shared.health()
     }
 
-    fn connect_events(&self, events: broadcast::Sender<RunEvent>, cancels: mpsc::Sender<String>) {
+    fn announce_log(&self, run_id: &str, module_id: &str, entry: &LogEntry) {
+        self.logs.push(run_id, module_id, entry);
+    }
+
+    fn connect_events(&self, events: EventFeed, cancels: mpsc::Sender<String>) {
         let _ = self.events.set(events);
         self.cancels.connect(cancels);
     }
@@ -792,28 +803,111 @@ fn describe(e: &tokio_postgres::Error) -> String {
 struct Listener {
     node: String,
     schema: String,
-    events: Arc<OnceLock<broadcast::Sender<RunEvent>>>,
+    events: Arc<OnceLock<EventFeed>>,
     cancels: Arc<CancelSink>,
     /// Told when another node queues a run (or gives one back).
     queued: Arc<tokio::sync::Notify>,
+    /// Log lines of this node's runs, announced every [`LOG_EVERY`].
+    logs: Arc<Outbox>,
+}
+
+/// How often a node announces the log lines its runs wrote: one
+/// notification per flush, never one per line.
+const LOG_EVERY: Duration = Duration::from_millis(100);
+
+/// The most log lines waiting to be announced; past it, lines are not
+/// announced (they are still saved with their run).
+const OUTBOX_LINES: usize = 1000;
+
+/// The longest log message announced; longer ones are cut (the saved log
+/// keeps them whole).
+const ANNOUNCED_CHARS: usize = 1000;
+
+/// The most bytes of one notification's payload (PostgreSQL refuses 8000).
+const NOTIFY_BYTES: usize = 7000;
+
+/// Log lines waiting to be announced to the other nodes.
+#[derive(Default)]
+struct Outbox {
+    lines: std::sync::Mutex<Vec<(String, String, LogEntry)>>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Outbox {
+    fn push(&self, run_id: &str, module_id: &str, entry: &LogEntry) {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() >= OUTBOX_LINES {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut entry = entry.clone();
+        if let Some((cut, _)) = entry.message.char_indices().nth(ANNOUNCED_CHARS) {
+            entry.message.truncate(cut);
+            entry.message.push('…');
+        }
+        lines.push((run_id.to_owned(), module_id.to_owned(), entry));
+    }
+
+    /// The waiting lines as notification payloads, each small enough.
+    fn take_payloads(&self, node: &str) -> Vec<String> {
+        let lines = std::mem::take(&mut *self.lines.lock().unwrap_or_else(|e| e.into_inner()));
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "log lines came faster than they could be announced to the other nodes; some were not"
+            );
+        }
+        let node = serde_json::to_string(node).unwrap_or_default();
+        let mut payloads = Vec::new();
+        let mut current = String::new();
+        for line in lines {
+            let Ok(line) = serde_json::to_string(&line) else {
+                continue;
+            };
+            if !current.is_empty() && current.len() + line.len() + 2 > NOTIFY_BYTES {
+                payloads.push(format!("{{\"node\":{node},\"log\":[{current}]}}"));
+                current.clear();
+            }
+            if !current.is_empty() {
+                current.push(',');
+            }
+            current.push_str(&line);
+        }
+        if !current.is_empty() {
+            payloads.push(format!("{{\"node\":{node},\"log\":[{current}]}}"));
+        }
+        payloads
+    }
 }
 
 /// The longest a listener waits before it connects again, after a loss.
 const LISTEN_RETRY: Duration = Duration::from_secs(2);
 
+/// How far before a loss of notifications a listener reads the changes
+/// again: nodes stamp changes with their own clocks, which may differ.
+const CATCH_UP_MARGIN: Duration = Duration::from_secs(10);
+
+/// The most status changes a listener reads again after a loss.
+const CATCH_UP_LIMIT: i64 = 10_000;
+
 /// Listens, on a connection of its own, to the status changes other nodes
 /// announce and to the cancels asked of this node; reconnects with backoff
-/// after a loss (notifications sent meanwhile are lost: the cancels are
-/// read again at once, and at every heartbeat).
+/// after a loss. Notifications sent meanwhile are lost, so a listener that
+/// connects again reads the status changes recorded since then from the
+/// database (publishing those its feed does not have), and the cancels
+/// asked of this node (read at every heartbeat too).
 async fn listen(config: tokio_postgres::Config, listener: Listener, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
+    let missed_since = Arc::new(AtomicI64::new(0));
     while !stop.is_cancelled() {
-        match listen_once(&config, &listener, &stop).await {
+        match listen_once(&config, &listener, &stop, &missed_since).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(error = %describe(&e), "lost the database listener; reconnecting");
             }
         }
+        let _ = missed_since.compare_exchange(0, now_nanos(), Ordering::Relaxed, Ordering::Relaxed);
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(backoff) => {}
@@ -822,21 +916,35 @@ async fn listen(config: tokio_postgres::Config, listener: Listener, stop: Cancel
     }
 }
 
+fn now_nanos() -> i64 {
+    Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
 async fn listen_once(
     config: &tokio_postgres::Config,
     listener: &Listener,
     stop: &CancellationToken,
+    missed_since: &Arc<AtomicI64>,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let (notes, mut heard) = mpsc::channel(1024);
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let missed = missed_since.clone();
     let driver = tokio::spawn(async move {
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(note)) => {
                     // A listener that falls behind drops notifications
-                    // rather than grow without bound.
-                    let _ = notes.try_send(note);
+                    // rather than grow without bound, and reads the
+                    // changes again once it has caught up.
+                    if notes.try_send(note).is_err() {
+                        let _ = missed.compare_exchange(
+                            0,
+                            now_nanos(),
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => return Err(e),
@@ -855,9 +963,23 @@ async fn listen_once(
     for row in pending {
         listener.cancels.send(row.get(0));
     }
+    let mut flush = tokio::time::interval(LOG_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if heard.is_empty() {
+            let since = missed_since.swap(0, Ordering::Relaxed);
+            if since != 0 {
+                listener.catch_up(&client, since).await?;
+            }
+        }
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
+            _ = flush.tick() => {
+                let payloads = listener.logs.take_payloads(&listener.node);
+                if !payloads.is_empty() {
+                    client.execute(sql::ANNOUNCE, &[&payloads]).await?;
+                }
+            }
             note = heard.recv() => match note {
                 Some(note) => listener.hear(note.channel(), note.payload()),
                 None => break,
@@ -876,6 +998,11 @@ async fn listen_once(
 #[derive(serde::Deserialize)]
 #[serde(untagged)]
 enum Notice {
+    Log {
+        node: Option<String>,
+        /// (run id, module id, entry)
+        log: Vec<(String, String, LogEntry)>,
+    },
     Progress {
         node: Option<String>,
         /// (run id, module id, fraction, message)
@@ -924,6 +1051,18 @@ impl Listener {
         }
         let announced = match serde_json::from_str::<Notice>(payload) {
             Ok(Notice::Status(announced)) => announced,
+            Ok(Notice::Log { node, log }) => {
+                if node.as_deref() != Some(self.node.as_str()) {
+                    for (run_id, module_id, entry) in log {
+                        self.publish(RunEvent::Log {
+                            run_id,
+                            module_id,
+                            entry,
+                        });
+                    }
+                }
+                return;
+            }
             Ok(Notice::Progress { node, progress }) => {
                 if node.as_deref() != Some(self.node.as_str()) {
                     for (run_id, module_id, fraction, message) in progress {
@@ -962,11 +1101,57 @@ impl Listener {
         });
     }
 
+    /// Publishes the status changes recorded since `since` (nanoseconds,
+    /// less a margin) that this node's feed does not have: those announced
+    /// while it was not listening. Runs may have been queued meanwhile too.
+    async fn catch_up(
+        &self,
+        client: &tokio_postgres::Client,
+        since: i64,
+    ) -> Result<(), tokio_postgres::Error> {
+        let Some(feed) = self.events.get() else {
+            return Ok(());
+        };
+        let margin = i64::try_from(CATCH_UP_MARGIN.as_nanos()).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                sql::CHANGED_SINCE,
+                &[&since.saturating_sub(margin), &CATCH_UP_LIMIT],
+            )
+            .await?;
+        let has = feed.has_status();
+        let mut published = 0;
+        for row in rows {
+            let (run_id, module_id): (String, String) = (row.get(0), row.get(1));
+            let Ok(status) = row.get::<_, String>(2).parse() else {
+                continue;
+            };
+            let at: i64 = row.get(3);
+            if has(&run_id, status, at) {
+                continue;
+            }
+            published += 1;
+            feed.publish(RunEvent::Status {
+                run_id,
+                module_id,
+                change: crate::run::StatusChange {
+                    status,
+                    at: DateTime::from_timestamp_nanos(at),
+                    message: row.get(4),
+                },
+            });
+        }
+        tracing::info!(
+            published,
+            "read again the status changes announced while not listening"
+        );
+        self.queued.notify_one();
+        Ok(())
+    }
+
     fn publish(&self, event: RunEvent) {
-        if let Some(events) = self.events.get()
-            && events.receiver_count() > 0
-        {
-            let _ = events.send(event);
+        if let Some(events) = self.events.get() {
+            events.publish(event);
         }
     }
 }

@@ -261,6 +261,20 @@ const REQUEST_CANCEL: &str = "WITH c AS (UPDATE runs SET cancel_requested_at = $
 pub(super) const PENDING_CANCELS: &str = "SELECT run_id FROM runs WHERE node = $1 \
      AND status IN ('queued', 'running') AND cancel_requested_at IS NOT NULL";
 
+/// Announces payloads (`$1`) to the nodes, in order: log lines a node's
+/// runs wrote.
+pub(super) const ANNOUNCE: &str =
+    "SELECT pg_notify(current_schema() || '_events', p) FROM unnest($1::text[]) p";
+
+/// The status changes recorded since `$1` (nanoseconds), oldest first, at
+/// most `$2`: what a listener that lost notifications reads again. Only
+/// active runs and runs finished since then can have changed (both
+/// indexed), and only their history from then on is read.
+pub(super) const CHANGED_SINCE: &str = "SELECT r.run_id, r.module_id, h.status, h.at, h.message \
+     FROM runs r JOIN run_history h ON h.run = r.id \
+     WHERE (r.status IN ('queued', 'running') OR r.completed_at >= $1) AND h.at >= $1 \
+     ORDER BY h.at, h.run, h.seq LIMIT $2";
+
 /// At a node's start, settles the runs its previous process (same node
 /// name) left active: `Failed`, interrupted; or, for a run of a module
 /// that opted in with attempts left, `Queued` again for any node.
