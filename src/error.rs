@@ -99,6 +99,24 @@ pub enum Error {
     #[error("time {0} is outside the years 1677 to 2262 that the run registry stores")]
     TimeOutOfRange(chrono::DateTime<chrono::Utc>),
 
+    /// A start gave an idempotency key that an earlier start of another
+    /// module, or with other parameters, used.
+    #[error(
+        "idempotency key {key:?} was used for run {run_id}, started with another module or \
+         other parameters; use a new key for a new run"
+    )]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+        /// The run started with it.
+        run_id: String,
+    },
+
+    /// An idempotency key that is empty, too long, or holds control
+    /// characters.
+    #[error("{0:?} is not an idempotency key: use 1 to 255 printable characters")]
+    InvalidIdempotencyKey(String),
+
     /// No module with this id is loaded.
     #[error("no module {0:?} is loaded; list the loaded modules to see which are")]
     UnknownModule(String),

@@ -248,7 +248,8 @@ impl BackgroundTaskManager {
         F: Future + Send + 'static,
         F::Output: TaskOutput,
     {
-        self.start_gated_task(run.requeued(), None, work).await
+        self.start_gated_task(run.requeued(), None, None, work)
+            .await
     }
 
     /// [`start_task`](Self::start_task) of a run taken as it is (a fresh
@@ -256,9 +257,14 @@ impl BackgroundTaskManager {
     /// `Queued`, for the permits of `gate` (first come first served) before
     /// it starts: how a module's own limit on concurrent runs, and the
     /// engine's pool of instances, are kept.
+    ///
+    /// With an idempotency `key`, the run is recorded only if no run holds
+    /// the key: otherwise nothing starts and the start fails with
+    /// [`Error::IdempotencyKeyReused`] naming that run.
     pub(crate) async fn start_gated_task<F>(
         &self,
         run: Run,
+        key: Option<Box<str>>,
         gate: Option<Arc<Gate>>,
         work: F,
     ) -> Result<String>
@@ -278,7 +284,14 @@ impl BackgroundTaskManager {
         let (recorded, on_recorded) = oneshot::channel();
         // Boxed: the task's future then holds a pointer, not the whole record,
         // for as long as the work runs.
-        let execute = execute(task, slot, gate, Some(Box::new(run)), Some(recorded), work);
+        let execute = execute(
+            task,
+            slot,
+            gate,
+            Some(Box::new((run, key))),
+            Some(recorded),
+            work,
+        );
         tokio::spawn(execute.instrument(span));
         on_recorded.await.map_err(|_| Error::RegistryClosed)??;
         Ok(run_id)
@@ -798,7 +811,7 @@ async fn execute<F>(
     end: TaskEnd,
     slot: Pending,
     gate: Option<Arc<Gate>>,
-    run: Option<Box<Run>>,
+    run: Option<Box<(Run, Option<Box<str>>)>>,
     recorded: Option<oneshot::Sender<Result<()>>>,
     work: F,
 ) where
@@ -806,9 +819,12 @@ async fn execute<F>(
     F::Output: TaskOutput,
 {
     let (inner, run_id, token) = (&end.inner, &*end.run_id, &end.token);
-    if let Some(run) = run {
-        let inserted = inner.registry.insert(&run, Existing::AdoptQueued).await;
-        drop(run);
+    if let Some(new) = run {
+        let inserted = inner
+            .registry
+            .insert_keyed(&new.0, Existing::AdoptQueued, new.1.as_deref())
+            .await;
+        drop(new);
         let failed = inserted.is_err();
         if let Some(recorded) = recorded {
             let _ = recorded.send(inserted);

@@ -59,6 +59,8 @@ impl From<Error> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable")
             }
             Error::RunActive { .. } => (StatusCode::CONFLICT, "run_active"),
+            Error::IdempotencyKeyReused { .. } => (StatusCode::CONFLICT, "idempotency_key_reused"),
+            Error::InvalidIdempotencyKey(_) => (StatusCode::BAD_REQUEST, "invalid_idempotency_key"),
             Error::RunFinished { .. } => (StatusCode::CONFLICT, "run_finished"),
             _ => {
                 tracing::error!(%error, "request failed");

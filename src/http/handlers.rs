@@ -130,7 +130,19 @@ pub(super) async fn start_run(
             )
         })?
     };
-    let run_id = state.runner.start(&module_id, parameters).await?;
+    // A retried start with the same key gets the first start's run.
+    let run_id = match headers.get("idempotency-key") {
+        None => state.runner.start(&module_id, parameters).await?,
+        Some(key) => {
+            let key = key.to_str().map_err(|_| {
+                Error::InvalidIdempotencyKey(String::from_utf8_lossy(key.as_bytes()).into_owned())
+            })?;
+            state
+                .runner
+                .start_idempotent(&module_id, parameters, key)
+                .await?
+        }
+    };
     let accepted = json!({"run_id": run_id, "task_id": run_id, "status": "queued"});
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }

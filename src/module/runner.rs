@@ -93,6 +93,63 @@ impl ModuleRunner {
     /// An unknown module ([`Error::UnknownModule`]) or parameters that fail
     /// the module's schema ([`Error::InvalidParameters`]) record no run.
     pub async fn start(&self, module_id: &str, parameters: Value) -> Result<String> {
+        self.start_keyed(module_id, parameters, None).await
+    }
+
+    /// [`start`](Self::start), safe to retry: the first start with `key`
+    /// records a run, and every later start with the same key, module and
+    /// parameters returns that run's id without starting another, on any
+    /// node sharing the registry, for as long as the run is kept.
+    ///
+    /// A key given before for another module or other parameters is
+    /// refused ([`Error::IdempotencyKeyReused`]), as is a key that is
+    /// empty, longer than 255 characters or holds control characters
+    /// ([`Error::InvalidIdempotencyKey`]).
+    pub async fn start_idempotent(
+        &self,
+        module_id: &str,
+        parameters: Value,
+        key: &str,
+    ) -> Result<String> {
+        if key.is_empty() || key.chars().count() > 255 || key.chars().any(char::is_control) {
+            return Err(Error::InvalidIdempotencyKey(key.to_owned()));
+        }
+        let earlier = match self.registry().run_by_key(key).await? {
+            Some(earlier) => earlier,
+            None => match self
+                .start_keyed(module_id, parameters.clone(), Some(key))
+                .await
+            {
+                // Another start with the key was recorded first.
+                Err(Error::IdempotencyKeyReused { run_id, .. }) => self
+                    .registry()
+                    .get_run(&run_id)
+                    .await?
+                    .ok_or(Error::RunNotFound(run_id))?,
+                started => return started,
+            },
+        };
+        let same_parameters = match &parameters {
+            Value::Null => earlier.parameters.is_empty(),
+            Value::Object(map) => *map == earlier.parameters,
+            _ => false,
+        };
+        if earlier.module_id == module_id && same_parameters {
+            Ok(earlier.run_id)
+        } else {
+            Err(Error::IdempotencyKeyReused {
+                key: key.to_owned(),
+                run_id: earlier.run_id,
+            })
+        }
+    }
+
+    async fn start_keyed(
+        &self,
+        module_id: &str,
+        parameters: Value,
+        key: Option<&str>,
+    ) -> Result<String> {
         if !is_safe_module_id(module_id) {
             return Err(Error::InvalidModuleId(module_id.to_owned()));
         }
@@ -141,9 +198,9 @@ impl ModuleRunner {
         run.parameters = parameters;
         run.module_version = Some(summary.content_hash.clone());
         if let Some(versions) = self.queue.get() {
-            return self.enqueue(versions, &module, run).await;
+            return self.enqueue(versions, &module, run, key).await;
         }
-        self.launch(&module, run).await
+        self.launch(&module, run, key).await
     }
 
     /// Records a run in the shared queue. With room here for it now, it is
@@ -154,6 +211,7 @@ impl ModuleRunner {
         versions: &Arc<Versions>,
         module: &Arc<LoadedModule>,
         mut run: Run,
+        key: Option<&str>,
     ) -> Result<String> {
         if self.manager.is_shutting_down() {
             return Err(Error::ShuttingDown);
@@ -162,7 +220,7 @@ impl ModuleRunner {
         let run_id = run.run_id.clone();
         let attempts = module.summary.manifest.limits.max_attempts;
         let Some((room, permits)) = self.room_for(module) else {
-            self.registry().enqueue(&run, attempts).await?;
+            self.registry().enqueue(&run, attempts, key).await?;
             versions.queued_here.notify_one();
             return Ok(run_id);
         };
@@ -172,8 +230,12 @@ impl ModuleRunner {
         // A task records and starts the run, so that a caller that stops
         // waiting cannot leave it recorded `Running` with nothing running it.
         let (runner, module) = (self.clone(), module.clone());
+        let key = key.map(str::to_owned);
         let recorded = tokio::spawn(async move {
-            runner.registry().enqueue(&run, attempts).await?;
+            runner
+                .registry()
+                .enqueue(&run, attempts, key.as_deref())
+                .await?;
             if let Err(e) = runner.start_claimed(&module, &run, room, permits) {
                 // Shutting down meanwhile: the run is any node's again.
                 tracing::warn!(run_id = %run.run_id, error = %e, "giving a run back to the queue");
@@ -257,13 +319,20 @@ impl ModuleRunner {
     }
 
     /// Starts `run`, a run of `module` as recorded, through the manager.
-    async fn launch(&self, module: &Arc<LoadedModule>, run: Run) -> Result<String> {
+    async fn launch(
+        &self,
+        module: &Arc<LoadedModule>,
+        run: Run,
+        key: Option<&str>,
+    ) -> Result<String> {
         let gate = self.gate(
             &run.module_id,
             module.summary.manifest.limits.max_concurrent,
         );
         let work = self.work(module, &run);
-        self.manager.start_gated_task(run, Some(gate), work).await
+        self.manager
+            .start_gated_task(run, key.map(Box::from), Some(gate), work)
+            .await
     }
 
     /// Starts again the module runs a previous process left `Queued` in
@@ -306,7 +375,7 @@ impl ModuleRunner {
                         .transition(&Transition::failed(&run_id, EXIT_FAILURE, reason))
                         .await?;
                 }
-                (None, Some(module)) => match self.launch(&module, run).await {
+                (None, Some(module)) => match self.launch(&module, run, None).await {
                     Ok(_) => resumed += 1,
                     Err(e) => tracing::warn!(run_id, error = %e, "cannot resume a queued run"),
                 },

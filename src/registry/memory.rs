@@ -21,6 +21,9 @@ pub struct MemoryStore {
     // Boxed entries keep the table's slots small: a table sized for growth
     // has a third or more of its slots empty, and each costs its full size.
     runs: Mutex<HashMap<String, Box<Entry>>>,
+    /// The runs started with an idempotency key, by key. Locked after
+    /// `runs` when both are.
+    keys: Mutex<HashMap<String, String>>,
 }
 
 #[derive(Debug)]
@@ -72,8 +75,17 @@ impl MemoryStore {
 
 #[async_trait]
 impl RunStore for MemoryStore {
-    async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
+    async fn insert(&self, run: &Run, existing: Existing, key: Option<&str>) -> Result<()> {
         let mut runs = self.lock();
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(key) = key
+            && let Some(holder) = keys.get(key).filter(|holder| runs.contains_key(*holder))
+        {
+            return Err(Error::IdempotencyKeyReused {
+                key: key.to_owned(),
+                run_id: holder.clone(),
+            });
+        }
         // Room for the usual life of a run (queued, running, an end) and no
         // more: growing a Vec by doubling would reserve four.
         let mut first = Vec::with_capacity(3);
@@ -102,7 +114,19 @@ impl RunStore for MemoryStore {
                 Taken::Adopt => entry.run = run.clone(),
             },
         }
+        if let Some(key) = key {
+            keys.insert(key.to_owned(), run.run_id.clone());
+        }
         Ok(())
+    }
+
+    async fn run_by_key(&self, key: &str) -> Result<Option<Run>> {
+        let runs = self.lock();
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(keys
+            .get(key)
+            .and_then(|run_id| runs.get(run_id))
+            .map(|entry| entry.run.clone()))
     }
 
     async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()> {
@@ -180,6 +204,10 @@ impl RunStore for MemoryStore {
         doomed.truncate(limit);
         for (_, run_id) in &doomed {
             runs.remove(run_id);
+        }
+        if !doomed.is_empty() {
+            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            keys.retain(|_, run_id| runs.contains_key(run_id));
         }
         Ok(doomed.len())
     }

@@ -361,8 +361,14 @@ pub(crate) fn check_replace(run_id: &str, from: RunStatus, to: Option<RunStatus>
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
     /// Records `run` with a one-entry history (its status at `created_at`).
-    /// An id already recorded is treated as `existing` says.
-    async fn insert(&self, run: &Run, existing: Existing) -> Result<()>;
+    /// An id already recorded is treated as `existing` says. With an
+    /// idempotency `key`, the run is recorded only if no run holds that key
+    /// (else it fails with [`Error::IdempotencyKeyReused`](crate::Error::IdempotencyKeyReused)
+    /// naming the run that does), and it holds the key from then on.
+    async fn insert(&self, run: &Run, existing: Existing, key: Option<&str>) -> Result<()>;
+
+    /// The run recorded with this idempotency key, if any.
+    async fn run_by_key(&self, key: &str) -> Result<Option<Run>>;
 
     /// Replaces the record of `run`, appending `change` to its history when
     /// given. Fails if the run is unknown or finished, or if `change` is not
@@ -478,9 +484,9 @@ pub trait RunStore: Send + Sync + 'static {
     /// (its history: queued at `created_at`, running at `started_at`).
     /// A run whose process is lost is queued again while it has taken
     /// fewer than `max_attempts` attempts. By default, as an insert.
-    async fn enqueue(&self, run: &Run, max_attempts: u32) -> Result<()> {
+    async fn enqueue(&self, run: &Run, max_attempts: u32, key: Option<&str>) -> Result<()> {
         let _ = max_attempts;
-        self.insert(run, Existing::ReplaceFinished).await
+        self.insert(run, Existing::ReplaceFinished, key).await
     }
 
     /// Notified whenever another process queues a run (or gives one
@@ -693,7 +699,17 @@ impl RunRegistry {
 
     /// Records `run` as [`RunStore::insert`] does, and publishes the event.
     pub async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
-        self.store.insert(run, existing).await?;
+        self.insert_keyed(run, existing, None).await
+    }
+
+    /// [`insert`](Self::insert) of a run started with an idempotency key.
+    pub(crate) async fn insert_keyed(
+        &self,
+        run: &Run,
+        existing: Existing,
+        key: Option<&str>,
+    ) -> Result<()> {
+        self.store.insert(run, existing, key).await?;
         self.publish(|| RunEvent::Status {
             run_id: run.run_id.clone(),
             module_id: run.module_id.clone(),
@@ -716,8 +732,13 @@ impl RunRegistry {
     /// Records `run`, `Queued`, for whichever process sharing the store
     /// claims it ([`RunStore::enqueue`]) — or, `Running`, claimed by this
     /// one as it starts — and publishes the events.
-    pub(crate) async fn enqueue(&self, run: &Run, max_attempts: u32) -> Result<()> {
-        self.store.enqueue(run, max_attempts).await?;
+    pub(crate) async fn enqueue(
+        &self,
+        run: &Run,
+        max_attempts: u32,
+        key: Option<&str>,
+    ) -> Result<()> {
+        self.store.enqueue(run, max_attempts, key).await?;
         self.publish(|| RunEvent::Status {
             run_id: run.run_id.clone(),
             module_id: run.module_id.clone(),
@@ -926,6 +947,11 @@ impl RunRegistry {
             module_id: module_id.to_owned(),
             entry: entry.clone(),
         });
+    }
+
+    /// The run started with this idempotency key, if any.
+    pub async fn run_by_key(&self, key: &str) -> Result<Option<Run>> {
+        self.store.run_by_key(key).await
     }
 
     /// One run, if recorded.

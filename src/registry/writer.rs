@@ -61,10 +61,14 @@ pub(super) trait Backend: Send + 'static {
 
 /// One write, queued for the writer thread.
 pub(super) enum Write {
-    Insert(Run, Existing, Reply<()>),
+    /// A new run, and the idempotency key it was started with, if any: a
+    /// run with that key recorded already fails the write with
+    /// [`Error::IdempotencyKeyReused`] naming it.
+    Insert(Run, Existing, Option<Box<str>>, Reply<()>),
     /// A new run, `Queued` for whichever node claims it (on a store that
-    /// is a queue several nodes share), and how many attempts it may take.
-    Enqueue(Run, u32, Reply<()>),
+    /// is a queue several nodes share), how many attempts it may take, and
+    /// its idempotency key (as for `Insert`).
+    Enqueue(Run, u32, Option<Box<str>>, Reply<()>),
     Replace(Run, Option<StatusChange>, Reply<()>),
     Transition(Transition, OnUnavailable, Reply<Option<String>>),
     Progress(String, Progress, Reply<Option<String>>),
@@ -92,6 +96,14 @@ pub(super) enum Write {
 }
 
 impl Write {
+    /// The idempotency key of a new run's write.
+    pub(super) fn key(&self) -> Option<&str> {
+        match self {
+            Write::Insert(_, _, key, _) | Write::Enqueue(_, _, key, _) => key.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Whether the write waits, held, while the file cannot be written.
     fn is_held(&self) -> bool {
         matches!(
@@ -492,16 +504,30 @@ impl Queue {
 
     // The writes of `RunStore`, for the stores to forward.
 
-    pub(super) async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
+    pub(super) async fn insert(
+        &self,
+        run: &Run,
+        existing: Existing,
+        key: Option<&str>,
+    ) -> Result<()> {
         check_times(run)?;
-        self.write_or_refuse(|reply| Write::Insert(run.clone(), existing, reply))
-            .await
+        self.write_or_refuse(|reply| {
+            Write::Insert(run.clone(), existing, key.map(Box::from), reply)
+        })
+        .await
     }
 
-    pub(super) async fn enqueue_run(&self, run: &Run, max_attempts: u32) -> Result<()> {
+    pub(super) async fn enqueue_run(
+        &self,
+        run: &Run,
+        max_attempts: u32,
+        key: Option<&str>,
+    ) -> Result<()> {
         check_times(run)?;
-        self.write_or_refuse(|reply| Write::Enqueue(run.clone(), max_attempts, reply))
-            .await
+        self.write_or_refuse(|reply| {
+            Write::Enqueue(run.clone(), max_attempts, key.map(Box::from), reply)
+        })
+        .await
     }
 
     pub(super) async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()> {

@@ -902,3 +902,70 @@ async fn a_registry_that_cannot_write_makes_health_degraded_and_starts_503() {
     let (status, health) = call(&app, "GET", "/health", "", None).await;
     assert_eq!((status, &health["status"]), (StatusCode::OK, &json!("ok")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_retried_with_an_idempotency_key_returns_the_first_run() {
+    let (app, runner, _dir) = app(None).await;
+    let keyed = |key: &str| {
+        vec![
+            ("content-type", "application/json".to_owned()),
+            ("idempotency-key", key.to_owned()),
+        ]
+    };
+    let (status, first) = call_with(
+        &app,
+        "POST",
+        "/modules/hello/runs",
+        r#"{"name": "Ada"}"#,
+        &keyed("order-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let (status, again) = call_with(
+        &app,
+        "POST",
+        "/modules/hello/run-async",
+        r#"{"name": "Ada"}"#,
+        &keyed("order-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{again}");
+    assert_eq!(again["run_id"], first["run_id"]);
+
+    let (status, reused) = call_with(
+        &app,
+        "POST",
+        "/modules/hello/runs",
+        r#"{"name": "Grace"}"#,
+        &keyed("order-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{reused}");
+    assert_eq!(reused["error"]["code"], "idempotency_key_reused");
+    assert!(
+        reused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(first["run_id"].as_str().unwrap()),
+        "{reused}"
+    );
+    let (status, bad) = call_with(
+        &app,
+        "POST",
+        "/modules/hello/runs",
+        r#"{"name": "Ada"}"#,
+        &keyed(&"x".repeat(300)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    assert_eq!(bad["error"]["code"], "invalid_idempotency_key");
+    assert_eq!(
+        runner
+            .registry()
+            .runs_by_module("hello")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}

@@ -51,7 +51,7 @@ async fn claimed_runs_are_running_for_their_node_and_can_be_given_back() {
     for index in 0..5 {
         let mut run = Run::new("hello", "Hello");
         run.module_version = Some(if index < 4 { "v1" } else { "v2" }.to_owned());
-        store.enqueue(&run, 1).await.unwrap();
+        store.enqueue(&run, 1, None).await.unwrap();
         queued.push(run);
     }
     let wanted = |version: &str, count| Wanted {
@@ -102,14 +102,14 @@ async fn a_queued_run_no_live_node_can_run_is_failed_saying_why() {
     let mut stale = Run::new("hello", "Hello");
     stale.module_version = Some("sha256:gone".into());
     stale.created_at = Utc::now() - chrono::Duration::seconds(30);
-    store.enqueue(&stale, 1).await.unwrap();
+    store.enqueue(&stale, 1, None).await.unwrap();
     let mut fresh = Run::new("hello", "Hello");
     fresh.module_version = Some("sha256:gone".into());
-    store.enqueue(&fresh, 1).await.unwrap();
+    store.enqueue(&fresh, 1, None).await.unwrap();
     let mut runnable = Run::new("hello", "Hello");
     runnable.module_version = Some("sha256:here".into());
     runnable.created_at = stale.created_at;
-    store.enqueue(&runnable, 1).await.unwrap();
+    store.enqueue(&runnable, 1, None).await.unwrap();
     // Until the node says what it can run, nothing is settled.
     store.publish_versions(vec!["hello@sha256:here".into()]);
     let registry = RunRegistry::new(store);
@@ -236,7 +236,7 @@ async fn a_lost_nodes_run_that_may_retry_is_queued_again_and_its_late_end_refuse
     run.module_version = Some("v1".into());
     run.status = RunStatus::Running;
     run.started_at = Some(Utc::now());
-    lost.enqueue(&run, 3).await.unwrap();
+    lost.enqueue(&run, 3, None).await.unwrap();
     let once = Run::new("countdown", "Countdown");
     let mut once = Run {
         module_version: Some("v1".into()),
@@ -245,7 +245,7 @@ async fn a_lost_nodes_run_that_may_retry_is_queued_again_and_its_late_end_refuse
         ..once
     };
     once.attempt = None;
-    lost.enqueue(&once, 1).await.unwrap();
+    lost.enqueue(&once, 1, None).await.unwrap();
     drop(lost);
 
     // Its lease runs out: the run that may retry is queued again, for any
@@ -296,4 +296,36 @@ async fn a_lost_nodes_run_that_may_retry_is_queued_again_and_its_late_end_refuse
             RunStatus::Completed
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_retried_on_two_nodes_with_one_key_is_one_run() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let dir = plugins_dir(&["hello"]);
+    let a = node(&url, &schema, "a", dir.path(), 4).await;
+    let b = node(&url, &schema, "b", dir.path(), 4).await;
+    let (a_claimer, b_claimer) = (a.claim_from_queue().unwrap(), b.claim_from_queue().unwrap());
+    let parameters = json!({"name": "Ada"});
+    // A client retrying through a load balancer: its starts land on both
+    // nodes at once.
+    let starts = (0..10).map(|i| {
+        let (runner, parameters) = (if i % 2 == 0 { &a } else { &b }, parameters.clone());
+        async move {
+            runner
+                .start_idempotent("hello", parameters, "checkout-42")
+                .await
+        }
+    });
+    let ids: Vec<String> = futures_util::future::join_all(starts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    let run = wait_for_end(a.registry(), &ids[0]).await;
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(a.registry().runs_by_module("hello").await.unwrap().len(), 1);
+    a_claimer.stop().await;
+    b_claimer.stop().await;
 }

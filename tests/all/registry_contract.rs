@@ -59,6 +59,7 @@ contract!(
     hostile_text_is_stored,
     many_ends_at_once_apply_to_exactly_the_active_runs,
     many_adds_at_once_keep_the_rules_for_taken_ids,
+    a_start_with_an_idempotency_key_is_recorded_once,
 );
 
 /// A run as the registry holds it, but for the node the store recorded
@@ -717,4 +718,59 @@ async fn many_adds_at_once_keep_the_rules_for_taken_ids(registry: RunRegistry) {
     }
     let kept = registry.get_run(&active.run_id).await.unwrap().unwrap();
     assert_eq!(kept.module_id, "taken", "the active run is left as it was");
+}
+
+async fn a_start_with_an_idempotency_key_is_recorded_once(registry: RunRegistry) {
+    let plugins = crate::support::plugins_dir(&["hello"]);
+    let host = modrun::ModuleHost::new(crate::support::test_host_config()).unwrap();
+    host.load_dir(plugins.path()).await.unwrap();
+    let runner =
+        modrun::ModuleRunner::new(host, modrun::BackgroundTaskManager::new(registry.clone()));
+    let ada = json!({"name": "Ada"});
+    // Retries racing the first start: one run, one id for all.
+    let starts = (0..8).map(|_| runner.start_idempotent("hello", ada.clone(), "order-17"));
+    let ids: Vec<String> = futures_util::future::join_all(starts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    let first = ids[0].clone();
+    let recorded = registry.runs_by_module("hello").await.unwrap();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    let held = registry.run_by_key("order-17").await.unwrap().unwrap();
+    assert_eq!(held.run_id, first);
+    crate::support::wait_for_end(&registry, &first).await;
+    // Once finished it is still the key's run.
+    let again = runner
+        .start_idempotent("hello", ada.clone(), "order-17")
+        .await
+        .unwrap();
+    assert_eq!(again, first);
+
+    let other = runner
+        .start_idempotent("hello", json!({"name": "Grace"}), "order-17")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&other, Error::IdempotencyKeyReused { run_id, .. } if *run_id == first),
+        "{other:?}"
+    );
+    for bad in ["", "line\nbreak", &"k".repeat(256)] {
+        let refused = runner.start_idempotent("hello", ada.clone(), bad).await;
+        assert!(
+            matches!(refused, Err(Error::InvalidIdempotencyKey(_))),
+            "{bad:?}: {refused:?}"
+        );
+    }
+    assert_eq!(registry.runs_by_module("hello").await.unwrap().len(), 1);
+
+    // Removed with its run, the key starts a new one.
+    assert_eq!(registry.cleanup_old_runs(Duration::ZERO).await.unwrap(), 1);
+    let fresh = runner
+        .start_idempotent("hello", ada, "order-17")
+        .await
+        .unwrap();
+    assert_ne!(fresh, first);
+    crate::support::wait_for_end(&registry, &fresh).await;
 }

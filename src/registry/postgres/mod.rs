@@ -57,6 +57,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_events.sql"),
     include_str!("migrations/0004_queue.sql"),
     include_str!("migrations/0005_retention.sql"),
+    include_str!("migrations/0006_idempotency.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says
@@ -347,8 +348,13 @@ impl PostgresStore {
 
 #[async_trait]
 impl RunStore for PostgresStore {
-    async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
-        self.writes.insert(run, existing).await
+    async fn insert(&self, run: &Run, existing: Existing, key: Option<&str>) -> Result<()> {
+        self.writes.insert(run, existing, key).await
+    }
+
+    async fn run_by_key(&self, key: &str) -> Result<Option<Run>> {
+        self.read(async |client| sql::select_run_by_key(client, key).await)
+            .await
     }
 
     async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()> {
@@ -451,8 +457,8 @@ impl RunStore for PostgresStore {
         Some(self.queued.clone())
     }
 
-    async fn enqueue(&self, run: &Run, max_attempts: u32) -> Result<()> {
-        self.writes.enqueue_run(run, max_attempts).await
+    async fn enqueue(&self, run: &Run, max_attempts: u32, key: Option<&str>) -> Result<()> {
+        self.writes.enqueue_run(run, max_attempts, key).await
     }
 
     async fn claim(&self, wanted: &[Wanted], limit: usize) -> Result<Vec<Run>> {

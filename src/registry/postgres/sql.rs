@@ -399,15 +399,71 @@ pub(super) async fn apply(
     node: &Node,
     write: &Write,
 ) -> Result<Outcome, tokio_postgres::Error> {
+    if let Some(key) = write.key() {
+        return apply_keyed(tx, prepared, node, write, key).await;
+    }
+    apply_unkeyed(tx, prepared, node, write).await
+}
+
+/// A new run's write with an idempotency key: applied unless another run
+/// (recorded by any node) holds the key, in which case that write alone
+/// fails naming it. Two nodes recording the same key at once take turns
+/// on a lock for it.
+async fn apply_keyed(
+    tx: &Transaction<'_>,
+    prepared: &mut Prepared,
+    node: &Node,
+    write: &Write,
+    key: &str,
+) -> Result<Outcome, tokio_postgres::Error> {
+    let key = clean(key);
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('modrun idempotency ' || $1))",
+        &[&key],
+    )
+    .await?;
+    let holder = tx
+        .query_opt(
+            "SELECT run_id FROM runs WHERE idempotency_key = $1",
+            &[&key],
+        )
+        .await?;
+    if let Some(holder) = holder {
+        return Ok(Outcome::Failed(Error::IdempotencyKeyReused {
+            key: key.into_owned(),
+            run_id: holder.get(0),
+        }));
+    }
+    let outcome = apply_unkeyed(tx, prepared, node, write).await?;
+    if matches!(outcome, Outcome::Done) {
+        let run_id = match write {
+            Write::Insert(run, ..) | Write::Enqueue(run, ..) => clean(&run.run_id),
+            _ => unreachable!("only a new run's write has a key"),
+        };
+        tx.execute(
+            "UPDATE runs SET idempotency_key = $2 WHERE run_id = $1",
+            &[&run_id, &key],
+        )
+        .await?;
+    }
+    Ok(outcome)
+}
+
+async fn apply_unkeyed(
+    tx: &Transaction<'_>,
+    prepared: &mut Prepared,
+    node: &Node,
+    write: &Write,
+) -> Result<Outcome, tokio_postgres::Error> {
     match write {
-        Write::Insert(run, existing, _) => {
+        Write::Insert(run, existing, ..) => {
             let owner = Owner {
                 node: Some(&node.id),
                 max_attempts: 1,
             };
             insert(tx, prepared, owner, run, *existing).await
         }
-        Write::Enqueue(run, attempts, _) if run.status != RunStatus::Running => {
+        Write::Enqueue(run, attempts, ..) if run.status != RunStatus::Running => {
             let owner = Owner {
                 node: None,
                 max_attempts: *attempts,
@@ -503,10 +559,10 @@ impl<'a> Sent<'a> {
     fn new(write: &'a Write, node: &'a Node) -> Option<Sent<'a>> {
         Some(match write {
             Write::Insert(run, ..) => Sent::Insert(RunValues::new(run, 1), Some(&node.id)),
-            Write::Enqueue(run, attempts, _) if run.status == RunStatus::Running => {
+            Write::Enqueue(run, attempts, ..) if run.status == RunStatus::Running => {
                 Sent::Claimed(RunValues::new(run, 2).with_attempts(*attempts), &node.id)
             }
-            Write::Enqueue(run, attempts, _) => {
+            Write::Enqueue(run, attempts, ..) => {
                 Sent::Insert(RunValues::new(run, 1).with_attempts(*attempts), None)
             }
             Write::Replace(..) => return None,
@@ -587,6 +643,10 @@ pub(super) async fn apply_pipelined(
     node: &Node,
     batch: &[Write],
 ) -> Result<Option<Vec<Outcome>>, tokio_postgres::Error> {
+    // A keyed start looks before it writes: one write at a time.
+    if batch.iter().any(|write| write.key().is_some()) {
+        return Ok(None);
+    }
     let Some(sent) = batch
         .iter()
         .map(|write| Sent::new(write, node))
@@ -1310,6 +1370,20 @@ pub(super) async fn select_run(
     let statement = client.prepare_cached(&sql).await?;
     client
         .query_opt(&statement, &[&clean(run_id)])
+        .await?
+        .map(|row| read_run(&row))
+        .transpose()
+        .map_err(ReadError::Corrupt)
+}
+
+pub(super) async fn select_run_by_key(
+    client: &ClientWrapper,
+    key: &str,
+) -> Result<Option<Run>, ReadError> {
+    let sql = format!("SELECT {PG_RUN_COLUMNS} FROM runs WHERE idempotency_key = $1");
+    let statement = client.prepare_cached(&sql).await?;
+    client
+        .query_opt(&statement, &[&clean(key)])
         .await?
         .map(|row| read_run(&row))
         .transpose()

@@ -64,9 +64,13 @@ impl Backend for SqliteBackend {
 /// `Ok(Outcome::Failed)` and writes nothing.
 fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outcome> {
     Ok(match write {
-        Write::Insert(run, existing, _) => sql::insert(tx, run, *existing)?,
+        Write::Insert(run, existing, key, _) => sql::insert_keyed(tx, run, key.as_deref(), |tx| {
+            sql::insert(tx, run, *existing)
+        })?,
         // One process holds the file: a queued run is this process's.
-        Write::Enqueue(run, ..) => sql::insert(tx, run, Existing::ReplaceFinished)?,
+        Write::Enqueue(run, _, key, _) => sql::insert_keyed(tx, run, key.as_deref(), |tx| {
+            sql::insert(tx, run, Existing::ReplaceFinished)
+        })?,
         Write::Replace(run, change, _) => sql::replace(tx, run, change.as_ref())?,
         Write::Transition(change, ..) => Outcome::Applied(sql::apply_transition(tx, change)?),
         Write::Progress(run_id, progress, _) => {

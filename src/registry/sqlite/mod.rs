@@ -209,8 +209,14 @@ impl Drop for SqliteStore {
 
 #[async_trait]
 impl RunStore for SqliteStore {
-    async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
-        self.writes.insert(run, existing).await
+    async fn insert(&self, run: &Run, existing: Existing, key: Option<&str>) -> Result<()> {
+        self.writes.insert(run, existing, key).await
+    }
+
+    async fn run_by_key(&self, key: &str) -> Result<Option<Run>> {
+        let key = key.to_owned();
+        self.read(move |conn| sql::select_run_by_key(conn, &key))
+            .await
     }
 
     async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()> {

@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_run_log.sql"),
     include_str!("migrations/0003_retention.sql"),
+    include_str!("migrations/0004_idempotency.sql"),
 ];
 
 /// The message recorded on runs found unfinished when the registry opens.

@@ -37,6 +37,45 @@ pub(super) fn current(
         .optional()
 }
 
+/// Applies `insert` of `run` unless another run holds its idempotency
+/// `key` (that write alone then fails, naming that run); the run holds the
+/// key once inserted.
+pub(super) fn insert_keyed(
+    tx: &rusqlite::Transaction<'_>,
+    run: &Run,
+    key: Option<&str>,
+    insert: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<Outcome>,
+) -> rusqlite::Result<Outcome> {
+    let Some(key) = key else {
+        return insert(tx);
+    };
+    let holder: Option<String> = tx
+        .prepare_cached("SELECT run_id FROM runs WHERE idempotency_key = ?1")?
+        .query_row([key], |row| row.get(0))
+        .optional()?;
+    if let Some(run_id) = holder {
+        return Ok(Outcome::Failed(Error::IdempotencyKeyReused {
+            key: key.to_owned(),
+            run_id,
+        }));
+    }
+    let outcome = insert(tx)?;
+    if matches!(outcome, Outcome::Done) {
+        tx.prepare_cached("UPDATE runs SET idempotency_key = ?2 WHERE run_id = ?1")?
+            .execute([&run.run_id, key])?;
+    }
+    Ok(outcome)
+}
+
+/// The run started with idempotency `key`, if any.
+pub(super) fn select_run_by_key(conn: &Connection, key: &str) -> rusqlite::Result<Option<Run>> {
+    conn.prepare_cached(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?1"
+    ))?
+    .query_row([key], read_run)
+    .optional()
+}
+
 pub(super) fn insert(
     tx: &rusqlite::Transaction<'_>,
     run: &Run,
