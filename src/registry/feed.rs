@@ -3,6 +3,10 @@
 //! them kept so that a listener that lost its connection resumes where it
 //! left off.
 //!
+//! Events are kept from the first time a listener asks for positions
+//! ([`EventFeed::resume`]): before that nobody can resume, and a registry
+//! nobody listens to pays nothing for its events.
+//!
 //! A position in the feed is written `<feed>-<sequence number>`: the feed's
 //! name (random, one per process) tells a resume against this process from
 //! one against another process or an earlier run of this one, whose numbers
@@ -27,8 +31,8 @@ const EVENT_BUFFER: usize = 4096;
 
 /// How many of the latest events are kept for resuming listeners, and how
 /// many bytes of them at most (log lines make some events large).
-const KEPT_EVENTS: usize = 8192;
-const KEPT_BYTES: usize = 4 << 20;
+const KEPT_EVENTS: usize = 4096;
+const KEPT_BYTES: usize = 2 << 20;
 
 /// A place in a feed: after which event a listener resumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +96,8 @@ struct Inner {
     events: broadcast::Sender<RunEvent>,
     /// Every event with its place, for listeners that resume.
     numbered: broadcast::Sender<Numbered>,
+    /// Whether events are numbered and kept: from the first resume on.
+    keeping: std::sync::atomic::AtomicBool,
     kept: Mutex<Kept>,
 }
 
@@ -126,6 +132,7 @@ impl EventFeed {
                 feed: uuid::Uuid::now_v7().as_u128() as u32,
                 events: broadcast::channel(EVENT_BUFFER).0,
                 numbered: broadcast::channel(EVENT_BUFFER).0,
+                keeping: std::sync::atomic::AtomicBool::new(false),
                 kept: Mutex::new(Kept {
                     next: 1,
                     events: VecDeque::new(),
@@ -135,9 +142,20 @@ impl EventFeed {
         }
     }
 
-    /// Numbers `event`, keeps it, and tells every listener.
-    pub fn publish(&self, event: RunEvent) {
-        let event = Arc::new(event);
+    /// Numbers `event`, keeps it, and tells every listener. `event` is
+    /// made only if anyone listens or may resume.
+    pub fn publish(&self, event: impl FnOnce() -> RunEvent) {
+        if !self
+            .inner
+            .keeping
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            if self.inner.events.receiver_count() > 0 {
+                let _ = self.inner.events.send(event());
+            }
+            return;
+        }
+        let event = Arc::new(event());
         let size = weight(&event);
         {
             let mut kept = self.kept();
@@ -182,6 +200,9 @@ impl EventFeed {
         after: Option<FeedPosition>,
     ) -> (Resumed, FeedPosition, broadcast::Receiver<Numbered>) {
         let kept = self.kept();
+        self.inner
+            .keeping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let live = self.inner.numbered.subscribe();
         let now = FeedPosition {
             feed: self.inner.feed,
@@ -273,8 +294,11 @@ mod tests {
     #[test]
     fn resumes_after_a_position_and_resets_for_a_foreign_or_lost_one() {
         let feed = EventFeed::new();
+        // Nothing is kept before anyone asks for positions.
+        feed.publish(|| progress(0));
+        assert!(matches!(feed.resume(None), (Resumed::Replay(_), now, _) if now.seq == 0));
         for n in 1..=3 {
-            feed.publish(progress(n));
+            feed.publish(|| progress(n));
         }
         let (Resumed::Replay(none), now, _) = feed.resume(None) else {
             panic!("a fresh listener resumes from now");
@@ -293,7 +317,7 @@ mod tests {
         let other = EventFeed::new();
         assert!(matches!(other.resume(Some(now)).0, Resumed::Reset));
         for n in 0..KEPT_EVENTS as u64 {
-            feed.publish(progress(n));
+            feed.publish(|| progress(n));
         }
         assert!(matches!(feed.resume(Some(after_first)).0, Resumed::Reset));
         assert!("12-3".parse::<FeedPosition>().is_err());

@@ -1093,6 +1093,6 @@ impl RunRegistry {
     }
 
     fn publish(&self, event: impl FnOnce() -> RunEvent) {
-        self.events.publish(event());
+        self.events.publish(event);
     }
 }

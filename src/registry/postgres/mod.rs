@@ -1137,13 +1137,14 @@ impl Listener {
                 continue;
             }
             published += 1;
-            feed.publish(RunEvent::Status {
+            let message = row.get(4);
+            feed.publish(|| RunEvent::Status {
                 run_id,
                 module_id,
                 change: crate::run::StatusChange {
                     status,
                     at: DateTime::from_timestamp_nanos(at),
-                    message: row.get(4),
+                    message,
                 },
             });
         }
@@ -1157,7 +1158,7 @@ impl Listener {
 
     fn publish(&self, event: RunEvent) {
         if let Some(events) = self.events.get() {
-            events.publish(event);
+            events.publish(|| event);
         }
     }
 }
