@@ -17,6 +17,14 @@
 //! run is queued (on any node: the database announces it), when one of
 //! its runs ends, when a module reloads, and once a second in case a
 //! notification was lost.
+//!
+//! Every module version a node loads is stored in the database by its
+//! content hash. A node asked to run a version it did not load (the run
+//! was started on a node with a newer or older component) fetches the
+//! bytes, checks them against the hash, compiles them (the compiled cache
+//! is keyed by hash too) and runs them under its own manifest for the
+//! module: what a module may reach stays each node's decision. A node that
+//! does not load the module at all never runs it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +50,10 @@ pub const CLAIM_POLL: Duration = Duration::from_secs(1);
 /// any more.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a node waits before it tries again to fetch a module version
+/// it could not fetch or compile, or to store one it could not store.
+const VERSION_RETRY: Duration = Duration::from_secs(60);
+
 /// Takes queued runs from the shared queue and starts them on this node;
 /// see the [module documentation](self). Stop it with
 /// [`stop`](Self::stop) before shutting the task manager down, so that no
@@ -55,7 +67,12 @@ pub struct Claimer {
 impl Claimer {
     pub(crate) fn start(runner: ModuleRunner, versions: Arc<Versions>) -> Claimer {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(claim_loop(runner, versions, stop.clone()));
+        let shipping = tokio::spawn(ship_loop(runner.clone(), stop.clone()));
+        let claiming = tokio::spawn(claim_loop(runner, versions, stop.clone()));
+        let task = tokio::spawn(async move {
+            let _ = claiming.await;
+            let _ = shipping.await;
+        });
         Claimer { stop, task }
     }
 
@@ -65,6 +82,126 @@ impl Claimer {
         self.stop.cancel();
         let _ = self.task.await;
     }
+}
+
+/// Stores the bytes of every module version this node loads (at start and
+/// at each reload), for the other nodes to fetch.
+async fn ship_loop(runner: ModuleRunner, stop: CancellationToken) {
+    let mut reloads = runner.host().subscribe();
+    let mut shipped: HashSet<String> = HashSet::new();
+    loop {
+        for id in runner.host().module_ids() {
+            let Some(module) = runner.host().get(&id) else {
+                continue;
+            };
+            let hash = module.summary.content_hash.clone();
+            if shipped.contains(&hash) {
+                continue;
+            }
+            match ship(&runner, &module).await {
+                Ok(()) => {
+                    shipped.insert(hash);
+                }
+                Err(e) => {
+                    // A file that changed since it loaded is reloaded (and
+                    // that version stored); the database is tried again.
+                    if matches!(e, crate::Error::ModuleLoad { .. }) {
+                        shipped.insert(hash);
+                    }
+                    tracing::warn!(module_id = %id, error = %e, "cannot store a module version for the other nodes");
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            reload = reloads.recv() => {
+                if matches!(reload, Err(broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(VERSION_RETRY) => {}
+        }
+    }
+}
+
+async fn ship(runner: &ModuleRunner, module: &LoadedModule) -> crate::Result<()> {
+    let (id, hash) = (&module.summary.info.id, &module.summary.content_hash);
+    if runner.registry().has_module(hash).await? {
+        return Ok(());
+    }
+    let bytes = runner.host().version_bytes(module).await?;
+    runner.registry().store_module(id, hash, &bytes).await
+}
+
+/// Fetches, checks and compiles the module versions queued runs are
+/// pinned to that this node lacks but could run (it loads their module),
+/// and keeps them for the claimer. A version that cannot be had is tried
+/// again after [`VERSION_RETRY`].
+async fn fetch_missing(
+    runner: ModuleRunner,
+    versions: Arc<Versions>,
+    failed: Arc<Mutex<HashMap<String, Instant>>>,
+) {
+    let queued = match runner.registry().queued_versions().await {
+        Ok(queued) => queued,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the versions queued runs need");
+            return;
+        }
+    };
+    let have = versions.all(&runner);
+    for key in queued {
+        let Some((module_id, hash)) = key.split_once('@') else {
+            continue;
+        };
+        if have.contains_key(&key) || runner.host().get(module_id).is_none() {
+            continue;
+        }
+        let recently_failed = failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < VERSION_RETRY);
+        if recently_failed {
+            continue;
+        }
+        match fetch(&runner, module_id, hash).await {
+            Ok(module) => {
+                tracing::info!(
+                    module_id,
+                    version = hash,
+                    "fetched a module version another node loaded"
+                );
+                versions.retain(&Arc::new(module));
+                versions.queued_here.notify_one();
+            }
+            Err(e) => {
+                tracing::warn!(module_id, version = hash, error = %e, "cannot run a module version another node loaded");
+                failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, Instant::now());
+            }
+        }
+    }
+}
+
+async fn fetch(runner: &ModuleRunner, module_id: &str, hash: &str) -> crate::Result<LoadedModule> {
+    let unfetched = |message: &str| crate::Error::ModuleLoad {
+        path: std::path::PathBuf::from(format!("(database) {module_id}@{hash}")),
+        message: message.to_owned(),
+    };
+    let (stored_as, bytes) = runner
+        .registry()
+        .module_bytes(hash)
+        .await?
+        .ok_or_else(|| unfetched("no node stored its bytes"))?;
+    if stored_as != module_id {
+        return Err(unfetched(&format!(
+            "the bytes stored for it are module {stored_as:?}'s"
+        )));
+    }
+    runner.host().load_version(module_id, hash, bytes).await
 }
 
 /// The module versions a node can run from the queue: every module's
@@ -136,6 +273,9 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
     let elsewhere = registry.queued_elsewhere();
     let mut reloads = runner.host().subscribe();
     let mut last_prune = Instant::now();
+    let mut last_fetch = Instant::now();
+    let mut fetching: Option<tokio::task::JoinHandle<()>> = None;
+    let failed_versions = Arc::new(Mutex::new(HashMap::new()));
     // Whether a claim may have been recorded without this node hearing of
     // it (its answer was lost): what the store holds for this node is then
     // compared with what runs here.
@@ -192,6 +332,18 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
         {
             tracing::warn!(error = %e, "cannot claim queued runs for now; trying again");
             warned = Some(Instant::now());
+        }
+        if last_fetch.elapsed() >= CLAIM_POLL
+            && fetching
+                .as_ref()
+                .is_none_or(tokio::task::JoinHandle::is_finished)
+        {
+            last_fetch = Instant::now();
+            fetching = Some(tokio::spawn(fetch_missing(
+                runner.clone(),
+                versions.clone(),
+                failed_versions.clone(),
+            )));
         }
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();

@@ -348,27 +348,39 @@ impl ModuleHost {
                 .await
                 .map_err(|e| fail(format!("compilation stopped: {e}")))?
                 .map_err(fail)?;
+        self.finish(path, id, manifest, &component, content_hash)
+            .await
+            .map_err(fail)
+    }
+
+    /// The compiled component's module: instantiable with this host's
+    /// imports, and describing itself as module `id`.
+    async fn finish(
+        &self,
+        path: &Path,
+        id: String,
+        manifest: Manifest,
+        component: &Component,
+        content_hash: String,
+    ) -> std::result::Result<LoadedModule, String> {
         let pre = self
             .inner
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .and_then(ModulePre::new)
-            .map_err(|e| fail(format!("needs something the host does not provide: {e:#}")))?;
-        let info = self.describe(&pre, &manifest).await.map_err(fail)?;
+            .map_err(|e| format!("needs something the host does not provide: {e:#}"))?;
+        let info = self.describe(&pre, &manifest).await?;
         if info.id != id {
-            return Err(fail(format!(
+            return Err(format!(
                 "it describes itself as module {:?}, but its file is named for {id:?}; \
                  rename the file {}.wasm",
                 info.id, info.id
-            )));
+            ));
         }
         let schema: Value = serde_json::from_str(&info.parameters_schema)
-            .map_err(|e| fail(format!("its parameters schema is not JSON: {e}")))?;
-        let validator = jsonschema::validator_for(&schema).map_err(|e| {
-            fail(format!(
-                "its parameters schema is not a valid JSON Schema: {e}"
-            ))
-        })?;
+            .map_err(|e| format!("its parameters schema is not JSON: {e}"))?;
+        let validator = jsonschema::validator_for(&schema)
+            .map_err(|e| format!("its parameters schema is not a valid JSON Schema: {e}"))?;
         Ok(LoadedModule {
             summary: ModuleSummary {
                 info: super::ModuleInfo {
@@ -387,6 +399,85 @@ impl ModuleHost {
             pre,
             validator,
         })
+    }
+
+    /// The component bytes of a loaded module, read again from its file;
+    /// an error if the file no longer holds that version.
+    pub(crate) async fn version_bytes(&self, module: &LoadedModule) -> Result<Vec<u8>> {
+        let summary = &module.summary;
+        let (path, max) = (summary.path.clone(), self.inner.config.max_module_bytes);
+        let follow_symlink = summary.manifest.component.allow_symlink;
+        let fail = |message: String| Error::ModuleLoad {
+            path: summary.path.clone(),
+            message,
+        };
+        let bytes = tokio::task::spawn_blocking(move || {
+            super::plugin_file::read_regular(&path, max, follow_symlink)
+        })
+        .await
+        .map_err(|e| fail(format!("reading stopped: {e}")))?
+        .map_err(|e| fail(e.to_string()))?;
+        if format!("sha256:{:x}", Sha256::digest(&bytes)) != summary.content_hash {
+            return Err(fail(format!(
+                "it changed since version {} was loaded",
+                summary.content_hash
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Another version of a loaded module, from its component bytes (as
+    /// another node stored them): checked against `content_hash` and the
+    /// size limit, compiled (or taken from the cache by its hash), and run
+    /// under this node's manifest for the module, whose grants and limits
+    /// stay this node's to decide. It must describe itself as the module.
+    pub(crate) async fn load_version(
+        &self,
+        module_id: &str,
+        content_hash: &str,
+        bytes: Vec<u8>,
+    ) -> Result<LoadedModule> {
+        let current = self
+            .get(module_id)
+            .ok_or_else(|| Error::UnknownModule(module_id.to_owned()))?;
+        let path = current.summary.path.clone();
+        let fail = |message: String| Error::ModuleLoad {
+            path: path.clone(),
+            message: format!("version {content_hash}: {message}"),
+        };
+        if bytes.len() as u64 > self.inner.config.max_module_bytes {
+            return Err(fail(format!(
+                "it is {} bytes, over the limit of {}",
+                bytes.len(),
+                self.inner.config.max_module_bytes
+            )));
+        }
+        let digest = format!("{:x}", Sha256::digest(&bytes));
+        if format!("sha256:{digest}") != content_hash {
+            return Err(fail(format!(
+                "the bytes stored for it hash to sha256:{digest}"
+            )));
+        }
+        if bytes.len() < 8 || !bytes.starts_with(b"\0asm") || bytes[4..8] == [1, 0, 0, 0] {
+            return Err(fail("it is not a WebAssembly component".into()));
+        }
+        let host = self.clone();
+        let component = tokio::task::spawn_blocking(move || host.component(&bytes, &digest))
+            .await
+            .map_err(|e| fail(format!("compilation stopped: {e}")))?
+            .map_err(fail)?;
+        let mut loaded = self
+            .finish(
+                &path,
+                module_id.to_owned(),
+                current.summary.manifest.clone(),
+                &component,
+                content_hash.to_owned(),
+            )
+            .await
+            .map_err(fail)?;
+        loaded.summary.loaded_at = Utc::now();
+        Ok(loaded)
     }
 
     /// Reads, checks and compiles a component file. Blocking: CPU-heavy.

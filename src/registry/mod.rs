@@ -489,6 +489,30 @@ pub trait RunStore: Send + Sync + 'static {
         self.insert(run, Existing::ReplaceFinished, key).await
     }
 
+    /// Keeps the component bytes of a module version (`hash`, as runs
+    /// record it) where every process sharing the store can fetch them,
+    /// unless they are kept already. Nothing to do for a store one process
+    /// holds (the default).
+    async fn store_module(&self, module_id: &str, hash: &str, bytes: &[u8]) -> Result<()> {
+        let _ = (module_id, hash, bytes);
+        Ok(())
+    }
+
+    /// Whether the bytes of module version `hash` are kept
+    /// ([`store_module`](Self::store_module)); `false` by default.
+    async fn has_module(&self, hash: &str) -> Result<bool> {
+        let _ = hash;
+        Ok(false)
+    }
+
+    /// The module id and component bytes kept for version `hash`, if any
+    /// (`None` by default). They come from another process: whoever runs
+    /// them checks them against the hash first.
+    async fn module_bytes(&self, hash: &str) -> Result<Option<(String, Vec<u8>)>> {
+        let _ = hash;
+        Ok(None)
+    }
+
     /// Notified whenever another process queues a run (or gives one
     /// back), for this one's claimer to wake (`None` by default).
     fn queued_elsewhere(&self) -> Option<Arc<tokio::sync::Notify>> {
@@ -760,6 +784,26 @@ impl RunRegistry {
             });
         }
         Ok(())
+    }
+
+    /// See [`RunStore::store_module`].
+    pub(crate) async fn store_module(
+        &self,
+        module_id: &str,
+        hash: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
+        self.store.store_module(module_id, hash, bytes).await
+    }
+
+    /// See [`RunStore::has_module`].
+    pub(crate) async fn has_module(&self, hash: &str) -> Result<bool> {
+        self.store.has_module(hash).await
+    }
+
+    /// See [`RunStore::module_bytes`].
+    pub(crate) async fn module_bytes(&self, hash: &str) -> Result<Option<(String, Vec<u8>)>> {
+        self.store.module_bytes(hash).await
     }
 
     /// What tells this process that another queued a run it may claim

@@ -329,3 +329,74 @@ async fn a_start_retried_on_two_nodes_with_one_key_is_one_run() {
     a_claimer.stop().await;
     b_claimer.stop().await;
 }
+
+/// Makes `dir`'s `hello.wasm` another version of the same module: the same
+/// code, with a custom section that changes its content hash.
+fn another_version_of_hello(dir: &std::path::Path) {
+    let file = dir.join("hello.wasm");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let (name, payload) = (b"modrun-test", b"another version");
+    let size = 1 + name.len() + payload.len();
+    assert!(size < 128, "one LEB128 byte");
+    bytes.extend([0u8, size as u8, name.len() as u8]);
+    bytes.extend(name);
+    bytes.extend(payload);
+    std::fs::write(&file, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_pinned_to_a_version_only_its_node_loaded_runs_on_another_node() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let old = plugins_dir(&["countdown", "hello"]);
+    another_version_of_hello(old.path());
+    let new = plugins_dir(&["countdown", "hello"]);
+    let a = node(&url, &schema, "a", old.path(), 1).await;
+    let b = node(&url, &schema, "b", new.path(), 4).await;
+    let pinned = a.host().module("hello").unwrap().content_hash;
+    assert_ne!(pinned, b.host().module("hello").unwrap().content_hash);
+    let a_claimer = a.claim_from_queue().unwrap();
+    // A's one slot is taken: what it starts next waits for any node.
+    let long = a
+        .start("countdown", json!({"seconds": 60, "step_ms": 10}))
+        .await
+        .unwrap();
+    wait_for_status(a.registry(), &long, RunStatus::Running).await;
+    let hello = a.start("hello", json!({"name": "Ada"})).await.unwrap();
+
+    // B never loaded that version: it fetches it from the database.
+    let b_claimer = b.claim_from_queue().unwrap();
+    let hello = wait_for_end(b.registry(), &hello).await;
+    assert_eq!(
+        hello.status,
+        RunStatus::Completed,
+        "{:?}",
+        hello.error_message
+    );
+    assert_eq!(hello.node.as_deref(), Some("b"));
+    assert_eq!(hello.module_version.as_deref(), Some(pinned.as_str()));
+    assert_eq!(hello.output, Some(json!({"greeting": "Hello, Ada!"})));
+
+    // Bytes stored under a hash they do not have are never run.
+    let forged = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    let genuine = std::fs::read(new.path().join("hello.wasm")).unwrap();
+    let store = store(&url, &schema, "forger").await;
+    store.store_module("hello", forged, &genuine).await.unwrap();
+    let mut run = Run::new("hello", "Hello");
+    run.module_version = Some(forged.to_owned());
+    store.enqueue(&run, 1, None).await.unwrap();
+    let refused = wait_for_end(b.registry(), &run.run_id).await;
+    assert_eq!(refused.status, RunStatus::Failed);
+    assert!(
+        refused
+            .error_message
+            .as_deref()
+            .unwrap()
+            .contains("no node can run it"),
+        "{refused:?}"
+    );
+
+    assert!(a.cancel(&long).await.unwrap());
+    a_claimer.stop().await;
+    b_claimer.stop().await;
+}

@@ -58,6 +58,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_queue.sql"),
     include_str!("migrations/0005_retention.sql"),
     include_str!("migrations/0006_idempotency.sql"),
+    include_str!("migrations/0007_module_versions.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says
@@ -350,6 +351,32 @@ impl PostgresStore {
 impl RunStore for PostgresStore {
     async fn insert(&self, run: &Run, existing: Existing, key: Option<&str>) -> Result<()> {
         self.writes.insert(run, existing, key).await
+    }
+
+    async fn store_module(&self, module_id: &str, hash: &str, bytes: &[u8]) -> Result<()> {
+        let stored_at = Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        self.read(async |client| {
+            client
+                .execute(sql::STORE_MODULE, &[&hash, &module_id, &bytes, &stored_at])
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn has_module(&self, hash: &str) -> Result<bool> {
+        self.read(async |client| Ok(client.query_opt(sql::HAS_MODULE, &[&hash]).await?.is_some()))
+            .await
+    }
+
+    async fn module_bytes(&self, hash: &str) -> Result<Option<(String, Vec<u8>)>> {
+        self.read(async |client| {
+            Ok(client
+                .query_opt(sql::MODULE_BYTES, &[&hash])
+                .await?
+                .map(|row| (row.get(0), row.get(1))))
+        })
+        .await
     }
 
     async fn run_by_key(&self, key: &str) -> Result<Option<Run>> {

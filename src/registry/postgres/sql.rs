@@ -261,6 +261,15 @@ const REQUEST_CANCEL: &str = "WITH c AS (UPDATE runs SET cancel_requested_at = $
 pub(super) const PENDING_CANCELS: &str = "SELECT run_id FROM runs WHERE node = $1 \
      AND status IN ('queued', 'running') AND cancel_requested_at IS NOT NULL";
 
+/// Keeps a module version's bytes (`$3`) by hash, unless kept already.
+pub(super) const STORE_MODULE: &str = "INSERT INTO module_versions (hash, module_id, bytes, \
+     stored_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING";
+
+pub(super) const HAS_MODULE: &str = "SELECT 1 FROM module_versions WHERE hash = $1";
+
+pub(super) const MODULE_BYTES: &str =
+    "SELECT module_id, bytes FROM module_versions WHERE hash = $1";
+
 /// Announces payloads (`$1`) to the nodes, in order: log lines a node's
 /// runs wrote.
 pub(super) const ANNOUNCE: &str =
