@@ -56,6 +56,8 @@ struct Sizes {
     in_flight: usize,
     /// Finished runs in the registry that the retention rows clean up.
     retained: usize,
+    /// The node lease of the lost-node row (the default in a full run).
+    lease: Duration,
 }
 
 struct Row {
@@ -105,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             changes: 20_000,
             in_flight: 100_000,
             retained: 100_000,
+            lease: Duration::from_secs(5),
         }
     } else {
         Sizes {
@@ -115,6 +118,7 @@ fn main() -> anyhow::Result<()> {
             changes: 100_000,
             in_flight: 100_000,
             retained: 1_000_000,
+            lease: modrun::registry::DEFAULT_LEASE,
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1553,7 +1557,68 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
         "(reported; baseline: one bare run, us)",
     ));
     claim_latency(&url, &schema, &plugins, rows).await?;
-    cross_node_cancel(&url, &schema, &plugins, rows).await
+    cross_node_cancel(&url, &schema, &plugins, rows).await?;
+    lost_node_settled(&url, &schema, sizes.lease, rows).await
+}
+
+/// How long after a node dies (no goodbye: its heartbeats just stop) its
+/// running runs are settled by another node, against the lease.
+async fn lost_node_settled(
+    url: &str,
+    schema: &str,
+    lease: Duration,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let node = |name: &str| modrun::registry::PostgresOptions {
+        schema: schema.to_owned(),
+        node: name.to_owned(),
+        lease,
+        ..modrun::registry::PostgresOptions::default()
+    };
+    let connect = |name: &str| modrun::registry::PostgresStore::connect(url, node(name));
+    let doomed = RunRegistry::new(connect("bench-doomed").await?);
+    let rescuer = RunRegistry::new(connect("bench-rescuer").await?);
+    let mut runs = Vec::new();
+    for _ in 0..50 {
+        let run = modrun::Run::new("countdown", "Countdown");
+        doomed.add_run(&run).await?;
+        doomed
+            .transition(&modrun::Transition::running(&run.run_id))
+            .await?;
+        runs.push(run.run_id);
+    }
+    doomed.flush().await?;
+    drop(doomed);
+    let begin = Instant::now();
+    let deadline = begin + lease * 3;
+    loop {
+        let mut settled = 0;
+        for run_id in &runs {
+            let run = rescuer.get_run(run_id).await?;
+            if run.is_some_and(|run| run.status.is_terminal()) {
+                settled += 1;
+            }
+        }
+        if settled == runs.len() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the lost node's runs were not settled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rows.push(Row::measured(
+        &format!(
+            "lost node's 50 runs settled, s (lease {} s)",
+            lease.as_secs()
+        ),
+        begin.elapsed().as_secs_f64(),
+        lease.as_secs_f64(),
+        1,
+        "<= 40 s with the default 30 s lease (baseline: the lease)",
+    ));
+    Ok(())
 }
 
 /// Latency from a start on node A, which has no room, to the run's
