@@ -768,3 +768,101 @@ async fn a_node_frozen_past_its_lease_finds_its_run_rerun_elsewhere_and_cannot_o
     assert_eq!(after["run"], body["run"], "the result stands");
     assert_eq!(after["history"].as_array().unwrap().len(), 5, "{after}");
 }
+
+/// Starts a hello on `base` with an idempotency key; the status and body.
+fn start_keyed(base: &str, key: &str) -> Option<(u16, serde_json::Value)> {
+    let mut response = ureq::post(&format!("{base}/modules/hello/runs"))
+        .header("Idempotency-Key", key)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_json(json!({"name": key}))
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.body_mut().read_json().unwrap_or_default()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_lose_no_run_when_the_database_restarts_under_load() {
+    let Some(database) = PrivateServer::start() else {
+        return;
+    };
+    let plugins = plugins_dir(&["hello"]);
+    let url = database.url();
+    let node = |name: &str| {
+        Server::start(
+            plugins.path(),
+            Path::new(&url),
+            &["--node", name, "--node-lease", "30"],
+        )
+    };
+    let nodes = [node("a"), node("b")];
+    let bases: Vec<String> = nodes.iter().map(|node| node.base.clone()).collect();
+
+    // A client starts runs on both nodes without pause, retrying each
+    // start (with its key, on the other node) until one is accepted.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let client = {
+        let (stop, accepted, bases) = (stop.clone(), accepted.clone(), bases.clone());
+        std::thread::spawn(move || {
+            let mut refused = 0;
+            let mut attempt = 0;
+            for n in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return refused;
+                }
+                let key = format!("start-{n}");
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    attempt += 1;
+                    match start_keyed(&bases[attempt % 2], &key) {
+                        Some((202, body)) => {
+                            let run_id = body["run_id"].as_str().unwrap().to_owned();
+                            accepted.lock().unwrap().push((key, run_id));
+                            break;
+                        }
+                        other => {
+                            refused += 1;
+                            assert!(Instant::now() < deadline, "never accepted: {other:?}");
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+            }
+            refused
+        })
+    };
+    let count = || accepted.lock().unwrap().len();
+    let wait_for = |wanted: usize| {
+        let start = Instant::now();
+        while count() < wanted {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{} accepted",
+                count()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(50);
+    database.down();
+    let during = count();
+    std::thread::sleep(Duration::from_secs(2));
+    database.up();
+    wait_for(during + 100);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let refused = client.join().unwrap();
+    assert!(refused > 0, "the outage was never felt");
+
+    // Every accepted start ran to completion, once.
+    let accepted = accepted.lock().unwrap().clone();
+    for (key, run_id) in &accepted {
+        nodes[0].wait_status_within(run_id, "completed", Duration::from_secs(60));
+        let (_, run) = nodes[1].get(&format!("/runs/{run_id}"));
+        assert_eq!(run["run"]["parameters"]["name"], key.as_str());
+    }
+    let (_, listing) = nodes[0].get("/runs?limit=10000");
+    let runs = listing["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), accepted.len(), "one run per accepted start");
+}
