@@ -1,18 +1,18 @@
 //! The in-memory backend: a hash map under one lock, for tests, embedding,
 //! and hosts that do not need runs to outlive the process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::Cleanup;
+use super::{Cleanup, Wanted};
 use super::{
     Existing, OnUnavailable, RunFilter, RunStore, RunSummary, Taken, check_replace, on_taken,
 };
 use crate::error::{Error, Result};
-use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
+use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
 
 /// Runs kept in this process's memory. Status changes cost O(1) whatever the
 /// number of runs; listings scan every run.
@@ -24,6 +24,9 @@ pub struct MemoryStore {
     /// The runs started with an idempotency key, by key. Locked after
     /// `runs` when both are.
     keys: Mutex<HashMap<String, String>>,
+    /// Runs queued for whichever claims them ([`RunStore::enqueue`]), in
+    /// the order they were queued; locked after `runs`.
+    claimable: Mutex<VecDeque<String>>,
 }
 
 #[derive(Debug)]
@@ -64,6 +67,18 @@ impl MemoryStore {
         matching.sort_unstable_by(|a, b| (b.created_at, &b.run_id).cmp(&(a.created_at, &a.run_id)));
         matching.truncate(filter.limit.unwrap_or(usize::MAX));
         matching.into_iter().map(make).collect()
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<String>> {
+        self.claimable.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The ids queued for any claimer, `runs` being locked.
+    fn queue_snapshot_ids<'a>(&self, runs: &'a HashMap<String, Box<Entry>>) -> HashSet<&'a String> {
+        self.queue()
+            .iter()
+            .filter_map(|run_id| runs.get_key_value(run_id).map(|(id, _)| id))
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Box<Entry>>> {
@@ -118,6 +133,123 @@ impl RunStore for MemoryStore {
             keys.insert(key.to_owned(), run.run_id.clone());
         }
         Ok(())
+    }
+
+    async fn enqueue(&self, run: &Run, max_attempts: u32, key: Option<&str>) -> Result<()> {
+        let _ = max_attempts;
+        let existing = Existing::ReplaceFinished;
+        match (run.status, run.started_at) {
+            // Claimed as it is queued: two history entries, as on a shared store.
+            (RunStatus::Running, Some(at)) => {
+                let mut queued = run.clone();
+                queued.status = RunStatus::Queued;
+                queued.started_at = None;
+                self.insert(&queued, existing, key).await?;
+                let mut runs = self.lock();
+                let entry = runs.get_mut(&run.run_id).ok_or(Error::RegistryClosed)?;
+                entry.run = run.clone();
+                entry.history.push(StatusChange {
+                    status: RunStatus::Running,
+                    at,
+                    message: None,
+                });
+            }
+            _ => {
+                self.insert(run, existing, key).await?;
+                let _runs = self.lock();
+                self.queue().push_back(run.run_id.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn claim(&self, wanted: &[Wanted], limit: usize) -> Result<Vec<Run>> {
+        let mut runs = self.lock();
+        let mut queue = self.queue();
+        let mut left: Vec<usize> = wanted.iter().map(|w| w.count).collect();
+        let mut claimed = Vec::new();
+        let now = Utc::now();
+        queue.retain(|run_id| {
+            let Some(entry) = runs.get_mut(run_id) else {
+                return false;
+            };
+            if entry.run.status != RunStatus::Queued {
+                return false;
+            }
+            if claimed.len() >= limit {
+                return true;
+            }
+            let version = entry.run.module_version.as_deref().unwrap_or_default();
+            let Some(index) = wanted.iter().zip(&left).position(|(w, left)| {
+                *left > 0 && w.module_id == entry.run.module_id && w.version == version
+            }) else {
+                return true;
+            };
+            left[index] -= 1;
+            entry.run.status = RunStatus::Running;
+            entry.run.started_at = Some(now);
+            entry.run.attempt = Some(entry.run.attempt.unwrap_or(0) + 1);
+            entry.history.push(StatusChange {
+                status: RunStatus::Running,
+                at: now,
+                message: None,
+            });
+            claimed.push(entry.run.clone());
+            false
+        });
+        Ok(claimed)
+    }
+
+    async fn release(&self, run_ids: &[String], reason: &str) -> Result<Vec<(String, String)>> {
+        let mut runs = self.lock();
+        let mut queue = self.queue();
+        let now = Utc::now();
+        let mut released = Vec::new();
+        // Given back first in line, in the order they were claimed.
+        for run_id in run_ids.iter().rev() {
+            let Some(entry) = runs
+                .get_mut(run_id)
+                .filter(|e| e.run.status == RunStatus::Running)
+            else {
+                continue;
+            };
+            entry.run.status = RunStatus::Queued;
+            entry.run.started_at = None;
+            entry.history.push(StatusChange {
+                status: RunStatus::Queued,
+                at: now,
+                message: Some(reason.to_owned()),
+            });
+            queue.push_front(run_id.clone());
+            released.push((run_id.clone(), entry.run.module_id.clone()));
+        }
+        released.reverse();
+        Ok(released)
+    }
+
+    async fn claimed(&self) -> Result<Vec<String>> {
+        let runs = self.lock();
+        let queue: HashSet<&String> = self.queue_snapshot_ids(&runs);
+        Ok(runs
+            .values()
+            .filter(|e| e.run.status.is_active() && !queue.contains(&e.run.run_id))
+            .map(|e| e.run.run_id.clone())
+            .collect())
+    }
+
+    async fn queued_versions(&self) -> Result<Vec<String>> {
+        let runs = self.lock();
+        let queue = self.queue();
+        let versions: HashSet<String> = queue
+            .iter()
+            .filter_map(|run_id| runs.get(run_id))
+            .filter(|e| e.run.status == RunStatus::Queued)
+            .filter_map(|e| {
+                let version = e.run.module_version.as_deref()?;
+                Some(format!("{}@{version}", e.run.module_id))
+            })
+            .collect();
+        Ok(versions.into_iter().collect())
     }
 
     async fn run_by_key(&self, key: &str) -> Result<Option<Run>> {

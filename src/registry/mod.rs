@@ -129,9 +129,6 @@ macro_rules! run_columns {
 }
 pub(crate) use run_columns;
 
-/// The columns of a whole run, as the database stores read them.
-pub(crate) const RUN_COLUMNS: &str = run_columns!();
-
 /// The columns of a run summary, as the database stores read them: the
 /// error message cut at [`SUMMARY_ERROR_CHARS`], then its whole length
 /// (for [`mark_cut`]).
@@ -468,9 +465,10 @@ pub trait RunStore: Send + Sync + 'static {
         Ok(None)
     }
 
-    // The queue's verbs, for a store several processes share (nodes on one
-    // database): module runs are recorded queued for no process in
-    // particular, and each process claims what it has room for.
+    // The queue's verbs: module runs are recorded queued for no process in
+    // particular, and each process claims what it has room for. Every
+    // bundled store keeps them (one contract suite); runners use them on a
+    // store several processes share (nodes on one database).
 
     /// Whether this store is a queue several processes share, so that
     /// module runs should be [`enqueue`](Self::enqueue)d for any of them to

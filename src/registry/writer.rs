@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::registry::{Cleanup, Existing, OnUnavailable, StoreHealth};
+use crate::registry::{Cleanup, Existing, OnUnavailable, StoreHealth, Wanted};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -31,6 +31,8 @@ pub(super) enum Outcome {
     Done,
     Applied(Option<String>),
     Count(usize),
+    Claimed(Vec<Run>),
+    Released(Vec<(String, String)>),
     Failed(Error),
 }
 
@@ -80,6 +82,11 @@ pub(super) enum Write {
     TakenProgress(Vec<(String, Progress)>),
     /// A log to save; with no reply, nobody waits and it is held.
     Log(String, Vec<LogEntry>, Option<Reply<bool>>),
+    /// Claims queued runs for this process (a store whose writer does it):
+    /// of each wanted version at most its count, this many in all.
+    Claim(Vec<Wanted>, usize, Reply<Vec<Run>>),
+    /// Gives claimed runs back to the queue, with this reason.
+    Release(Vec<String>, String, Reply<Vec<(String, String)>>),
     /// Removes the oldest runs (at most this many) a cleanup matches.
     Cleanup(Cleanup, usize, Reply<usize>),
     Flush(Reply<()>),
@@ -434,6 +441,18 @@ fn answer(write: Write, outcome: Outcome) {
                 _ => None,
             }));
         }
+        Write::Claim(.., reply) => {
+            let _ = reply.send(outcome.into_result(|o| match o {
+                Outcome::Claimed(runs) => Some(runs),
+                _ => None,
+            }));
+        }
+        Write::Release(.., reply) => {
+            let _ = reply.send(outcome.into_result(|o| match o {
+                Outcome::Released(runs) => Some(runs),
+                _ => None,
+            }));
+        }
         Write::Check | Write::Heartbeat => {}
         Write::Log(.., None) | Write::ReportedProgress | Write::TakenProgress(_) => {
             if let Outcome::Failed(e) = outcome {
@@ -528,6 +547,20 @@ impl Queue {
             Write::Enqueue(run.clone(), max_attempts, key.map(Box::from), reply)
         })
         .await
+    }
+
+    pub(super) async fn claim(&self, wanted: &[Wanted], limit: usize) -> Result<Vec<Run>> {
+        self.write_or_refuse(|reply| Write::Claim(wanted.to_vec(), limit, reply))
+            .await
+    }
+
+    pub(super) async fn release(
+        &self,
+        run_ids: &[String],
+        reason: &str,
+    ) -> Result<Vec<(String, String)>> {
+        self.write_or_refuse(|reply| Write::Release(run_ids.to_vec(), reason.to_owned(), reply))
+            .await
     }
 
     pub(super) async fn replace(&self, run: &Run, change: Option<&StatusChange>) -> Result<()> {

@@ -1,6 +1,8 @@
 use std::time::Duration;
 
-use modrun::{Error, Progress, Run, RunEvent, RunFilter, RunRegistry, RunStatus, Transition};
+use modrun::{
+    Error, Progress, Run, RunEvent, RunFilter, RunRegistry, RunStatus, RunStore, Transition,
+};
 use serde_json::json;
 
 use crate::support::statuses;
@@ -39,6 +41,59 @@ macro_rules! contract {
         }
     };
 }
+
+/// Runs each queue contract test once per backend, on the store itself:
+/// the queue's verbs are the store's.
+macro_rules! queue_contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory_queue {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&modrun::registry::MemoryStore::default()).await;
+                }
+            )*
+        }
+        mod sqlite_queue {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = modrun::registry::SqliteStore::open(
+                        dir.path().join("registry.db"),
+                        modrun::registry::SqliteOptions::default(),
+                    )
+                    .unwrap();
+                    super::$name(&store).await;
+                }
+            )*
+        }
+        mod postgres_queue {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(url) = crate::support::database_url() else {
+                        return;
+                    };
+                    let options = modrun::registry::PostgresOptions {
+                        schema: crate::support::fresh_schema(),
+                        ..modrun::registry::PostgresOptions::default()
+                    };
+                    let store = modrun::registry::PostgresStore::connect(&url, options)
+                        .await
+                        .unwrap();
+                    super::$name(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+queue_contract!(
+    queued_runs_are_claimed_oldest_first_within_what_each_version_wants,
+    a_run_given_back_is_claimed_again_as_its_next_attempt,
+    a_run_claimed_as_it_is_queued_has_both_entries_and_its_first_attempt,
+);
 
 contract!(
     a_run_reads_back_as_it_was_added,
@@ -773,4 +828,182 @@ async fn a_start_with_an_idempotency_key_is_recorded_once(registry: RunRegistry)
         .unwrap();
     assert_ne!(fresh, first);
     crate::support::wait_for_end(&registry, &fresh).await;
+}
+
+/// A queued run of `module` started on `version`.
+fn queued(module: &str, version: &str) -> Run {
+    let mut run = Run::new(module, module);
+    run.module_version = Some(version.to_owned());
+    run
+}
+
+fn wanted(module: &str, version: &str, count: usize) -> modrun::registry::Wanted {
+    modrun::registry::Wanted {
+        module_id: module.to_owned(),
+        version: version.to_owned(),
+        count,
+    }
+}
+
+fn ids(runs: &[Run]) -> Vec<&str> {
+    runs.iter().map(|run| run.run_id.as_str()).collect()
+}
+
+async fn queued_runs_are_claimed_oldest_first_within_what_each_version_wants(
+    store: &impl RunStore,
+) {
+    let first = [
+        queued("hello", "sha256:one"),
+        queued("hello", "sha256:one"),
+        queued("hello", "sha256:one"),
+    ];
+    let newer = queued("hello", "sha256:two");
+    let other = queued("other", "sha256:one");
+    let cancelled = queued("other", "sha256:one");
+    for run in first.iter().chain([&newer, &other, &cancelled]) {
+        store.enqueue(run, 3, None).await.unwrap();
+    }
+    let cancel = Transition::cancelled(&cancelled.run_id, "changed my mind");
+    assert!(
+        store
+            .transition(&cancel, modrun::registry::OnUnavailable::Refuse)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let mut versions = store.queued_versions().await.unwrap();
+    versions.sort();
+    assert_eq!(
+        versions,
+        ["hello@sha256:one", "hello@sha256:two", "other@sha256:one"]
+    );
+
+    assert!(store.claim(&[], 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .claim(&[wanted("hello", "sha256:one", 5)], 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let claimed = store
+        .claim(
+            &[
+                wanted("hello", "sha256:one", 2),
+                wanted("other", "sha256:one", 5),
+            ],
+            10,
+        )
+        .await
+        .unwrap();
+    let mut expected = vec![
+        first[0].run_id.as_str(),
+        first[1].run_id.as_str(),
+        other.run_id.as_str(),
+    ];
+    let mut got = ids(&claimed);
+    got.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(got, expected, "a cancelled run is never claimed");
+    for run in &claimed {
+        assert_eq!(run.status, RunStatus::Running);
+        assert_eq!(run.attempt, Some(1));
+        assert!(run.started_at.is_some());
+    }
+    let held = store.claimed().await.unwrap();
+    for run in &claimed {
+        assert!(held.contains(&run.run_id), "{held:?}");
+    }
+    assert!(!held.contains(&first[2].run_id), "still queued for anyone");
+
+    // The limit caps the claim; the oldest is taken first.
+    let rest = store
+        .claim(&[wanted("hello", "sha256:one", 5)], 1)
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest), [first[2].run_id.as_str()]);
+    let stored = store.get(&newer.run_id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.status,
+        RunStatus::Queued,
+        "nobody wanted that version"
+    );
+    assert_eq!(store.queued_versions().await.unwrap(), ["hello@sha256:two"]);
+}
+
+async fn a_run_given_back_is_claimed_again_as_its_next_attempt(store: &impl RunStore) {
+    let run = queued("hello", "sha256:one");
+    store.enqueue(&run, 3, None).await.unwrap();
+    let want = [wanted("hello", "sha256:one", 1)];
+    assert_eq!(
+        ids(&store.claim(&want, 1).await.unwrap()),
+        [run.run_id.as_str()]
+    );
+
+    let released = store
+        .release(&[run.run_id.clone(), "no-such-run".into()], "given back")
+        .await
+        .unwrap();
+    assert_eq!(released, [(run.run_id.clone(), "hello".to_owned())]);
+    let back = store.get(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(back.status, RunStatus::Queued);
+    assert_eq!(back.started_at, None);
+    let history = store.history(&run.run_id).await.unwrap();
+    let statuses: Vec<RunStatus> = history.iter().map(|c| c.status).collect();
+    assert_eq!(
+        statuses,
+        [RunStatus::Queued, RunStatus::Running, RunStatus::Queued]
+    );
+    assert_eq!(history[2].message.as_deref(), Some("given back"));
+
+    let again = store.claim(&want, 1).await.unwrap();
+    assert_eq!(ids(&again), [run.run_id.as_str()]);
+    assert_eq!(again[0].attempt, Some(2));
+    // A finished run is not given back.
+    let done = Transition::completed(&run.run_id, json!("done"));
+    store
+        .transition(&done, modrun::registry::OnUnavailable::Refuse)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .release(std::slice::from_ref(&run.run_id), "too late")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.get(&run.run_id).await.unwrap().unwrap().status,
+        RunStatus::Completed
+    );
+}
+
+async fn a_run_claimed_as_it_is_queued_has_both_entries_and_its_first_attempt(
+    store: &impl RunStore,
+) {
+    let mut run = queued("hello", "sha256:one");
+    run.status = RunStatus::Running;
+    run.started_at = Some(run.created_at + chrono::Duration::milliseconds(1));
+    run.attempt = Some(1);
+    store.enqueue(&run, 3, None).await.unwrap();
+    let stored = store.get(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Running);
+    assert_eq!(stored.attempt, Some(1));
+    let statuses: Vec<RunStatus> = store
+        .history(&run.run_id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.status)
+        .collect();
+    assert_eq!(statuses, [RunStatus::Queued, RunStatus::Running]);
+    assert!(store.queued_versions().await.unwrap().is_empty());
+    assert!(store.claimed().await.unwrap().contains(&run.run_id));
+    assert!(
+        store
+            .claim(&[wanted("hello", "sha256:one", 5)], 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -480,6 +480,10 @@ async fn apply_unkeyed(
             insert(tx, prepared, owner, run, Existing::ReplaceFinished).await
         }
         Write::Replace(run, change, _) => replace(tx, prepared, run, change.as_ref()).await,
+        Write::Claim(..) | Write::Release(..) => Ok(Outcome::Failed(Error::Database {
+            path: std::path::PathBuf::from("(PostgreSQL writer)"),
+            message: "claims are made on a pooled connection, not by the writer".into(),
+        })),
         other => {
             let sent = Sent::new(other, node).expect("only a replace sends nothing up front");
             let mut statements = HashMap::new();
@@ -574,7 +578,8 @@ impl<'a> Sent<'a> {
             Write::Enqueue(run, attempts, ..) => {
                 Sent::Insert(RunValues::new(run, 1).with_attempts(*attempts), None)
             }
-            Write::Replace(..) => return None,
+            // Claims go through the pool, never through the writer.
+            Write::Replace(..) | Write::Claim(..) | Write::Release(..) => return None,
             Write::Transition(change, ..) => {
                 let message = change
                     .status_change()

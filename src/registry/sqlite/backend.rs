@@ -8,7 +8,6 @@ use rusqlite::{Connection, params};
 
 use super::schema::{describe, unavailable_reason};
 use super::sql;
-use crate::registry::Existing;
 use crate::registry::writer::{Backend, NotCommitted, Outcome, Write};
 use crate::run::Progress;
 
@@ -68,9 +67,11 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outc
             sql::insert(tx, run, *existing)
         })?,
         // One process holds the file: a queued run is this process's.
-        Write::Enqueue(run, _, key, _) => sql::insert_keyed(tx, run, key.as_deref(), |tx| {
-            sql::insert(tx, run, Existing::ReplaceFinished)
-        })?,
+        Write::Enqueue(run, _, key, _) => {
+            sql::insert_keyed(tx, run, key.as_deref(), |tx| sql::enqueue(tx, run))?
+        }
+        Write::Claim(wanted, limit, _) => Outcome::Claimed(sql::claim(tx, wanted, *limit)?),
+        Write::Release(run_ids, reason, _) => Outcome::Released(sql::release(tx, run_ids, reason)?),
         Write::Replace(run, change, _) => sql::replace(tx, run, change.as_ref())?,
         Write::Transition(change, ..) => Outcome::Applied(sql::apply_transition(tx, change)?),
         Write::Progress(run_id, progress, _) => {

@@ -52,7 +52,9 @@ use rusqlite::Connection;
 pub use schema::INTERRUPTED;
 
 use super::writer::{Queue, Shared, Write};
-use super::{Cleanup, Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth};
+use super::{
+    Cleanup, Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth, Wanted,
+};
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
 use backend::SqliteBackend;
@@ -211,6 +213,32 @@ impl Drop for SqliteStore {
 impl RunStore for SqliteStore {
     async fn insert(&self, run: &Run, existing: Existing, key: Option<&str>) -> Result<()> {
         self.writes.insert(run, existing, key).await
+    }
+
+    async fn enqueue(&self, run: &Run, max_attempts: u32, key: Option<&str>) -> Result<()> {
+        self.writes.enqueue_run(run, max_attempts, key).await
+    }
+
+    async fn claim(&self, wanted: &[Wanted], limit: usize) -> Result<Vec<Run>> {
+        if wanted.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.writes.claim(wanted, limit).await
+    }
+
+    async fn release(&self, run_ids: &[String], reason: &str) -> Result<Vec<(String, String)>> {
+        if run_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.writes.release(run_ids, reason).await
+    }
+
+    async fn claimed(&self) -> Result<Vec<String>> {
+        self.read(sql::claimed).await
+    }
+
+    async fn queued_versions(&self) -> Result<Vec<String>> {
+        self.read(sql::queued_versions).await
     }
 
     async fn run_by_key(&self, key: &str) -> Result<Option<Run>> {

@@ -19,6 +19,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_run_log.sql"),
     include_str!("migrations/0003_retention.sql"),
     include_str!("migrations/0004_idempotency.sql"),
+    include_str!("migrations/0005_queue.sql"),
 ];
 
 /// The message recorded on runs found unfinished when the registry opens.

@@ -8,8 +8,8 @@ use crate::error::Error;
 use crate::registry::retention::{Cleanup, nanos_clamped};
 use crate::registry::writer::Outcome;
 use crate::registry::{
-    Existing, RUN_COLUMNS, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, check_replace,
-    listing_sql, mark_cut, on_taken,
+    Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Wanted, check_replace,
+    listing_sql, mark_cut, on_taken, run_columns,
 };
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
 
@@ -35,6 +35,133 @@ pub(super) fn current(
             })
         })
         .optional()
+}
+
+/// A run's columns as this backend reads them: the shared ones, then the
+/// attempt a claim made.
+pub(super) const SQLITE_RUN_COLUMNS: &str = concat!(run_columns!(), ", attempt");
+
+/// Records a run queued for whichever claimer takes it; one claimed as it
+/// is queued (`Running`) is recorded queued, then running, attempt 1.
+pub(super) fn enqueue(tx: &rusqlite::Transaction<'_>, run: &Run) -> rusqlite::Result<Outcome> {
+    let Some(started_at) = run.started_at.filter(|_| run.status == RunStatus::Running) else {
+        let outcome = insert(tx, run, Existing::ReplaceFinished)?;
+        if matches!(outcome, Outcome::Done) {
+            tx.prepare_cached("UPDATE runs SET claimable = 1 WHERE run_id = ?1")?
+                .execute([&run.run_id])?;
+        }
+        return Ok(outcome);
+    };
+    let mut queued = run.clone();
+    queued.status = RunStatus::Queued;
+    queued.started_at = None;
+    let outcome = insert(tx, &queued, Existing::ReplaceFinished)?;
+    if matches!(outcome, Outcome::Done) {
+        let mut running = Transition::running(&run.run_id);
+        running.at = started_at;
+        apply_transition(tx, &running)?;
+        tx.prepare_cached("UPDATE runs SET attempt = 1 WHERE run_id = ?1")?
+            .execute([&run.run_id])?;
+    }
+    Ok(outcome)
+}
+
+/// Claims queued runs: of each wanted version at most its count, `limit`
+/// in all, oldest first; each becomes `Running`, its attempt counted.
+pub(super) fn claim(
+    tx: &rusqlite::Transaction<'_>,
+    wanted: &[Wanted],
+    limit: usize,
+) -> rusqlite::Result<Vec<Run>> {
+    let mut picked: Vec<(i64, String)> = Vec::new();
+    let mut select = tx.prepare_cached(
+        "SELECT id, run_id FROM runs WHERE claimable = 1 AND status = 'queued' \
+         AND module_id = ?1 AND module_version = ?2 ORDER BY id LIMIT ?3",
+    )?;
+    for w in wanted {
+        let count = i64::try_from(w.count.min(limit)).unwrap_or(i64::MAX);
+        let rows = select.query_map(params![w.module_id, w.version, count], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+        for row in rows {
+            picked.push(row?);
+        }
+    }
+    drop(select);
+    picked.sort_unstable();
+    picked.truncate(limit);
+    let now = Utc::now();
+    let mut claimed = Vec::with_capacity(picked.len());
+    for (id, run_id) in picked {
+        let mut running = Transition::running(&run_id);
+        running.at = now;
+        apply_transition(tx, &running)?;
+        tx.prepare_cached(
+            "UPDATE runs SET claimable = NULL, attempt = coalesce(attempt, 0) + 1 WHERE id = ?1",
+        )?
+        .execute([id])?;
+        if let Some(run) = tx
+            .prepare_cached(&format!(
+                "SELECT {SQLITE_RUN_COLUMNS} FROM runs WHERE id = ?1"
+            ))?
+            .query_row([id], read_run)
+            .optional()?
+        {
+            claimed.push(run);
+        }
+    }
+    Ok(claimed)
+}
+
+/// Gives claimed runs back to the queue, `Queued` again with `reason` in
+/// their history; answers them with their modules.
+pub(super) fn release(
+    tx: &rusqlite::Transaction<'_>,
+    run_ids: &[String],
+    reason: &str,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let now = StatusChange {
+        status: RunStatus::Queued,
+        at: Utc::now(),
+        message: Some(reason.to_owned()),
+    };
+    let mut released = Vec::new();
+    for run_id in run_ids {
+        let row: Option<(i64, i64, String)> = tx
+            .prepare_cached(
+                "UPDATE runs SET status = 'queued', started_at = NULL, claimable = 1, \
+                 history_len = history_len + 1 WHERE run_id = ?1 AND status = 'running' \
+                 AND attempt IS NOT NULL RETURNING id, history_len, module_id",
+            )?
+            .query_row([run_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .optional()?;
+        if let Some((id, history_len, module_id)) = row {
+            add_history(tx, id, history_len - 1, &now)?;
+            released.push((run_id.clone(), module_id));
+        }
+    }
+    Ok(released)
+}
+
+/// The active runs this process holds (every one but those queued for a
+/// claimer).
+pub(super) fn claimed(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT run_id FROM runs WHERE status IN ('queued', 'running') \
+         AND claimable IS NOT 1",
+    )?;
+    let rows = statement.query_map([], |row| row.get(0))?;
+    rows.collect()
+}
+
+/// The versions queued runs wait to be claimed on.
+pub(super) fn queued_versions(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut statement = conn.prepare_cached(
+        "SELECT DISTINCT module_id || '@' || module_version FROM runs \
+         WHERE claimable = 1 AND status = 'queued' AND module_version IS NOT NULL",
+    )?;
+    let rows = statement.query_map([], |row| row.get(0))?;
+    rows.collect()
 }
 
 /// Applies `insert` of `run` unless another run holds its idempotency
@@ -70,7 +197,7 @@ pub(super) fn insert_keyed(
 /// The run started with idempotency `key`, if any.
 pub(super) fn select_run_by_key(conn: &Connection, key: &str) -> rusqlite::Result<Option<Run>> {
     conn.prepare_cached(&format!(
-        "SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?1"
+        "SELECT {SQLITE_RUN_COLUMNS} FROM runs WHERE idempotency_key = ?1"
     ))?
     .query_row([key], read_run)
     .optional()
@@ -262,13 +389,15 @@ pub(super) fn apply_transition(
 }
 
 pub(super) fn select_run(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Run>> {
-    conn.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1"))?
-        .query_row([run_id], read_run)
-        .optional()
+    conn.prepare_cached(&format!(
+        "SELECT {SQLITE_RUN_COLUMNS} FROM runs WHERE run_id = ?1"
+    ))?
+    .query_row([run_id], read_run)
+    .optional()
 }
 
 pub(super) fn select_runs(conn: &Connection, filter: &RunFilter) -> rusqlite::Result<Vec<Run>> {
-    select_where(conn, RUN_COLUMNS, filter, read_run)
+    select_where(conn, SQLITE_RUN_COLUMNS, filter, read_run)
 }
 
 pub(super) fn select_summaries(
@@ -346,7 +475,9 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
             None => Vec::new(),
         },
         node: None,
-        attempt: None,
+        attempt: row
+            .get::<_, Option<i64>>(15)?
+            .and_then(|n| u32::try_from(n).ok()),
     })
 }
 
