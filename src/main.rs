@@ -129,8 +129,13 @@ enum Command {
         /// The bearer token of the server that holds the registry, if it has one.
         #[arg(long, env = "MODRUN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Never build the module's plugin source, even when its component
+        /// is missing or older than the source.
+        #[arg(long)]
+        no_build: bool,
     },
-    /// List the modules of a plugins directory and the files that fail to load.
+    /// List the modules of a plugins directory, the files that fail to
+    /// load, and the plugin sources not built yet.
     Modules {
         /// The plugins directory.
         #[arg(long, default_value = "plugins")]
@@ -336,6 +341,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             plugins,
             in_memory,
             token,
+            no_build,
         } => {
             let parameters = match oneshot::parameters(&pairs, params.as_deref()) {
                 Ok(parameters) => parameters,
@@ -351,15 +357,20 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 token: token.as_deref(),
                 module_id: &module,
                 parameters,
+                no_build,
             })
             .await;
         }
         Command::Modules { plugins } => {
-            let host = ModuleHost::new(HostConfig::default())?;
+            let host = ModuleHost::new(HostConfig::with_shared_cache(&cli.db))?;
             let report = host.load_dir(&plugins).await?;
+            let unbuilt = oneshot::unbuilt_sources(&plugins);
             if cli.json {
-                let listing =
-                    serde_json::json!({"modules": host.modules(), "failures": report.failed});
+                let listing = serde_json::json!({
+                    "modules": host.modules(),
+                    "failures": report.failed,
+                    "unbuilt": unbuilt,
+                });
                 println!("{}", serde_json::to_string_pretty(&listing)?);
             } else {
                 println!(
@@ -377,6 +388,19 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 for failure in &report.failed {
                     println!("not loaded: {}: {}", failure.path.display(), failure.error);
+                }
+                for source in &unbuilt {
+                    println!(
+                        "not built: {} (build it with `modrun build --plugins {}`)",
+                        source.display(),
+                        plugins.display()
+                    );
+                }
+                if host.modules().is_empty() && report.failed.is_empty() && unbuilt.is_empty() {
+                    println!(
+                        "{} holds no modules: add a component (<id>.wasm) or a plugin source",
+                        plugins.display()
+                    );
                 }
             }
             return Ok(ExitCode::SUCCESS);

@@ -54,12 +54,18 @@ pub struct RunRequest<'a> {
     pub token: Option<&'a str>,
     pub module_id: &'a str,
     pub parameters: Value,
+    /// Never build a plugin source whose component is missing or stale.
+    pub no_build: bool,
 }
 
 /// Runs a module once, recorded like any other run: in the registry at
 /// `db`, or, when a server holds that registry, through the server's API.
 /// With `in_memory`, nothing is recorded.
 pub async fn run(request: RunRequest<'_>) -> anyhow::Result<ExitCode> {
+    if let Err(e) = ensure_built(request.plugins, request.module_id, request.no_build).await {
+        eprintln!("error: {e:#}");
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
     if request.in_memory {
         return run_here(&request, RunRegistry::in_memory()).await;
     }
@@ -187,18 +193,135 @@ fn server_address(db: &Path) -> anyhow::Result<String> {
     Ok(address.trim().to_owned())
 }
 
-/// Runs the module in this process, recording it in `registry`.
+/// The plugin source for `module_id` in `plugins`, if there is one: a
+/// folder of that name (or with `-` for `_`) holding a `Cargo.toml`.
+pub fn plugin_source(plugins: &Path, module_id: &str) -> Option<PathBuf> {
+    [module_id.to_owned(), module_id.replace('_', "-")]
+        .into_iter()
+        .map(|name| plugins.join(name))
+        .find(|dir| dir.join("Cargo.toml").is_file())
+}
+
+/// The plugin sources of `plugins` (folders with a `Cargo.toml`) that have
+/// no component beside them yet.
+pub fn unbuilt_sources(plugins: &Path) -> Vec<PathBuf> {
+    let mut unbuilt: Vec<PathBuf> = std::fs::read_dir(plugins)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|dir| dir.join("Cargo.toml").is_file())
+        .filter(|dir| {
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            [name.to_string(), name.replace('-', "_")]
+                .iter()
+                .all(|id| !plugins.join(format!("{id}.wasm")).exists())
+        })
+        .collect();
+    unbuilt.sort();
+    unbuilt
+}
+
+/// The newest modification time of the files under `dir` (its `target`
+/// folder aside).
+fn newest_change(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
+        let path = entry.path();
+        let kind = entry.file_type().ok()?;
+        let changed = if kind.is_dir() {
+            if path.file_name().is_some_and(|name| name == "target") {
+                continue;
+            }
+            newest_change(&path)
+        } else {
+            entry.metadata().ok()?.modified().ok()
+        };
+        newest = newest.max(changed);
+    }
+    newest
+}
+
+/// Builds the plugins of `plugins` when `module_id` has a source whose
+/// component is missing or older than it; with `no_build`, says what to
+/// run instead.
+async fn ensure_built(plugins: &Path, module_id: &str, no_build: bool) -> anyhow::Result<()> {
+    let Some(source) = plugin_source(plugins, module_id) else {
+        return Ok(());
+    };
+    let component = plugins.join(format!("{module_id}.wasm"));
+    let built_at = std::fs::metadata(&component)
+        .and_then(|m| m.modified())
+        .ok();
+    let stale = match built_at {
+        None => true,
+        Some(built_at) => newest_change(&source).is_some_and(|changed| changed > built_at),
+    };
+    if !stale {
+        return Ok(());
+    }
+    let why = if built_at.is_none() {
+        "is not built yet"
+    } else {
+        "changed since it was built"
+    };
+    if no_build {
+        anyhow::bail!(
+            "the plugin source {} {why}: build it with `modrun build --plugins {}` (or run \
+             without --no-build)",
+            source.display(),
+            plugins.display()
+        );
+    }
+    eprintln!("building {}: its source {why}", source.display());
+    let workspace = plugins.to_path_buf();
+    let built = tokio::task::spawn_blocking(move || {
+        modrun::module::build_plugins(&workspace, &workspace.join("target"), &workspace)
+    })
+    .await??;
+    anyhow::ensure!(
+        built.iter().any(|plugin| plugin.id == module_id),
+        "building {} made no component {module_id}.wasm",
+        plugins.display()
+    );
+    Ok(())
+}
+
+/// The modules a plugins directory holds (its `.wasm` files), by id.
+fn modules_in(plugins: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(plugins)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
+        .filter_map(|path| Some(path.file_stem()?.to_string_lossy().into_owned()))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Runs the module in this process, recording it in `registry`. Only that
+/// module is loaded, through the compiled cache every command shares.
 async fn run_here(request: &RunRequest<'_>, registry: RunRegistry) -> anyhow::Result<ExitCode> {
     let module_id = request.module_id;
-    let host = ModuleHost::new(HostConfig::default())?;
-    let report = host.load_dir(request.plugins).await?;
-    if !report.loaded.iter().any(|id| id == module_id)
-        && let Some(failure) = report
-            .failed
-            .iter()
-            .find(|f| f.path.file_stem().is_some_and(|s| s == module_id))
-    {
-        eprintln!("error: module {module_id} did not load: {}", failure.error);
+    let host = ModuleHost::new(HostConfig::with_shared_cache(request.db))?;
+    let file = request.plugins.join(format!("{module_id}.wasm"));
+    if modrun::module::is_safe_module_id(module_id) && !file.exists() {
+        let here = modules_in(request.plugins);
+        let listed = if here.is_empty() {
+            format!("{} holds no modules", request.plugins.display())
+        } else {
+            format!("modules here: {}", here.join(", "))
+        };
+        eprintln!(
+            "error: no module {module_id:?}: {} does not exist ({listed})",
+            file.display()
+        );
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
+    if let Err(e) = host.load_module(request.plugins, module_id).await {
+        eprintln!("error: module {module_id} did not load: {e}");
         return Ok(ExitCode::from(EXIT_USAGE));
     }
     let runner = ModuleRunner::new(host, BackgroundTaskManager::new(registry.clone()));

@@ -109,15 +109,7 @@ impl Stack {
         } else {
             RunRegistry::open_sqlite(db)?
         };
-        let cache = if is_database_url(&location) {
-            PathBuf::from(".modrun/cache")
-        } else {
-            db.parent().unwrap_or(Path::new(".")).join("cache")
-        };
-        let config = HostConfig {
-            cache_dir: Some(cache),
-            ..HostConfig::default()
-        };
+        let config = HostConfig::with_shared_cache(db);
         if let Some(max) = limits.max_concurrent
             && max > config.max_instances as usize
         {

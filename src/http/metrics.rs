@@ -173,6 +173,23 @@ pub(super) async fn render(State(state): State<AppState>) -> Response {
             last.timestamp()
         );
     }
+    let compiles = state.runner.host().compile_stats();
+    let _ = writeln!(
+        text,
+        "# HELP modrun_modules_compiled_total Components compiled from WebAssembly."
+    );
+    let _ = writeln!(text, "# TYPE modrun_modules_compiled_total counter");
+    let _ = writeln!(text, "modrun_modules_compiled_total {}", compiles.compiled);
+    let _ = writeln!(
+        text,
+        "# HELP modrun_compile_cache_hits_total Components loaded compiled from the cache."
+    );
+    let _ = writeln!(text, "# TYPE modrun_compile_cache_hits_total counter");
+    let _ = writeln!(
+        text,
+        "modrun_compile_cache_hits_total {}",
+        compiles.cache_hits
+    );
     // A registry that cannot say (or be asked now) is left out.
     if let Ok(Some(bytes)) = disk_bytes {
         let _ = writeln!(

@@ -53,6 +53,18 @@ impl Default for HostConfig {
 }
 
 impl HostConfig {
+    /// The default configuration with the compiled-module cache every
+    /// command shares for the registry at `db` ([`shared_cache_dir`]): what
+    /// `serve`, `dev`, `run` and `modules` use, so that none of them
+    /// compiles a component another has compiled.
+    #[must_use]
+    pub fn with_shared_cache(db: &std::path::Path) -> HostConfig {
+        HostConfig {
+            cache_dir: Some(shared_cache_dir(db)),
+            ..HostConfig::default()
+        }
+    }
+
     /// The wasmtime configuration modrun's engine uses: for embedders and
     /// benchmarks that compare modrun with bare wasmtime on equal terms.
     #[must_use]
@@ -126,4 +138,17 @@ fn start_ticker(engine: &Engine, tick: Duration) -> Result<()> {
         })
         .map(drop)
         .map_err(|e| Error::Engine(format!("cannot start the epoch ticker: {e}")))
+}
+
+/// Where the commands keep compiled components for the registry at `db`:
+/// `cache/` beside a SQLite file, `.modrun/cache` for a database server.
+#[must_use]
+pub fn shared_cache_dir(db: &std::path::Path) -> std::path::PathBuf {
+    if crate::registry::is_database_url(&db.to_string_lossy()) {
+        std::path::PathBuf::from(".modrun/cache")
+    } else {
+        db.parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("cache")
+    }
 }

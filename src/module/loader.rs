@@ -273,6 +273,16 @@ impl ModuleHost {
         Ok(report)
     }
 
+    /// Loads one module from a plugins directory, `<dir>/<module_id>.wasm`,
+    /// and nothing else: what a command that runs one module needs.
+    pub async fn load_module(&self, dir: &Path, module_id: &str) -> Result<ModuleSummary> {
+        if !is_safe_module_id(module_id) {
+            return Err(Error::InvalidModuleId(module_id.to_owned()));
+        }
+        self.check_cache_outside(dir)?;
+        self.load_file(&dir.join(format!("{module_id}.wasm"))).await
+    }
+
     /// Loads (or reloads) one component file, and makes it the current
     /// version of its module. On failure the module's previous version, if
     /// any, stays current and the failure is listed in [`failures`](Self::failures).

@@ -23,7 +23,7 @@ mod reload;
 mod runner;
 
 pub use build::{BuiltPlugin, build_plugins};
-pub use engine::HostConfig;
+pub use engine::{HostConfig, shared_cache_dir};
 pub(crate) use loader::LoadedModule;
 pub use loader::{
     CompileStats, LoadFailure, LoadReport, ModuleHost, ModuleInfo, ModuleSummary, ReloadEvent,

@@ -426,6 +426,102 @@ fn modrun_run_reports_through_its_exit_code() {
     }
 }
 
+/// The compiled components in a cache directory.
+fn cached(cache: &Path) -> usize {
+    std::fs::read_dir(cache).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|ext| ext == "cwasm"))
+            .count()
+    })
+}
+
+#[test]
+fn every_command_shares_one_compiled_cache_and_run_compiles_only_its_module() {
+    let plugins = plugins_dir(&["hello", "countdown", "spin"]);
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("registry.db");
+    let cache = data.path().join("cache");
+    let modrun = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_modrun"))
+            .args(args)
+            .arg("--plugins")
+            .arg(plugins.path())
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .unwrap()
+    };
+    let run = modrun(&["run", "hello", "name=Ada"]);
+    assert_eq!(run.status.code(), Some(0), "{run:?}");
+    assert_eq!(cached(&cache), 1, "only the module run was compiled");
+    let listed = modrun(&["modules"]);
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    for id in ["hello", "countdown", "spin"] {
+        assert!(listing.contains(id), "{listing}");
+    }
+    assert_eq!(cached(&cache), 3);
+    // A server on the same registry finds them compiled.
+    let server = Server::start(plugins.path(), &db, &[]);
+    assert_eq!(server.metric("modrun_modules_compiled_total"), Some(0.0));
+    drop(server);
+    let again = modrun(&["run", "countdown", "seconds=0"]);
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+    assert_eq!(cached(&cache), 3);
+}
+
+#[test]
+fn a_plugin_source_not_built_yet_is_named_with_the_command_that_builds_it() {
+    let plugins = plugins_dir(&["countdown"]);
+    let source = plugins.path().join("greeter");
+    std::fs::create_dir_all(source.join("src")).unwrap();
+    std::fs::write(
+        source.join("Cargo.toml"),
+        "[package]\nname = \"greeter\"\nversion = \"0.1.0\"\n",
+    )
+    .unwrap();
+    std::fs::write(source.join("src/lib.rs"), "").unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let modrun = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_modrun"))
+            .args(args)
+            .arg("--plugins")
+            .arg(plugins.path())
+            .arg("--db")
+            .arg(data.path().join("registry.db"))
+            .output()
+            .unwrap()
+    };
+    let listed = modrun(&["modules"]);
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    assert!(listing.contains("countdown"), "{listing}");
+    assert!(
+        listing.contains("not built:")
+            && listing.contains("greeter")
+            && listing.contains("modrun build"),
+        "{listing}"
+    );
+    let refused = modrun(&["run", "greeter", "--no-build"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is not built yet") && stderr.contains("modrun build"),
+        "{stderr}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let none = Command::new(env!("CARGO_BIN_EXE_modrun"))
+        .args(["modules", "--plugins"])
+        .arg(empty.path())
+        .arg("--db")
+        .arg(data.path().join("registry.db"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&none.stdout).contains("holds no modules"),
+        "{none:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_are_followed_through_the_event_stream_and_cancelled_by_the_cli() {
     let plugins = plugins_dir(&["hello", "countdown"]);
