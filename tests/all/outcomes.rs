@@ -199,15 +199,7 @@ fn modrun_run(
     db: &std::path::Path,
     args: &[&str],
 ) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_modrun"))
-        .arg("run")
-        .args(args)
-        .arg("--plugins")
-        .arg(plugins)
-        .arg("--db")
-        .arg(db)
-        .output()
-        .unwrap()
+    crate::server::modrun_on(plugins, db, &[&["run"], args].concat())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -784,13 +784,7 @@ async fn a_start_with_an_idempotency_key_is_recorded_once(registry: RunRegistry)
     let ada = json!({"name": "Ada"});
     // Retries racing the first start: one run, one id for all.
     let starts = (0..8).map(|_| runner.start_idempotent("hello", ada.clone(), "order-17"));
-    let ids: Vec<String> = futures_util::future::join_all(starts)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
-    let first = ids[0].clone();
+    let first = crate::support::one_run_id(starts).await;
     let recorded = registry.runs_by_module("hello").await.unwrap();
     assert_eq!(recorded.len(), 1, "{recorded:?}");
     let held = registry.run_by_key("order-17").await.unwrap().unwrap();

@@ -383,6 +383,18 @@ fn a_non_loopback_bind_without_a_token_is_refused() {
     assert!(stderr.contains("without a token"), "{stderr}");
 }
 
+/// `modrun ARGS --plugins PLUGINS --db DB`, run to its end.
+pub(crate) fn modrun_on(plugins: &Path, db: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_modrun"))
+        .args(args)
+        .arg("--plugins")
+        .arg(plugins)
+        .arg("--db")
+        .arg(db)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn modrun_run_reports_through_its_exit_code() {
     let plugins = plugins_dir(&["hello", "spin", "panic", "trap"]);
@@ -392,17 +404,8 @@ fn modrun_run_reports_through_its_exit_code() {
     )
     .unwrap();
     let data = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_modrun"))
-            .arg("run")
-            .args(args)
-            .arg("--plugins")
-            .arg(plugins.path())
-            .arg("--db")
-            .arg(data.path().join("registry.db"))
-            .output()
-            .unwrap()
-    };
+    let db = data.path().join("registry.db");
+    let run = |args: &[&str]| modrun_on(plugins.path(), &db, &[&["run"], args].concat());
     let ok = run(&["hello", "name=Ada", "times=2"]);
     assert_eq!(ok.status.code(), Some(0));
     let output: Value = serde_json::from_slice(&ok.stdout).unwrap();
@@ -442,16 +445,7 @@ fn every_command_shares_one_compiled_cache_and_run_compiles_only_its_module() {
     let data = tempfile::tempdir().unwrap();
     let db = data.path().join("registry.db");
     let cache = data.path().join("cache");
-    let modrun = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_modrun"))
-            .args(args)
-            .arg("--plugins")
-            .arg(plugins.path())
-            .arg("--db")
-            .arg(&db)
-            .output()
-            .unwrap()
-    };
+    let modrun = |args: &[&str]| modrun_on(plugins.path(), &db, args);
     let run = modrun(&["run", "hello", "name=Ada"]);
     assert_eq!(run.status.code(), Some(0), "{run:?}");
     assert_eq!(cached(&cache), 1, "only the module run was compiled");
@@ -482,16 +476,8 @@ fn a_plugin_source_not_built_yet_is_named_with_the_command_that_builds_it() {
     .unwrap();
     std::fs::write(source.join("src/lib.rs"), "").unwrap();
     let data = tempfile::tempdir().unwrap();
-    let modrun = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_modrun"))
-            .args(args)
-            .arg("--plugins")
-            .arg(plugins.path())
-            .arg("--db")
-            .arg(data.path().join("registry.db"))
-            .output()
-            .unwrap()
-    };
+    let db = data.path().join("registry.db");
+    let modrun = |args: &[&str]| modrun_on(plugins.path(), &db, args);
     let listed = modrun(&["modules"]);
     let listing = String::from_utf8_lossy(&listed.stdout);
     assert!(listing.contains("countdown"), "{listing}");
@@ -509,13 +495,7 @@ fn a_plugin_source_not_built_yet_is_named_with_the_command_that_builds_it() {
         "{stderr}"
     );
     let empty = tempfile::tempdir().unwrap();
-    let none = Command::new(env!("CARGO_BIN_EXE_modrun"))
-        .args(["modules", "--plugins"])
-        .arg(empty.path())
-        .arg("--db")
-        .arg(data.path().join("registry.db"))
-        .output()
-        .unwrap();
+    let none = modrun_on(empty.path(), &db, &["modules"]);
     assert!(
         String::from_utf8_lossy(&none.stdout).contains("holds no modules"),
         "{none:?}"

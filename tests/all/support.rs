@@ -191,3 +191,16 @@ pub async fn fresh_database() -> Option<String> {
     let (server, _) = base.rsplit_once('/').expect("a URL with a database name");
     Some(format!("{server}/{name}{query}"))
 }
+
+/// Awaits starts that must all answer the same run id, and returns it.
+pub async fn one_run_id(
+    starts: impl IntoIterator<Item = impl std::future::Future<Output = modrun::Result<String>>>,
+) -> String {
+    let ids: Vec<String> = futures_util::future::join_all(starts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    ids[0].clone()
+}
