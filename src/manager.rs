@@ -331,11 +331,21 @@ impl BackgroundTaskManager {
                         });
                     }
                     state.queued += 1;
-                    Pending::Queued
+                    if gate.is_some_and(|gate| gate.first.is_some()) {
+                        // Its module's permit first: it takes its turn for
+                        // a slot once it holds one.
+                        Pending::Queued
+                    } else {
+                        // In turn now, so that slots go in the order the
+                        // starts were admitted, however the tasks are run.
+                        let (grant, granted) = oneshot::channel();
+                        state.waiting.push_back((run_id.to_owned(), grant));
+                        Pending::Waiting(granted)
+                    }
                 }
             },
         };
-        let queued = matches!(slot, Pending::Queued);
+        let queued = matches!(slot, Pending::Queued | Pending::Waiting(_));
         Ok((self.inner.track(&mut state, run_id, false, queued), slot))
     }
 
@@ -777,8 +787,11 @@ enum Pending {
     Unlimited,
     /// A slot, and the gate's first permit, taken when admitted.
     Ready(Slot, Option<OwnedSemaphorePermit>),
-    /// Counted among the queued until it holds a slot (or is forgotten).
+    /// Counted among the queued until it holds a slot (or is forgotten);
+    /// takes its turn for a slot once it holds its gate's first permit.
     Queued,
+    /// Counted among the queued, and in turn for a slot since admitted.
+    Waiting(oneshot::Receiver<Slot>),
     /// Claimed from a shared queue, with the room its claimer took.
     Claimed(Box<Held>),
 }
@@ -924,6 +937,15 @@ async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) ->
         Pending::Claimed(held) => return Some(held),
         Pending::Unlimited => (None, permit(first_of(&gate).as_ref(), token).await?),
         Pending::Ready(slot, first) => (Some(slot), first),
+        Pending::Waiting(granted) => {
+            let slot = tokio::select! {
+                biased;
+                () = token.cancelled() => return None,
+                slot = granted => slot.ok()?,
+            };
+            inner.dequeue(run_id, end.task);
+            (Some(slot), None)
+        }
         Pending::Queued => {
             let first = permit(first_of(&gate).as_ref(), token).await?;
             let slot = match inner.take_slot(run_id) {
