@@ -937,27 +937,10 @@ async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) ->
         Pending::Claimed(held) => return Some(held),
         Pending::Unlimited => (None, permit(first_of(&gate).as_ref(), token).await?),
         Pending::Ready(slot, first) => (Some(slot), first),
-        Pending::Waiting(granted) => {
-            let slot = tokio::select! {
-                biased;
-                () = token.cancelled() => return None,
-                slot = granted => slot.ok()?,
-            };
-            inner.dequeue(run_id, end.task);
-            (Some(slot), None)
-        }
+        Pending::Waiting(granted) => (Some(in_turn(end, Err(granted)).await?), None),
         Pending::Queued => {
             let first = permit(first_of(&gate).as_ref(), token).await?;
-            let slot = match inner.take_slot(run_id) {
-                Ok(slot) => slot,
-                Err(granted) => tokio::select! {
-                    biased;
-                    () = token.cancelled() => return None,
-                    slot = granted => slot.ok()?,
-                },
-            };
-            inner.dequeue(run_id, end.task);
-            (Some(slot), first)
+            (Some(in_turn(end, inner.take_slot(run_id)).await?), first)
         }
     };
     let then = gate.as_ref().and_then(|g| g.then.clone());
@@ -968,6 +951,22 @@ async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) ->
         _then: then,
         attempt: None,
     }))
+}
+
+/// A queued run's slot: the one `turn` holds, or the one granted where it
+/// waits its turn; from then on it no longer counts among the queued.
+/// `None` if it was cancelled meanwhile.
+async fn in_turn(end: &TaskEnd, turn: Result<Slot, oneshot::Receiver<Slot>>) -> Option<Slot> {
+    let slot = match turn {
+        Ok(slot) => slot,
+        Err(granted) => tokio::select! {
+            biased;
+            () = end.token.cancelled() => return None,
+            slot = granted => slot.ok()?,
+        },
+    };
+    end.inner.dequeue(&end.run_id, end.task);
+    Some(slot)
 }
 
 /// The longest error message a run records, in bytes; a longer one is cut

@@ -289,16 +289,11 @@ async fn ensure_built(plugins: &Path, module_id: &str, no_build: bool) -> anyhow
 
 /// The modules a plugins directory holds (its `.wasm` files), by id.
 fn modules_in(plugins: &Path) -> Vec<String> {
-    let mut ids: Vec<String> = std::fs::read_dir(plugins)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
+    modrun::module::component_files(plugins)
+        .unwrap_or_default()
+        .iter()
         .filter_map(|path| Some(path.file_stem()?.to_string_lossy().into_owned()))
-        .collect();
-    ids.sort();
-    ids
+        .collect()
 }
 
 /// Runs the module in this process, recording it in `registry`. Only that

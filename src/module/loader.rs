@@ -239,23 +239,10 @@ impl ModuleHost {
     /// load.
     pub async fn load_dir(&self, dir: &Path) -> Result<LoadReport> {
         self.check_cache_outside(dir)?;
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::PluginsDir {
+        let files = component_files(dir).map_err(|e| Error::PluginsDir {
             path: dir.to_path_buf(),
             message: e.to_string(),
         })?;
-        // Regular files and links (which `load_file` accepts only where the
-        // manifest allows); never a directory, a FIFO or a device.
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .filter(|entry| {
-                entry
-                    .file_type()
-                    .is_ok_and(|kind| kind.is_file() || kind.is_symlink())
-            })
-            .map(|entry| entry.path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
-            .collect();
-        files.sort();
         let loads = files.into_iter().map(|path| {
             let host = self.clone();
             async move {
@@ -427,7 +414,7 @@ impl ModuleHost {
         .await
         .map_err(|e| fail(format!("reading stopped: {e}")))?
         .map_err(|e| fail(e.to_string()))?;
-        if format!("sha256:{:x}", Sha256::digest(&bytes)) != summary.content_hash {
+        if format!("sha256:{}", sha256_hex(&bytes)) != summary.content_hash {
             return Err(fail(format!(
                 "it changed since version {} was loaded",
                 summary.content_hash
@@ -462,15 +449,13 @@ impl ModuleHost {
                 self.inner.config.max_module_bytes
             )));
         }
-        let digest = format!("{:x}", Sha256::digest(&bytes));
+        let digest = sha256_hex(&bytes);
         if format!("sha256:{digest}") != content_hash {
             return Err(fail(format!(
                 "the bytes stored for it hash to sha256:{digest}"
             )));
         }
-        if bytes.len() < 8 || !bytes.starts_with(b"\0asm") || bytes[4..8] == [1, 0, 0, 0] {
-            return Err(fail("it is not a WebAssembly component".into()));
-        }
+        check_component(&bytes).map_err(fail)?;
         let host = self.clone();
         let component = tokio::task::spawn_blocking(move || host.component(&bytes, &digest))
             .await
@@ -499,17 +484,8 @@ impl ModuleHost {
         let max = self.inner.config.max_module_bytes;
         let bytes = super::plugin_file::read_regular(path, max, follow_symlink)
             .map_err(|e| e.to_string())?;
-        if bytes.len() < 8 || !bytes.starts_with(b"\0asm") {
-            return Err("it is not a WebAssembly file".into());
-        }
-        if bytes[4..8] == [1, 0, 0, 0] {
-            return Err(
-                "it is a core WebAssembly module, not a component; build it for \
-                        wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
-                    .into(),
-            );
-        }
-        let digest = format!("{:x}", Sha256::digest(&bytes));
+        check_component(&bytes)?;
+        let digest = sha256_hex(&bytes);
         let component = self.component(&bytes, &digest)?;
         Ok((component, format!("sha256:{digest}")))
     }
@@ -749,4 +725,43 @@ fn module_id_of(path: &Path) -> std::result::Result<String, String> {
         ));
     }
     Ok(stem.to_owned())
+}
+
+/// The SHA-256 of `bytes`, in hex: a component's content hash after `sha256:`.
+fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Whether `bytes` look like a WebAssembly component (and not a core
+/// module), in words when they do not.
+fn check_component(bytes: &[u8]) -> std::result::Result<(), String> {
+    if bytes.len() < 8 || !bytes.starts_with(b"\0asm") {
+        return Err("it is not a WebAssembly file".into());
+    }
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(
+            "it is a core WebAssembly module, not a component; build it for \
+             wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// The component files of a plugins directory (`*.wasm`), in name order:
+/// regular files and links (which a load accepts only where the manifest
+/// allows); never a directory, a FIFO or a device.
+pub fn component_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(std::result::Result::ok)
+        .filter(|entry| {
+            entry
+                .file_type()
+                .is_ok_and(|kind| kind.is_file() || kind.is_symlink())
+        })
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "wasm"))
+        .collect();
+    files.sort();
+    Ok(files)
 }

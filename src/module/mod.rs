@@ -27,7 +27,7 @@ pub use engine::{HostConfig, shared_cache_dir};
 pub(crate) use loader::LoadedModule;
 pub use loader::{
     CompileStats, LoadFailure, LoadReport, ModuleHost, ModuleInfo, ModuleSummary, ReloadEvent,
-    is_safe_module_id,
+    component_files, is_safe_module_id,
 };
 pub use manifest::{ComponentFile, DirGrant, Grants, Manifest, ModuleLimits, Retention, parse_age};
 pub use reload::{DEFAULT_DEBOUNCE, Reloader, changes_content};

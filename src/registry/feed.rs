@@ -235,7 +235,7 @@ impl EventFeed {
                 RunEvent::Status { run_id, change, .. } => Some((
                     run_id.clone(),
                     change.status,
-                    change.at.timestamp_nanos_opt().unwrap_or(i64::MAX),
+                    super::retention::nanos_clamped(change.at),
                 )),
                 _ => None,
             })

@@ -73,14 +73,6 @@ impl MemoryStore {
         self.claimable.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The ids queued for any claimer, `runs` being locked.
-    fn queue_snapshot_ids<'a>(&self, runs: &'a HashMap<String, Box<Entry>>) -> HashSet<&'a String> {
-        self.queue()
-            .iter()
-            .filter_map(|run_id| runs.get_key_value(run_id).map(|(id, _)| id))
-            .collect()
-    }
-
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Box<Entry>>> {
         // A panic while holding the lock cannot leave an entry half-written
         // (every mutation is a single assignment or push), so poisoning is ignored.
@@ -229,10 +221,11 @@ impl RunStore for MemoryStore {
 
     async fn claimed(&self) -> Result<Vec<String>> {
         let runs = self.lock();
-        let queue: HashSet<&String> = self.queue_snapshot_ids(&runs);
+        let queue = self.queue();
+        let queued: HashSet<&str> = queue.iter().map(String::as_str).collect();
         Ok(runs
             .values()
-            .filter(|e| e.run.status.is_active() && !queue.contains(&e.run.run_id))
+            .filter(|e| e.run.status.is_active() && !queued.contains(e.run.run_id.as_str()))
             .map(|e| e.run.run_id.clone())
             .collect())
     }

@@ -41,6 +41,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use super::retention::nanos_clamped;
 use super::writer::{Backend, NotCommitted, Outcome, Queue, Shared, Write};
 use super::{
     Cleanup, EventFeed, Existing, OnUnavailable, RunEvent, RunFilter, RunStore, RunSummary,
@@ -354,7 +355,7 @@ impl RunStore for PostgresStore {
     }
 
     async fn store_module(&self, module_id: &str, hash: &str, bytes: &[u8]) -> Result<()> {
-        let stored_at = Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let stored_at = nanos_clamped(Utc::now());
         self.read(async |client| {
             client
                 .execute(sql::STORE_MODULE, &[&hash, &module_id, &bytes, &stored_at])
@@ -892,6 +893,7 @@ impl Outbox {
             );
         }
         let node = serde_json::to_string(node).unwrap_or_default();
+        let payload = |lines: &str| format!("{{\"node\":{node},\"log\":[{lines}]}}");
         let mut payloads = Vec::new();
         let mut current = String::new();
         for line in lines {
@@ -899,7 +901,7 @@ impl Outbox {
                 continue;
             };
             if !current.is_empty() && current.len() + line.len() + 2 > NOTIFY_BYTES {
-                payloads.push(format!("{{\"node\":{node},\"log\":[{current}]}}"));
+                payloads.push(payload(&current));
                 current.clear();
             }
             if !current.is_empty() {
@@ -908,7 +910,7 @@ impl Outbox {
             current.push_str(&line);
         }
         if !current.is_empty() {
-            payloads.push(format!("{{\"node\":{node},\"log\":[{current}]}}"));
+            payloads.push(payload(&current));
         }
         payloads
     }
@@ -940,7 +942,7 @@ async fn listen(config: tokio_postgres::Config, listener: Listener, stop: Cancel
                 tracing::warn!(error = %describe(&e), "lost the database listener; reconnecting");
             }
         }
-        let _ = missed_since.compare_exchange(0, now_nanos(), Ordering::Relaxed, Ordering::Relaxed);
+        mark_missed(&missed_since);
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(backoff) => {}
@@ -949,8 +951,11 @@ async fn listen(config: tokio_postgres::Config, listener: Listener, stop: Cancel
     }
 }
 
-fn now_nanos() -> i64 {
-    Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
+/// Notes that notifications are being missed from now, unless they were
+/// already: the changes recorded since the first loss are read again.
+fn mark_missed(missed_since: &AtomicI64) {
+    let now = nanos_clamped(Utc::now());
+    let _ = missed_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
 }
 
 async fn listen_once(
@@ -971,12 +976,7 @@ async fn listen_once(
                     // rather than grow without bound, and reads the
                     // changes again once it has caught up.
                     if notes.try_send(note).is_err() {
-                        let _ = missed.compare_exchange(
-                            0,
-                            now_nanos(),
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                        );
+                        mark_missed(&missed);
                     }
                 }
                 Ok(_) => {}
