@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::manager::{BackgroundTaskManager, Failure, Gate, Room, TaskOutput};
 use crate::registry::{Cleanup, Override, RunRegistry, ago};
 use crate::run::{
-    EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, Transition,
+    EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, Transition, cut_to,
 };
 
 /// Starts runs of loaded modules as tracked tasks.
@@ -635,9 +635,11 @@ async fn execute(
                 Some(&I32Exit(status)) => exit_outcome(status, &mut notes),
                 None => {
                     // The one-line message says what happened; the details
-                    // (a wasm backtrace) go to the run's log.
-                    notes.note(LogLevel::Error, format!("{error:?}"));
-                    Err(trap_failure(&error, store.data(), &stderr.text()))
+                    // (a wasm backtrace) go to the run's log, below the
+                    // guest language's own account when it gave one.
+                    let (failure, level) = trap_failure(&error, store.data(), &stderr.text());
+                    notes.note(level, format!("{error:?}"));
+                    Err(failure)
                 }
             }
         }
@@ -702,25 +704,66 @@ fn exit_outcome(status: i32, notes: &mut RunLog) -> Result<Value, Failure> {
     }
 }
 
-/// A readable reason for a run that trapped.
-fn trap_failure(error: &wasmtime::Error, state: &HostState, stderr: &str) -> Failure {
+/// A readable reason for a run that trapped, and how much the trap's own
+/// details matter beside it: little where the guest's language said what
+/// went wrong (its account is in the run's log, from standard error).
+fn trap_failure(error: &wasmtime::Error, state: &HostState, stderr: &str) -> (Failure, LogLevel) {
     if state.limiter.exceeded {
-        return Failure::new(format!(
+        let failure = Failure::new(format!(
             "the module exceeded its memory limit of {} and was stopped",
             size_in_words(state.limiter.limit())
         ));
+        return (failure, LogLevel::Error);
     }
     match error.downcast_ref::<Trap>() {
-        Some(Trap::StackOverflow) => {
-            Failure::new("the module overflowed its stack (recursion too deep) and was stopped")
-        }
-        Some(Trap::UnreachableCodeReached) if stderr.contains("panicked at") => Failure {
-            message: format!("the module panicked: {}", panic_message(stderr)),
-            exit_code: EXIT_PANIC,
+        Some(Trap::StackOverflow) => (
+            Failure::new("the module overflowed its stack (recursion too deep) and was stopped"),
+            LogLevel::Error,
+        ),
+        Some(Trap::UnreachableCodeReached) => match guest_failure(stderr) {
+            Some(failure) => (failure, LogLevel::Debug),
+            None => (
+                Failure::new("the module trapped: wasm `unreachable` instruction executed"),
+                LogLevel::Error,
+            ),
         },
-        Some(trap) => Failure::new(format!("the module trapped: {trap}")),
-        None => Failure::new(format!("the module failed: {}", error.root_cause())),
+        Some(trap) => (
+            Failure::new(format!("the module trapped: {trap}")),
+            LogLevel::Error,
+        ),
+        None => (
+            Failure::new(format!("the module failed: {}", error.root_cause())),
+            LogLevel::Error,
+        ),
     }
+}
+
+/// The failure a guest language reported on standard error before it
+/// aborted: an uncaught Python exception (its type and message; the
+/// traceback stays in the run's log), or a Rust panic (its message and
+/// place, exit code 101). A JavaScript `Error` needs no reading here: the
+/// build wraps the module so that it comes back as the run's error.
+fn guest_failure(stderr: &str) -> Option<Failure> {
+    if let Some(exception) = python_exception(stderr) {
+        return Some(Failure::new(exception));
+    }
+    stderr.contains("panicked at").then(|| Failure {
+        message: format!("the module panicked: {}", panic_message(stderr)),
+        exit_code: EXIT_PANIC,
+    })
+}
+
+/// The exception line of the last Python traceback in `stderr`:
+/// `ValueError: bad value`.
+fn python_exception(stderr: &str) -> Option<String> {
+    let (_, traceback) = stderr.rsplit_once("Traceback (most recent call last):\n")?;
+    let exception: Vec<&str> = traceback
+        .lines()
+        .skip_while(|line| line.starts_with(' ') || line.starts_with('\t'))
+        .take_while(|line| !line.is_empty() && !line.starts_with("thread '"))
+        .collect();
+    let exception = exception.join("\n");
+    (!exception.trim().is_empty()).then(|| cut_to(exception.trim().to_owned(), 2000))
 }
 
 /// The message of a Rust panic as the guest's standard library printed it:
