@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use modrun::http::BrowserPolicy;
-use modrun::module::{BuiltPlugin, DEFAULT_DEBOUNCE, ReloadEvent, build_plugins};
+use modrun::module::{BuiltPlugin, DEFAULT_DEBOUNCE, ReloadEvent, build_plugins, is_source_path};
 use modrun::{ModuleRunner, TaskLimits};
 use serde_json::Value;
 
@@ -59,7 +59,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
     let (changed, mut changes) = tokio::sync::mpsc::channel(1);
     let sources = plugins.clone();
     let _watcher = host.watch_tree(&plugins, DEFAULT_DEBOUNCE, move |paths| {
-        if paths.iter().any(|path| is_source(&sources, path)) {
+        if paths.iter().any(|path| is_source_path(&sources, path)) {
             let _ = changed.try_send(());
         }
     })?;
@@ -230,41 +230,9 @@ fn compact_errors(output: &str) -> String {
     errors.join("\n")
 }
 
-/// Whether a changed path is plugin source: a crate's `src/` or a
-/// `Cargo.toml`, not build output, components or manifests.
-fn is_source(workspace: &Path, path: &Path) -> bool {
-    let Ok(relative) = path.strip_prefix(workspace) else {
-        return false;
-    };
-    let parts: Vec<_> = relative.components().collect();
-    match parts.as_slice() {
-        [file] => file.as_os_str() == "Cargo.toml",
-        [first, rest @ ..] if first.as_os_str() != "target" => {
-            rest.first().is_some_and(|p| p.as_os_str() == "src")
-                || (rest.len() == 1 && rest[0].as_os_str() == "Cargo.toml")
-        }
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{compact_errors, is_source};
-    use std::path::Path;
-
-    #[test]
-    fn sources_are_crate_sources_and_manifests() {
-        let root = Path::new("/w/plugins");
-        let source = |p: &str| is_source(root, &root.join(p));
-        assert!(source("hello/src/lib.rs"));
-        assert!(source("hello/src/deep/mod.rs"));
-        assert!(source("hello/Cargo.toml"));
-        assert!(source("Cargo.toml"));
-        assert!(!source("hello.wasm"));
-        assert!(!source("hello.toml"));
-        assert!(!source("target/wasm32-wasip2/release/hello.wasm"));
-        assert!(!source("hello/README.md"));
-    }
+    use super::compact_errors;
 
     #[test]
     fn compiler_errors_are_one_line_each_with_their_place() {

@@ -169,9 +169,24 @@ enum Command {
         /// The run id.
         run: String,
     },
-    /// Build the plugin sources (a Cargo workspace) into components.
+    /// Build the plugin sources (Rust, Python, JavaScript, or a declared
+    /// command) into components; a missing guest toolchain is installed
+    /// into the plugin's folder first. Unchanged plugins are not rebuilt.
     Build {
-        /// The plugin workspace; components are placed beside its crates.
+        /// The plugins directory: each folder in it is one plugin source;
+        /// components are placed beside them.
+        #[arg(long, default_value = "plugins")]
+        plugins: PathBuf,
+    },
+    /// Create a new plugin source, PLUGINS/NAME, that builds and runs with
+    /// no edits.
+    New {
+        /// Its folder's name; its module id is the same, with `-` read as `_`.
+        name: String,
+        /// Its language: rust, python or js.
+        #[arg(long, default_value = "rust")]
+        lang: modrun::module::Language,
+        /// The plugins directory.
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
     },
@@ -206,7 +221,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A server or the dev loop tells what it does; a one-shot command only
     // what went wrong. RUST_LOG overrides both.
-    let quiet = !matches!(cli.command, Command::Serve { .. } | Command::Dev { .. });
+    let quiet = !matches!(
+        cli.command,
+        Command::Serve { .. } | Command::Dev { .. } | Command::Build { .. }
+    );
     let default_filter = if quiet { "modrun=warn" } else { "modrun=info" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -246,12 +264,35 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             .await??;
             for plugin in &built {
                 let state = if plugin.changed { "built" } else { "unchanged" };
-                println!("{:<20} {state:<9} {}", plugin.id, plugin.path.display());
+                println!(
+                    "{:<20} {:<7} {state:<9} {}",
+                    plugin.id,
+                    plugin.language,
+                    plugin.path.display()
+                );
             }
             println!(
                 "{} plugin(s) in {:.1}s",
                 built.len(),
                 started.elapsed().as_secs_f64()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::New {
+            name,
+            lang,
+            plugins,
+        } => {
+            let source = modrun::module::new_plugin(&plugins, &name, lang)?;
+            println!(
+                "created {} ({lang}): module {}",
+                source.dir.display(),
+                source.id
+            );
+            println!(
+                "run it with: modrun run {} name=Ada --plugins {}",
+                source.id,
+                plugins.display()
             );
             return Ok(ExitCode::SUCCESS);
         }
@@ -391,8 +432,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 for source in &unbuilt {
                     println!(
-                        "not built: {} (build it with `modrun build --plugins {}`)",
-                        source.display(),
+                        "not built: {} ({}; build it with `modrun build --plugins {}`)",
+                        source.dir.display(),
+                        source.language,
                         plugins.display()
                     );
                 }
@@ -428,6 +470,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let registry = Records::open(&cli.db).await?;
     match cli.command {
         Command::Build { .. }
+        | Command::New { .. }
         | Command::Dev { .. }
         | Command::Serve { .. }
         | Command::Run { .. }

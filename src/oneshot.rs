@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use modrun::module::PluginSource;
 use modrun::registry::{Cleanup, RunEvent, is_database_url};
 use modrun::{
     BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, Run, RunRegistry, RunStatus,
@@ -193,60 +194,22 @@ fn server_address(db: &Path) -> anyhow::Result<String> {
     Ok(address.trim().to_owned())
 }
 
-/// The plugin source for `module_id` in `plugins`, if there is one: a
-/// folder of that name (or with `-` for `_`) holding a `Cargo.toml`.
-pub fn plugin_source(plugins: &Path, module_id: &str) -> Option<PathBuf> {
-    [module_id.to_owned(), module_id.replace('_', "-")]
+/// The plugin sources of `plugins` that have no component beside them yet.
+pub fn unbuilt_sources(plugins: &Path) -> Vec<PluginSource> {
+    modrun::module::plugin_sources(plugins)
         .into_iter()
-        .map(|name| plugins.join(name))
-        .find(|dir| dir.join("Cargo.toml").is_file())
-}
-
-/// The plugin sources of `plugins` (folders with a `Cargo.toml`) that have
-/// no component beside them yet.
-pub fn unbuilt_sources(plugins: &Path) -> Vec<PathBuf> {
-    let mut unbuilt: Vec<PathBuf> = std::fs::read_dir(plugins)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|dir| dir.join("Cargo.toml").is_file())
-        .filter(|dir| {
-            let name = dir.file_name().unwrap_or_default().to_string_lossy();
-            [name.to_string(), name.replace('-', "_")]
-                .iter()
-                .all(|id| !plugins.join(format!("{id}.wasm")).exists())
-        })
-        .collect();
-    unbuilt.sort();
-    unbuilt
-}
-
-/// The newest modification time of the files under `dir` (its `target`
-/// folder aside).
-fn newest_change(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    for entry in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
-        let path = entry.path();
-        let kind = entry.file_type().ok()?;
-        let changed = if kind.is_dir() {
-            if path.file_name().is_some_and(|name| name == "target") {
-                continue;
-            }
-            newest_change(&path)
-        } else {
-            entry.metadata().ok()?.modified().ok()
-        };
-        newest = newest.max(changed);
-    }
-    newest
+        .filter(|source| !plugins.join(format!("{}.wasm", source.id)).exists())
+        .collect()
 }
 
 /// Builds the plugins of `plugins` when `module_id` has a source whose
 /// component is missing or older than it; with `no_build`, says what to
 /// run instead.
 async fn ensure_built(plugins: &Path, module_id: &str, no_build: bool) -> anyhow::Result<()> {
-    let Some(source) = plugin_source(plugins, module_id) else {
+    let Some(source) = modrun::module::plugin_sources(plugins)
+        .into_iter()
+        .find(|source| source.id == module_id)
+    else {
         return Ok(());
     };
     let component = plugins.join(format!("{module_id}.wasm"));
@@ -255,7 +218,9 @@ async fn ensure_built(plugins: &Path, module_id: &str, no_build: bool) -> anyhow
         .ok();
     let stale = match built_at {
         None => true,
-        Some(built_at) => newest_change(&source).is_some_and(|changed| changed > built_at),
+        Some(built_at) => source
+            .newest_change()
+            .is_some_and(|changed| changed > built_at),
     };
     if !stale {
         return Ok(());
@@ -269,21 +234,34 @@ async fn ensure_built(plugins: &Path, module_id: &str, no_build: bool) -> anyhow
         anyhow::bail!(
             "the plugin source {} {why}: build it with `modrun build --plugins {}` (or run \
              without --no-build)",
-            source.display(),
+            source.dir.display(),
             plugins.display()
         );
     }
-    eprintln!("building {}: its source {why}", source.display());
-    let workspace = plugins.to_path_buf();
+    eprintln!(
+        "building {} ({}): its source {why}",
+        source.dir.display(),
+        source.language
+    );
+    let (workspace, id) = (plugins.to_path_buf(), module_id.to_owned());
     let built = tokio::task::spawn_blocking(move || {
-        modrun::module::build_plugins(&workspace, &workspace.join("target"), &workspace)
+        modrun::module::build_plugin(&workspace, &id, &workspace.join("target"), &workspace)
     })
     .await??;
-    anyhow::ensure!(
-        built.iter().any(|plugin| plugin.id == module_id),
-        "building {} made no component {module_id}.wasm",
-        plugins.display()
-    );
+    let Some(plugin) = built.iter().find(|plugin| plugin.id == module_id) else {
+        anyhow::bail!(
+            "building {} made no component {module_id}.wasm",
+            source.dir.display()
+        );
+    };
+    if !plugin.changed {
+        // Built from the same sources (only their times changed): the
+        // component is current, and says so for the next run.
+        let _ = std::fs::File::options()
+            .write(true)
+            .open(&plugin.path)
+            .and_then(|file| file.set_modified(std::time::SystemTime::now()));
+    }
     Ok(())
 }
 

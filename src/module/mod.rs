@@ -8,7 +8,9 @@
 //!   (`runner`), through the host functions of `host`.
 //! - [`Manifest`] is a module's limits and grants (`manifest`).
 //! - [`Reloader`] keeps a host in step with its plugins directory (`reload`).
-//! - [`build_plugins`] builds plugin sources into components (`build`).
+//! - [`build_plugins`] builds plugin sources, in Rust, Python or
+//!   JavaScript, into components (`build`); [`new_plugin`] starts one
+//!   (`scaffold`).
 
 mod bindings;
 mod build;
@@ -21,8 +23,12 @@ mod output;
 mod plugin_file;
 mod reload;
 mod runner;
+mod scaffold;
 
-pub use build::{BuiltPlugin, build_plugins};
+pub use build::{
+    BuiltPlugin, Language, PluginSource, build_plugin, build_plugins, is_source_path,
+    plugin_sources,
+};
 pub use engine::{HostConfig, shared_cache_dir};
 pub(crate) use loader::LoadedModule;
 pub use loader::{
@@ -32,3 +38,4 @@ pub use loader::{
 pub use manifest::{ComponentFile, DirGrant, Grants, Manifest, ModuleLimits, Retention, parse_age};
 pub use reload::{DEFAULT_DEBOUNCE, Reloader, changes_content};
 pub use runner::{CancelAnswer, ModuleRunner};
+pub use scaffold::new_plugin;

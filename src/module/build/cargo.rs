@@ -1,45 +1,33 @@
-//! Builds plugin sources (a Cargo workspace of guest crates) into components
-//! for `wasm32-wasip2`, and puts them into a plugins directory.
+//! Rust plugins: crates built with cargo for `wasm32-wasip2`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use serde::Serialize;
-
+use super::{BuiltPlugin, Language, PluginSource, place};
 use crate::error::{Error, Result};
 
-/// A component built from a plugin crate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BuiltPlugin {
-    /// The module id (the component's file name, without `.wasm`).
-    pub id: String,
-    /// Where it was put.
-    pub path: PathBuf,
-    /// Whether its content changed (a new or rebuilt module).
-    pub changed: bool,
+/// Whether `source` is built as a member of the Cargo workspace of
+/// `plugins`: there is one, and the crate is no workspace of its own.
+pub(super) fn in_workspace(plugins: &Path, source: &PluginSource) -> bool {
+    plugins.join("Cargo.toml").is_file()
+        && std::fs::read_to_string(source.dir.join("Cargo.toml"))
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .is_some_and(|manifest| !manifest.contains_key("workspace"))
 }
 
-/// Builds the plugin workspace at `workspace` (its `Cargo.toml`) in release
-/// mode for `wasm32-wasip2`, with build files in `target_dir`, and places
-/// each component in `out_dir` as `<id>.wasm` — by an atomic rename, so a
-/// watcher never sees half a file. Unchanged components are left untouched.
-///
-/// Compiler errors come back readable in [`Error::Build`].
-pub fn build_plugins(
-    workspace: &Path,
+/// Builds the crate or workspace of `manifest` in release mode for
+/// `wasm32-wasip2`, with build files in `target_dir`, and places each
+/// component in `out_dir`. Compiler errors come back readable.
+pub(super) fn build(
+    manifest: &Path,
     target_dir: &Path,
     out_dir: &Path,
 ) -> Result<Vec<BuiltPlugin>> {
-    let manifest = workspace.join("Cargo.toml");
-    if !manifest.is_file() {
-        return Err(Error::Build(format!(
-            "{} is not a Cargo workspace of plugins (no Cargo.toml)",
-            workspace.display()
-        )));
-    }
-    let mut output = cargo_build(&manifest, target_dir)?;
+    let workspace = manifest.parent().unwrap_or(Path::new("."));
+    let mut output = cargo_build(manifest, target_dir)?;
     if !output.status.success() && missing_target(&output.stderr) && add_target(workspace) {
-        output = cargo_build(&manifest, target_dir)?;
+        output = cargo_build(manifest, target_dir)?;
     }
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -53,8 +41,6 @@ pub fn build_plugins(
             stderr.trim_end()
         )));
     }
-    std::fs::create_dir_all(out_dir)
-        .map_err(|e| Error::Build(format!("cannot create {}: {e}", out_dir.display())))?;
     let mut built = Vec::new();
     for line in output.stdout.split(|&b| b == b'\n') {
         let Ok(message) = serde_json::from_slice::<serde_json::Value>(line) else {
@@ -70,10 +56,14 @@ pub fn build_plugins(
             .filter_map(|name| name.as_str())
             .filter(|name| name.ends_with(".wasm"));
         for artifact in wasm {
-            built.push(place(Path::new(artifact), out_dir)?);
+            let artifact = Path::new(artifact);
+            let id = artifact
+                .file_stem()
+                .and_then(|stem| stem.to_str())
+                .ok_or_else(|| Error::Build(format!("odd artifact name {}", artifact.display())))?;
+            built.push(place(artifact, id, Language::Rust, out_dir)?);
         }
     }
-    built.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(built)
 }
 
@@ -109,24 +99,4 @@ fn add_target(workspace: &Path) -> bool {
         .current_dir(workspace)
         .status()
         .is_ok_and(|status| status.success())
-}
-
-/// Copies a built component into `out_dir` unless it is already there.
-fn place(artifact: &Path, out_dir: &Path) -> Result<BuiltPlugin> {
-    let fail =
-        |e: std::io::Error| Error::Build(format!("cannot place {}: {e}", artifact.display()));
-    let id = artifact
-        .file_stem()
-        .and_then(|stem| stem.to_str())
-        .ok_or_else(|| Error::Build(format!("odd artifact name {}", artifact.display())))?
-        .to_owned();
-    let path = out_dir.join(format!("{id}.wasm"));
-    let bytes = std::fs::read(artifact).map_err(fail)?;
-    let changed = std::fs::read(&path).map_or(true, |old| old != bytes);
-    if changed {
-        let partial = out_dir.join(format!(".{id}.wasm.partial"));
-        std::fs::write(&partial, &bytes).map_err(fail)?;
-        std::fs::rename(&partial, &path).map_err(fail)?;
-    }
-    Ok(BuiltPlugin { id, path, changed })
 }
