@@ -4,7 +4,8 @@
 //! `cargo bench --bench modrun` for the full run, `cargo bench --bench modrun -- --quick`
 //! for one under a minute (smaller counts; the same rows). Naming groups
 //! (`throughput`, `status-change`, `memory`, `commit`, `wasm`, `reload`, `http`, `dev`,
-//! `postgres`) runs only those. The `postgres` rows need a server: set
+//! `polyglot`, `retention`, `postgres`) runs only those. The `polyglot` rows build the
+//! Python and JavaScript examples; a quick run skips them until those were built once. The `postgres` rows need a server: set
 //! `DATABASE_URL=postgres://user@host:port/db` (each run uses a fresh schema).
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -14,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use modrun::{BackgroundTaskManager, Run, RunFilter, RunRegistry, Transition};
+
+#[path = "modrun/polyglot.rs"]
+mod polyglot;
 
 /// Counts live heap bytes, so memory per task is measured, not estimated.
 struct Counting;
@@ -167,6 +171,10 @@ fn main() -> anyhow::Result<()> {
         group!("http", http_figures(&sizes, dir.path(), &mut rows).await?);
         group!("wasm", wasm_figures(&sizes, dir.path(), &mut rows).await?);
         group!("dev", dev_figures(quick, &mut rows)?);
+        group!(
+            "polyglot",
+            polyglot::polyglot_figures(quick, &mut rows).await?
+        );
         group!(
             "retention",
             retention_figures(&sizes, dir.path(), &mut rows).await?
@@ -437,11 +445,17 @@ async fn memory_per_task(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(
     Ok(())
 }
 
+/// The target directory, where the benchmarks keep what they build.
+fn target_dir() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), std::path::PathBuf::from)
+}
+
 /// Builds the bundled and the test plugins once for the WebAssembly rows.
 fn bench_plugins() -> anyhow::Result<std::path::PathBuf> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+    let target = target_dir();
     let out = target.join("bench-plugins");
     for workspace in ["plugins", "tests/plugins"] {
         modrun::module::build_plugins(&root.join(workspace), &target.join("plugins"), &out)?;

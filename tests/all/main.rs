@@ -68,5 +68,9 @@ mod queue;
 /// past their limits, never active ones, and the file shrinks.
 mod retention;
 
+/// Plugins in Python and JavaScript, built by `modrun build` with the guest
+/// toolchains it installs, and `modrun new` in every language.
+mod polyglot;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;
