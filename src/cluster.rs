@@ -38,6 +38,7 @@ use crate::ModuleRunner;
 use crate::module::LoadedModule;
 use crate::registry::Wanted;
 use crate::run::Run;
+use crate::sync::LockUnpoisoned;
 
 /// The most runs one claim takes.
 pub const CLAIM_BATCH: usize = 128;
@@ -158,8 +159,7 @@ async fn fetch_missing(
             continue;
         }
         let recently_failed = failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_unpoisoned()
             .get(&key)
             .is_some_and(|at| at.elapsed() < VERSION_RETRY);
         if recently_failed {
@@ -177,10 +177,7 @@ async fn fetch_missing(
             }
             Err(e) => {
                 tracing::warn!(module_id, version = hash, error = %e, "cannot run a module version another node loaded");
-                failed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, Instant::now());
+                failed.lock_unpoisoned().insert(key, Instant::now());
             }
         }
     }
@@ -226,7 +223,7 @@ impl Versions {
     /// Keeps `module`'s version for the runs queued on it.
     pub(crate) fn retain(&self, module: &Arc<LoadedModule>) {
         let key = key_of(module);
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self.kept.lock_unpoisoned();
         if let std::collections::hash_map::Entry::Vacant(entry) = kept.entry(key) {
             entry.insert(module.clone());
             self.changed.store(true, Ordering::Release);
@@ -236,7 +233,7 @@ impl Versions {
     /// Every version this node can run: the kept ones and `runner`'s
     /// current ones.
     fn all(&self, runner: &ModuleRunner) -> HashMap<String, Arc<LoadedModule>> {
-        let mut all = self.kept.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut all = self.kept.lock_unpoisoned().clone();
         for id in runner.host().module_ids() {
             if let Some(module) = runner.host().get(&id) {
                 all.insert(key_of(&module), module);
@@ -255,7 +252,7 @@ impl Versions {
             .filter_map(|id| runner.host().get(id))
             .map(|module| key_of(&module))
             .collect();
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self.kept.lock_unpoisoned();
         let before = kept.len();
         kept.retain(|key, _| current.contains(key) || needed.contains(key));
         if kept.len() != before {

@@ -48,6 +48,7 @@ pub mod manager;
 pub mod module;
 pub mod registry;
 pub mod run;
+mod sync;
 
 pub use error::{Error, Result};
 pub use manager::{

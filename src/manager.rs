@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::error::{Error, Result};
 use crate::registry::{Existing, RunRegistry};
 use crate::run::{EXIT_FAILURE, EXIT_PANIC, LogEntry, Run, RunStatus, Transition, cut_to};
+use crate::sync::LockUnpoisoned;
 
 /// Bounds on the work a manager takes on. The default bounds nothing, as the
 /// guide's manager did; a server should set both.
@@ -637,7 +638,7 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section is a few map and queue operations that do
         // not panic halfway, so a poisoned lock still guards consistent state.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock_unpoisoned()
     }
 
     /// Drops a run from the active set, and from the queue if it waits there;

@@ -13,6 +13,7 @@ use super::AppState;
 use crate::module::{ModuleRunner, ReloadEvent};
 use crate::registry::RunEvent;
 use crate::run::RunStatus;
+use crate::sync::LockUnpoisoned;
 
 /// Upper bounds of the run duration histogram, in seconds.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0];
@@ -69,7 +70,7 @@ impl Metrics {
 }
 
 fn lock(counts: &Mutex<Counts>) -> std::sync::MutexGuard<'_, Counts> {
-    counts.lock().unwrap_or_else(|e| e.into_inner())
+    counts.lock_unpoisoned()
 }
 
 impl Counts {

@@ -12,6 +12,7 @@ use super::bindings::{Host, Level};
 use super::output::CappedOutput;
 use crate::registry::RunRegistry;
 use crate::run::{LogEntry, LogLevel, LogSource, Progress, cut_to};
+use crate::sync::LockUnpoisoned;
 
 /// The longest log or progress message kept; longer ones are cut.
 const MAX_MESSAGE: usize = 4096;
@@ -252,11 +253,7 @@ impl Host for HostState {
             source: LogSource::Log,
             message,
         };
-        let kept = run
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(entry.clone());
+        let kept = run.log.lock_unpoisoned().push(entry.clone());
         if kept {
             run.registry
                 .publish_log(&run.run_id, &run.module_id, &entry);

@@ -22,6 +22,7 @@ use super::engine::{HostConfig, new_engine};
 use super::host::HostState;
 use super::manifest::Manifest;
 use crate::error::{Error, Result};
+use crate::sync::RwLockUnpoisoned;
 
 /// How long `describe` may take when a module is loaded.
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -275,21 +276,13 @@ impl ModuleHost {
     /// any, stays current and the failure is listed in [`failures`](Self::failures).
     pub async fn load_file(&self, path: &Path) -> Result<ModuleSummary> {
         let result = self.load(path).await;
-        let mut failures = self
-            .inner
-            .failures
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut failures = self.inner.failures.write_unpoisoned();
         match result {
             Ok(loaded) => {
                 failures.remove(path);
                 drop(failures);
                 let summary = loaded.summary.clone();
-                let mut modules = self
-                    .inner
-                    .modules
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner());
+                let mut modules = self.inner.modules.write_unpoisoned();
                 if let Some(current) = modules.get(&summary.info.id).map(|m| &m.summary)
                     && current.content_hash == summary.content_hash
                     && current.manifest == summary.manifest
@@ -586,12 +579,7 @@ impl ModuleHost {
 
     /// The current version of a module, if loaded.
     pub(crate) fn get(&self, module_id: &str) -> Option<Arc<LoadedModule>> {
-        self.inner
-            .modules
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(module_id)
-            .cloned()
+        self.inner.modules.read_unpoisoned().get(module_id).cloned()
     }
 
     /// One loaded module.
@@ -604,7 +592,7 @@ impl ModuleHost {
     /// Every loaded module, by id.
     #[must_use]
     pub fn modules(&self) -> Vec<ModuleSummary> {
-        let modules = self.inner.modules.read().unwrap_or_else(|e| e.into_inner());
+        let modules = self.inner.modules.read_unpoisoned();
         let mut summaries: Vec<_> = modules
             .values()
             .map(|m| self.with_last_error(&m.summary))
@@ -614,11 +602,7 @@ impl ModuleHost {
     }
 
     fn with_last_error(&self, summary: &ModuleSummary) -> ModuleSummary {
-        let failures = self
-            .inner
-            .failures
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
+        let failures = self.inner.failures.read_unpoisoned();
         let mut summary = summary.clone();
         summary.last_error = failures.get(&summary.path).cloned();
         summary
@@ -635,8 +619,7 @@ impl ModuleHost {
     pub fn failures(&self) -> Vec<LoadFailure> {
         self.inner
             .failures
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+            .read_unpoisoned()
             .values()
             .cloned()
             .collect()
@@ -648,8 +631,7 @@ impl ModuleHost {
         let retired = self
             .inner
             .modules
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+            .write_unpoisoned()
             .remove(module_id)
             .is_some();
         if retired {
@@ -670,11 +652,7 @@ impl ModuleHost {
             let _ = self.load_file(&wasm).await;
             return;
         }
-        self.inner
-            .failures
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&wasm);
+        self.inner.failures.write_unpoisoned().remove(&wasm);
         let from_here = self.get(id).is_some_and(|m| m.summary.path == wasm);
         if from_here {
             self.retire(id);

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use crate::sync::LockUnpoisoned;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::io::AsyncWrite;
@@ -45,7 +46,7 @@ impl CappedOutput {
     }
 
     fn accept(&self, bytes: &[u8]) {
-        let mut captured = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut captured = self.inner.lock_unpoisoned();
         let room = captured.cap - captured.kept.len();
         let kept = &bytes[..bytes.len().min(room)];
         captured.dropped += (bytes.len() - kept.len()) as u64;
@@ -70,7 +71,7 @@ impl CappedOutput {
     /// the time it began: at most [`MAX_LINES`] entries, the last holding
     /// all the rest; then a marker saying how much was dropped.
     pub fn lines(&self) -> Vec<(DateTime<Utc>, String)> {
-        let captured = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let captured = self.inner.lock_unpoisoned();
         let starts = &captured.line_starts;
         let mut lines: Vec<(DateTime<Utc>, String)> = starts
             .iter()
@@ -101,7 +102,7 @@ impl CappedOutput {
 
     /// What was captured, as text, with a marker saying how much was dropped.
     pub fn text(&self) -> String {
-        let captured = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let captured = self.inner.lock_unpoisoned();
         let mut text = String::from_utf8_lossy(&captured.kept).into_owned();
         if captured.dropped > 0 {
             text.push_str(&format!(

@@ -21,6 +21,7 @@ use crate::registry::{Cleanup, Override, RunRegistry, ago};
 use crate::run::{
     EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, Transition, cut_to,
 };
+use crate::sync::LockUnpoisoned;
 
 /// Starts runs of loaded modules as tracked tasks.
 ///
@@ -463,7 +464,7 @@ impl ModuleRunner {
     /// has one, then the engine's pool of instances, so that runs past the
     /// pool wait `Queued` instead of failing to instantiate.
     pub(crate) fn gate(&self, module_id: &str, max_concurrent: Option<usize>) -> Arc<Gate> {
-        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gates = self.gates.lock_unpoisoned();
         let Some(max) = max_concurrent else {
             return gates.pool.clone();
         };
@@ -540,8 +541,7 @@ struct LogSaver {
 impl LogSaver {
     fn entries(&self) -> Vec<LogEntry> {
         self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .lock_unpoisoned()
             .finish(&self.stdout, &self.stderr)
     }
 
@@ -630,7 +630,7 @@ async fn execute(
             .map_err(|e| Failure::new(format!("the module returned output that is not JSON: {e}"))),
         Ok(Ok(Err(message))) => Err(Failure::new(message)),
         Ok(Err(error)) => {
-            let mut notes = saver.log.lock().unwrap_or_else(|e| e.into_inner());
+            let mut notes = saver.log.lock_unpoisoned();
             match error.downcast_ref::<I32Exit>() {
                 Some(&I32Exit(status)) => exit_outcome(status, &mut notes),
                 None => {

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;
 
 use super::RunEvent;
+use crate::sync::LockUnpoisoned;
 
 /// How many events a slow subscriber may fall behind before it misses some
 /// (it is then told how many it missed, see
@@ -251,7 +252,7 @@ impl EventFeed {
     fn kept(&self) -> MutexGuard<'_, Kept> {
         // Every critical section pushes, pops or copies: none can panic
         // halfway through.
-        self.inner.kept.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.kept.lock_unpoisoned()
     }
 }
 

@@ -13,6 +13,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
+use crate::sync::LockUnpoisoned;
 
 /// Runs kept in this process's memory. Status changes cost O(1) whatever the
 /// number of runs; listings scan every run.
@@ -70,13 +71,13 @@ impl MemoryStore {
     }
 
     fn queue(&self) -> MutexGuard<'_, VecDeque<String>> {
-        self.claimable.lock().unwrap_or_else(|e| e.into_inner())
+        self.claimable.lock_unpoisoned()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Box<Entry>>> {
         // A panic while holding the lock cannot leave an entry half-written
         // (every mutation is a single assignment or push), so poisoning is ignored.
-        self.runs.lock().unwrap_or_else(|e| e.into_inner())
+        self.runs.lock_unpoisoned()
     }
 }
 
@@ -84,7 +85,7 @@ impl MemoryStore {
 impl RunStore for MemoryStore {
     async fn insert(&self, run: &Run, existing: Existing, key: Option<&str>) -> Result<()> {
         let mut runs = self.lock();
-        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keys = self.keys.lock_unpoisoned();
         if let Some(key) = key
             && let Some(holder) = keys.get(key).filter(|holder| runs.contains_key(*holder))
         {
@@ -247,7 +248,7 @@ impl RunStore for MemoryStore {
 
     async fn run_by_key(&self, key: &str) -> Result<Option<Run>> {
         let runs = self.lock();
-        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = self.keys.lock_unpoisoned();
         Ok(keys
             .get(key)
             .and_then(|run_id| runs.get(run_id))
@@ -331,7 +332,7 @@ impl RunStore for MemoryStore {
             runs.remove(run_id);
         }
         if !doomed.is_empty() {
-            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            let mut keys = self.keys.lock_unpoisoned();
             keys.retain(|_, run_id| runs.contains_key(run_id));
         }
         Ok(doomed.len())

@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::registry::{Cleanup, Existing, OnUnavailable, StoreHealth, Wanted};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
+use crate::sync::LockUnpoisoned;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T>>;
 
@@ -196,7 +197,7 @@ impl Shared {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section is a single assignment or map operation.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+    mutex.lock_unpoisoned()
 }
 
 /// The first wait before a held batch is tried again; it doubles up to [`LAST_RETRY`].

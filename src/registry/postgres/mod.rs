@@ -49,6 +49,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
+use crate::sync::LockUnpoisoned;
 use sql::{CancelSink, Node, Prepared, ReadError};
 
 /// The migrations, in order: version `n` is the `n`-th file.
@@ -526,13 +527,13 @@ impl RunStore for PostgresStore {
     fn lease_left(&self) -> Option<Duration> {
         // A quarter of the lease is kept in hand: the node stops its runs
         // before any other node may settle them.
-        let renewed = (*self.renewed.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let renewed = (*self.renewed.lock_unpoisoned())?;
         Some((self.lease * 3 / 4).saturating_sub(renewed.elapsed()))
     }
 
     fn publish_versions(&self, versions: Vec<String>) {
         let changed = {
-            let mut known = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+            let mut known = self.versions.lock_unpoisoned();
             let changed = known.as_ref() != Some(&versions);
             *known = Some(versions);
             changed
@@ -653,7 +654,7 @@ impl Backend for PgBackend {
             *session = None;
         }
         if result.is_ok() && batch.iter().any(|write| matches!(write, Write::Heartbeat)) {
-            *node.renewed.lock().unwrap_or_else(|e| e.into_inner()) = Some(began);
+            *node.renewed.lock_unpoisoned() = Some(began);
         }
         result
     }
@@ -869,7 +870,7 @@ struct Outbox {
 
 impl Outbox {
     fn push(&self, run_id: &str, module_id: &str, entry: &LogEntry) {
-        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lines = self.lines.lock_unpoisoned();
         if lines.len() >= OUTBOX_LINES {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -884,7 +885,7 @@ impl Outbox {
 
     /// The waiting lines as notification payloads, each small enough.
     fn take_payloads(&self, node: &str) -> Vec<String> {
-        let lines = std::mem::take(&mut *self.lines.lock().unwrap_or_else(|e| e.into_inner()));
+        let lines = std::mem::take(&mut *self.lines.lock_unpoisoned());
         let dropped = self.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             tracing::warn!(

@@ -22,6 +22,7 @@ use crate::registry::{
     check_replace, listing_sql, mark_cut, on_taken, run_columns,
 };
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange};
+use crate::sync::LockUnpoisoned;
 
 /// A run's columns as this backend reads them: the shared ones, then the
 /// node that executes it and its attempt.
@@ -354,10 +355,7 @@ pub(super) struct Node {
 
 impl Node {
     fn versions(&self) -> Option<Vec<String>> {
-        self.versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.versions.lock_unpoisoned().clone()
     }
 }
 

@@ -57,6 +57,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
+use crate::sync::LockUnpoisoned;
 use backend::SqliteBackend;
 use schema::{open_read_only, open_writer, storage_error, take_lock};
 
@@ -174,7 +175,7 @@ impl SqliteStore {
         &self,
         query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let pooled = self.readers.lock_unpoisoned().pop();
         let conn = match pooled {
             Some(conn) => conn,
             None => open_read_only(self.path()).map_err(|e| self.error(&e))?,
@@ -185,7 +186,7 @@ impl SqliteStore {
         })
         .await
         .map_err(|_| Error::RegistryClosed)?;
-        let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = self.readers.lock_unpoisoned();
         if pool.len() < self.max_readers {
             pool.push(conn);
         }
