@@ -41,6 +41,7 @@ pub use sqlite::{INTERRUPTED, SqliteOptions, SqliteReader, SqliteStore, Synchron
 
 use crate::error::Result;
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
+use crate::sync::LockUnpoisoned;
 
 /// How many cancel requests from other processes may wait to be handled;
 /// past it they are dropped (a shared store re-reads them at its next
@@ -655,10 +656,7 @@ impl RunRegistry {
     /// sharing the store asked for ([`request_cancel`](Self::request_cancel)):
     /// whoever runs them should cancel them. Given once; `None` after.
     pub fn take_cancel_requests(&self) -> Option<mpsc::Receiver<String>> {
-        self.cancel_requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.cancel_requests.lock_unpoisoned().take()
     }
 
     /// Asks the process executing an active run (another node on a shared
@@ -873,13 +871,19 @@ impl RunRegistry {
     /// stored one, the change must be allowed by the status flow and is
     /// added to the history (with `error_message` as its message).
     ///
-    /// A finished run cannot be updated: [`Error::RunFinished`](crate::Error::RunFinished).
+    /// A finished run cannot be updated: [`Error::RunFinished`](crate::Error::RunFinished),
+    /// but for one thing, the guide's way to reuse its id: a fresh `Queued`
+    /// run replaces it, as [`add_run`](Self::add_run) would (a new record
+    /// and a new history), ready for `start_task`.
     pub async fn update_run(&self, run: &Run) -> Result<()> {
         let stored = self
             .store
             .get(&run.run_id)
             .await?
             .ok_or_else(|| crate::Error::RunNotFound(run.run_id.clone()))?;
+        if stored.status.is_terminal() && run.status == RunStatus::Queued {
+            return self.insert(run, Existing::ReplaceFinished).await;
+        }
         let change = (stored.status != run.status).then(|| StatusChange {
             status: run.status,
             at: Utc::now(),

@@ -41,6 +41,7 @@ both_backends!(
     a_successful_task_goes_queued_running_completed,
     running_is_recorded_when_the_work_really_starts,
     an_error_fails_the_run_with_its_message,
+    the_guides_way_to_reuse_a_run_id_runs_it_again,
     a_panic_fails_the_run_and_the_manager_keeps_working,
     a_task_that_never_awaits_still_completes,
     cancel_stops_a_running_task,
@@ -102,6 +103,35 @@ async fn running_is_recorded_when_the_work_really_starts(registry: RunRegistry) 
     manager.wait_all().await;
     let run = registry.get_run(&run_id).await.unwrap().unwrap();
     assert_eq!(run.output, Some(json!(["running", true])));
+}
+
+/// The guide's code: a finished run's id is reused by giving `update_run` a
+/// fresh `Queued` run, then `start_task`.
+async fn the_guides_way_to_reuse_a_run_id_runs_it_again(registry: RunRegistry) {
+    let manager = BackgroundTaskManager::new(registry.clone());
+    let run = Run::new("report", "Report");
+    let run_id = run.run_id.clone();
+    manager
+        .start_task(run, async { AnyResult::Ok(json!("first")) })
+        .await
+        .unwrap();
+    manager.wait_all().await;
+
+    let mut again = Run::new("report", "Report");
+    again.run_id = run_id.clone();
+    registry.update_run(&again).await.unwrap();
+    manager
+        .start_task(again, async { AnyResult::Ok(json!("second")) })
+        .await
+        .unwrap();
+    manager.wait_all().await;
+    let run = registry.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.output, Some(json!("second")));
+    assert_eq!(
+        statuses(&registry, &run_id).await,
+        [RunStatus::Queued, RunStatus::Running, RunStatus::Completed]
+    );
 }
 
 async fn an_error_fails_the_run_with_its_message(registry: RunRegistry) {

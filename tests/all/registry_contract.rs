@@ -101,6 +101,7 @@ contract!(
     history_records_every_status_change_in_order,
     a_finished_run_never_changes_again,
     update_run_replaces_the_record_and_logs_status_changes,
+    a_fresh_queued_run_given_to_update_run_reuses_a_finished_id,
     update_run_refuses_what_the_flow_forbids,
     an_active_id_cannot_be_added_twice,
     a_finished_id_is_replaced_with_a_fresh_history,
@@ -236,6 +237,57 @@ async fn a_finished_run_never_changes_again(registry: RunRegistry) {
     let history = registry.history(&run.run_id).await.unwrap();
     assert_eq!(history.len(), 2);
     assert_eq!(history[1].message.as_deref(), Some("boom"));
+}
+
+async fn a_fresh_queued_run_given_to_update_run_reuses_a_finished_id(registry: RunRegistry) {
+    let run = sample_run("hello");
+    registry.add_run(&run).await.unwrap();
+    assert!(
+        registry
+            .transition(&Transition::running(&run.run_id))
+            .await
+            .unwrap()
+    );
+    let done = Transition::completed(&run.run_id, json!({"first": true}));
+    assert!(registry.transition(&done).await.unwrap());
+
+    // The guide's code: a fresh Queued run with the old id, then a start.
+    let mut again = Run::new("hello", "hello module").with_parameters(json!({"second": true}));
+    again.run_id = run.run_id.clone();
+    registry.update_run(&again).await.unwrap();
+    let stored = registry.get_run(&run.run_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Queued);
+    assert_eq!(json!(stored.parameters), json!({"second": true}));
+    assert_eq!(stored.output, None);
+    let history = registry.history(&run.run_id).await.unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .map(|change| change.status)
+            .collect::<Vec<_>>(),
+        [RunStatus::Queued],
+        "a new history"
+    );
+
+    // Any other change to a finished run stays refused.
+    assert!(
+        registry
+            .transition(&Transition::running(&run.run_id))
+            .await
+            .unwrap()
+    );
+    assert!(
+        registry
+            .transition(&Transition::failed(&run.run_id, 1, "boom"))
+            .await
+            .unwrap()
+    );
+    let mut running = registry.get_run(&run.run_id).await.unwrap().unwrap();
+    running.status = RunStatus::Running;
+    assert!(matches!(
+        registry.update_run(&running).await,
+        Err(Error::RunFinished { .. })
+    ));
 }
 
 async fn update_run_replaces_the_record_and_logs_status_changes(registry: RunRegistry) {
