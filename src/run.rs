@@ -199,6 +199,20 @@ pub enum LogLevel {
     Error,
 }
 
+impl LogLevel {
+    /// Its name: `trace`, `debug`, `info`, `warn` or `error`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
 /// Where a log entry came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -209,6 +223,18 @@ pub enum LogSource {
     Stdout,
     /// The module's standard error.
     Stderr,
+}
+
+impl LogSource {
+    /// Its name: `log`, `stdout` or `stderr`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LogSource::Log => "log",
+            LogSource::Stdout => "stdout",
+            LogSource::Stderr => "stderr",
+        }
+    }
 }
 
 /// One line of a run's log.

@@ -290,18 +290,17 @@ pub(super) async fn list_runs(
     let next_cursor = (runs.len() == limit)
         .then(|| runs.last())
         .flatten()
-        .map(|last| {
-            format!(
-                "{}.{}",
-                last.created_at.timestamp_nanos_opt().unwrap_or(0),
-                last.run_id
-            )
-        });
+        .map(|last| cursor_of(last.created_at, &last.run_id));
     Ok(Json(json!({ "runs": runs, "next_cursor": next_cursor })))
 }
 
+/// The cursor of the page after a run: `<created-at in ns>.<run id>`.
+pub(super) fn cursor_of(created_at: chrono::DateTime<chrono::Utc>, run_id: &str) -> String {
+    format!("{}.{run_id}", created_at.timestamp_nanos_opt().unwrap_or(0))
+}
+
 /// A cursor as `list_runs` hands it out: `<created-at in ns>.<run id>`.
-fn parse_cursor(cursor: &str) -> Result<RunCursor, ApiError> {
+pub(super) fn parse_cursor(cursor: &str) -> Result<RunCursor, ApiError> {
     cursor
         .split_once('.')
         .and_then(|(nanos, run_id)| {

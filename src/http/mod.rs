@@ -1,5 +1,6 @@
 //! The HTTP API: start, watch and cancel runs of modules; list modules;
-//! a live event stream; health, metrics and an OpenAPI document.
+//! a live event stream; health, metrics and an OpenAPI document; and the
+//! web dashboard over it, at `/` (`ui`).
 //!
 //! [`router`] builds the whole API over an [`AppState`], so tests can call
 //! it without a socket. The guide's endpoints (`POST
@@ -12,6 +13,7 @@ mod events;
 mod extract;
 mod handlers;
 mod metrics;
+mod ui;
 
 use std::sync::Arc;
 
@@ -86,10 +88,17 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .route("/cleanup", post(handlers::cleanup))
         .route("/openapi.json", get(handlers::openapi))
+        .route("/", get(ui::overview))
+        .route("/ui/runs", get(ui::runs))
+        .route("/ui/runs/{run_id}", get(ui::run))
+        .route("/ui/modules", get(ui::modules))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let cors = cors_layer(&state.browser);
     let app = Router::new()
         .route("/health", get(handlers::health))
+        .route("/ui/sign-in", get(ui::sign_in_form).post(ui::sign_in))
+        .route("/ui/sign-out", post(ui::sign_out))
+        .route("/ui/assets/{file}", get(ui::assets))
         .merge(api)
         .fallback(handlers::no_such_endpoint)
         .method_not_allowed_fallback(handlers::method_not_allowed)
@@ -144,8 +153,14 @@ async fn require_token(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if bool::from(sent.as_bytes().ct_eq(token.as_bytes())) {
+    // The dashboard's pages, and the API calls they make, carry the
+    // session cookie of the sign-in form instead.
+    if bool::from(sent.as_bytes().ct_eq(token.as_bytes()))
+        || ui::has_session(request.headers(), token)
+    {
         Ok(next.run(request).await)
+    } else if ui::is_page(request.uri().path()) {
+        Ok(ui::sign_in_redirect(request.uri().path()))
     } else {
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,

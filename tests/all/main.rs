@@ -72,5 +72,9 @@ mod retention;
 /// toolchains it installs, and `modrun new` in every language.
 mod polyglot;
 
+/// The web dashboard in headless Chromium over WebDriver: starting from the
+/// generated form, cancelling, a failure, a load error, signing in.
+mod dashboard;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;

@@ -1,0 +1,371 @@
+//! The web dashboard in a real browser: headless Chromium driven over
+//! WebDriver against a real `modrun serve`. Each test saves screenshots
+//! into `target/tmp/screenshots/<test>/`. Without Chromium and its driver
+//! the tests say they were skipped (and fail under `CI=true`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+use crate::server::Server;
+use crate::support::{DEADLINE, plugins_dir, require_or_skip};
+
+/// A headless Chromium and the WebDriver that drives it.
+struct Browser {
+    client: Client,
+    driver: Child,
+    shots: PathBuf,
+    _profile: tempfile::TempDir,
+}
+
+/// Finds a program on the `PATH`.
+fn program(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|path| path.is_file())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Browser {
+    /// A fresh browser for `test`, or `None` (skipped) without Chromium.
+    async fn open(test: &str) -> Option<Browser> {
+        let (Some(chromium), Some(chromedriver)) = (program("chromium"), program("chromedriver"))
+        else {
+            return require_or_skip(
+                "Chromium and its WebDriver (apt-get install chromium chromium-driver)",
+            );
+        };
+        let port = free_port();
+        let driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < DEADLINE, "chromedriver did not listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let profile = tempfile::tempdir().unwrap();
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": chromium,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-quic", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.path().display()),
+                ],
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("a WebDriver session");
+        let shots = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("screenshots")
+            .join(test);
+        std::fs::create_dir_all(&shots).unwrap();
+        Some(Browser {
+            client,
+            driver,
+            shots,
+            _profile: profile,
+        })
+    }
+
+    /// Saves what the browser shows now as `<name>.png`.
+    async fn shot(&self, name: &str) {
+        let png = self.client.screenshot().await.expect("a screenshot");
+        std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+
+    /// The text of the first element `css` selects, once it contains
+    /// `wanted`; fails the test after [`DEADLINE`].
+    async fn wait_for_text(&self, css: &str, wanted: &str) -> String {
+        let started = Instant::now();
+        let mut last = String::new();
+        loop {
+            if let Ok(element) = self.client.find(Locator::Css(css)).await
+                && let Ok(text) = element.text().await
+            {
+                if text.contains(wanted) {
+                    return text;
+                }
+                last = text;
+            }
+            if started.elapsed() > DEADLINE {
+                self.shot("timeout").await;
+                panic!("{css} did not show {wanted:?} in time; it shows {last:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn url(&self) -> String {
+        self.client.current_url().await.unwrap().to_string()
+    }
+
+    async fn close(mut self) {
+        let _ = self.client.clone().close().await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// A server over a fresh plugins directory with `ids`, and its registry's
+/// folder.
+fn server(ids: &[&str], extra: &[&str]) -> (Server, tempfile::TempDir, tempfile::TempDir) {
+    let plugins = plugins_dir(ids);
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(plugins.path(), &data.path().join("registry.db"), extra);
+    (server, plugins, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_started_from_the_generated_form_completes_on_screen() {
+    let Some(browser) = Browser::open("start_from_form").await else {
+        return;
+    };
+    let (server, _plugins, _data) = server(&["hello", "countdown"], &[]);
+    let page = &browser.client;
+    page.goto(&format!("{}/ui/modules", server.base))
+        .await
+        .unwrap();
+    browser.wait_for_text("#module-hello h2", "Hello").await;
+    // The schema bounds the field: 11 is over `times`' maximum of 10.
+    page.find(Locator::Css("#module-hello input[name=name]"))
+        .await
+        .unwrap()
+        .send_keys("Ada")
+        .await
+        .unwrap();
+    page.find(Locator::Css("#module-hello input[name=times]"))
+        .await
+        .unwrap()
+        .send_keys("11")
+        .await
+        .unwrap();
+    page.find(Locator::Css("#module-hello button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let problem = browser
+        .wait_for_text("#module-hello .field-error[data-for=times]", "10")
+        .await;
+    assert!(problem.contains("maximum"), "{problem}");
+    browser.shot("schema-error").await;
+
+    let times = page
+        .find(Locator::Css("#module-hello input[name=times]"))
+        .await
+        .unwrap();
+    times.clear().await.unwrap();
+    times.send_keys("2").await.unwrap();
+    page.find(Locator::Css("#module-hello button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.wait_for_text("#run-status", "completed").await;
+    assert!(browser.url().await.contains("/ui/runs/"));
+    browser
+        .wait_for_text("#output", "Hello, Ada! Hello, Ada!")
+        .await;
+    browser.wait_for_text("#log", "greeting Ada").await;
+    browser.shot("completed").await;
+
+    // The runs page shows a run started elsewhere as it happens: no reload.
+    page.goto(&format!("{}/ui/runs", server.base))
+        .await
+        .unwrap();
+    browser.wait_for_text("h1", "Runs").await;
+    let started = Instant::now();
+    let run_id = server.start_run("countdown", json!({"seconds": 0.3}));
+    let row = format!("tr[data-run=\"{run_id}\"] .status");
+    browser.wait_for_text(&row, "running").await;
+    browser.wait_for_text(&row, "completed").await;
+    eprintln!(
+        "a run started and completed on the open runs page within {} ms",
+        started.elapsed().as_millis()
+    );
+    browser.shot("runs-live").await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cancel_button_cancels_a_running_countdown() {
+    let Some(browser) = Browser::open("cancel").await else {
+        return;
+    };
+    let (server, _plugins, _data) = server(&["countdown"], &[]);
+    let run_id = server.start_run("countdown", json!({"seconds": 600}));
+    server.wait_status(&run_id, "running");
+    let page = &browser.client;
+    page.goto(&format!("{}/ui/runs/{run_id}", server.base))
+        .await
+        .unwrap();
+    browser.wait_for_text("#run-status", "running").await;
+    page.find(Locator::Id("cancel"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.wait_for_text("#run-status", "cancelled").await;
+    browser.wait_for_text("#timeline", "cancelled").await;
+    browser.shot("cancelled").await;
+    let (_, found) = server.get(&format!("/runs/{run_id}"));
+    assert_eq!(found["run"]["status"], "cancelled");
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_shows_its_error_and_its_log() {
+    let Some(browser) = Browser::open("failed").await else {
+        return;
+    };
+    let (server, _plugins, _data) = server(&["panic"], &[]);
+    let run_id = server.start_run("panic", json!({}));
+    server.wait_status(&run_id, "failed");
+    browser
+        .client
+        .goto(&format!("{}/ui/runs/{run_id}", server.base))
+        .await
+        .unwrap();
+    browser.wait_for_text("#run-status", "failed").await;
+    let error = browser.wait_for_text("#error", "panicked").await;
+    let (_, found) = server.get(&format!("/runs/{run_id}"));
+    let run = &found["run"];
+    assert_eq!(Value::String(error), run["error_message"]);
+    let first_line = run["log"][0]["message"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap();
+    browser.wait_for_text("#log", first_line).await;
+    browser.shot("failed").await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_component_shows_its_load_error_on_the_modules_page() {
+    let Some(browser) = Browser::open("load_error").await else {
+        return;
+    };
+    let (server, plugins, _data) = server(&["hello"], &[]);
+    browser
+        .client
+        .goto(&format!("{}/ui/modules", server.base))
+        .await
+        .unwrap();
+    browser.wait_for_text("#module-hello h2", "Hello").await;
+    std::fs::write(plugins.path().join("broken.wasm"), b"\0asm not a component").unwrap();
+    // Hot reload sees it; the open page shows it without being told to.
+    let error = browser.wait_for_text(".failures", "broken.wasm").await;
+    assert!(error.contains("broken.wasm"), "{error}");
+    browser.shot("load-error").await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_the_page_signs_in_and_nothing_answers_without_it() {
+    let Some(browser) = Browser::open("sign_in").await else {
+        return;
+    };
+    let (server, _plugins, _data) = server(&["hello"], &["--token", "s3cret-token"]);
+    // Without the token: pages send to the sign-in form, the API refuses.
+    let agent = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .build(),
+    );
+    for page in ["/", "/ui/runs", "/ui/modules", "/ui/runs/x"] {
+        let response = agent.get(&format!("{}{page}", server.base)).call().unwrap();
+        assert_eq!(response.status(), 303, "{page}");
+        let location = response.headers()["location"].to_str().unwrap().to_owned();
+        assert!(location.starts_with("/ui/sign-in?next="), "{location}");
+    }
+    for api in ["/runs", "/modules", "/events", "/metrics"] {
+        let response = agent.get(&format!("{}{api}", server.base)).call().unwrap();
+        assert_eq!(response.status(), 401, "{api}");
+    }
+    let forged = agent
+        .get(&format!("{}/runs", server.base))
+        .header("Cookie", "modrun_session=s3cret-token")
+        .call()
+        .unwrap();
+    assert_eq!(forged.status(), 401, "the token itself is not a session");
+
+    let page = &browser.client;
+    page.goto(&format!("{}/ui/modules", server.base))
+        .await
+        .unwrap();
+    assert!(browser.url().await.contains("/ui/sign-in"));
+    let token = page.find(Locator::Id("token")).await.unwrap();
+    token.send_keys("wrong").await.unwrap();
+    page.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.wait_for_text(".error", "not this server's").await;
+    browser.shot("wrong-token").await;
+    let token = page.find(Locator::Id("token")).await.unwrap();
+    token.send_keys("s3cret-token").await.unwrap();
+    page.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    // Back where it was going, signed in; the cookie is out of scripts' reach.
+    browser.wait_for_text("h1", "Modules").await;
+    assert!(browser.url().await.ends_with("/ui/modules"));
+    let cookies = page
+        .execute("return document.cookie", vec![])
+        .await
+        .unwrap();
+    assert_eq!(cookies, json!(""));
+    assert!(!browser.url().await.contains("s3cret"));
+
+    // Signed in, the page's own API calls work: a start from the form.
+    page.find(Locator::Css("#module-hello input[name=name]"))
+        .await
+        .unwrap()
+        .send_keys("Bo")
+        .await
+        .unwrap();
+    page.find(Locator::Css("#module-hello button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.wait_for_text("#run-status", "completed").await;
+    browser.shot("signed-in").await;
+    browser.close().await;
+}
