@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{Cleanup, Wanted};
+use super::{Cleanup, Ended, Tally, Wanted};
 use super::{
     Existing, OnUnavailable, RunFilter, RunStore, RunSummary, Taken, check_replace, on_taken,
 };
@@ -344,6 +344,27 @@ impl RunStore for MemoryStore {
             .values()
             .filter(|entry| cleanup.matches(&entry.run))
             .count())
+    }
+
+    async fn tally(&self, since: DateTime<Utc>, limit: usize) -> Result<Tally> {
+        let runs = self.lock();
+        let counts = runs.values().map(|entry| (entry.run.status, 1));
+        let mut ended: Vec<Ended> = runs
+            .values()
+            .filter_map(|entry| {
+                let run = &entry.run;
+                let completed_at = run.completed_at.filter(|at| *at >= since)?;
+                Some(Ended {
+                    module_id: run.module_id.clone(),
+                    status: run.status,
+                    started_at: run.started_at,
+                    completed_at,
+                })
+            })
+            .collect();
+        ended.sort_by_key(|ended| std::cmp::Reverse(ended.completed_at));
+        ended.truncate(limit);
+        Ok(Tally::new(counts, ended))
     }
 
     async fn flush(&self) -> Result<()> {

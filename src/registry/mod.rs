@@ -116,6 +116,47 @@ pub struct RunSummary {
     pub module_version: Option<String>,
 }
 
+/// How many runs are in each status, and the runs that ended lately: what a
+/// dashboard's overview is drawn from ([`RunRegistry::tally`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Tally {
+    /// Runs per status, every status listed (0 where there are none).
+    pub counts: Vec<(RunStatus, u64)>,
+    /// Runs that ended since the time asked for, newest first, at most the
+    /// number asked for.
+    pub ended: Vec<Ended>,
+}
+
+/// A run that ended, as a tally counts it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ended {
+    /// Its module.
+    pub module_id: String,
+    /// How it ended.
+    pub status: RunStatus,
+    /// When its work started (never, for a run cancelled while queued).
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub completed_at: DateTime<Utc>,
+}
+
+impl Tally {
+    /// A tally of these counts (by status) and ended runs, with every
+    /// status listed in the order of the flow.
+    pub(crate) fn new(
+        counts: impl IntoIterator<Item = (RunStatus, u64)>,
+        ended: Vec<Ended>,
+    ) -> Tally {
+        let mut all: Vec<(RunStatus, u64)> = RunStatus::ALL.iter().map(|&s| (s, 0)).collect();
+        for (status, count) in counts {
+            if let Some(slot) = all.iter_mut().find(|(s, _)| *s == status) {
+                slot.1 += count;
+            }
+        }
+        Tally { counts: all, ended }
+    }
+}
+
 /// The most characters of an error message a summary shows (the database
 /// stores cut it in SQL: [`SUMMARY_COLUMNS`]).
 const SUMMARY_ERROR_CHARS: usize = 1024;
@@ -426,6 +467,10 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// How many runs `cleanup` would remove.
     async fn count_finished(&self, cleanup: &Cleanup) -> Result<usize>;
+
+    /// How many runs are in each status, and the runs that ended at or
+    /// after `since`, newest first, at most `limit` of them.
+    async fn tally(&self, since: DateTime<Utc>, limit: usize) -> Result<Tally>;
 
     /// The bytes the store takes on disk, where it can tell (`None` by
     /// default).
@@ -1056,6 +1101,13 @@ impl RunRegistry {
             ..RunFilter::default()
         })
         .await
+    }
+
+    /// How many runs are in each status, and the runs that ended at or
+    /// after `since` (newest first, at most `limit`): what the dashboard's
+    /// overview draws.
+    pub async fn tally(&self, since: DateTime<Utc>, limit: usize) -> Result<Tally> {
+        self.store.tally(since, limit).await
     }
 
     /// Every status change of a run, oldest first, with its time and reason.

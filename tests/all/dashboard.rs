@@ -73,6 +73,7 @@ impl Browser {
                 ],
             }),
         );
+        capabilities.insert("goog:loggingPrefs".into(), json!({"browser": "ALL"}));
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let client = ClientBuilder::new(connector)
             .capabilities(capabilities)
@@ -123,10 +124,50 @@ impl Browser {
         self.client.current_url().await.unwrap().to_string()
     }
 
+    /// What the page's scripts logged as errors since the last look
+    /// (failed requests the page expects, such as a 422, aside).
+    async fn console_errors(&self) -> Vec<String> {
+        let log = self
+            .client
+            .issue_cmd(BrowserLog)
+            .await
+            .expect("the browser's log");
+        log.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|entry| entry["level"] == "SEVERE" && entry["source"] != "network")
+            .map(|entry| entry["message"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// Closes the browser, failing the test if a page logged an error.
     async fn close(mut self) {
+        let errors = self.console_errors().await;
+        assert!(errors.is_empty(), "the console shows errors: {errors:#?}");
         let _ = self.client.clone().close().await;
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+    }
+}
+
+/// ChromeDriver's browser log (`/se/log`), which WebDriver itself lacks.
+#[derive(Debug)]
+struct BrowserLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base.join(&format!("session/{}/se/log", session.unwrap_or_default()))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (
+            http::Method::POST,
+            Some(r#"{"type": "browser"}"#.to_owned()),
+        )
     }
 }
 
@@ -210,6 +251,23 @@ async fn hello_started_from_the_generated_form_completes_on_screen() {
         started.elapsed().as_millis()
     );
     browser.shot("runs-live").await;
+
+    // The overview counts them, and charts the last hour.
+    page.goto(&format!("{}/", server.base)).await.unwrap();
+    browser.wait_for_text("figcaption", "2 completed").await;
+    browser.wait_for_text("table.modules", "countdown").await;
+    browser.shot("overview").await;
+    // At phone width the pages still fit.
+    page.set_window_size(390, 844).await.unwrap();
+    let overflow = page
+        .execute(
+            "return document.documentElement.scrollWidth > window.innerWidth",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(overflow, json!(false), "the overview is wider than a phone");
+    browser.shot("overview-phone").await;
     browser.close().await;
 }
 

@@ -102,6 +102,7 @@ contract!(
     a_finished_run_never_changes_again,
     update_run_replaces_the_record_and_logs_status_changes,
     a_fresh_queued_run_given_to_update_run_reuses_a_finished_id,
+    a_tally_counts_every_status_and_lists_runs_ended_lately,
     update_run_refuses_what_the_flow_forbids,
     an_active_id_cannot_be_added_twice,
     a_finished_id_is_replaced_with_a_fresh_history,
@@ -288,6 +289,67 @@ async fn a_fresh_queued_run_given_to_update_run_reuses_a_finished_id(registry: R
         registry.update_run(&running).await,
         Err(Error::RunFinished { .. })
     ));
+}
+
+async fn a_tally_counts_every_status_and_lists_runs_ended_lately(registry: RunRegistry) {
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let mut ids = Vec::new();
+    for (module, end) in [
+        ("a", Some(RunStatus::Completed)),
+        ("a", Some(RunStatus::Failed)),
+        ("b", Some(RunStatus::Completed)),
+        ("b", Some(RunStatus::Cancelled)),
+        ("b", None),
+        ("c", None),
+    ] {
+        let run = sample_run(module);
+        registry.add_run(&run).await.unwrap();
+        if end.is_some() || module == "b" {
+            assert!(
+                registry
+                    .transition(&Transition::running(&run.run_id))
+                    .await
+                    .unwrap()
+            );
+        }
+        let change = match end {
+            Some(RunStatus::Completed) => Transition::completed(&run.run_id, json!(1)),
+            Some(RunStatus::Failed) => Transition::failed(&run.run_id, 1, "boom"),
+            Some(_) => Transition::cancelled(&run.run_id, "stop"),
+            None => continue,
+        };
+        assert!(registry.transition(&change).await.unwrap());
+        ids.push(run.run_id);
+    }
+    let tally = registry.tally(before, 100).await.unwrap();
+    assert_eq!(
+        tally.counts,
+        [
+            (RunStatus::Queued, 1),
+            (RunStatus::Running, 1),
+            (RunStatus::Completed, 2),
+            (RunStatus::Failed, 1),
+            (RunStatus::Cancelled, 1),
+        ]
+    );
+    assert_eq!(tally.ended.len(), 4);
+    assert!(
+        tally
+            .ended
+            .windows(2)
+            .all(|pair| pair[0].completed_at >= pair[1].completed_at),
+        "newest first"
+    );
+    let failed = tally
+        .ended
+        .iter()
+        .find(|ended| ended.status == RunStatus::Failed)
+        .unwrap();
+    assert_eq!(failed.module_id, "a");
+    assert!(failed.started_at.is_some());
+    assert_eq!(registry.tally(before, 3).await.unwrap().ended.len(), 3);
+    let later = chrono::Utc::now() + chrono::Duration::seconds(5);
+    assert!(registry.tally(later, 100).await.unwrap().ended.is_empty());
 }
 
 async fn update_run_replaces_the_record_and_logs_status_changes(registry: RunRegistry) {

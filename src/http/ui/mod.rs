@@ -198,14 +198,25 @@ pub(super) async fn sign_out() -> Response {
     ([(header::SET_COOKIE, cookie)], Redirect::to("/ui/sign-in")).into_response()
 }
 
-/// `GET /`: what is happening now, and the latest runs.
+/// The runs that ended lately an overview reads, at most.
+const OVERVIEW_ENDED: usize = 100_000;
+
+/// `GET /`: what is happening now, runs per status, the last hour in a
+/// chart and per module, and the latest runs.
 pub(super) async fn overview(State(state): State<AppState>) -> Result<Html<String>, ApiError> {
     let latest = RunFilter {
         limit: Some(10),
         ..RunFilter::default()
     };
-    let runs = state.runner.registry().list_summaries(&latest).await?;
-    Ok(Html(pages::overview(&state, &runs).into_string()))
+    let registry = state.runner.registry();
+    let runs = registry.list_summaries(&latest).await?;
+    let now = chrono::Utc::now();
+    let tally = registry
+        .tally(now - chrono::Duration::hours(1), OVERVIEW_ENDED)
+        .await?;
+    Ok(Html(
+        pages::overview(&state, &runs, &tally, now).into_string(),
+    ))
 }
 
 #[derive(Deserialize)]

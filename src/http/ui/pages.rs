@@ -8,13 +8,14 @@ use serde_json::Value;
 use super::super::AppState;
 use super::asset_version;
 use crate::module::{LoadFailure, ModuleSummary};
-use crate::registry::RunSummary;
+use crate::registry::{Ended, RunSummary, Tally};
 use crate::run::{LogEntry, Run, RunStatus, StatusChange};
 
 /// Every status, in the order of the flow.
-const STATUSES: [RunStatus; 5] = [
-    RunStatus::Queued,
-    RunStatus::Running,
+const STATUSES: [RunStatus; 5] = RunStatus::ALL;
+
+/// The outcomes the chart stacks, bottom up.
+const OUTCOMES: [RunStatus; 3] = [
     RunStatus::Completed,
     RunStatus::Failed,
     RunStatus::Cancelled,
@@ -132,7 +133,12 @@ fn runs_table(runs: &[RunSummary]) -> Markup {
     }
 }
 
-pub(super) fn overview(state: &AppState, latest: &[RunSummary]) -> Markup {
+pub(super) fn overview(
+    state: &AppState,
+    latest: &[RunSummary],
+    tally: &Tally,
+    now: DateTime<Utc>,
+) -> Markup {
     let manager = state.runner.manager();
     let host = state.runner.host();
     let health = state.runner.registry().health();
@@ -159,11 +165,126 @@ pub(super) fn overview(state: &AppState, latest: &[RunSummary]) -> Markup {
                     }
                 }
             }
+            h2 { "Runs by status" }
+            section.cards.statuses aria-label="Runs by status" {
+                @for (status, count) in &tally.counts {
+                    a.card href={ "/ui/runs?status=" (status.as_str()) } {
+                        span.figure { (count) } (badge(*status))
+                    }
+                }
+            }
+            h2 { "Finished in the last hour" }
+            (chart(&tally.ended, now))
+            (module_table(&tally.ended))
             h2 { "Latest runs" }
             div data-live="runs" data-first-page="true" { (runs_table(latest)) }
             p { a href="/ui/runs" { "All runs →" } }
         },
     )
+}
+
+/// Runs finished per minute over the hour before `now`, stacked by
+/// outcome: an SVG drawn here, nothing to load.
+fn chart(ended: &[Ended], now: DateTime<Utc>) -> Markup {
+    const MINUTES: usize = 60;
+    const BAR: f64 = 10.0;
+    const HEIGHT: f64 = 120.0;
+    let mut buckets = [[0u64; 3]; MINUTES];
+    for run in ended {
+        let minutes_ago = usize::try_from((now - run.completed_at).num_minutes()).unwrap_or(0);
+        let outcome = OUTCOMES.iter().position(|s| *s == run.status);
+        if let (Some(outcome), true) = (outcome, minutes_ago < MINUTES) {
+            buckets[MINUTES - 1 - minutes_ago][outcome] += 1;
+        }
+    }
+    let tallest = buckets
+        .iter()
+        .map(|b| b.iter().sum::<u64>())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let totals: Vec<u64> = (0..3).map(|i| buckets.iter().map(|b| b[i]).sum()).collect();
+    let label = format!(
+        "Runs finished per minute over the last hour: {} completed, {} failed, {} cancelled",
+        totals[0], totals[1], totals[2]
+    );
+    let width = BAR * MINUTES as f64;
+    html! {
+        figure.chart {
+            svg viewBox=(format!("0 0 {width} {}", HEIGHT + 16.0)) role="img" aria-label=(label) preserveAspectRatio="none" {
+                @for (minute, counts) in buckets.iter().enumerate() {
+                    @let mut base = HEIGHT;
+                    @for (outcome, count) in counts.iter().enumerate() {
+                        @if *count > 0 {
+                            @let height = *count as f64 / tallest as f64 * HEIGHT;
+                            @let top = { base -= height; base };
+                            rect class=(OUTCOMES[outcome].as_str()) x=(minute as f64 * BAR + 1.0) y=(top) width=(BAR - 2.0) height=(height) {
+                                title { (count) " " (OUTCOMES[outcome].as_str()) ", " (MINUTES - minute) " min ago" }
+                            }
+                        }
+                    }
+                }
+                line x1="0" y1=(HEIGHT) x2=(width) y2=(HEIGHT) class="axis" {}
+                text x="0" y=(HEIGHT + 14.0) class="axis" { "60 min ago" }
+                text x=(width) y=(HEIGHT + 14.0) class="axis" text-anchor="end" { "now" }
+            }
+            figcaption {
+                @for (outcome, total) in OUTCOMES.iter().zip(&totals) {
+                    span class={ "legend " (outcome.as_str()) } { (total) " " (outcome.as_str()) } " "
+                }
+                "(busiest minute: " (tallest) ")"
+            }
+        }
+    }
+}
+
+/// Per module, over the runs that ended lately: how many, the share that
+/// failed, and the median and 95th percentile of their durations.
+fn module_table(ended: &[Ended]) -> Markup {
+    let mut modules: std::collections::BTreeMap<&str, (u64, u64, Vec<i64>)> = Default::default();
+    for run in ended {
+        let entry = modules.entry(run.module_id.as_str()).or_default();
+        entry.0 += 1;
+        if run.status == RunStatus::Failed {
+            entry.1 += 1;
+        }
+        if let Some(started) = run.started_at {
+            entry
+                .2
+                .push((run.completed_at - started).num_milliseconds().max(0));
+        }
+    }
+    for (_, _, durations) in modules.values_mut() {
+        durations.sort_unstable();
+    }
+    let percentile = |sorted: &[i64], fraction: f64| -> String {
+        if sorted.is_empty() {
+            return String::new();
+        }
+        let index = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1;
+        seconds(sorted[index])
+    };
+    html! {
+        @if !modules.is_empty() {
+            div.scroll { table.modules {
+                thead { tr {
+                    th scope="col" { "Module" } th scope="col" { "Runs" } th scope="col" { "Failed" }
+                    th scope="col" { "p50" } th scope="col" { "p95" }
+                } }
+                tbody {
+                    @for (module, (runs, failed, durations)) in &modules {
+                        tr {
+                            td { a href={ "/ui/runs?module=" (module) } { (module) } }
+                            td { (runs) }
+                            td { (format!("{:.1}%", *failed as f64 * 100.0 / *runs as f64)) }
+                            td { (percentile(durations, 0.5)) }
+                            td { (percentile(durations, 0.95)) }
+                        }
+                    }
+                }
+            } }
+        }
+    }
 }
 
 /// What the runs page shows.

@@ -443,6 +443,11 @@ impl RunStore for PostgresStore {
             .await
     }
 
+    async fn tally(&self, since: DateTime<Utc>, limit: usize) -> Result<super::Tally> {
+        self.read(async |client| sql::tally(client, since, limit).await)
+            .await
+    }
+
     async fn disk_bytes(&self) -> Result<Option<u64>> {
         self.read(async |client| {
             let row = client

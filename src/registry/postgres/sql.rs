@@ -18,8 +18,8 @@ use crate::error::Error;
 use crate::registry::retention::nanos_clamped;
 use crate::registry::writer::{Outcome, Write};
 use crate::registry::{
-    Cleanup, Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Wanted,
-    check_replace, listing_sql, mark_cut, on_taken, run_columns,
+    Cleanup, Ended, Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Tally,
+    Wanted, check_replace, listing_sql, mark_cut, on_taken, run_columns,
 };
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange};
 use crate::sync::LockUnpoisoned;
@@ -1372,6 +1372,54 @@ pub(super) async fn count_finished(
     let statement = client.prepare_cached(COUNT_FINISHED).await?;
     let row = client.query_one(&statement, &values.params()).await?;
     Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+}
+
+/// Runs per status, and the runs that ended at or after `since`, newest
+/// first, by the indexes of finished runs.
+pub(super) async fn tally(
+    client: &ClientWrapper,
+    since: DateTime<Utc>,
+    limit: usize,
+) -> Result<Tally, ReadError> {
+    let counted = client
+        .prepare_cached("SELECT status, count(*) FROM runs GROUP BY status")
+        .await?;
+    let counts = client
+        .query(&counted, &[])
+        .await?
+        .iter()
+        .map(|row| {
+            let count = row.try_get::<_, i64>(1).map_err(corrupt)?;
+            Ok((column_status(row, 0)?, u64::try_from(count).unwrap_or(0)))
+        })
+        .collect::<Result<Vec<_>, Error>>()
+        .map_err(ReadError::Corrupt)?;
+    let listed = client
+        .prepare_cached(
+            "SELECT module_id, status, started_at, completed_at FROM runs \
+             WHERE completed_at IS NOT NULL AND completed_at >= $1 \
+             ORDER BY completed_at DESC LIMIT $2",
+        )
+        .await?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let ended = client
+        .query(&listed, &[&nanos_clamped(since), &limit])
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(Ended {
+                module_id: row.try_get(0).map_err(corrupt)?,
+                status: column_status(row, 1)?,
+                started_at: row
+                    .try_get::<_, Option<i64>>(2)
+                    .map_err(corrupt)?
+                    .map(DateTime::from_timestamp_nanos),
+                completed_at: DateTime::from_timestamp_nanos(row.try_get(3).map_err(corrupt)?),
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()
+        .map_err(ReadError::Corrupt)?;
+    Ok(Tally::new(counts, ended))
 }
 
 pub(super) async fn select_run(

@@ -53,12 +53,13 @@ pub use schema::INTERRUPTED;
 
 use super::writer::{Queue, Shared, Write};
 use super::{
-    Cleanup, Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth, Wanted,
+    Cleanup, Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth, Tally, Wanted,
 };
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
 use crate::sync::LockUnpoisoned;
 use backend::SqliteBackend;
+use chrono::{DateTime, Utc};
 use schema::{open_read_only, open_writer, storage_error, take_lock};
 
 /// How hard SQLite works to keep a commit through a power loss.
@@ -306,6 +307,10 @@ impl RunStore for SqliteStore {
         let cleanup = cleanup.clone();
         self.read(move |conn| sql::count_finished(conn, &cleanup))
             .await
+    }
+
+    async fn tally(&self, since: DateTime<Utc>, limit: usize) -> Result<Tally> {
+        self.read(move |conn| sql::tally(conn, since, limit)).await
     }
 
     async fn disk_bytes(&self) -> Result<Option<u64>> {

@@ -8,8 +8,8 @@ use crate::error::Error;
 use crate::registry::retention::{Cleanup, nanos_clamped};
 use crate::registry::writer::Outcome;
 use crate::registry::{
-    Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Wanted, check_replace,
-    listing_sql, mark_cut, on_taken, run_columns,
+    Ended, Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Tally, Wanted,
+    check_replace, listing_sql, mark_cut, on_taken, run_columns,
 };
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
 
@@ -656,4 +656,54 @@ pub(super) fn count_finished(conn: &Connection, cleanup: &Cleanup) -> rusqlite::
             row.get::<_, i64>(0)
         })
         .map(|n| usize::try_from(n).unwrap_or(0))
+}
+
+/// Runs per status (each group read from the partial index that holds
+/// it), and the runs that ended at or after `since`, newest first.
+pub(super) fn tally(
+    conn: &Connection,
+    since: DateTime<Utc>,
+    limit: usize,
+) -> rusqlite::Result<Tally> {
+    let mut counts = Vec::new();
+    for sql in [
+        "SELECT status, count(*) FROM runs INDEXED BY runs_finished_by_status \
+         WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY status",
+        "SELECT status, count(*) FROM runs INDEXED BY runs_active \
+         WHERE status IN ('queued', 'running') GROUP BY status",
+    ] {
+        let mut statement = conn.prepare_cached(sql)?;
+        let rows = statement.query_map([], |row| {
+            Ok((
+                column_status(row, 0)?,
+                u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
+            ))
+        })?;
+        for row in rows {
+            counts.push(row?);
+        }
+    }
+    let mut statement = conn.prepare_cached(
+        "SELECT module_id, status, started_at, completed_at FROM runs \
+         INDEXED BY runs_finished_by_completion \
+         WHERE completed_at IS NOT NULL AND completed_at >= ?1 \
+         ORDER BY completed_at DESC LIMIT ?2",
+    )?;
+    let ended = statement
+        .query_map(
+            params![
+                nanos_clamped(since),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            |row| {
+                Ok(Ended {
+                    module_id: row.get(0)?,
+                    status: column_status(row, 1)?,
+                    started_at: column_optional_time(row, 2)?,
+                    completed_at: column_time(row, 3)?,
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Tally::new(counts, ended))
 }
