@@ -4,7 +4,7 @@
 //! `cargo bench --bench modrun` for the full run, `cargo bench --bench modrun -- --quick`
 //! for one under a minute (smaller counts; the same rows). Naming groups
 //! (`throughput`, `status-change`, `memory`, `commit`, `wasm`, `reload`, `http`, `dev`,
-//! `polyglot`, `retention`, `postgres`) runs only those. The `polyglot` rows build the
+//! `polyglot`, `dashboard`, `retention`, `postgres`) runs only those. The `polyglot` rows build the
 //! Python and JavaScript examples; a quick run skips them until those were built once. The `postgres` rows need a server: set
 //! `DATABASE_URL=postgres://user@host:port/db` (each run uses a fresh schema).
 
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use modrun::{BackgroundTaskManager, Run, RunFilter, RunRegistry, Transition};
 
+#[path = "modrun/dashboard.rs"]
+mod dashboard;
 #[path = "modrun/polyglot.rs"]
 mod polyglot;
 
@@ -171,6 +173,10 @@ fn main() -> anyhow::Result<()> {
         group!("http", http_figures(&sizes, dir.path(), &mut rows).await?);
         group!("wasm", wasm_figures(&sizes, dir.path(), &mut rows).await?);
         group!("dev", dev_figures(quick, &mut rows)?);
+        group!(
+            "dashboard",
+            dashboard::dashboard_figures(quick, dir.path(), &mut rows).await?
+        );
         group!(
             "polyglot",
             polyglot::polyglot_figures(quick, &mut rows).await?

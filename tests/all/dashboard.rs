@@ -241,14 +241,19 @@ async fn hello_started_from_the_generated_form_completes_on_screen() {
         .await
         .unwrap();
     browser.wait_for_text("h1", "Runs").await;
-    let started = Instant::now();
     let run_id = server.start_run("countdown", json!({"seconds": 0.3}));
     let row = format!("tr[data-run=\"{run_id}\"] .status");
     browser.wait_for_text(&row, "running").await;
     browser.wait_for_text(&row, "completed").await;
+    // Event to screen: from the recorded end to the row showing it (to
+    // within the 20 ms this test polls at). Reported, not asserted.
+    let seen = chrono::Utc::now();
+    let (_, found) = server.get(&format!("/runs/{run_id}"));
+    let ended: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(found["run"]["completed_at"].clone()).unwrap();
     eprintln!(
-        "a run started and completed on the open runs page within {} ms",
-        started.elapsed().as_millis()
+        "event to screen: the end of a run showed on the open runs page {} ms after it was recorded",
+        (seen - ended).num_milliseconds()
     );
     browser.shot("runs-live").await;
 
