@@ -608,6 +608,26 @@ impl wasmtime_wasi::WasiView for Bare {
     }
 }
 
+/// `component` ready to instantiate with bare wasmtime: WASI, and host
+/// functions that do nothing.
+fn bare_pre(
+    engine: &wasmtime::Engine,
+    component: &wasmtime::component::Component,
+) -> anyhow::Result<wasmtime::component::InstancePre<Bare>> {
+    let mut linker: wasmtime::component::Linker<Bare> = wasmtime::component::Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut host = linker
+        .instance("modrun:plugin/host@0.1.0")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for name in ["log", "progress"] {
+        host.func_new_async(name, |_, _, _, _| Box::new(async { Ok(()) }))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    linker
+        .instantiate_pre(component)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// Bare wasmtime on modrun's engine configuration: instantiate `hello` from
 /// an `InstancePre` and call `run`, `count` times from [`PRODUCERS`] tasks
 /// (or one task when `sequential`); returns calls per second.
@@ -617,21 +637,10 @@ async fn bare_wasmtime_per_second(
     count: usize,
     sequential: bool,
 ) -> anyhow::Result<f64> {
-    use wasmtime::component::{Component, Linker};
+    use wasmtime::component::Component;
     let engine = wasmtime::Engine::new(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let component = Component::from_file(&engine, component).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut linker: Linker<Bare> = Linker::new(&engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut host = linker
-        .instance("modrun:plugin/host@0.1.0")
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for name in ["log", "progress"] {
-        host.func_new_async(name, |_, _, _, _| Box::new(async { Ok(()) }))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    let pre = linker
-        .instantiate_pre(&component)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pre = bare_pre(&engine, &component)?;
     let plugin = component
         .get_export_index(None, "modrun:plugin/plugin@0.1.0")
         .ok_or_else(|| anyhow::anyhow!("no plugin export"))?;

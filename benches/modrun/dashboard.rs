@@ -31,7 +31,11 @@ pub(super) async fn dashboard_figures(
                 .header("host", "127.0.0.1")
                 .body(Body::empty())?;
             let response = app.oneshot(request).await?;
-            anyhow::ensure!(response.status().is_success(), "{path}: {}", response.status());
+            anyhow::ensure!(
+                response.status().is_success(),
+                "{path}: {}",
+                response.status()
+            );
             let body = axum::body::to_bytes(response.into_body(), usize::MAX).await?;
             anyhow::Ok(body.len())
         }

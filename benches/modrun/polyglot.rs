@@ -9,7 +9,7 @@ use std::time::Instant;
 use modrun::{BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunRegistry};
 use sha2::{Digest, Sha256};
 
-use super::{Bare, Row, bench_plugins, median, target_dir};
+use super::{Bare, Row, bare_pre, bench_plugins, median, target_dir};
 
 /// The guests: module id, and the language the rows name.
 const GUESTS: [(&str, &str); 2] = [("hello_py", "Python"), ("hello_js", "JavaScript")];
@@ -148,22 +148,10 @@ async fn instantiate_us(
     cache: &Path,
     count: usize,
 ) -> anyhow::Result<f64> {
-    use wasmtime::component::Linker;
     let engine =
         wasmtime::Engine::new(&config.wasmtime_config()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let component = precompiled(&engine, component, cache)?;
-    let mut linker: Linker<Bare> = Linker::new(&engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut host = linker
-        .instance("modrun:plugin/host@0.1.0")
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for name in ["log", "progress"] {
-        host.func_new_async(name, |_, _, _, _| Box::new(async { Ok(()) }))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    let pre = linker
-        .instantiate_pre(&component)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pre = bare_pre(&engine, &component)?;
     let instantiate = || async {
         let wasi = wasmtime_wasi::WasiCtx::builder().build();
         let table = wasmtime::component::ResourceTable::new();

@@ -120,6 +120,18 @@ impl Browser {
         }
     }
 
+    /// Types `text` into the element `css` selects.
+    async fn type_into(&self, css: &str, text: &str) {
+        let element = self.client.find(Locator::Css(css)).await.unwrap();
+        element.send_keys(text).await.unwrap();
+    }
+
+    /// Clicks the element `css` selects.
+    async fn click(&self, css: &str) {
+        let element = self.client.find(Locator::Css(css)).await.unwrap();
+        element.click().await.unwrap();
+    }
+
     async fn url(&self) -> String {
         self.client.current_url().await.unwrap().to_string()
     }
@@ -192,24 +204,13 @@ async fn hello_started_from_the_generated_form_completes_on_screen() {
         .unwrap();
     browser.wait_for_text("#module-hello h2", "Hello").await;
     // The schema bounds the field: 11 is over `times`' maximum of 10.
-    page.find(Locator::Css("#module-hello input[name=name]"))
-        .await
-        .unwrap()
-        .send_keys("Ada")
-        .await
-        .unwrap();
-    page.find(Locator::Css("#module-hello input[name=times]"))
-        .await
-        .unwrap()
-        .send_keys("11")
-        .await
-        .unwrap();
-    page.find(Locator::Css("#module-hello button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser
+        .type_into("#module-hello input[name=name]", "Ada")
+        .await;
+    browser
+        .type_into("#module-hello input[name=times]", "11")
+        .await;
+    browser.click("#module-hello button[type=submit]").await;
     let problem = browser
         .wait_for_text("#module-hello .field-error[data-for=times]", "10")
         .await;
@@ -222,12 +223,7 @@ async fn hello_started_from_the_generated_form_completes_on_screen() {
         .unwrap();
     times.clear().await.unwrap();
     times.send_keys("2").await.unwrap();
-    page.find(Locator::Css("#module-hello button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("#module-hello button[type=submit]").await;
     browser.wait_for_text("#run-status", "completed").await;
     assert!(browser.url().await.contains("/ui/runs/"));
     browser
@@ -289,12 +285,7 @@ async fn the_cancel_button_cancels_a_running_countdown() {
         .await
         .unwrap();
     browser.wait_for_text("#run-status", "running").await;
-    page.find(Locator::Id("cancel"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.click("#cancel").await;
     browser.wait_for_text("#run-status", "cancelled").await;
     browser.wait_for_text("#timeline", "cancelled").await;
     browser.shot("cancelled").await;
@@ -387,24 +378,12 @@ async fn with_a_token_the_page_signs_in_and_nothing_answers_without_it() {
         .await
         .unwrap();
     assert!(browser.url().await.contains("/ui/sign-in"));
-    let token = page.find(Locator::Id("token")).await.unwrap();
-    token.send_keys("wrong").await.unwrap();
-    page.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.type_into("#token", "wrong").await;
+    browser.click("button[type=submit]").await;
     browser.wait_for_text(".error", "not this server's").await;
     browser.shot("wrong-token").await;
-    let token = page.find(Locator::Id("token")).await.unwrap();
-    token.send_keys("s3cret-token").await.unwrap();
-    page.find(Locator::Css("button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.type_into("#token", "s3cret-token").await;
+    browser.click("button[type=submit]").await;
     // Back where it was going, signed in; the cookie is out of scripts' reach.
     browser.wait_for_text("h1", "Modules").await;
     assert!(browser.url().await.ends_with("/ui/modules"));
@@ -416,18 +395,10 @@ async fn with_a_token_the_page_signs_in_and_nothing_answers_without_it() {
     assert!(!browser.url().await.contains("s3cret"));
 
     // Signed in, the page's own API calls work: a start from the form.
-    page.find(Locator::Css("#module-hello input[name=name]"))
-        .await
-        .unwrap()
-        .send_keys("Bo")
-        .await
-        .unwrap();
-    page.find(Locator::Css("#module-hello button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser
+        .type_into("#module-hello input[name=name]", "Bo")
+        .await;
+    browser.click("#module-hello button[type=submit]").await;
     browser.wait_for_text("#run-status", "completed").await;
     browser.shot("signed-in").await;
     browser.close().await;

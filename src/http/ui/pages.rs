@@ -21,6 +21,20 @@ const OUTCOMES: [RunStatus; 3] = [
     RunStatus::Cancelled,
 ];
 
+/// A page's head: its title, the stylesheet, and with `script` the script.
+fn page_head(title: &str, script: bool) -> Markup {
+    let version = asset_version();
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) " · modrun" }
+            link rel="stylesheet" href={ "/ui/assets/app.css?v=" (version) };
+            @if script { script src={ "/ui/assets/app.js?v=" (version) } defer {} }
+        }
+    }
+}
+
 /// The frame of every page: head, navigation, `body`.
 fn layout(title: &str, current: &str, body: Markup) -> Markup {
     let page = current
@@ -28,7 +42,6 @@ fn layout(title: &str, current: &str, body: Markup) -> Markup {
         .next()
         .filter(|name| !name.is_empty())
         .unwrap_or("overview");
-    let version = asset_version();
     let nav = [
         ("/", "Overview"),
         ("/ui/runs", "Runs"),
@@ -37,13 +50,7 @@ fn layout(title: &str, current: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · modrun" }
-                link rel="stylesheet" href={ "/ui/assets/app.css?v=" (version) };
-                script src={ "/ui/assets/app.js?v=" (version) } defer {}
-            }
+            (page_head(title, true))
             body {
                 header.top {
                     a.brand href="/" { "modrun" }
@@ -529,16 +536,10 @@ pub(super) fn modules(modules: &[ModuleSummary], failures: &[LoadFailure]) -> Ma
 }
 
 pub(super) fn sign_in(next: &str, error: Option<&str>) -> Markup {
-    let version = asset_version();
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "Sign in · modrun" }
-                link rel="stylesheet" href={ "/ui/assets/app.css?v=" (version) };
-            }
+            (page_head("Sign in", false))
             body {
                 main.sign-in {
                     h1 { "modrun" }
