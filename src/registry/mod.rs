@@ -127,6 +127,21 @@ pub struct Tally {
     pub ended: Vec<Ended>,
 }
 
+/// A node sharing the store, as its heartbeat row tells (PostgreSQL).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeStatus {
+    /// Its name (`serve --node`).
+    pub node: String,
+    /// When it joined.
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat.
+    pub heartbeat_at: DateTime<Utc>,
+    /// When its lease runs out unless renewed.
+    pub lease_until: DateTime<Utc>,
+    /// The runs it executes now.
+    pub running: u64,
+}
+
 /// A run that ended, as a tally counts it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Ended {
@@ -471,6 +486,12 @@ pub trait RunStore: Send + Sync + 'static {
     /// How many runs are in each status, and the runs that ended at or
     /// after `since`, newest first, at most `limit` of them.
     async fn tally(&self, since: DateTime<Utc>, limit: usize) -> Result<Tally>;
+
+    /// The nodes sharing the store, by name (none for a store only one
+    /// process uses).
+    async fn nodes(&self) -> Result<Vec<NodeStatus>> {
+        Ok(Vec::new())
+    }
 
     /// The bytes the store takes on disk, where it can tell (`None` by
     /// default).
@@ -1101,6 +1122,12 @@ impl RunRegistry {
             ..RunFilter::default()
         })
         .await
+    }
+
+    /// The nodes sharing the store, with their heartbeats and the runs
+    /// each executes (none for a store only this process uses).
+    pub async fn nodes(&self) -> Result<Vec<NodeStatus>> {
+        self.store.nodes().await
     }
 
     /// How many runs are in each status, and the runs that ended at or

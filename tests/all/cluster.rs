@@ -390,6 +390,21 @@ async fn two_servers_share_a_database_and_a_killed_ones_runs_are_settled() {
     nodes[1].1.wait_status(&on_a, "completed");
     let (_, listing) = nodes[0].1.get("/runs");
     assert_eq!(listing["runs"].as_array().unwrap().len(), 2, "{listing}");
+    // The dashboard of either shows both nodes.
+    for (_, node) in &nodes {
+        let overview = ureq::get(&format!("{}/", node.base))
+            .call()
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        for name in ["a", "b"] {
+            assert!(
+                overview.contains(&format!("<td class=\"node\">{name}</td>")),
+                "node {name} is not on the overview:\n{overview}"
+            );
+        }
+    }
 
     // A cancel sent to the node that does not execute a run reaches the
     // one that does.

@@ -214,9 +214,14 @@ pub(super) async fn overview(State(state): State<AppState>) -> Result<Html<Strin
     let tally = registry
         .tally(now - chrono::Duration::hours(1), OVERVIEW_ENDED)
         .await?;
-    Ok(Html(
-        pages::overview(&state, &runs, &tally, now).into_string(),
-    ))
+    let nodes = registry.nodes().await?;
+    let view = pages::OverviewView {
+        latest: &runs,
+        tally: &tally,
+        nodes: &nodes,
+        now,
+    };
+    Ok(Html(pages::overview(&state, &view).into_string()))
 }
 
 #[derive(Deserialize)]

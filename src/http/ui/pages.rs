@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::super::AppState;
 use super::asset_version;
 use crate::module::{LoadFailure, ModuleSummary};
-use crate::registry::{Ended, RunSummary, Tally};
+use crate::registry::{Ended, NodeStatus, RunSummary, Tally};
 use crate::run::{LogEntry, Run, RunStatus, StatusChange};
 
 /// Every status, in the order of the flow.
@@ -140,12 +140,21 @@ fn runs_table(runs: &[RunSummary]) -> Markup {
     }
 }
 
-pub(super) fn overview(
-    state: &AppState,
-    latest: &[RunSummary],
-    tally: &Tally,
-    now: DateTime<Utc>,
-) -> Markup {
+/// What the overview shows.
+pub(super) struct OverviewView<'a> {
+    pub latest: &'a [RunSummary],
+    pub tally: &'a Tally,
+    pub nodes: &'a [NodeStatus],
+    pub now: DateTime<Utc>,
+}
+
+pub(super) fn overview(state: &AppState, view: &OverviewView<'_>) -> Markup {
+    let OverviewView {
+        latest,
+        tally,
+        nodes,
+        now,
+    } = *view;
     let manager = state.runner.manager();
     let host = state.runner.host();
     let health = state.runner.registry().health();
@@ -179,6 +188,29 @@ pub(super) fn overview(
                         span.figure { (count) } (badge(*status))
                     }
                 }
+            }
+            @if !nodes.is_empty() {
+                h2 { "Nodes" }
+                div.scroll { table.nodes {
+                    thead { tr {
+                        th scope="col" { "Node" } th scope="col" { "Last heartbeat" }
+                        th scope="col" { "Lease" } th scope="col" { "Running" } th scope="col" { "Joined" }
+                    } }
+                    tbody {
+                        @for node in nodes {
+                            tr {
+                                td.node { (node.node) }
+                                td { (seconds((now - node.heartbeat_at).num_milliseconds().max(0))) " ago" }
+                                td {
+                                    @if node.lease_until > now { "live, " (seconds((node.lease_until - now).num_milliseconds())) " left" }
+                                    @else { span.bad { "expired" } }
+                                }
+                                td { a href="/ui/runs?status=running" { (node.running) } }
+                                td { (time(node.started_at)) }
+                            }
+                        }
+                    }
+                } }
             }
             h2 { "Finished in the last hour" }
             (chart(&tally.ended, now))

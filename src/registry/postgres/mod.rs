@@ -443,6 +443,10 @@ impl RunStore for PostgresStore {
             .await
     }
 
+    async fn nodes(&self) -> Result<Vec<super::NodeStatus>> {
+        self.read(async |client| sql::nodes(client).await).await
+    }
+
     async fn tally(&self, since: DateTime<Utc>, limit: usize) -> Result<super::Tally> {
         self.read(async |client| sql::tally(client, since, limit).await)
             .await

@@ -18,8 +18,8 @@ use crate::error::Error;
 use crate::registry::retention::nanos_clamped;
 use crate::registry::writer::{Outcome, Write};
 use crate::registry::{
-    Cleanup, Ended, Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Tally,
-    Wanted, check_replace, listing_sql, mark_cut, on_taken, run_columns,
+    Cleanup, Ended, Existing, NodeStatus, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken,
+    Tally, Wanted, check_replace, listing_sql, mark_cut, on_taken, run_columns,
 };
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange};
 use crate::sync::LockUnpoisoned;
@@ -1372,6 +1372,43 @@ pub(super) async fn count_finished(
     let statement = client.prepare_cached(COUNT_FINISHED).await?;
     let row = client.query_one(&statement, &values.params()).await?;
     Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+}
+
+/// The nodes' heartbeat rows, with the runs each executes.
+pub(super) async fn nodes(client: &ClientWrapper) -> Result<Vec<NodeStatus>, ReadError> {
+    let statement = client
+        .prepare_cached(
+            "SELECT n.node_id, \
+             (extract(epoch FROM n.started_at) * 1000000)::bigint, \
+             (extract(epoch FROM n.heartbeat_at) * 1000000)::bigint, \
+             (extract(epoch FROM n.lease_until) * 1000000)::bigint, \
+             (SELECT count(*) FROM runs r WHERE r.node = n.node_id AND r.status = 'running') \
+             FROM nodes n ORDER BY n.node_id",
+        )
+        .await?;
+    client
+        .query(&statement, &[])
+        .await?
+        .iter()
+        .map(|row| {
+            let time = |index| {
+                row.try_get::<_, i64>(index)
+                    .map_err(corrupt)
+                    .and_then(|micros| {
+                        DateTime::from_timestamp_micros(micros)
+                            .ok_or_else(|| Error::Corrupt(format!("a node time of {micros} µs")))
+                    })
+            };
+            Ok(NodeStatus {
+                node: row.try_get(0).map_err(corrupt)?,
+                started_at: time(1)?,
+                heartbeat_at: time(2)?,
+                lease_until: time(3)?,
+                running: u64::try_from(row.try_get::<_, i64>(4).map_err(corrupt)?).unwrap_or(0),
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()
+        .map_err(ReadError::Corrupt)
 }
 
 /// Runs per status, and the runs that ended at or after `since`, newest
