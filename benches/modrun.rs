@@ -4,7 +4,7 @@
 //! `cargo bench --bench modrun` for the full run, `cargo bench --bench modrun -- --quick`
 //! for one under a minute (smaller counts; the same rows). Naming groups
 //! (`throughput`, `status-change`, `memory`, `commit`, `wasm`, `reload`, `http`, `dev`,
-//! `polyglot`, `dashboard`, `retention`, `postgres`) runs only those. The `polyglot` rows build the
+//! `handle`, `polyglot`, `dashboard`, `retention`, `postgres`) runs only those. The `polyglot` rows build the
 //! Python and JavaScript examples; a quick run skips them until those were built once. The `postgres` rows need a server: set
 //! `DATABASE_URL=postgres://user@host:port/db` (each run uses a fresh schema).
 
@@ -18,6 +18,8 @@ use modrun::{BackgroundTaskManager, Run, RunFilter, RunRegistry, Transition};
 
 #[path = "modrun/dashboard.rs"]
 mod dashboard;
+#[path = "modrun/handle.rs"]
+mod handle;
 #[path = "modrun/polyglot.rs"]
 mod polyglot;
 
@@ -173,6 +175,7 @@ fn main() -> anyhow::Result<()> {
         group!("http", http_figures(&sizes, dir.path(), &mut rows).await?);
         group!("wasm", wasm_figures(&sizes, dir.path(), &mut rows).await?);
         group!("dev", dev_figures(quick, &mut rows)?);
+        group!("handle", handle::handle_figures(quick, &mut rows).await?);
         group!(
             "dashboard",
             dashboard::dashboard_figures(quick, dir.path(), &mut rows).await?
@@ -1048,7 +1051,7 @@ async fn cancel_latency(plugins: &std::path::Path, rows: &mut Vec<Row>) -> anyho
 
     let mut spinning = Vec::new();
     for _ in 0..100 {
-        spinning.push(runner.start("spin", serde_json::json!({})).await?);
+        spinning.push(runner.start("spin", serde_json::json!({})).await?.into_id());
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while manager
@@ -1076,7 +1079,8 @@ async fn cancel_latency(plugins: &std::path::Path, rows: &mut Vec<Row>) -> anyho
         idle.push(
             idle_manager
                 .start_task(Run::new("idle", "Idle"), std::future::pending::<()>())
-                .await?,
+                .await?
+                .into_id(),
         );
     }
     let manager = idle_manager.clone();

@@ -1,7 +1,7 @@
 //! The task-management guide's Quick Start, in Rust and with real modules:
 //! a registry, a manager, a module host loading `plugins/`, a run of `hello`
-//! and one of `countdown` watched through the event stream, the countdown
-//! cancelled a third of the way, then `wait_all`.
+//! and one of `countdown` followed through its handle's events, the
+//! countdown cancelled a third of the way, and each run's end awaited.
 //!
 //! Run it with `cargo run --release --example quickstart`. It first builds
 //! the bundled plugin sources into `plugins/*.wasm` (quick when nothing
@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use modrun::module::build_plugins;
 use modrun::{
     BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunEvent, RunRegistry, TaskLimits,
@@ -48,8 +49,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let runner = ModuleRunner::new(host, manager.clone());
 
-    // Fire and forget: each start returns the run id once it is recorded.
-    let mut events = registry.subscribe();
+    // Fire and forget: each start returns a handle once the run is recorded.
     let hello = runner
         .start("hello", json!({"name": "Ada", "times": 3}))
         .await?;
@@ -58,45 +58,29 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     println!("started hello {hello} and countdown {countdown}");
 
-    // Watch the runs' events until both are over; cancel the countdown a
-    // third of the way through.
-    let mut finished = 0;
-    while finished < 2 {
-        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await?? {
-            RunEvent::Status {
-                run_id,
-                module_id,
-                change,
-            } => {
-                println!("{module_id:<10} {}", change.status);
-                if change.status.is_terminal() && (run_id == hello || run_id == countdown) {
-                    finished += 1;
-                }
-            }
-            RunEvent::Progress {
-                run_id,
-                module_id,
-                progress,
-            } => {
+    // Follow the countdown's own events until it ends; cancel it a third
+    // of the way through.
+    let mut events = countdown.events();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(30), events.next()).await? {
+        match event {
+            RunEvent::Status { change, .. } => println!("countdown  {}", change.status),
+            RunEvent::Progress { progress, .. } => {
                 println!(
-                    "{module_id:<10} {:>3.0}%  {}",
+                    "countdown  {:>3.0}%  {}",
                     progress.fraction * 100.0,
                     progress.message
                 );
-                if run_id == countdown && progress.fraction >= 1.0 / 3.0 {
-                    runner.cancel(&countdown).await?;
+                if progress.fraction >= 1.0 / 3.0 {
+                    countdown.cancel().await?;
                 }
             }
-            RunEvent::Log {
-                module_id, entry, ..
-            } => println!("{module_id:<10} log: {}", entry.message),
+            RunEvent::Log { entry, .. } => println!("countdown  log: {}", entry.message),
         }
     }
 
-    // Before shutting down:
-    manager.wait_all().await;
-    for run_id in [&hello, &countdown] {
-        let run = registry.get_run(run_id).await?.expect("recorded");
+    // Each handle waits for its run's end (one that came first included).
+    for handle in [&hello, &countdown] {
+        let run = handle.wait().await?;
         println!("\n{} ({}): {}", run.module_name, run.run_id, run.status);
         if let Some(output) = &run.output {
             println!("  output: {output}");
@@ -104,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
         if let Some(error) = &run.error_message {
             println!("  error: {error}");
         }
-        for change in registry.history(run_id).await? {
+        for change in registry.history(handle).await? {
             println!("  {}  {}", change.at.format("%H:%M:%S%.3f"), change.status);
         }
     }

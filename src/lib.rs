@@ -43,6 +43,7 @@
 
 pub mod cluster;
 pub mod error;
+mod handle;
 pub mod http;
 pub mod manager;
 pub mod module;
@@ -51,6 +52,7 @@ pub mod run;
 mod sync;
 
 pub use error::{Error, Result};
+pub use handle::RunHandle;
 pub use manager::{
     BackgroundTaskManager, CancelReason, Failure, ShutdownReport, TaskLimits, TaskOutput,
 };

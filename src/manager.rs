@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
+use crate::handle::RunHandle;
 use crate::registry::{Existing, RunRegistry};
 use crate::run::{EXIT_FAILURE, EXIT_PANIC, LogEntry, Run, RunStatus, Transition, cut_to};
 use crate::sync::LockUnpoisoned;
@@ -244,13 +245,15 @@ impl BackgroundTaskManager {
     /// queued or running ([`Error::RunActive`]), when the queue is full
     /// ([`Error::QueueFull`]) or the manager is shutting down
     /// ([`Error::ShuttingDown`]).
-    pub async fn start_task<F>(&self, run: Run, work: F) -> Result<String>
+    pub async fn start_task<F>(&self, run: Run, work: F) -> Result<RunHandle>
     where
         F: Future + Send + 'static,
         F::Output: TaskOutput,
     {
-        self.start_gated_task(run.requeued(), None, None, work)
-            .await
+        let run_id = self
+            .start_gated_task(run.requeued(), None, None, work)
+            .await?;
+        Ok(RunHandle::for_task(run_id, self))
     }
 
     /// [`start_task`](Self::start_task) of a run taken as it is (a fresh

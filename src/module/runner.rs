@@ -16,6 +16,7 @@ use super::manifest::Grants;
 use super::output::CappedOutput;
 use crate::cluster::{Claimer, Versions};
 use crate::error::{Error, Result};
+use crate::handle::RunHandle;
 use crate::manager::{BackgroundTaskManager, Failure, Gate, Room, TaskOutput};
 use crate::registry::{Cleanup, Override, RunRegistry, ago};
 use crate::run::{
@@ -93,8 +94,9 @@ impl ModuleRunner {
     ///
     /// An unknown module ([`Error::UnknownModule`]) or parameters that fail
     /// the module's schema ([`Error::InvalidParameters`]) record no run.
-    pub async fn start(&self, module_id: &str, parameters: Value) -> Result<String> {
-        self.start_keyed(module_id, parameters, None).await
+    pub async fn start(&self, module_id: &str, parameters: Value) -> Result<RunHandle> {
+        let run_id = self.start_keyed(module_id, parameters, None).await?;
+        Ok(RunHandle::for_module(run_id, self))
     }
 
     /// [`start`](Self::start), safe to retry: the first start with `key`
@@ -111,7 +113,14 @@ impl ModuleRunner {
         module_id: &str,
         parameters: Value,
         key: &str,
-    ) -> Result<String> {
+    ) -> Result<RunHandle> {
+        let run_id = self.start_once(module_id, parameters, key).await?;
+        Ok(RunHandle::for_module(run_id, self))
+    }
+
+    /// The run a start with `key` records, or the one an earlier start
+    /// with it recorded.
+    async fn start_once(&self, module_id: &str, parameters: Value, key: &str) -> Result<String> {
         if key.is_empty() || key.chars().count() > 255 || key.chars().any(char::is_control) {
             return Err(Error::InvalidIdempotencyKey(key.to_owned()));
         }

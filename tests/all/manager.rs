@@ -632,3 +632,35 @@ async fn a_start_abandoned_by_its_caller_still_runs_to_the_end() {
     );
     assert_eq!(manager.active_task_count(), 0);
 }
+
+#[tokio::test]
+async fn start_task_gives_a_handle_that_waits_for_the_output() {
+    let manager = BackgroundTaskManager::new(RunRegistry::in_memory());
+    let (go, gate) = oneshot::channel::<()>();
+    let handle = manager
+        .start_task(Run::new("report", "Report"), async move {
+            let _ = gate.await;
+            AnyResult::Ok(json!({"rows": 3}))
+        })
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.wait().await }
+    });
+    go.send(()).unwrap();
+    let run = waiting.await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.output, Some(json!({"rows": 3})));
+    assert_eq!(run.run_id, handle.id());
+
+    let blocked = manager
+        .start_task(
+            Run::new("report", "Report"),
+            std::future::pending::<AnyResult<()>>(),
+        )
+        .await
+        .unwrap();
+    assert!(blocked.cancel().await.unwrap());
+    assert_eq!(blocked.wait().await.unwrap().status, RunStatus::Cancelled);
+}

@@ -246,7 +246,7 @@ async fn a_cancelled_tight_loop_stops_within_a_tick() {
     let spinning: Vec<String> = {
         let mut ids = Vec::new();
         for _ in 0..4 {
-            ids.push(runner.start("spin", json!({})).await.unwrap());
+            ids.push(runner.start("spin", json!({})).await.unwrap().into_id());
         }
         ids
     };
@@ -470,4 +470,54 @@ async fn a_module_limit_on_concurrent_runs_keeps_the_rest_queued() {
         "{:?}",
         second.error_message
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_handle_waits_cancels_and_follows_its_own_run() {
+    let (runner, _dir, _) = runner_with(&["hello", "countdown"], &[]).await;
+
+    // An end that came before the wait is found at once.
+    let hello = runner.start("hello", json!({"name": "Ada"})).await.unwrap();
+    wait_for_end(runner.registry(), &hello).await;
+    let run = hello.wait().await.unwrap();
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.output, Some(json!({"greeting": "Hello, Ada!"})));
+    assert_eq!(hello.status().await.unwrap(), RunStatus::Completed);
+
+    // Its own events, in order, ending with its end; none of another run's.
+    let counting = runner
+        .start("countdown", json!({"seconds": 0.2, "step_ms": 20}))
+        .await
+        .unwrap();
+    let events = counting.events();
+    let other = runner.start("hello", json!({"name": "Bo"})).await.unwrap();
+    let seen: Vec<modrun::RunEvent> = futures_util::StreamExt::collect(events).await;
+    assert!(seen.iter().all(|event| event.run_id() == counting.id()));
+    assert!(
+        seen.iter()
+            .any(|event| matches!(event, modrun::RunEvent::Progress { .. })),
+        "{seen:?}"
+    );
+    assert!(matches!(
+        seen.last(),
+        Some(modrun::RunEvent::Status { change, .. }) if change.status == RunStatus::Completed
+    ));
+    assert_eq!(other.wait().await.unwrap().status, RunStatus::Completed);
+
+    // A wait that began first hears the cancel.
+    let long = runner
+        .start("countdown", json!({"seconds": 600}))
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let long = long.clone();
+        async move { long.wait().await }
+    });
+    wait_for_status(runner.registry(), &long, RunStatus::Running).await;
+    assert!(long.cancel().await.unwrap());
+    let run = waiting.await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Cancelled);
+    assert!(!long.cancel().await.unwrap(), "already ended");
+    assert_eq!(format!("{long}"), long.id());
+    assert_eq!(serde_json::to_value(&long).unwrap(), json!(long.id()));
 }

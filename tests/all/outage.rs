@@ -20,7 +20,7 @@ async fn start_waiting(
         .await
         .expect("the registry is writable at first");
     wait_for_status(manager.registry(), &run_id, RunStatus::Running).await;
-    (run_id, finish)
+    (run_id.into_id(), finish)
 }
 
 /// Waits until the registry says it cannot write, and returns why.

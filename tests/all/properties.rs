@@ -186,7 +186,8 @@ proptest! {
                                 }
                             })
                             .await
-                            .unwrap();
+                            .unwrap()
+                            .into_id();
                         all.push(run_id.clone());
                         live.insert(slot, (run_id, end));
                     }

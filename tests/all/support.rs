@@ -194,12 +194,14 @@ pub async fn fresh_database() -> Option<String> {
 
 /// Awaits starts that must all answer the same run id, and returns it.
 pub async fn one_run_id(
-    starts: impl IntoIterator<Item = impl std::future::Future<Output = modrun::Result<String>>>,
+    starts: impl IntoIterator<
+        Item = impl std::future::Future<Output = modrun::Result<modrun::RunHandle>>,
+    >,
 ) -> String {
     let ids: Vec<String> = futures_util::future::join_all(starts)
         .await
         .into_iter()
-        .map(Result::unwrap)
+        .map(|started| started.unwrap().into_id())
         .collect();
     assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
     ids[0].clone()
