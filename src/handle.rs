@@ -19,8 +19,11 @@ use crate::run::{Run, RunStatus};
 /// the bare id keeps working; and it can wait for the run's end, cancel it,
 /// and follow its events.
 ///
-/// A handle holds no resources of the run's: dropping it changes nothing,
-/// and any number of handles may follow one run.
+/// Dropping a handle changes nothing about the run, and any number of
+/// handles may follow one run. A handle holds the registry and the runner
+/// (or manager) it came from, as a clone of them would: keep only the id
+/// ([`into_id`](Self::into_id)) where those must close, as a SQLite
+/// registry's file must before another process may open it.
 #[derive(Clone)]
 pub struct RunHandle {
     run_id: String,

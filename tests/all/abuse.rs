@@ -296,7 +296,9 @@ async fn a_cancelled_runs_log_is_committed_before_shutdown_returns() {
     let run_id = runner
         .start("countdown", json!({"seconds": 60, "step_ms": 10}))
         .await
-        .unwrap();
+        .unwrap()
+        // Only the id: a handle keeps the registry (and its file) open.
+        .into_id();
     let started = Instant::now();
     while registry
         .get_run(&run_id)
