@@ -114,7 +114,7 @@ fn main() -> anyhow::Result<()> {
     let sizes = if quick {
         Sizes {
             wasm_calls: 2_000,
-            sleeping_runs: 10_000,
+            sleeping_runs: 5_000,
             tasks: 50_000,
             history: 20_000,
             changes: 10_000,
@@ -461,15 +461,21 @@ fn target_dir() -> std::path::PathBuf {
         .map_or_else(|| root.join("target"), std::path::PathBuf::from)
 }
 
-/// Builds the bundled and the test plugins once for the WebAssembly rows.
+/// Builds the bundled and the test plugins for the WebAssembly rows, once
+/// per benchmark run (each build asks cargo, which takes a while even
+/// when nothing changed).
 fn bench_plugins() -> anyhow::Result<std::path::PathBuf> {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    if let Some(out) = BUILT.get() {
+        return Ok(out.clone());
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let target = target_dir();
     let out = target.join("bench-plugins");
     for workspace in ["plugins", "tests/plugins"] {
         modrun::module::build_plugins(&root.join(workspace), &target.join("plugins"), &out)?;
     }
-    Ok(out)
+    Ok(BUILT.get_or_init(|| out).clone())
 }
 
 /// The inner loop of plugin development: a one-line edit of `hello` saved,
@@ -803,6 +809,25 @@ fn resident_bytes() -> anyhow::Result<f64> {
 /// tables in one transaction: what a server that ran for months holds.
 /// Fills the registry at `path` with `count` finished runs, one a
 /// millisecond from 40 days ago on; returns when the first ended.
+/// A SQLite registry at `path` holding `count` runs that ended 40 days
+/// ago, as [`fill_old_runs`] makes it: filled once per count and run of
+/// the benchmarks, then copied.
+fn old_runs_copy(path: &std::path::Path, count: usize) -> anyhow::Result<DateTime<Utc>> {
+    static FILLED: std::sync::Mutex<Vec<(usize, tempfile::TempDir, DateTime<Utc>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut filled = FILLED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !filled.iter().any(|(n, _, _)| *n == count) {
+        let dir = tempfile::tempdir()?;
+        let first = fill_old_runs(&dir.path().join("registry.db"), count)?;
+        filled.push((count, dir, first));
+    }
+    let (_, dir, first) = filled.iter().find(|(n, _, _)| *n == count).expect("filled");
+    std::fs::copy(dir.path().join("registry.db"), path)?;
+    Ok(*first)
+}
+
 fn fill_old_runs(path: &std::path::Path, count: usize) -> anyhow::Result<DateTime<Utc>> {
     drop(RunRegistry::open_sqlite(path)?);
     let mut conn = rusqlite::Connection::open(path)?;
@@ -850,7 +875,7 @@ async fn retention_figures(
     let count = sizes.retained;
     let path = dir.join("retention.db");
     let filling = path.clone();
-    let first = tokio::task::spawn_blocking(move || fill_old_runs(&filling, count)).await??;
+    let first = tokio::task::spawn_blocking(move || old_runs_copy(&filling, count)).await??;
     let registry = RunRegistry::open_sqlite(&path)?;
 
     let list = async |filter: RunFilter| -> anyhow::Result<Duration> {

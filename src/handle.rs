@@ -27,7 +27,6 @@ use crate::run::{Run, RunStatus};
 #[derive(Clone)]
 pub struct RunHandle {
     run_id: String,
-    registry: RunRegistry,
     canceller: Canceller,
 }
 
@@ -43,7 +42,6 @@ impl RunHandle {
     pub(crate) fn for_module(run_id: String, runner: &ModuleRunner) -> RunHandle {
         RunHandle {
             run_id,
-            registry: runner.registry().clone(),
             canceller: Canceller::Module(runner.clone()),
         }
     }
@@ -51,8 +49,15 @@ impl RunHandle {
     pub(crate) fn for_task(run_id: String, manager: &BackgroundTaskManager) -> RunHandle {
         RunHandle {
             run_id,
-            registry: manager.registry().clone(),
             canceller: Canceller::Task(manager.clone()),
+        }
+    }
+
+    /// The registry the run is recorded in.
+    fn registry(&self) -> &RunRegistry {
+        match &self.canceller {
+            Canceller::Module(runner) => runner.registry(),
+            Canceller::Task(manager) => manager.registry(),
         }
     }
 
@@ -70,7 +75,7 @@ impl RunHandle {
 
     /// The run as the registry holds it now.
     pub async fn run(&self) -> Result<Run> {
-        self.registry
+        self.registry()
             .get_run(&self.run_id)
             .await?
             .ok_or_else(|| Error::RunNotFound(self.run_id.clone()))
@@ -85,7 +90,7 @@ impl RunHandle {
     /// output or error and its log. An end that came before the wait began
     /// is found at once: the wait listens first, then looks.
     pub async fn wait(&self) -> Result<Run> {
-        let mut events = self.registry.subscribe();
+        let mut events = self.registry().subscribe();
         loop {
             let run = self.run().await?;
             if run.status.is_terminal() {
@@ -122,7 +127,7 @@ impl RunHandle {
     /// stream falls too far behind to keep are skipped (read the run for
     /// where it is).
     pub fn events(&self) -> impl Stream<Item = RunEvent> + Send + Unpin + 'static {
-        let events = self.registry.subscribe();
+        let events = self.registry().subscribe();
         let run_id = self.run_id.clone();
         Box::pin(futures_util::stream::unfold(
             (events, run_id, false),

@@ -9,7 +9,7 @@ use axum::http::Request;
 use modrun::{BackgroundTaskManager, ModuleRunner, RunRegistry};
 use tower::ServiceExt;
 
-use super::{Row, fill_old_runs, median};
+use super::{Row, median, old_runs_copy};
 
 pub(super) async fn dashboard_figures(
     quick: bool,
@@ -17,7 +17,7 @@ pub(super) async fn dashboard_figures(
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     let db = dir.join("dashboard.db");
-    fill_old_runs(&db, 100_000)?;
+    old_runs_copy(&db, 100_000)?;
     let host = modrun::ModuleHost::new(modrun::HostConfig::default())?;
     let runner = ModuleRunner::new(
         host,
@@ -40,7 +40,7 @@ pub(super) async fn dashboard_figures(
             anyhow::Ok(body.len())
         }
     };
-    let repeats = if quick { 20 } else { 100 };
+    let repeats = if quick { 10 } else { 100 };
     let time = async |path: &'static str| -> anyhow::Result<f64> {
         get(path).await?;
         let mut times = Vec::new();

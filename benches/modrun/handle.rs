@@ -16,7 +16,7 @@ pub(super) async fn handle_figures(quick: bool, rows: &mut Vec<Row>) -> anyhow::
     host.load_dir(dir.path()).await?;
     let runner = ModuleRunner::new(host, BackgroundTaskManager::new(RunRegistry::in_memory()));
     let parameters = serde_json::json!({"name": "Ada"});
-    let count = if quick { 2_000 } else { 20_000 };
+    let count = if quick { 1_000 } else { 20_000 };
 
     let mut events = runner.registry().subscribe();
     let begin = Instant::now();

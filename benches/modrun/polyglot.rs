@@ -37,7 +37,7 @@ pub(super) async fn polyglot_figures(quick: bool, rows: &mut Vec<Row>) -> anyhow
         ..HostConfig::default()
     };
 
-    let runs = if quick { 100 } else { 1000 };
+    let runs = if quick { 50 } else { 1000 };
     let rust_ms = run_ms(&rust.join("hello.wasm"), "hello", &config, runs * 5).await?;
     let rust_instantiate =
         instantiate_us(&rust.join("hello.wasm"), &config, &cache, runs * 5).await?;
