@@ -974,7 +974,7 @@ async fn in_turn(end: &TaskEnd, turn: Result<Slot, oneshot::Receiver<Slot>>) -> 
 }
 
 /// The longest error message a run records, in bytes; a longer one is cut
-/// (" [cut]"), so that one failing run cannot bloat the registry or every
+/// (" \[cut\]"), so that one failing run cannot bloat the registry or every
 /// listing and event that carries its message.
 pub const MAX_ERROR_MESSAGE: usize = 16 << 10;
 

@@ -89,7 +89,7 @@ impl RunCursor {
 
 /// A run as listings show it: everything but its parameters, output and
 /// log, so that a page of thousands of runs stays small whatever the runs
-/// returned. The error message is cut at 1024 characters (" [cut]").
+/// returned. The error message is cut at 1024 characters (" \[cut\]").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
     /// Its id.

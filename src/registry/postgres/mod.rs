@@ -119,7 +119,9 @@ pub fn default_node_name() -> String {
     format!("{host}:{}", std::process::id())
 }
 
-/// Runs in a PostgreSQL database. See the [module documentation](self).
+/// Runs in a PostgreSQL database that several nodes may share: the store
+/// is the queue, each node holds a lease, and every write by the node
+/// executing a run is fenced by that node and attempt.
 pub struct PostgresStore {
     writes: Queue,
     /// This node's name.

@@ -93,8 +93,9 @@ impl Default for SqliteOptions {
     }
 }
 
-/// Runs in a SQLite file. See the [module documentation](self) for what is
-/// durable when.
+/// Runs in a SQLite file, in WAL mode, written by one thread that commits
+/// many writes at once; what is durable when is in the README
+/// ("What is durable when").
 pub struct SqliteStore {
     writes: Queue,
     stop_checkpoints: Option<mpsc::Sender<()>>,
