@@ -14,10 +14,16 @@ use crate::support::{
 };
 
 async fn store(url: &str, schema: &str, node: &str) -> PostgresStore {
+    store_leased(url, schema, node, Duration::from_secs(1)).await
+}
+
+/// [`store`] with a lease of `lease`: a node that must not be lost while
+/// the test runs, however loaded the machine, gets a long one.
+async fn store_leased(url: &str, schema: &str, node: &str, lease: Duration) -> PostgresStore {
     let options = PostgresOptions {
         schema: schema.to_owned(),
         node: node.to_owned(),
-        lease: Duration::from_secs(1),
+        lease,
         ..PostgresOptions::default()
     };
     PostgresStore::connect(url, options).await.unwrap()
@@ -263,8 +269,9 @@ async fn a_lost_nodes_run_that_may_retry_is_queued_again_and_its_late_end_refuse
         "{message}"
     );
 
-    // Claimed again, by the survivor: attempt 2.
-    let claimer = store(&url, &schema, "claimer").await;
+    // Claimed again, by another node: attempt 2. Its lease is long, so
+    // that a slow machine cannot lose it before it reports.
+    let claimer = store_leased(&url, &schema, "claimer", Duration::from_secs(60)).await;
     let wanted = Wanted {
         module_id: "countdown".into(),
         version: "v1".into(),
