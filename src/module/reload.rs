@@ -70,9 +70,12 @@ impl ModuleHost {
             path: dir.to_path_buf(),
             message: format!("cannot watch it: {e}"),
         };
-        let (sender, events) = mpsc::unbounded_channel();
+        // Bounded: when the reload task falls behind, the debouncer's own
+        // thread waits for it (never a runtime thread: `blocking_send` is
+        // safe there), and nothing is dropped.
+        let (sender, events) = mpsc::channel(RELOAD_BATCHES);
         let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
-            let _ = sender.send(result);
+            let _ = sender.blocking_send(result);
         })
         .map_err(fail)?;
         let mode = if others.is_some() {
@@ -89,13 +92,16 @@ impl ModuleHost {
     }
 }
 
+/// Debounced batches of changes waiting for the reload task, at most.
+const RELOAD_BATCHES: usize = 64;
+
 /// Where changes to files that are not modules' go, when anyone wants them.
 type OtherChanges = Box<dyn Fn(Vec<PathBuf>) + Send + Sync>;
 
 async fn reload_loop(
     host: ModuleHost,
     dir: PathBuf,
-    mut events: mpsc::UnboundedReceiver<DebounceEventResult>,
+    mut events: mpsc::Receiver<DebounceEventResult>,
     others: Option<OtherChanges>,
 ) {
     while let Some(first) = events.recv().await {
