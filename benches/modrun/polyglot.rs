@@ -9,7 +9,7 @@ use std::time::Instant;
 use modrun::{BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunRegistry};
 use sha2::{Digest, Sha256};
 
-use super::{Bare, Row, bare_pre, bench_plugins, median, target_dir};
+use super::{Bare, Row, bare_pre, bench_plugins, ensure_none_failed, median, target_dir};
 
 /// The guests: module id, and the language the rows name.
 const GUESTS: [(&str, &str); 2] = [("hello_py", "Python"), ("hello_js", "JavaScript")];
@@ -126,15 +126,7 @@ async fn run_ms(
         runner.manager().wait_all().await;
     }
     let took = begin.elapsed().as_secs_f64() * 1e3 / count as f64;
-    let failed = runner
-        .registry()
-        .runs_by_status(modrun::RunStatus::Failed)
-        .await?;
-    anyhow::ensure!(
-        failed.is_empty(),
-        "{id} failed: {:?}",
-        failed[0].error_message
-    );
+    ensure_none_failed(runner.registry(), id).await?;
     Ok(took)
 }
 

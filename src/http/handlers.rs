@@ -265,11 +265,7 @@ pub(super) async fn list_runs(
         .iter()
         .flat_map(|list| list.split(','))
         .filter(|name| !name.is_empty())
-        .map(|name| {
-            name.parse::<RunStatus>().map_err(|e| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_status", e.to_string())
-            })
-        })
+        .map(parse_status)
         .collect::<Result<Vec<_>, _>>()?;
     let limit = query.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -287,16 +283,25 @@ pub(super) async fn list_runs(
         after,
     };
     let runs = state.runner.registry().list_summaries(&filter).await?;
-    let next_cursor = (runs.len() == limit)
-        .then(|| runs.last())
-        .flatten()
-        .map(|last| cursor_of(last.created_at, &last.run_id));
+    let next_cursor = next_cursor(&runs, limit);
     Ok(Json(json!({ "runs": runs, "next_cursor": next_cursor })))
 }
 
-/// The cursor of the page after a run: `<created-at in ns>.<run id>`.
-pub(super) fn cursor_of(created_at: chrono::DateTime<chrono::Utc>, run_id: &str) -> String {
-    format!("{}.{run_id}", created_at.timestamp_nanos_opt().unwrap_or(0))
+/// A status named in a query, or a 400 `invalid_status` saying why not.
+pub(super) fn parse_status(name: &str) -> Result<RunStatus, ApiError> {
+    name.parse::<RunStatus>()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_status", e.to_string()))
+}
+
+/// The cursor of the page after `runs`, a page of at most `limit`: none
+/// when the page was not full. Written `<created-at in ns>.<run id>`.
+pub(super) fn next_cursor(runs: &[crate::registry::RunSummary], limit: usize) -> Option<String> {
+    let last = runs.last().filter(|_| runs.len() == limit)?;
+    Some(format!(
+        "{}.{}",
+        last.created_at.timestamp_nanos_opt().unwrap_or(0),
+        last.run_id
+    ))
 }
 
 /// A cursor as `list_runs` hands it out: `<created-at in ns>.<run id>`.

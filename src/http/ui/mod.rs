@@ -21,10 +21,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::handlers::{cursor_of, parse_cursor};
+use super::handlers::{next_cursor, parse_cursor, parse_status};
 use super::{ApiError, AppState};
 use crate::registry::RunFilter;
-use crate::run::RunStatus;
 
 /// The session cookie's name.
 pub(super) const SESSION_COOKIE: &str = "modrun_session";
@@ -245,12 +244,12 @@ pub(super) async fn runs(
     {
         return Ok(Redirect::to(&format!("/ui/runs/{}", url_escape(id))).into_response());
     }
-    let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
-        None => None,
-        Some(name) => Some(name.parse::<RunStatus>().map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_status", e.to_string())
-        })?),
-    };
+    let status = query
+        .status
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(parse_status)
+        .transpose()?;
     let module = query.module.filter(|module| !module.is_empty());
     let after = query.cursor.as_deref().map(parse_cursor).transpose()?;
     let filter = RunFilter {
@@ -260,10 +259,7 @@ pub(super) async fn runs(
         after,
     };
     let runs = state.runner.registry().list_summaries(&filter).await?;
-    let next = (runs.len() == PAGE)
-        .then(|| runs.last())
-        .flatten()
-        .map(|last| cursor_of(last.created_at, &last.run_id));
+    let next = next_cursor(&runs, PAGE);
     let view = pages::RunsView {
         runs: &runs,
         status,
