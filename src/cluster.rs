@@ -184,9 +184,12 @@ async fn fetch_missing(
 }
 
 async fn fetch(runner: &ModuleRunner, module_id: &str, hash: &str) -> crate::Result<LoadedModule> {
-    let unfetched = |message: &str| crate::Error::ModuleLoad {
-        path: std::path::PathBuf::from(format!("(database) {module_id}@{hash}")),
-        message: message.to_owned(),
+    let unfetched = |reason: &str| crate::Error::ModuleLoad {
+        path: std::path::PathBuf::from(format!("(database) {module_id}")),
+        cause: crate::error::LoadError::Version {
+            version: hash.to_owned(),
+            reason: reason.to_owned(),
+        },
     };
     let (stored_as, bytes) = runner
         .registry()

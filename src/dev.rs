@@ -16,7 +16,7 @@ use modrun::module::{BuiltPlugin, DEFAULT_DEBOUNCE, ReloadEvent, build_plugins, 
 use modrun::{ModuleRunner, TaskLimits};
 use serde_json::Value;
 
-use crate::serve::{Listening, Stack, shutdown_signal};
+use crate::serve::{Listening, shutdown_signal};
 
 /// How `dev` was asked to run.
 pub struct DevOptions {
@@ -44,16 +44,17 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
         max_concurrent: Some(64),
         max_queued: Some(1024),
     };
-    let mut stack = Stack::open(
+    let modrun = crate::serve::open(
         &plugins,
         &options.db,
         options.in_memory,
         limits,
         false,
         &crate::serve::NodeOptions::default(),
+        None,
     )
     .await?;
-    let host = stack.runner.host().clone();
+    let host = modrun.host().clone();
     // One watcher for the tree: components and manifests reload the host,
     // source changes ask for a rebuild (one pending rebuild is enough).
     let (changed, mut changes) = tokio::sync::mpsc::channel(1);
@@ -72,7 +73,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
     }
     let address_file = crate::oneshot::address_file_of(&options.db, options.in_memory);
     let listening = Listening::start(
-        stack.runner.clone(),
+        modrun.runner().clone(),
         options.bind,
         options.token.clone(),
         BrowserPolicy::default(),
@@ -89,7 +90,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
     }
     println!("watching {} for changes; Ctrl-C to stop", plugins.display());
     if builds.broken.is_none() {
-        try_run(&stack.runner, options.run.as_ref());
+        try_run(modrun.runner(), options.run.as_ref());
     }
 
     let stop = shutdown_signal();
@@ -105,7 +106,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
                     let _ = host.load_file(&plugin.path).await;
                 }
                 if !rebuilt.is_empty() {
-                    try_run(&stack.runner, options.run.as_ref());
+                    try_run(modrun.runner(), options.run.as_ref());
                 }
             }
             Ok(event) = reloads.recv() => match event {
@@ -119,7 +120,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<ExitCode> {
             },
         }
     }
-    let _ = stack.shutdown(Duration::from_secs(2)).await;
+    let _ = modrun.shutdown(Duration::from_secs(2)).await;
     listening.stop().await;
     Ok(ExitCode::SUCCESS)
 }

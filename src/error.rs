@@ -134,13 +134,16 @@ pub enum Error {
         problems: Vec<String>,
     },
 
-    /// A component file that could not be loaded.
-    #[error("module file {}: {message}", path.display())]
+    /// A component file that could not be loaded; [`LoadError`] says why.
+    #[cfg(feature = "wasm")]
+    #[error("module file {}: {cause}", path.display())]
     ModuleLoad {
-        /// The file.
+        /// The file (or, for a version fetched from a shared database,
+        /// the module file it would replace).
         path: PathBuf,
-        /// What was wrong.
-        message: String,
+        /// Why it was not loaded.
+        #[source]
+        cause: LoadError,
     },
 
     /// The plugins directory could not be read.
@@ -150,6 +153,18 @@ pub enum Error {
         path: PathBuf,
         /// What was wrong.
         message: String,
+    },
+
+    /// An application's host functions could not be linked: a bad
+    /// interface name, or a function its definition could not define.
+    #[error("host functions of interface {interface}: {source}")]
+    #[cfg(feature = "wasm")]
+    HostFunctions {
+        /// The interface, as it was named.
+        interface: String,
+        /// Why.
+        #[source]
+        source: wasmtime::Error,
     },
 
     /// The WebAssembly engine could not be set up.
@@ -163,6 +178,107 @@ pub enum Error {
     /// The registry's storage thread is gone (it was closed, or it panicked).
     #[error("the run registry is closed")]
     RegistryClosed,
+}
+
+/// Why a module was not loaded. The message of each says what to do.
+#[cfg(feature = "wasm")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The file's name is no module id (`<id>.wasm`).
+    #[error("{0}")]
+    FileName(String),
+
+    /// The module's manifest (`<id>.toml` beside it) is wrong.
+    #[error("{0}")]
+    Manifest(String),
+
+    /// There is no such file.
+    #[error("there is no such file")]
+    Missing,
+
+    /// The file may not or could not be read: not a regular file, a link
+    /// its manifest does not allow, over the size limit, or an I/O error.
+    #[error("{0}")]
+    Unreadable(String),
+
+    /// The bytes are not WebAssembly.
+    #[error("it is not a WebAssembly file")]
+    NotWasm,
+
+    /// The bytes are a core WebAssembly module, not a component.
+    #[error(
+        "it is a core WebAssembly module, not a component; build it for wasm32-wasip2 \
+         (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+
+    /// The component does not validate or compile.
+    #[error("it is not a valid component: {0:#}")]
+    Invalid(#[source] wasmtime::Error),
+
+    /// The component imports an interface this host does not provide, or
+    /// provides with other functions or types. The sandbox gives a plugin
+    /// WASI, modrun's `host`, and the interfaces the application links
+    /// ([`HostFunctions`](crate::module::HostFunctions)); nothing else.
+    #[error(
+        "it imports {interface}, which this host does not provide ({reason}); link it with \
+         the application's host functions, or build the plugin without it"
+    )]
+    MissingImport {
+        /// The interface, as the component names it (`acme:app/kv@0.1.0`).
+        interface: String,
+        /// What exactly is missing or different.
+        reason: String,
+        /// The linker's error.
+        #[source]
+        source: wasmtime::Error,
+    },
+
+    /// The component is not a modrun module: it lacks the `plugin` export,
+    /// or has it with other types.
+    #[error("it is not a modrun module: {0:#}")]
+    NotAModule(#[source] wasmtime::Error),
+
+    /// Its `describe` call trapped or failed.
+    #[error("describe() failed: {0:#}")]
+    DescribeFailed(#[source] wasmtime::Error),
+
+    /// Its `describe` call did not return in time.
+    #[error("describe() took longer than {0:?}")]
+    DescribeTimedOut(std::time::Duration),
+
+    /// It describes itself as another module than its file names.
+    #[error(
+        "it describes itself as module {described:?}, but its file is named for {file:?}; \
+         rename the file {described}.wasm"
+    )]
+    IdMismatch {
+        /// The id its `describe` returned.
+        described: String,
+        /// The id its file name gives.
+        file: String,
+    },
+
+    /// Its parameters schema is not JSON, or not a valid JSON Schema.
+    #[error("its parameters schema {0}")]
+    Schema(String),
+
+    /// The bytes of a version do not match its content hash: the file
+    /// changed since the version was loaded, or a database holds other
+    /// bytes under that hash.
+    #[error("version {version}: {reason}")]
+    Version {
+        /// The content hash wanted.
+        version: String,
+        /// What was found instead.
+        reason: String,
+    },
+
+    /// The compiling thread stopped (it panicked, or the runtime is
+    /// shutting down).
+    #[error("compilation stopped: {0}")]
+    Stopped(String),
 }
 
 /// The library's result type.

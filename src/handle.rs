@@ -10,6 +10,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::{Error, Result};
 use crate::manager::BackgroundTaskManager;
+#[cfg(feature = "wasm")]
 use crate::module::ModuleRunner;
 use crate::registry::{RunEvent, RunRegistry};
 use crate::run::{Run, RunStatus};
@@ -34,11 +35,13 @@ pub struct RunHandle {
 /// executes it), or the manager that holds the task.
 #[derive(Clone)]
 enum Canceller {
+    #[cfg(feature = "wasm")]
     Module(ModuleRunner),
     Task(BackgroundTaskManager),
 }
 
 impl RunHandle {
+    #[cfg(feature = "wasm")]
     pub(crate) fn for_module(run_id: String, runner: &ModuleRunner) -> RunHandle {
         RunHandle {
             run_id,
@@ -56,6 +59,7 @@ impl RunHandle {
     /// The registry the run is recorded in.
     fn registry(&self) -> &RunRegistry {
         match &self.canceller {
+            #[cfg(feature = "wasm")]
             Canceller::Module(runner) => runner.registry(),
             Canceller::Task(manager) => manager.registry(),
         }
@@ -117,6 +121,7 @@ impl RunHandle {
     /// cancelled wherever it executes.
     pub async fn cancel(&self) -> Result<bool> {
         match &self.canceller {
+            #[cfg(feature = "wasm")]
             Canceller::Module(runner) => runner.cancel(&self.run_id).await,
             Canceller::Task(manager) => manager.cancel_task(&self.run_id).await,
         }

@@ -41,11 +41,16 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "wasm")]
 pub mod cluster;
 pub mod error;
 mod handle;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod manager;
+#[cfg(feature = "wasm")]
+mod modrun;
+#[cfg(feature = "wasm")]
 pub mod module;
 pub mod registry;
 pub mod run;
@@ -56,6 +61,13 @@ pub use handle::RunHandle;
 pub use manager::{
     BackgroundTaskManager, CancelReason, Failure, ShutdownReport, TaskLimits, TaskOutput,
 };
-pub use module::{HostConfig, ModuleHost, ModuleRunner};
+#[cfg(feature = "wasm")]
+pub use modrun::{Modrun, ModrunBuilder};
+#[cfg(feature = "wasm")]
+pub use module::{HostConfig, HostFunctions, ModuleHost, ModuleRunner};
 pub use registry::{RunEvent, RunFilter, RunRegistry, RunStore};
 pub use run::{LogEntry, LogLevel, LogSource, Progress, Run, RunStatus, StatusChange, Transition};
+/// The WebAssembly runtime modrun is built on, at the version it uses: for
+/// the types of [host functions](module::HostFunctions).
+#[cfg(feature = "wasm")]
+pub use wasmtime;

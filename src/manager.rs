@@ -203,6 +203,7 @@ struct Tracked {
     queued: bool,
 }
 
+#[cfg_attr(not(feature = "wasm"), allow(dead_code))]
 impl BackgroundTaskManager {
     /// A manager recording into `registry`, with no limits.
     #[must_use]
@@ -726,6 +727,7 @@ impl Inner {
 /// A place for one run claimed from a shared queue, taken before the
 /// claim: its slot, when the manager bounds concurrent tasks. Freed when
 /// dropped unused.
+#[cfg_attr(not(feature = "wasm"), allow(dead_code))]
 pub(crate) struct Room {
     slot: Option<Slot>,
 }
@@ -786,6 +788,7 @@ async fn permit(
     }
 }
 
+#[cfg_attr(not(feature = "wasm"), allow(dead_code))]
 enum Pending {
     /// No bound on concurrent tasks.
     Unlimited,

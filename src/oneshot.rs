@@ -280,7 +280,7 @@ async fn run_here(request: &RunRequest<'_>, registry: RunRegistry) -> anyhow::Re
     let module_id = request.module_id;
     let host = ModuleHost::new(HostConfig::with_shared_cache(request.db))?;
     let file = request.plugins.join(format!("{module_id}.wasm"));
-    if modrun::module::is_safe_module_id(module_id) && !file.exists() {
+    if modrun::module::ModuleId::is_valid(module_id) && !file.exists() {
         let here = modules_in(request.plugins);
         let listed = if here.is_empty() {
             format!("{} holds no modules", request.plugins.display())

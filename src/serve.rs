@@ -1,6 +1,6 @@
 //! `modrun serve`: the HTTP API over the plugins directory, with the run
 //! registry in SQLite, hot reload, and a graceful shutdown. `modrun dev`
-//! serves the same way ([`Stack`], [`Listening`]).
+//! serves the same way ([`open`], [`Listening`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,14 +8,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use modrun::cluster::Claimer;
 use modrun::http::{AppState, BrowserPolicy, router};
-use modrun::module::{DEFAULT_DEBOUNCE, Reloader};
-use modrun::registry::{PostgresOptions, PostgresStore, is_database_url};
-use modrun::{
-    BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunRegistry, ShutdownReport,
-    TaskLimits,
-};
+use modrun::module::shared_cache_dir;
+use modrun::{HostConfig, Modrun, ModuleRunner, TaskLimits};
 
 /// How `serve` was asked to run.
 pub struct ServeOptions {
@@ -30,31 +25,6 @@ pub struct ServeOptions {
     pub node: NodeOptions,
     /// How long finished runs are kept (`None`: for ever).
     pub retain: Option<Duration>,
-}
-
-/// How often `serve` removes the finished runs past their retention.
-const RETENTION_EVERY: Duration = Duration::from_secs(60);
-
-/// Keeps the registry bounded: at once, then every [`RETENTION_EVERY`],
-/// removes the finished runs past `retain` or their module's own
-/// retention, in small batches that starts and status changes pass.
-fn keep_bounded(runner: ModuleRunner, retain: Option<Duration>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            if let Some(cleanup) = runner.retention(retain) {
-                match runner.registry().cleanup(&cleanup).await {
-                    Ok(0) => {}
-                    Ok(removed) => {
-                        tracing::info!(removed, "removed finished runs past their retention");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot remove old runs now; trying again later");
-                    }
-                }
-            }
-            tokio::time::sleep(RETENTION_EVERY).await;
-        }
-    })
 }
 
 /// Who this server is among the nodes sharing a PostgreSQL registry.
@@ -74,113 +44,55 @@ impl Default for NodeOptions {
     }
 }
 
-/// What a server is made of: the registry, a host (watching the plugins
-/// directory, unless its owner watches it), and a runner over them.
-pub struct Stack {
-    pub runner: ModuleRunner,
-    _reloader: Option<Reloader>,
-    /// On a shared database: takes this node's share of the queue.
-    claimer: Option<Claimer>,
-}
-
-impl Stack {
-    /// Opens the registry (`db`, or memory), loads `plugins` into a host
-    /// that caches compiled modules beside the registry, and, with `watch`,
-    /// keeps the host in step with the directory.
-    pub async fn open(
-        plugins: &Path,
-        db: &Path,
-        in_memory: bool,
-        limits: TaskLimits,
-        watch: bool,
-        node: &NodeOptions,
-    ) -> anyhow::Result<Stack> {
-        let location = db.to_string_lossy();
-        let registry = if in_memory {
-            RunRegistry::in_memory()
-        } else if is_database_url(&location) {
-            let defaults = PostgresOptions::default();
-            let options = PostgresOptions {
-                node: node.name.clone().unwrap_or(defaults.node),
-                lease: node.lease,
-                ..PostgresOptions::default()
-            };
-            RunRegistry::new(PostgresStore::connect(&location, options).await?)
-        } else {
-            RunRegistry::open_sqlite(db)?
-        };
-        let config = HostConfig::with_shared_cache(db);
-        if let Some(max) = limits.max_concurrent
-            && max > config.max_instances as usize
-        {
-            anyhow::bail!(
-                "--max-concurrent {max} is more than the {} runs the WebAssembly engine's \
-                 instance pool holds; choose at most that",
-                config.max_instances
-            );
-        }
-        let host = ModuleHost::new(config)?;
-        let report = host.load_dir(plugins).await?;
-        tracing::info!(modules = ?report.loaded, "modules loaded");
-        for failure in &report.failed {
-            tracing::warn!(path = %failure.path.display(), error = %failure.error, "module not loaded");
-        }
-        let reloader = if watch {
-            Some(host.watch(plugins, DEFAULT_DEBOUNCE)?)
-        } else {
-            None
-        };
-        let manager = BackgroundTaskManager::with_limits(registry.clone(), limits);
-        let runner = ModuleRunner::new(host, manager);
-        if !in_memory && !is_database_url(&location) {
-            // A registry file this process holds alone: the runs the last
-            // process left queued are ours to start.
-            let resumed = runner.resume_queued().await?;
-            if resumed > 0 {
-                tracing::info!(
-                    runs = resumed,
-                    "resumed the runs the last process left queued"
-                );
-            }
-        }
-        // On a database several nodes share, the store is the queue: runs
-        // started here may run anywhere, and this node runs its share.
-        let claimer = if runner.registry().is_shared_queue() {
-            Some(runner.claim_from_queue()?)
-        } else {
-            None
-        };
-        // Cancels other nodes sharing the registry asked of this one.
-        if let Some(mut requests) = registry.take_cancel_requests() {
-            let runner = runner.clone();
-            tokio::spawn(async move {
-                while let Some(run_id) = requests.recv().await {
-                    match runner.cancel_here(&run_id).await {
-                        Ok(true) => tracing::info!(run_id, "run cancelled as another node asked"),
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(run_id, error = %e, "cannot cancel a run as another node asked")
-                        }
-                    }
-                }
-            });
-        }
-        Ok(Stack {
-            runner,
-            _reloader: reloader,
-            claimer,
-        })
+/// What a server is made of ([`Modrun`]): the registry (`db`, or
+/// memory), a host that caches compiled modules beside the registry with
+/// `plugins` loaded (and, with `watch`, kept in step with the directory),
+/// and a runner over them; on a shared database, this node's share of the
+/// queue.
+pub async fn open(
+    plugins: &Path,
+    db: &Path,
+    in_memory: bool,
+    limits: TaskLimits,
+    watch: bool,
+    node: &NodeOptions,
+    retain: Option<Duration>,
+) -> anyhow::Result<Modrun> {
+    let max_instances = HostConfig::default().max_instances;
+    if let Some(max) = limits.max_concurrent
+        && max > max_instances as usize
+    {
+        anyhow::bail!(
+            "--max-concurrent {max} is more than the {max_instances} runs the WebAssembly \
+             engine's instance pool holds; choose at most that"
+        );
     }
-
-    /// Stops claiming queued runs, then shuts the task manager down
-    /// ([`BackgroundTaskManager::shutdown`]): runs still queued stay in the
-    /// shared queue for the other nodes.
-    pub async fn shutdown(&mut self, grace: Duration) -> modrun::Result<ShutdownReport> {
-        if let Some(claimer) = self.claimer.take() {
-            claimer.stop().await;
-        }
-        self.runner.manager().shutdown(grace).await
+    let builder = Modrun::builder()
+        .plugins(plugins)
+        .limits(limits)
+        .hot_reload(watch)
+        .cache_dir(shared_cache_dir(db))
+        .lease(node.lease);
+    let builder = if let Some(name) = &node.name {
+        builder.node(name)
+    } else {
+        builder
+    };
+    let builder = match retain {
+        Some(age) => builder.retain(age),
+        None => builder,
+    };
+    let builder = if in_memory {
+        builder.in_memory()
+    } else {
+        builder.store(&db.to_string_lossy())
+    };
+    let modrun = builder.build().await?;
+    tracing::info!(modules = ?modrun.loaded().loaded, "modules loaded");
+    for failure in &modrun.loaded().failed {
+        tracing::warn!(path = %failure.path.display(), error = %failure.error, "module not loaded");
     }
+    Ok(modrun)
 }
 
 /// The API, listening; its address is written beside the registry for
@@ -244,20 +156,20 @@ impl Listening {
 }
 
 pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
-    let mut stack = Stack::open(
+    let modrun = open(
         &options.plugins,
         &options.db,
         options.in_memory,
         options.limits,
         true,
         &options.node,
+        options.retain,
     )
     .await?;
-    let retention = keep_bounded(stack.runner.clone(), options.retain);
     // `modrun run` finds the server holding the registry beside it.
     let address_file = crate::oneshot::address_file_of(&options.db, options.in_memory);
     let listening = Listening::start(
-        stack.runner.clone(),
+        modrun.runner().clone(),
         options.bind,
         options.token,
         options.browser,
@@ -269,8 +181,7 @@ pub async fn run(options: ServeOptions) -> anyhow::Result<ExitCode> {
 
     shutdown_signal().await;
     tracing::info!(grace = ?options.grace, "shutting down: no new runs; waiting for the running ones");
-    retention.abort();
-    let report = stack.shutdown(options.grace).await;
+    let report = modrun.shutdown(options.grace).await;
     listening.stop().await;
     match report {
         Ok(report) => {

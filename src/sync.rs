@@ -19,6 +19,7 @@ impl<T: ?Sized> LockUnpoisoned<T> for Mutex<T> {
 }
 
 /// [`RwLock::read`] and [`RwLock::write`], through poisoning.
+#[cfg_attr(not(feature = "wasm"), allow(dead_code))]
 pub(crate) trait RwLockUnpoisoned<T: ?Sized> {
     /// Shared access, whether or not a panic poisoned the lock.
     fn read_unpoisoned(&self) -> RwLockReadGuard<'_, T>;

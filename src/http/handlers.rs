@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::extract::{ApiPath, ApiQuery};
 use super::{ApiError, AppState};
 use crate::error::Error;
-use crate::module::{CancelAnswer, is_safe_module_id};
+use crate::module::{CancelAnswer, ModuleId};
 use crate::registry::{RunCursor, RunFilter};
 use crate::run::RunStatus;
 
@@ -75,11 +75,8 @@ pub(super) async fn list_modules(State(state): State<AppState>) -> Json<Value> {
 }
 
 fn checked_module_id(module_id: &str) -> Result<(), ApiError> {
-    if is_safe_module_id(module_id) {
-        Ok(())
-    } else {
-        Err(Error::InvalidModuleId(module_id.to_owned()).into())
-    }
+    ModuleId::new(module_id)?;
+    Ok(())
 }
 
 pub(super) async fn get_module(

@@ -17,8 +17,11 @@ use crate::sync::LockUnpoisoned;
 /// The longest log or progress message kept; longer ones are cut.
 const MAX_MESSAGE: usize = 4096;
 
-/// The state of one Store: one run, or one `describe` call at load time.
-pub(crate) struct HostState {
+/// The state of one plugin instance's store: one run, or one `describe`
+/// call as the module loads. An application's own
+/// [host functions](super::HostFunctions) receive it with every call, to
+/// learn which run is calling.
+pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
@@ -40,6 +43,21 @@ impl HostState {
             symlinks_allowed: false,
             run,
         }
+    }
+}
+
+impl HostState {
+    /// The id of the run calling, or `None` while the module is being
+    /// loaded (its `describe` call belongs to no run).
+    #[must_use]
+    pub fn run_id(&self) -> Option<&str> {
+        self.run.as_ref().map(|run| run.run_id.as_str())
+    }
+
+    /// The module whose run is calling; `None` while it is being loaded.
+    #[must_use]
+    pub fn module_id(&self) -> Option<&str> {
+        self.run.as_ref().map(|run| run.module_id.as_str())
     }
 }
 

@@ -20,8 +20,10 @@ use wasmtime_wasi::WasiCtx;
 use super::bindings::{Module, ModulePre};
 use super::engine::{HostConfig, new_engine};
 use super::host::HostState;
+use super::host_functions::HostFunctions;
 use super::manifest::Manifest;
-use crate::error::{Error, Result};
+use super::module_id::ModuleId;
+use crate::error::{Error, LoadError, Result};
 use crate::sync::RwLockUnpoisoned;
 
 /// How long `describe` may take when a module is loaded.
@@ -145,6 +147,8 @@ struct HostInner {
     /// Ties cached machine code to this engine's settings and this modrun.
     engine_key: String,
     linker: Linker<HostState>,
+    /// The interfaces the application linked of its own.
+    linked: Vec<String>,
     config: HostConfig,
     modules: RwLock<HashMap<String, Arc<LoadedModule>>>,
     failures: RwLock<BTreeMap<PathBuf, LoadFailure>>,
@@ -164,14 +168,26 @@ impl std::fmt::Debug for ModuleHost {
 }
 
 impl ModuleHost {
-    /// A host with no modules yet.
+    /// A host with no modules yet, whose plugins get WASI and modrun's
+    /// `host` interface.
     pub fn new(config: HostConfig) -> Result<ModuleHost> {
+        ModuleHost::with_host_functions(config, &HostFunctions::new())
+    }
+
+    /// A host with no modules yet, whose plugins also get the
+    /// application's own `functions`. Plugins that do not import them
+    /// load as with [`new`](Self::new).
+    pub fn with_host_functions(
+        config: HostConfig,
+        functions: &HostFunctions,
+    ) -> Result<ModuleHost> {
         let engine = new_engine(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| super::filesystem::guard(&mut linker))
             .and_then(|()| Module::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s))
             .map_err(|e| Error::Engine(format!("cannot link the host functions: {e:#}")))?;
+        functions.link(&mut linker)?;
         if let Some(cache) = &config.cache_dir {
             prepare_cache_dir(cache)?;
         }
@@ -187,6 +203,7 @@ impl ModuleHost {
                 engine,
                 engine_key,
                 linker,
+                linked: functions.interfaces().map(str::to_owned).collect(),
                 config,
                 modules: RwLock::new(HashMap::new()),
                 failures: RwLock::new(BTreeMap::new()),
@@ -264,11 +281,9 @@ impl ModuleHost {
     /// Loads one module from a plugins directory, `<dir>/<module_id>.wasm`,
     /// and nothing else: what a command that runs one module needs.
     pub async fn load_module(&self, dir: &Path, module_id: &str) -> Result<ModuleSummary> {
-        if !is_safe_module_id(module_id) {
-            return Err(Error::InvalidModuleId(module_id.to_owned()));
-        }
+        let module_id = ModuleId::new(module_id)?;
         self.check_cache_outside(dir)?;
-        self.load_file(&dir.join(format!("{module_id}.wasm"))).await
+        self.load_file(&dir.join(module_id.file_name())).await
     }
 
     /// Loads (or reloads) one component file, and makes it the current
@@ -319,9 +334,9 @@ impl ModuleHost {
     }
 
     async fn load(&self, path: &Path) -> Result<LoadedModule> {
-        let fail = |message: String| Error::ModuleLoad {
+        let fail = |cause: LoadError| Error::ModuleLoad {
             path: path.to_path_buf(),
-            message,
+            cause,
         };
         let id = module_id_of(path).map_err(fail)?;
         let manifest = Manifest::for_component(
@@ -329,14 +344,14 @@ impl ModuleHost {
             &self.inner.config.default_limits,
             self.inner.config.memory_ceiling,
         )
-        .map_err(fail)?;
+        .map_err(|e| fail(LoadError::Manifest(e)))?;
         let host = self.clone();
         let file = path.to_path_buf();
         let follow_symlink = manifest.component.allow_symlink;
         let (component, content_hash) =
             tokio::task::spawn_blocking(move || host.compile(&file, follow_symlink))
                 .await
-                .map_err(|e| fail(format!("compilation stopped: {e}")))?
+                .map_err(|e| fail(LoadError::Stopped(e.to_string())))?
                 .map_err(fail)?;
         self.finish(path, id, manifest, &component, content_hash)
             .await
@@ -352,25 +367,24 @@ impl ModuleHost {
         manifest: Manifest,
         component: &Component,
         content_hash: String,
-    ) -> std::result::Result<LoadedModule, String> {
+    ) -> std::result::Result<LoadedModule, LoadError> {
         let pre = self
             .inner
             .linker
             .instantiate_pre(component)
-            .and_then(ModulePre::new)
-            .map_err(|e| format!("needs something the host does not provide: {e:#}"))?;
+            .map_err(|e| unlinked(e, &self.inner.linked))?;
+        let pre = ModulePre::new(pre).map_err(LoadError::NotAModule)?;
         let info = self.describe(&pre, &manifest).await?;
         if info.id != id {
-            return Err(format!(
-                "it describes itself as module {:?}, but its file is named for {id:?}; \
-                 rename the file {}.wasm",
-                info.id, info.id
-            ));
+            return Err(LoadError::IdMismatch {
+                described: info.id,
+                file: id,
+            });
         }
         let schema: Value = serde_json::from_str(&info.parameters_schema)
-            .map_err(|e| format!("its parameters schema is not JSON: {e}"))?;
+            .map_err(|e| LoadError::Schema(format!("is not JSON: {e}")))?;
         let validator = jsonschema::validator_for(&schema)
-            .map_err(|e| format!("its parameters schema is not a valid JSON Schema: {e}"))?;
+            .map_err(|e| LoadError::Schema(format!("is not a valid JSON Schema: {e}")))?;
         Ok(LoadedModule {
             summary: ModuleSummary {
                 info: super::ModuleInfo {
@@ -397,21 +411,21 @@ impl ModuleHost {
         let summary = &module.summary;
         let (path, max) = (summary.path.clone(), self.inner.config.max_module_bytes);
         let follow_symlink = summary.manifest.component.allow_symlink;
-        let fail = |message: String| Error::ModuleLoad {
+        let fail = |cause: LoadError| Error::ModuleLoad {
             path: summary.path.clone(),
-            message,
+            cause,
         };
         let bytes = tokio::task::spawn_blocking(move || {
             super::plugin_file::read_regular(&path, max, follow_symlink)
         })
         .await
-        .map_err(|e| fail(format!("reading stopped: {e}")))?
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(LoadError::Stopped(e.to_string())))?
+        .map_err(|e| fail(e.into()))?;
         if format!("sha256:{}", sha256_hex(&bytes)) != summary.content_hash {
-            return Err(fail(format!(
-                "it changed since version {} was loaded",
-                summary.content_hash
-            )));
+            return Err(fail(LoadError::Version {
+                version: summary.content_hash.clone(),
+                reason: "the file changed since this version was loaded".into(),
+            }));
         }
         Ok(bytes)
     }
@@ -431,12 +445,18 @@ impl ModuleHost {
             .get(module_id)
             .ok_or_else(|| Error::UnknownModule(module_id.to_owned()))?;
         let path = current.summary.path.clone();
-        let fail = |message: String| Error::ModuleLoad {
+        let fail = |cause: LoadError| Error::ModuleLoad {
             path: path.clone(),
-            message: format!("version {content_hash}: {message}"),
+            cause,
+        };
+        let version = |reason: String| {
+            fail(LoadError::Version {
+                version: content_hash.to_owned(),
+                reason,
+            })
         };
         if bytes.len() as u64 > self.inner.config.max_module_bytes {
-            return Err(fail(format!(
+            return Err(version(format!(
                 "it is {} bytes, over the limit of {}",
                 bytes.len(),
                 self.inner.config.max_module_bytes
@@ -444,7 +464,7 @@ impl ModuleHost {
         }
         let digest = sha256_hex(&bytes);
         if format!("sha256:{digest}") != content_hash {
-            return Err(fail(format!(
+            return Err(version(format!(
                 "the bytes stored for it hash to sha256:{digest}"
             )));
         }
@@ -452,7 +472,7 @@ impl ModuleHost {
         let host = self.clone();
         let component = tokio::task::spawn_blocking(move || host.component(&bytes, &digest))
             .await
-            .map_err(|e| fail(format!("compilation stopped: {e}")))?
+            .map_err(|e| fail(LoadError::Stopped(e.to_string())))?
             .map_err(fail)?;
         let mut loaded = self
             .finish(
@@ -473,10 +493,10 @@ impl ModuleHost {
         &self,
         path: &Path,
         follow_symlink: bool,
-    ) -> std::result::Result<(Component, String), String> {
+    ) -> std::result::Result<(Component, String), LoadError> {
         let max = self.inner.config.max_module_bytes;
-        let bytes = super::plugin_file::read_regular(path, max, follow_symlink)
-            .map_err(|e| e.to_string())?;
+        let bytes =
+            super::plugin_file::read_regular(path, max, follow_symlink).map_err(LoadError::from)?;
         check_component(&bytes)?;
         let digest = sha256_hex(&bytes);
         let component = self.component(&bytes, &digest)?;
@@ -485,7 +505,7 @@ impl ModuleHost {
 
     /// The compiled component for `bytes`: from the cache when it holds
     /// this content compiled by this engine, else compiled (and cached).
-    fn component(&self, bytes: &[u8], digest: &str) -> std::result::Result<Component, String> {
+    fn component(&self, bytes: &[u8], digest: &str) -> std::result::Result<Component, LoadError> {
         let cached = self
             .inner
             .config
@@ -516,8 +536,7 @@ impl ModuleHost {
                 }
             }
         }
-        let component = Component::new(&self.inner.engine, bytes)
-            .map_err(|e| format!("it is not a valid component: {e:#}"))?;
+        let component = Component::new(&self.inner.engine, bytes).map_err(LoadError::Invalid)?;
         self.inner.compiled.fetch_add(1, Ordering::Relaxed);
         if let Some(file) = &cached
             && let Err(e) = store_in_cache(&component, file)
@@ -553,7 +572,7 @@ impl ModuleHost {
         &self,
         pre: &ModulePre<HostState>,
         manifest: &Manifest,
-    ) -> std::result::Result<super::bindings::Info, String> {
+    ) -> std::result::Result<super::bindings::Info, LoadError> {
         let state = HostState::new(
             WasiCtx::builder().build(),
             manifest.limits.memory_bytes,
@@ -571,8 +590,8 @@ impl ModuleHost {
                 .await
         };
         match tokio::time::timeout(DESCRIBE_TIMEOUT, call).await {
-            Err(_) => Err(format!("describe() took longer than {DESCRIBE_TIMEOUT:?}")),
-            Ok(Err(e)) => Err(format!("describe() failed: {e:#}")),
+            Err(_) => Err(LoadError::DescribeTimedOut(DESCRIBE_TIMEOUT)),
+            Ok(Err(e)) => Err(LoadError::DescribeFailed(e)),
             Ok(Ok(info)) => Ok(info),
         }
     }
@@ -660,17 +679,6 @@ impl ModuleHost {
     }
 }
 
-/// Whether `id` is a safe module name: 1 to 64 of lowercase ASCII letters,
-/// digits, `-` and `_`, starting with a letter or digit.
-#[must_use]
-pub fn is_safe_module_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && id.as_bytes()[0].is_ascii_alphanumeric()
-}
-
 /// Creates the cache directory, private to this user.
 fn prepare_cache_dir(dir: &Path) -> Result<()> {
     let fail = |e: std::io::Error| Error::Engine(format!("cache directory {}: {e}", dir.display()));
@@ -692,17 +700,14 @@ fn store_in_cache(component: &Component, file: &Path) -> std::result::Result<(),
 }
 
 /// The module id a component file is named for.
-fn module_id_of(path: &Path) -> std::result::Result<String, String> {
+fn module_id_of(path: &Path) -> std::result::Result<String, LoadError> {
     let stem = path
         .file_stem()
         .and_then(|stem| stem.to_str())
-        .ok_or("its file name is not valid text")?;
-    if !is_safe_module_id(stem) {
-        return Err(format!(
-            "{stem:?} is not a module id: use 1 to 64 lowercase letters, digits, '-' or '_'"
-        ));
-    }
-    Ok(stem.to_owned())
+        .ok_or_else(|| LoadError::FileName("its file name is not valid text".into()))?;
+    ModuleId::new(stem)
+        .map(String::from)
+        .map_err(|e| LoadError::FileName(e.to_string()))
 }
 
 /// The SHA-256 of `bytes`, in hex: a component's content hash after `sha256:`.
@@ -712,18 +717,47 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Whether `bytes` look like a WebAssembly component (and not a core
 /// module), in words when they do not.
-fn check_component(bytes: &[u8]) -> std::result::Result<(), String> {
+fn check_component(bytes: &[u8]) -> std::result::Result<(), LoadError> {
     if bytes.len() < 8 || !bytes.starts_with(b"\0asm") {
-        return Err("it is not a WebAssembly file".into());
+        return Err(LoadError::NotWasm);
     }
     if bytes[4..8] == [1, 0, 0, 0] {
-        return Err(
-            "it is a core WebAssembly module, not a component; build it for \
-             wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
-                .into(),
-        );
+        return Err(LoadError::CoreModule);
     }
     Ok(())
+}
+
+/// Why the linker could not resolve a component's imports: an interface
+/// the host does not provide (named), or any other mismatch. `linked`: the
+/// application's own interfaces.
+fn unlinked(error: wasmtime::Error, linked: &[String]) -> LoadError {
+    // The linker names the import it could not satisfy in the context it
+    // adds: "component imports instance `acme:app/kv`, but a matching…".
+    let messages: Vec<String> = error.chain().map(ToString::to_string).collect();
+    let named = messages.iter().enumerate().find_map(|(at, text)| {
+        let rest = text.strip_prefix("component imports ")?;
+        let (_, rest) = rest.split_once('`')?;
+        let (name, _) = rest.split_once('`')?;
+        Some((at, name.to_owned()))
+    });
+    match named {
+        Some((at, interface)) => {
+            let provided = interface.starts_with("wasi:")
+                || interface.starts_with("modrun:")
+                || linked.contains(&interface);
+            let reason = if provided {
+                messages[at + 1..].join(": ")
+            } else {
+                "the application links no such interface".to_owned()
+            };
+            LoadError::MissingImport {
+                interface,
+                reason,
+                source: error,
+            }
+        }
+        None => LoadError::NotAModule(error),
+    }
 }
 
 /// The component files of a plugins directory (`*.wasm`), in name order:

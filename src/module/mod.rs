@@ -6,6 +6,8 @@
 //! - [`ModuleRunner`] starts runs: validates parameters against the
 //!   module's schema, records the run, and executes it with its limits
 //!   (`runner`), through the host functions of `host`.
+//! - [`HostFunctions`] are the embedding application's own functions that
+//!   its plugins may import (`host_functions`).
 //! - [`Manifest`] is a module's limits and grants (`manifest`).
 //! - [`Reloader`] keeps a host in step with its plugins directory (`reload`).
 //! - [`build_plugins`] builds plugin sources, in Rust, Python or
@@ -17,8 +19,10 @@ mod build;
 mod engine;
 mod filesystem;
 mod host;
+mod host_functions;
 mod loader;
 mod manifest;
+mod module_id;
 mod output;
 mod plugin_file;
 mod reload;
@@ -30,12 +34,15 @@ pub use build::{
     plugin_sources,
 };
 pub use engine::{HostConfig, shared_cache_dir};
+pub use host::HostState;
+pub use host_functions::HostFunctions;
 pub(crate) use loader::LoadedModule;
 pub use loader::{
     CompileStats, LoadFailure, LoadReport, ModuleHost, ModuleInfo, ModuleSummary, ReloadEvent,
-    component_files, is_safe_module_id,
+    component_files,
 };
 pub use manifest::{ComponentFile, DirGrant, Grants, Manifest, ModuleLimits, Retention, parse_age};
+pub use module_id::ModuleId;
 pub use reload::{DEFAULT_DEBOUNCE, Reloader, changes_content};
 pub use runner::{CancelAnswer, ModuleRunner};
 pub use scaffold::new_plugin;

@@ -25,6 +25,15 @@ impl std::fmt::Display for Unread {
     }
 }
 
+impl From<Unread> for crate::error::LoadError {
+    fn from(unread: Unread) -> crate::error::LoadError {
+        match unread {
+            Unread::Missing => crate::error::LoadError::Missing,
+            Unread::Refused(why) => crate::error::LoadError::Unreadable(why),
+        }
+    }
+}
+
 impl From<io::Error> for Unread {
     fn from(e: io::Error) -> Unread {
         match e.kind() {

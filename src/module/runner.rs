@@ -11,8 +11,9 @@ use wasmtime::Trap;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx};
 
 use super::host::{EchoBudget, HostState, RunContext, RunLog};
-use super::loader::{LoadedModule, ModuleHost, is_safe_module_id};
+use super::loader::{LoadedModule, ModuleHost};
 use super::manifest::Grants;
+use super::module_id::ModuleId;
 use super::output::CappedOutput;
 use crate::cluster::{Claimer, Versions};
 use crate::error::{Error, Result};
@@ -160,9 +161,8 @@ impl ModuleRunner {
         parameters: Value,
         key: Option<&str>,
     ) -> Result<String> {
-        if !is_safe_module_id(module_id) {
-            return Err(Error::InvalidModuleId(module_id.to_owned()));
-        }
+        let module_id = ModuleId::new(module_id)?;
+        let module_id = module_id.as_str();
         let module = self
             .host
             .get(module_id)

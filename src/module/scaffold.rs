@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+use super::ModuleId;
 use super::build::{Language, PLUGIN_WIT, PluginSource, javascript, python};
-use super::is_safe_module_id;
 use crate::error::{Error, Result};
 
 /// The files of each language's template: path in the plugin's folder, text.
@@ -40,7 +40,7 @@ const JAVASCRIPT: &[(&str, &str)] = &[
 /// template).
 pub fn new_plugin(plugins: &Path, name: &str, language: Language) -> Result<PluginSource> {
     let id = name.replace('-', "_");
-    if !is_safe_module_id(name) {
+    if !ModuleId::is_valid(name) {
         return Err(Error::Build(format!(
             "{name:?} cannot name a plugin: use 1 to 64 lowercase letters, digits, `-` and `_`, \
              starting with a letter or digit"

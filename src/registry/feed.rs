@@ -227,6 +227,7 @@ impl EventFeed {
 
     /// Whether a kept event says that `run_id` entered `status` at `at`
     /// (nanoseconds): an event another node announced that this feed has.
+    #[cfg(feature = "postgres")]
     pub(crate) fn has_status(&self) -> impl Fn(&str, crate::run::RunStatus, i64) -> bool + use<> {
         let statuses: std::collections::HashSet<(String, crate::run::RunStatus, i64)> = self
             .kept()

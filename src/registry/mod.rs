@@ -16,9 +16,12 @@
 
 mod feed;
 mod memory;
+#[cfg(feature = "postgres")]
 mod postgres;
 mod retention;
+#[cfg(feature = "sqlite")]
 mod sqlite;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod writer;
 
 use std::future::Future;
@@ -33,15 +36,21 @@ use tokio::sync::{broadcast, mpsc};
 
 pub use feed::{EventFeed, FeedPosition, Numbered, Resumed};
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
 pub use postgres::{
     DEFAULT_LEASE, PostgresOptions, PostgresStore, STATEMENT_WAIT, default_node_name,
 };
 pub use retention::{Cleanup, Override, ago};
-pub use sqlite::{INTERRUPTED, SqliteOptions, SqliteReader, SqliteStore, Synchronous};
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SqliteOptions, SqliteReader, SqliteStore, Synchronous};
 
 use crate::error::Result;
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
 use crate::sync::LockUnpoisoned;
+
+/// The message recorded on runs found unfinished when the registry opens.
+pub const INTERRUPTED: &str =
+    "interrupted: the modrun process running it stopped before the run finished";
 
 /// How many cancel requests from other processes may wait to be handled;
 /// past it they are dropped (a shared store re-reads them at its next
@@ -177,6 +186,7 @@ impl Tally {
 const SUMMARY_ERROR_CHARS: usize = 1024;
 
 /// [`RUN_COLUMNS`] as a literal, for backends that read more after them.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 macro_rules! run_columns {
     () => {
         "run_id, module_id, module_name, status, created_at, started_at, completed_at, \
@@ -184,17 +194,20 @@ macro_rules! run_columns {
          module_version, log"
     };
 }
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) use run_columns;
 
 /// The columns of a run summary, as the database stores read them: the
 /// error message cut at [`SUMMARY_ERROR_CHARS`], then its whole length
 /// (for [`mark_cut`]).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) const SUMMARY_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, \
      started_at, completed_at, exit_code, substr(error_message, 1, 1024), \
      length(error_message), progress_fraction, progress_message, module_version";
 
 /// An error message a summary column cut, marked " [cut]" if its whole
 /// length (`chars`) is longer.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn mark_cut(mut message: String, chars: i64) -> String {
     if usize::try_from(chars).is_ok_and(|chars| chars > message.chars().count()) {
         message.push_str(" [cut]");
@@ -207,6 +220,7 @@ pub(crate) fn mark_cut(mut message: String, chars: i64) -> String {
 /// (`?` for SQLite, `$` for PostgreSQL), in this order: the module id if
 /// the filter has one, then the cursor's creation time (nanoseconds) and
 /// run id if it has one.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn listing_sql(columns: &str, filter: &RunFilter, mark: char) -> String {
     let mut sql = format!("SELECT {columns} FROM runs WHERE true");
     let mut parameters = 0;
@@ -667,6 +681,7 @@ pub struct Wanted {
 pub struct RunRegistry {
     store: Arc<dyn RunStore>,
     events: EventFeed,
+    #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
     cancel_requests: Arc<std::sync::Mutex<Option<mpsc::Receiver<String>>>>,
     retention: Arc<Removed>,
 }
@@ -703,6 +718,32 @@ impl std::fmt::Debug for RunRegistry {
     }
 }
 
+/// Defines a registry write that only the task manager and the module
+/// runner make: crate-private, but public to modrun's own tests and
+/// benchmarks (the `test-util` feature), which play nodes and crashed
+/// processes with them.
+macro_rules! manager_write {
+    ($(#[$meta:meta])* async fn $($rest:tt)*) => {
+        #[cfg(feature = "test-util")]
+        $(#[$meta])*
+        #[doc(hidden)]
+        pub async fn $($rest)*
+        #[cfg(not(feature = "test-util"))]
+        $(#[$meta])*
+        pub(crate) async fn $($rest)*
+    };
+    ($(#[$meta:meta])* fn $($rest:tt)*) => {
+        #[cfg(feature = "test-util")]
+        $(#[$meta])*
+        #[doc(hidden)]
+        pub fn $($rest)*
+        #[cfg(not(feature = "test-util"))]
+        $(#[$meta])*
+        pub(crate) fn $($rest)*
+    };
+}
+
+#[cfg_attr(not(feature = "wasm"), allow(dead_code))]
 impl RunRegistry {
     /// A registry over any store.
     #[must_use]
@@ -718,21 +759,25 @@ impl RunRegistry {
         }
     }
 
-    /// The ids of runs this process executes whose cancel another process
-    /// sharing the store asked for ([`request_cancel`](Self::request_cancel)):
-    /// whoever runs them should cancel them. Given once; `None` after.
-    pub fn take_cancel_requests(&self) -> Option<mpsc::Receiver<String>> {
-        self.cancel_requests.lock_unpoisoned().take()
+    manager_write! {
+        /// The ids of runs this process executes whose cancel another process
+        /// sharing the store asked for ([`request_cancel`](Self::request_cancel)):
+        /// whoever runs them should cancel them. Given once; `None` after.
+        fn take_cancel_requests(&self) -> Option<mpsc::Receiver<String>> {
+            self.cancel_requests.lock_unpoisoned().take()
+        }
     }
 
-    /// Asks the process executing an active run (another node on a shared
-    /// database) to cancel it. Returns that node's name, or `None` when
-    /// the run is not active or no other process can execute it.
-    ///
-    /// Refused with [`Error::RegistryUnavailable`](crate::Error::RegistryUnavailable)
-    /// while the store cannot write.
-    pub async fn request_cancel(&self, run_id: &str) -> Result<Option<String>> {
-        self.store.request_cancel(run_id).await
+    manager_write! {
+        /// Asks the process executing an active run (another node on a shared
+        /// database) to cancel it. Returns that node's name, or `None` when
+        /// the run is not active or no other process can execute it.
+        ///
+        /// Refused with [`Error::RegistryUnavailable`](crate::Error::RegistryUnavailable)
+        /// while the store cannot write.
+        async fn request_cancel(&self, run_id: &str) -> Result<Option<String>> {
+            self.store.request_cancel(run_id).await
+        }
     }
 
     /// A registry that lives in this process's memory only.
@@ -748,6 +793,7 @@ impl RunRegistry {
     /// its queued module runs wait for
     /// [`ModuleRunner::resume_queued`](crate::ModuleRunner::resume_queued).
     /// See [`SqliteStore::open`].
+    #[cfg(feature = "sqlite")]
     pub fn open_sqlite(path: impl AsRef<std::path::Path>) -> Result<RunRegistry> {
         Ok(RunRegistry::new(SqliteStore::open(
             path,
@@ -758,6 +804,7 @@ impl RunRegistry {
     /// A registry in a PostgreSQL database (`postgres://user@host:port/db`),
     /// in the schema `modrun`, created or migrated as needed; see
     /// [`PostgresStore::connect`].
+    #[cfg(feature = "postgres")]
     pub async fn open_postgres(url: &str) -> Result<RunRegistry> {
         Ok(RunRegistry::new(
             PostgresStore::connect(url, PostgresOptions::default()).await?,
@@ -767,12 +814,25 @@ impl RunRegistry {
     /// The registry at `location`: a PostgreSQL URL (`postgres://…` or
     /// `postgresql://…`, see [`open_postgres`](Self::open_postgres)), or
     /// else the path of a SQLite file ([`open_sqlite`](Self::open_sqlite)).
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub async fn open(location: &str) -> Result<RunRegistry> {
         if is_database_url(location) {
-            RunRegistry::open_postgres(location).await
-        } else {
-            RunRegistry::open_sqlite(location)
+            #[cfg(feature = "postgres")]
+            return RunRegistry::open_postgres(location).await;
+            #[cfg(not(feature = "postgres"))]
+            return Err(crate::Error::Database {
+                path: location.into(),
+                message: "this build of modrun has no PostgreSQL backend; enable its \"postgres\" feature".into(),
+            });
         }
+        #[cfg(feature = "sqlite")]
+        return RunRegistry::open_sqlite(location);
+        #[cfg(not(feature = "sqlite"))]
+        Err(crate::Error::Database {
+            path: location.into(),
+            message: "this build of modrun has no SQLite backend; enable its \"sqlite\" feature"
+                .into(),
+        })
     }
 
     /// Records a new run. Its history starts with its status at `created_at`.
@@ -783,9 +843,11 @@ impl RunRegistry {
         self.insert(run, Existing::ReplaceFinished).await
     }
 
-    /// Records `run` as [`RunStore::insert`] does, and publishes the event.
-    pub async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
-        self.insert_keyed(run, existing, None).await
+    manager_write! {
+        /// Records `run` as [`RunStore::insert`] does, and publishes the event.
+        async fn insert(&self, run: &Run, existing: Existing) -> Result<()> {
+            self.insert_keyed(run, existing, None).await
+        }
     }
 
     /// [`insert`](Self::insert) of a run started with an idempotency key.
@@ -966,32 +1028,36 @@ impl RunRegistry {
         Ok(())
     }
 
-    /// Applies a status change if the flow allows it from the run's current
-    /// status. Returns whether it applied: of two racing terminal changes,
-    /// exactly one returns `true`.
-    ///
-    /// Refused with [`Error::RegistryUnavailable`](crate::Error::RegistryUnavailable)
-    /// while the store cannot write.
-    //
-    // Not an `async fn`: a run's task awaits these, and a layer of future
-    // state of their own would grow every in-flight task.
-    pub fn transition<'a>(
-        &'a self,
-        change: &'a Transition,
-    ) -> impl Future<Output = Result<bool>> + Send + 'a {
-        self.apply_transition(change, OnUnavailable::Refuse)
+    manager_write! {
+        /// Applies a status change if the flow allows it from the run's current
+        /// status. Returns whether it applied: of two racing terminal changes,
+        /// exactly one returns `true`.
+        ///
+        /// Refused with [`Error::RegistryUnavailable`](crate::Error::RegistryUnavailable)
+        /// while the store cannot write.
+        //
+        // Not an `async fn`: a run's task awaits these, and a layer of future
+        // state of their own would grow every in-flight task.
+        fn transition<'a>(
+            &'a self,
+            change: &'a Transition,
+        ) -> impl Future<Output = Result<bool>> + Send + 'a {
+            self.apply_transition(change, OnUnavailable::Refuse)
+        }
     }
 
-    /// [`transition`](Self::transition) as a run's own task records its
-    /// start and its end: while the store cannot write, the change is held
-    /// and retried until it commits, and this waits for that. So a run that
-    /// finished while the disk was full is recorded finished once there is
-    /// room, and nobody reads it finished before.
-    pub fn hold_transition<'a>(
-        &'a self,
-        change: &'a Transition,
-    ) -> impl Future<Output = Result<bool>> + Send + 'a {
-        self.apply_transition(change, OnUnavailable::Hold)
+    manager_write! {
+        /// [`transition`](Self::transition) as a run's own task records its
+        /// start and its end: while the store cannot write, the change is held
+        /// and retried until it commits, and this waits for that. So a run that
+        /// finished while the disk was full is recorded finished once there is
+        /// room, and nobody reads it finished before.
+        fn hold_transition<'a>(
+            &'a self,
+            change: &'a Transition,
+        ) -> impl Future<Output = Result<bool>> + Send + 'a {
+            self.apply_transition(change, OnUnavailable::Hold)
+        }
     }
 
     async fn apply_transition(
@@ -1010,55 +1076,60 @@ impl RunRegistry {
         Ok(true)
     }
 
-    /// Records the progress an active run reported. Returns `false` if the
-    /// run is unknown or already finished.
-    pub async fn set_progress(&self, run_id: &str, progress: Progress) -> Result<bool> {
-        let Some(module_id) = self.store.set_progress(run_id, &progress).await? else {
-            return Ok(false);
-        };
-        self.publish(|| RunEvent::Progress {
-            run_id: run_id.to_owned(),
-            module_id,
-            progress,
-        });
-        Ok(true)
+    manager_write! {
+        /// Records the progress an active run reported. Returns `false` if the
+        /// run is unknown or already finished.
+        // Runs report progress without waiting (`report_progress`); the
+        // durable form is for the contract tests of every store.
+        #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
+        async fn set_progress(&self, run_id: &str, progress: Progress) -> Result<bool> {
+            let Some(module_id) = self.store.set_progress(run_id, &progress).await? else {
+                return Ok(false);
+            };
+            self.publish(|| RunEvent::Progress {
+                run_id: run_id.to_owned(),
+                module_id,
+                progress,
+            });
+            Ok(true)
+        }
     }
 
-    /// Records the progress a running run of `module_id` reported and tells
-    /// subscribers, without waiting for the record to be durable: what a
-    /// module host does on every progress call.
-    pub fn report_progress(&self, run_id: &str, module_id: &str, progress: Progress) -> Result<()> {
-        self.store.record_progress(run_id, &progress)?;
-        self.publish(|| RunEvent::Progress {
-            run_id: run_id.to_owned(),
-            module_id: module_id.to_owned(),
-            progress,
-        });
-        Ok(())
+    manager_write! {
+        /// Records the progress a running run of `module_id` reported and tells
+        /// subscribers, without waiting for the record to be durable: what a
+        /// module host does on every progress call.
+        fn report_progress(&self, run_id: &str, module_id: &str, progress: Progress) -> Result<()> {
+            self.store.record_progress(run_id, &progress)?;
+            self.publish(|| RunEvent::Progress {
+                run_id: run_id.to_owned(),
+                module_id: module_id.to_owned(),
+                progress,
+            });
+            Ok(())
+        }
     }
 
-    /// Saves a run's log (replacing what was saved), whatever its status.
-    /// Returns `false` if the run is unknown.
-    pub async fn set_log(&self, run_id: &str, log: &[LogEntry]) -> Result<bool> {
-        self.store.set_log(run_id, log).await
+    manager_write! {
+        /// Saves a run's log without waiting (see [`RunStore::record_log`]):
+        /// what a stopped run's work does as it is dropped. A later
+        /// [`flush`](Self::flush) returns once it is durable.
+        fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()> {
+            self.store.record_log(run_id, log)
+        }
     }
 
-    /// Saves a run's log without waiting (see [`RunStore::record_log`]):
-    /// what a stopped run's work does as it is dropped. A later
-    /// [`flush`](Self::flush) returns once it is durable.
-    pub fn record_log(&self, run_id: &str, log: Vec<LogEntry>) -> Result<()> {
-        self.store.record_log(run_id, log)
-    }
-
-    /// Tells subscribers, as it happens, that a run wrote to its log. Nothing
-    /// is stored: [`set_log`](Self::set_log) saves the log.
-    pub fn publish_log(&self, run_id: &str, module_id: &str, entry: &LogEntry) {
-        self.store.announce_log(run_id, module_id, entry);
-        self.publish(|| RunEvent::Log {
-            run_id: run_id.to_owned(),
-            module_id: module_id.to_owned(),
-            entry: entry.clone(),
-        });
+    manager_write! {
+        /// Tells subscribers, as it happens, that a run wrote to its log. Nothing
+        /// is stored: [`set_log`](Self::set_log) saves the log.
+        fn publish_log(&self, run_id: &str, module_id: &str, entry: &LogEntry) {
+            self.store.announce_log(run_id, module_id, entry);
+            self.publish(|| RunEvent::Log {
+                run_id: run_id.to_owned(),
+                module_id: module_id.to_owned(),
+                entry: entry.clone(),
+            });
+        }
     }
 
     /// The run started with this idempotency key, if any.

@@ -113,6 +113,7 @@ pub fn ago(age: Duration) -> DateTime<Utc> {
 /// A time as the stores keep it: nanoseconds since the epoch, clamped
 /// to what that holds (a limit before 1677 removes nothing, one after
 /// 2262 everything finished).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn nanos_clamped(at: DateTime<Utc>) -> i64 {
     at.timestamp_nanos_opt().unwrap_or(if at.timestamp() < 0 {
         i64::MIN

@@ -76,5 +76,9 @@ mod polyglot;
 /// generated form, cancelling, a failure, a load error, signing in.
 mod dashboard;
 
+/// Embedding: the one entry point, the application's own host functions
+/// (linked, missing, mistyped, misnamed), and typed load errors.
+mod embed;
+
 /// Helpers shared by the tests: temporary registries and waiting with deadlines.
 mod support;

@@ -105,14 +105,19 @@ pub async fn statuses(registry: &RunRegistry, run_id: &str) -> Vec<RunStatus> {
 }
 
 /// The plugin components the tests use, built once per test binary from
-/// `plugins/` (the bundled ones) and `tests/plugins/` (the hostile ones).
+/// `plugins/` (the bundled ones), `tests/plugins/` (the hostile ones) and
+/// `examples/embed/` (the one that imports an application's interface).
 pub fn built_plugins() -> &'static std::path::Path {
     static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     BUILT.get_or_init(|| {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let scratch = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
         let out = scratch.join("plugins");
-        for workspace in [root.join("plugins"), root.join("tests/plugins")] {
+        for workspace in [
+            root.join("plugins"),
+            root.join("tests/plugins"),
+            root.join("examples/embed"),
+        ] {
             modrun::module::build_plugins(&workspace, &scratch.join("plugins-target"), &out)
                 .unwrap_or_else(|e| panic!("{e}"));
         }

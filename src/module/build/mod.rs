@@ -138,7 +138,7 @@ pub fn plugin_sources(plugins: &Path) -> Vec<PluginSource> {
             }
             let language = detect(&dir)?;
             let id = name.replace('-', "_");
-            super::is_safe_module_id(&id).then_some(PluginSource { id, dir, language })
+            super::ModuleId::is_valid(&id).then_some(PluginSource { id, dir, language })
         })
         .collect();
     sources.sort_by(|a, b| a.id.cmp(&b.id));

@@ -49,7 +49,6 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 pub use reader::SqliteReader;
 use rusqlite::Connection;
-pub use schema::INTERRUPTED;
 
 use super::writer::{Queue, Shared, Write};
 use super::{

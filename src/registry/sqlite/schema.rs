@@ -2,6 +2,7 @@
 //! the versioned migrations, recovery of runs a previous process left
 //! unfinished, and SQLite's errors put in words.
 
+use crate::registry::INTERRUPTED;
 use std::fs::File;
 use std::path::Path;
 use std::time::Duration;
@@ -21,10 +22,6 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_idempotency.sql"),
     include_str!("migrations/0005_queue.sql"),
 ];
-
-/// The message recorded on runs found unfinished when the registry opens.
-pub const INTERRUPTED: &str =
-    "interrupted: the modrun process running it stopped before the run finished";
 
 /// How long the writer waits for a lock another process holds before it
 /// calls the registry unavailable. No other modrun writes the file (the lock
