@@ -167,6 +167,22 @@ pub enum Error {
         source: wasmtime::Error,
     },
 
+    /// A setting, or a combination of settings, that cannot work; the
+    /// message says which and what would.
+    #[error("{0}")]
+    InvalidConfig(String),
+
+    /// The compiled-module cache directory could not be made private to
+    /// this user.
+    #[error("cache directory {}: {source}", path.display())]
+    CacheDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The WebAssembly engine could not be set up.
     #[error("WebAssembly engine: {0}")]
     Engine(String),

@@ -7,6 +7,20 @@
 //!   memory or in a SQLite file that survives crashes.
 //! - [`BackgroundTaskManager`]: starts futures as tracked tasks, with limits,
 //!   cancellation and graceful shutdown.
+//! - [`RunHandle`]: what a start returns: the run's id, a wait for its
+//!   end, a cancel, and its own events.
+//! - `Modrun` (feature `wasm`): the one entry point for WebAssembly plugins,
+//!   built from a plugins directory, a store, limits, a compiled-module
+//!   cache and the application's own
+//!   [host functions](module::HostFunctions).
+//!
+//! # Features
+//!
+//! `cli` (the default) is everything the `modrun` command needs. With
+//! `default-features = false` the crate is the task manager, run handles and
+//! the memory store, and compiles no wasmtime, SQLite, PostgreSQL or HTTP;
+//! add `wasm` (plugins), `sqlite`, `postgres` and `http` (the API and the
+//! dashboard) as needed.
 //!
 //! # Quick start
 //!

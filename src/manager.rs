@@ -3,7 +3,8 @@
 //!
 //! The registry is the one judge of how a run ends: the task and a canceller
 //! both ask it for a terminal status, and its conditional
-//! [`transition`](RunRegistry::transition) lets exactly one of them win.
+//! status change ([`RunStore::transition`](crate::RunStore::transition))
+//! lets exactly one of them win.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;

@@ -348,7 +348,7 @@ impl ModrunBuilder {
         if let Some(max) = self.limits.max_concurrent
             && max > self.host.max_instances as usize
         {
-            return Err(Error::Engine(format!(
+            return Err(Error::InvalidConfig(format!(
                 "max_concurrent {max} is more than the {} runs the WebAssembly engine's \
                  instance pool holds; choose at most that, or raise HostConfig::max_instances",
                 self.host.max_instances

@@ -681,7 +681,10 @@ impl ModuleHost {
 
 /// Creates the cache directory, private to this user.
 fn prepare_cache_dir(dir: &Path) -> Result<()> {
-    let fail = |e: std::io::Error| Error::Engine(format!("cache directory {}: {e}", dir.display()));
+    let fail = |source: std::io::Error| Error::CacheDir {
+        path: dir.to_path_buf(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(fail)?;
     #[cfg(unix)]
     {

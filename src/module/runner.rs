@@ -284,7 +284,7 @@ impl ModuleRunner {
     /// this runner claims already.
     pub fn claim_from_queue(&self) -> Result<Claimer> {
         if !self.registry().is_shared_queue() {
-            return Err(Error::Engine(
+            return Err(Error::InvalidConfig(
                 "this registry is not a queue several nodes share (PostgreSQL); runs start \
                  where they are started"
                     .into(),
@@ -292,7 +292,7 @@ impl ModuleRunner {
         }
         let versions = Arc::new(Versions::default());
         if self.queue.set(versions.clone()).is_err() {
-            return Err(Error::Engine(
+            return Err(Error::InvalidConfig(
                 "this runner claims from its queue already".into(),
             ));
         }
@@ -423,7 +423,7 @@ impl ModuleRunner {
 
     /// Cancels a run this node executes, or one queued for no node yet;
     /// for a run another node executes, asks that node to
-    /// ([`RunRegistry::request_cancel`]).
+    /// ([`RunStore::request_cancel`](crate::RunStore::request_cancel)).
     pub async fn cancel_or_ask(&self, run_id: &str) -> Result<CancelAnswer> {
         if self.cancel_here(run_id).await? {
             return Ok(CancelAnswer::Cancelled);

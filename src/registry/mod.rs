@@ -12,7 +12,7 @@
 //! another process) says so in [`RunRegistry::health`]; starts and cancels
 //! are then refused with [`Error::RegistryUnavailable`](crate::Error::RegistryUnavailable),
 //! while the status changes of runs already going are held and committed
-//! once it can write again ([`RunRegistry::hold_transition`]).
+//! once it can write again ([`OnUnavailable::Hold`]).
 
 mod feed;
 mod memory;
