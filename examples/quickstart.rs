@@ -1,5 +1,5 @@
 //! The task-management guide's Quick Start, in Rust and with real modules:
-//! a registry, a manager, a module host loading `plugins/`, a run of `hello`
+//! modrun over `plugins/` with runs kept in a SQLite file, a run of `hello`
 //! and one of `countdown` followed through its handle's events, the
 //! countdown cancelled a third of the way, and each run's end awaited.
 //!
@@ -13,9 +13,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use modrun::module::build_plugins;
-use modrun::{
-    BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, RunEvent, RunRegistry, TaskLimits,
-};
+use modrun::{Modrun, RunEvent, TaskLimits};
 use serde_json::json;
 
 #[tokio::main]
@@ -30,30 +28,32 @@ async fn main() -> anyhow::Result<()> {
         println!("  {} -> {}", plugin.id, plugin.path.display());
     }
 
-    // The guide's setup: a registry and a manager; plus the module host.
-    let registry = RunRegistry::open_sqlite(root.join(".modrun/registry.db"))?;
-    let limits = TaskLimits {
-        max_concurrent: Some(8),
-        max_queued: Some(100),
-    };
-    let manager = BackgroundTaskManager::with_limits(registry.clone(), limits);
-    let host = ModuleHost::new(HostConfig::default())?;
-    let report = host.load_dir(&plugins).await?;
-    println!("loaded modules: {}", report.loaded.join(", "));
-    for failure in &report.failed {
+    // The guide's setup — a registry and a task manager with limits — and
+    // the module host over plugins/, in one: compiled modules are cached
+    // beside the registry file, so the next start compiles nothing.
+    let modrun = Modrun::builder()
+        .plugins(&plugins)
+        .sqlite(root.join(".modrun/registry.db"))
+        .limits(TaskLimits {
+            max_concurrent: Some(8),
+            max_queued: Some(100),
+        })
+        .build()
+        .await?;
+    println!("loaded modules: {}", modrun.loaded().loaded.join(", "));
+    for failure in &modrun.loaded().failed {
         println!(
             "  not loaded: {}: {}",
             failure.path.display(),
             failure.error
         );
     }
-    let runner = ModuleRunner::new(host, manager.clone());
 
     // Fire and forget: each start returns a handle once the run is recorded.
-    let hello = runner
+    let hello = modrun
         .start("hello", json!({"name": "Ada", "times": 3}))
         .await?;
-    let countdown = runner
+    let countdown = modrun
         .start("countdown", json!({"seconds": 6, "step_ms": 250}))
         .await?;
     println!("started hello {hello} and countdown {countdown}");
@@ -88,10 +88,10 @@ async fn main() -> anyhow::Result<()> {
         if let Some(error) = &run.error_message {
             println!("  error: {error}");
         }
-        for change in registry.history(handle).await? {
+        for change in modrun.registry().history(handle).await? {
             println!("  {}  {}", change.at.format("%H:%M:%S%.3f"), change.status);
         }
     }
-    manager.shutdown(Duration::from_secs(5)).await?;
+    modrun.shutdown(Duration::from_secs(5)).await?;
     Ok(())
 }

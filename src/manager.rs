@@ -253,7 +253,7 @@ impl BackgroundTaskManager {
         F::Output: TaskOutput,
     {
         let run_id = self
-            .start_gated_task(run.requeued(), None, None, work)
+            .start_gated_task(run.requeued(), None, None, Record::Adopt, work)
             .await?;
         Ok(RunHandle::for_task(run_id, self))
     }
@@ -272,6 +272,7 @@ impl BackgroundTaskManager {
         run: Run,
         key: Option<Box<str>>,
         gate: Option<Arc<Gate>>,
+        record: Record,
         work: F,
     ) -> Result<String>
     where
@@ -282,6 +283,10 @@ impl BackgroundTaskManager {
             return Err(Error::ShuttingDown);
         }
         let (task, slot) = self.admit(&run.run_id, gate.as_deref())?;
+        let (slot, record) = match record {
+            Record::Fresh => ready_now(slot, gate.as_deref()),
+            Record::Adopt => (slot, Record::Adopt),
+        };
         let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
         let run_id = run.run_id.clone();
         // The task records the run itself, so that once a start has begun it
@@ -294,7 +299,7 @@ impl BackgroundTaskManager {
             task,
             slot,
             gate,
-            Some(Box::new((run, key))),
+            Some(Box::new(NewRun { run, key, record })),
             Some(recorded),
             work,
         );
@@ -832,7 +837,7 @@ async fn execute<F>(
     end: TaskEnd,
     slot: Pending,
     gate: Option<Arc<Gate>>,
-    run: Option<Box<(Run, Option<Box<str>>)>>,
+    run: Option<Box<NewRun>>,
     recorded: Option<oneshot::Sender<Result<()>>>,
     work: F,
 ) where
@@ -840,11 +845,25 @@ async fn execute<F>(
     F::Output: TaskOutput,
 {
     let (inner, run_id, token) = (&end.inner, &*end.run_id, &end.token);
-    if let Some(new) = run {
-        let inserted = inner
-            .registry
-            .insert_keyed(&new.0, Existing::AdoptQueued, new.1.as_deref())
-            .await;
+    if let Some(mut new) = run {
+        let inserted = match new.record {
+            Record::Adopt => {
+                inner
+                    .registry
+                    .insert_keyed(&new.run, Existing::AdoptQueued, new.key.as_deref())
+                    .await
+            }
+            Record::Fresh => {
+                // Marked before the registry is, as below.
+                inner.mark_started(run_id);
+                new.run.status = RunStatus::Running;
+                new.run.started_at = Some(chrono::Utc::now());
+                inner
+                    .registry
+                    .enqueue(&new.run, 1, new.key.as_deref())
+                    .await
+            }
+        };
         drop(new);
         let failed = inserted.is_err();
         if let Some(recorded) = recorded {
@@ -923,6 +942,58 @@ async fn execute<F>(
         Ok(false) => {}
         Err(e) => tracing::error!(error = %e, status = %change.to, "cannot record the run's end"),
     }
+}
+
+/// A fresh run's room, when everything it needs to start is free now:
+/// then it holds it all (as a run claimed from a queue does) and is
+/// recorded queued and running in one write, one commit fewer before its
+/// work begins. Otherwise it waits as any run does, recorded `Queued`.
+fn ready_now(slot: Pending, gate: Option<&Gate>) -> (Pending, Record) {
+    let (slot, first) = match slot {
+        Pending::Ready(slot, first) => (Some(slot), first),
+        Pending::Unlimited if gate.is_none_or(|gate| gate.first.is_none()) => (None, None),
+        slot => return (slot, Record::Adopt),
+    };
+    let then = match gate.and_then(|gate| gate.then.clone()) {
+        None => None,
+        Some(pool) => match pool.try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            // Given back as they were: the run waits for its turn.
+            Err(_) => {
+                let slot = match slot {
+                    Some(slot) => Pending::Ready(slot, first),
+                    None => Pending::Unlimited,
+                };
+                return (slot, Record::Adopt);
+            }
+        },
+    };
+    let held = Held {
+        _slot: slot,
+        _first: first,
+        _then: then,
+        attempt: None,
+    };
+    (Pending::Claimed(Box::new(held)), Record::Fresh)
+}
+
+/// A run its task records as it starts: the record, its idempotency key,
+/// and how.
+struct NewRun {
+    run: Run,
+    key: Option<Box<str>>,
+    record: Record,
+}
+
+/// How a task's run is recorded as it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// A run no one has recorded (a new module run): when it can start at
+    /// once, it is recorded queued and running in one write.
+    Fresh,
+    /// A run its caller may have added `Queued` already (the guide's way),
+    /// or one resumed from its record: adopted, then marked running.
+    Adopt,
 }
 
 /// What a started run holds until it ends: its slot and its gate's permits.

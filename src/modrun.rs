@@ -62,7 +62,7 @@ pub struct Modrun {
     claimer: Mutex<Option<Claimer>>,
     /// The tasks this entry point keeps going (cancels other nodes asked
     /// for, retention): stopped with it.
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Modrun {
@@ -193,14 +193,19 @@ impl Modrun {
     /// Stops taking runs: stops claiming from a shared queue (its queued
     /// runs stay there for the other nodes), then shuts the task manager
     /// down, giving running runs `grace` to finish before they are
-    /// cancelled ([`BackgroundTaskManager::shutdown`]).
+    /// cancelled ([`BackgroundTaskManager::shutdown`]). Once this returns
+    /// and the `Modrun` is dropped, nothing holds its store: a SQLite file
+    /// may be opened again.
     pub async fn shutdown(&self, grace: Duration) -> Result<ShutdownReport> {
         let claimer = self.claimer.lock_unpoisoned().take();
         if let Some(claimer) = claimer {
             claimer.stop().await;
         }
-        for task in &self.tasks {
+        let tasks = std::mem::take(&mut *self.tasks.lock_unpoisoned());
+        for task in tasks {
             task.abort();
+            // Gone, with the registry it holds, once this returns.
+            let _ = task.await;
         }
         self.runner.manager().shutdown(grace).await
     }
@@ -208,7 +213,7 @@ impl Modrun {
 
 impl Drop for Modrun {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self.tasks.lock_unpoisoned().iter() {
             task.abort();
         }
     }
@@ -424,7 +429,7 @@ impl ModrunBuilder {
             loaded,
             _reloader: reloader,
             claimer: Mutex::new(claimer),
-            tasks,
+            tasks: Mutex::new(tasks),
         })
     }
 }

@@ -214,10 +214,7 @@ const LAST_RETRY: Duration = Duration::from_secs(2);
 /// How long a closing store keeps trying to commit what it holds.
 const CLOSING_RETRIES_FOR: Duration = Duration::from_secs(5);
 
-/// A batch this large means writes are pouring in: worth lingering for more.
-const BUSY_BATCH: usize = 8;
-
-/// How long a busy writer keeps looking for more work before it sleeps.
+/// How long the writer keeps looking for more work before it sleeps.
 const WRITER_LINGER: Duration = Duration::from_micros(200);
 
 /// The writer thread's database and what it shares with the store.
@@ -244,7 +241,6 @@ impl<B: Backend> Writer<B> {
         // Cleanups, each committed alone once no other write waits: a
         // start or a status change never waits behind more than one.
         let mut cleanups: std::collections::VecDeque<Write> = std::collections::VecDeque::new();
-        let mut busy = false;
         let mut backoff = FIRST_RETRY;
         let mut closed_at: Option<Instant> = None;
         loop {
@@ -257,7 +253,7 @@ impl<B: Backend> Writer<B> {
                 batch.append(&mut held);
             } else if closed_at.is_none() {
                 if cleanups.is_empty() {
-                    match next_write(queue, busy) {
+                    match next_write(queue) {
                         Some(write) => batch.push(write),
                         None => closed_at = Some(Instant::now()),
                     }
@@ -288,7 +284,6 @@ impl<B: Backend> Writer<B> {
             if closed_at.is_some() && batch.is_empty() {
                 return;
             }
-            busy = batch.len() >= BUSY_BATCH;
             match self.commit(&mut batch) {
                 Ok(()) => backoff = FIRST_RETRY,
                 Err(reason) => {
@@ -383,18 +378,21 @@ fn wait_out(
 
 /// The next write, or `None` once every sender is gone.
 ///
-/// Under load (`busy`), writes arrive every few microseconds: the writer
-/// lingers a moment, yielding its core, before it blocks, because waking a
-/// sleeping thread costs each sender a system call and the writer a context
-/// switch, more than the write itself. When writes come one at a time it
-/// blocks at once, leaving the core to whoever is producing them.
-fn next_write(queue: &mpsc::Receiver<Write>, busy: bool) -> Option<Write> {
+/// The writer lingers a moment after each commit, yielding its core,
+/// before it blocks: waking a sleeping thread costs the sender a system
+/// call and the writer a trip through the scheduler, more than a commit
+/// itself (measured here: an awaited write took 212 us blocking at once,
+/// 105 us lingering, against 71-90 us for the bare commit). Under load
+/// the next write comes within microseconds; one run at a time, its next
+/// write (its end, or the next start) comes within a run's length. Idle,
+/// the writer spends at most the linger, yielding, then sleeps.
+fn next_write(queue: &mpsc::Receiver<Write>) -> Option<Write> {
     let since = Instant::now();
     loop {
         match queue.try_recv() {
             Ok(write) => return Some(write),
             Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) if busy && since.elapsed() < WRITER_LINGER => {
+            Err(mpsc::TryRecvError::Empty) if since.elapsed() < WRITER_LINGER => {
                 std::thread::yield_now();
             }
             Err(mpsc::TryRecvError::Empty) => return queue.recv().ok(),
