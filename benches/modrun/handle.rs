@@ -21,7 +21,11 @@ pub(super) async fn handle_figures(quick: bool, rows: &mut Vec<Row>) -> anyhow::
     // Both ways measured warm: the first runs pay for the instance pool's
     // first slots and the allocator's first pages.
     for _ in 0..count / 10 {
-        runner.start("hello", parameters.clone()).await?.wait().await?;
+        runner
+            .start("hello", parameters.clone())
+            .await?
+            .wait()
+            .await?;
     }
     let mut events = runner.registry().subscribe();
     let begin = Instant::now();

@@ -8,7 +8,7 @@ use modrun::wasmtime::StoreContextMut;
 use modrun::{Error, Modrun, RunStatus, TaskLimits};
 use serde_json::json;
 
-use crate::support::{built_plugins, plugins_dir, test_host_config};
+use crate::support::{built_plugins, plugins_dir, test_host_config, wait_until};
 
 /// The application's `acme:app/kv` over `table`, recording which run asked
 /// for which key.
@@ -272,4 +272,61 @@ async fn load_failures_say_their_cause_in_a_type() {
         cause(host.load_file(&dir.path().join("absent.wasm")).await),
         LoadError::Missing
     ));
+}
+
+#[tokio::test]
+async fn an_async_host_function_may_await_and_a_cancel_stops_the_run_inside_it() {
+    let dir = plugins_dir(&["lookup"]);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let waiting = Arc::new(tokio::sync::Notify::new());
+    let (held, entered) = (release.clone(), waiting.clone());
+    let functions = HostFunctions::new().interface("acme:app/kv@0.1.0", move |kv| {
+        let (held, entered) = (held.clone(), entered.clone());
+        kv.func_wrap_async(
+            "get",
+            move |_store: StoreContextMut<'_, HostState>, (key,): (String,)| {
+                let (held, entered) = (held.clone(), entered.clone());
+                Box::new(async move {
+                    // The application's own I/O: here, a wait only the
+                    // test ends (keys named "slow"), else a short sleep.
+                    if key == "slow" {
+                        entered.notify_one();
+                        held.notified().await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Ok((Some(key.to_uppercase()),))
+                })
+            },
+        )
+    });
+    let modrun = Modrun::builder()
+        .plugins(dir.path())
+        .host_config(test_host_config())
+        .host_functions(functions)
+        .build()
+        .await
+        .unwrap();
+    let run = modrun
+        .run("lookup", json!({"keys": ["ada", "bo"]}))
+        .await
+        .unwrap();
+    assert_eq!(run.output, Some(json!({"ada": "ADA", "bo": "BO"})));
+    let holders = Arc::strong_count(&release);
+
+    let stuck = modrun
+        .start("lookup", json!({"keys": ["slow"]}))
+        .await
+        .unwrap();
+    waiting.notified().await;
+    assert_eq!(Arc::strong_count(&release), holders + 1);
+    assert!(stuck.cancel().await.unwrap());
+    assert_eq!(stuck.wait().await.unwrap().status, RunStatus::Cancelled);
+    // Nothing is left waiting inside the host function: the run's work,
+    // dropped as the cancel stops it, took the host call's future with it.
+    wait_until("the host call's future dropped", || {
+        Arc::strong_count(&release) == holders
+    })
+    .await;
+    release.notify_waiters();
 }
