@@ -52,9 +52,31 @@ pub(super) fn enqueue(tx: &rusqlite::Transaction<'_>, run: &Run) -> rusqlite::Re
         }
         return Ok(outcome);
     };
-    let mut queued = run.clone();
-    queued.status = RunStatus::Queued;
-    queued.started_at = None;
+    // The common case, a new id: the run, running, and its two history
+    // entries, in three statements.
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
+             completed_at, parameters, exit_code, error_message, output, progress_fraction, \
+             progress_message, module_version, log, history_len, attempt) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, 1) \
+             ON CONFLICT (run_id) DO NOTHING",
+        )?
+        .execute(run_values(run, 2)?)?;
+    if inserted == 1 {
+        let id = tx.last_insert_rowid();
+        let queued = StatusChange {
+            status: RunStatus::Queued,
+            at: run.created_at,
+            message: None,
+        };
+        add_history(tx, id, 0, &queued)?;
+        let mut running = Transition::running(&run.run_id);
+        running.at = started_at;
+        add_history(tx, id, 1, &running.status_change())?;
+        return Ok(Outcome::Done);
+    }
+    let queued = queued_part(run);
     let outcome = insert(tx, &queued, Existing::ReplaceFinished)?;
     if matches!(outcome, Outcome::Done) {
         let mut running = Transition::running(&run.run_id);
@@ -64,6 +86,14 @@ pub(super) fn enqueue(tx: &rusqlite::Transaction<'_>, run: &Run) -> rusqlite::Re
             .execute([&run.run_id])?;
     }
     Ok(outcome)
+}
+
+/// `run` as it was before it started: queued.
+fn queued_part(run: &Run) -> Run {
+    let mut queued = run.clone();
+    queued.status = RunStatus::Queued;
+    queued.started_at = None;
+    queued
 }
 
 /// Claims queued runs: of each wanted version at most its count, `limit`
@@ -346,46 +376,57 @@ pub(super) fn add_history(
 }
 
 /// Applies `change` if the status flow allows it; returns the module id.
+///
+/// One statement changes the run and says what it was (`RETURNING`), one
+/// adds the history entry: the status flow ([`RunStatus::can_become`]) is
+/// the `WHERE` clause, so a run the change does not apply to is left
+/// untouched.
 pub(super) fn apply_transition(
     tx: &rusqlite::Transaction<'_>,
     change: &Transition,
 ) -> rusqlite::Result<Option<String>> {
-    let Some(stored) = current(tx, &change.run_id)? else {
-        return Ok(None);
-    };
-    if !stored.status.can_become(change.to) {
-        return Ok(None);
-    }
+    debug_assert!(
+        RunStatus::Queued.can_become(change.to)
+            && RunStatus::Running.can_become(change.to) == change.to.is_terminal()
+    );
     let at = nanos(change.at)?;
-    if change.to.is_terminal() {
+    let changed = if change.to.is_terminal() {
         tx.prepare_cached(
             "UPDATE runs SET status = ?2, completed_at = ?3, exit_code = ?4, error_message = ?5, \
-             output = coalesce(?6, output), log = coalesce(?7, log), history_len = ?8 \
-             WHERE id = ?1",
+             output = coalesce(?6, output), log = coalesce(?7, log), \
+             history_len = history_len + 1 \
+             WHERE run_id = ?1 AND status IN ('queued', 'running') \
+             RETURNING id, history_len - 1, module_id",
         )?
-        .execute(params![
-            stored.id,
-            change.to.as_str(),
-            at,
-            change.exit_code,
-            change.error_message,
-            change.output.as_ref().map(json_text).transpose()?,
-            change.log.as_deref().map(log_text).transpose()?.flatten(),
-            stored.history_len + 1,
-        ])?;
+        .query_row(
+            params![
+                change.run_id,
+                change.to.as_str(),
+                at,
+                change.exit_code,
+                change.error_message,
+                change.output.as_ref().map(json_text).transpose()?,
+                change.log.as_deref().map(log_text).transpose()?.flatten(),
+            ],
+            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get(2)?)),
+        )
+        .optional()?
     } else {
         tx.prepare_cached(
-            "UPDATE runs SET status = ?2, started_at = ?3, history_len = ?4 WHERE id = ?1",
+            "UPDATE runs SET status = ?2, started_at = ?3, history_len = history_len + 1 \
+             WHERE run_id = ?1 AND status = 'queued' \
+             RETURNING id, history_len - 1, module_id",
         )?
-        .execute(params![
-            stored.id,
-            change.to.as_str(),
-            at,
-            stored.history_len + 1
-        ])?;
-    }
-    add_history(tx, stored.id, stored.history_len, &change.status_change())?;
-    Ok(Some(stored.module_id))
+        .query_row(params![change.run_id, change.to.as_str(), at], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get(2)?))
+        })
+        .optional()?
+    };
+    let Some((id, seq, module_id)) = changed else {
+        return Ok(None);
+    };
+    add_history(tx, id, seq, &change.status_change())?;
+    Ok(Some(module_id))
 }
 
 pub(super) fn select_run(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Run>> {
