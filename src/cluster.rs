@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::ModuleRunner;
 use crate::module::LoadedModule;
@@ -274,7 +275,9 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
     let mut reloads = runner.host().subscribe();
     let mut last_prune = Instant::now();
     let mut last_fetch = Instant::now();
-    let mut fetching: Option<tokio::task::JoinHandle<()>> = None;
+    // Aborted when the claimer stops: a fetch (a compile, maybe) must not
+    // outlive it, holding the registry open.
+    let mut fetching: Option<AbortOnDropHandle<()>> = None;
     let failed_versions = Arc::new(Mutex::new(HashMap::new()));
     // Whether a claim may have been recorded without this node hearing of
     // it (its answer was lost): what the store holds for this node is then
@@ -334,16 +337,14 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
             warned = Some(Instant::now());
         }
         if last_fetch.elapsed() >= CLAIM_POLL
-            && fetching
-                .as_ref()
-                .is_none_or(tokio::task::JoinHandle::is_finished)
+            && fetching.as_ref().is_none_or(AbortOnDropHandle::is_finished)
         {
             last_fetch = Instant::now();
-            fetching = Some(tokio::spawn(fetch_missing(
+            fetching = Some(AbortOnDropHandle::new(tokio::spawn(fetch_missing(
                 runner.clone(),
                 versions.clone(),
                 failed_versions.clone(),
-            )));
+            ))));
         }
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();
