@@ -402,3 +402,79 @@ async fn a_run_pinned_to_a_version_only_its_node_loaded_runs_on_another_node() {
     a_claimer.stop().await;
     b_claimer.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_prunes_the_module_versions_no_run_and_no_node_needs() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let registry =
+        RunRegistry::new(store_leased(&url, &schema, "pruner", Duration::from_secs(60)).await);
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("SET search_path TO {schema}"))
+        .await
+        .unwrap();
+    // Four versions stored two hours ago, and one just now.
+    let long_ago = (Utc::now() - chrono::Duration::hours(2))
+        .timestamp_nanos_opt()
+        .unwrap();
+    let now = Utc::now().timestamp_nanos_opt().unwrap();
+    for (hash, at) in [
+        ("sha256:unneeded", long_ago),
+        ("sha256:pinned", long_ago),
+        ("sha256:loaded", long_ago),
+        ("sha256:finished", long_ago),
+        ("sha256:fresh", now),
+    ] {
+        client
+            .execute(
+                "INSERT INTO module_versions (hash, module_id, bytes, stored_at) \
+                 VALUES ($1, 'hello', '\\x00'::bytea, $2)",
+                &[&hash, &at],
+            )
+            .await
+            .unwrap();
+    }
+    // A queued run pinned to one; a finished run to another; a live node
+    // (lease an hour ahead) that loaded a third.
+    let mut queued = Run::new("hello", "Hello");
+    queued.module_version = Some("sha256:pinned".into());
+    registry.add_run(&queued).await.unwrap();
+    let mut finished = Run::new("hello", "Hello");
+    finished.module_version = Some("sha256:finished".into());
+    finished.status = RunStatus::Completed;
+    registry.add_run(&finished).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO nodes (node_id, started_at, heartbeat_at, lease_until, versions) \
+             VALUES ('elsewhere', now(), now(), now() + interval '1 hour', \
+             ARRAY['hello@sha256:loaded'])",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    // A cleanup that removes no run still prunes.
+    let removed = registry
+        .cleanup(&modrun::registry::Cleanup::older_than(Duration::from_secs(
+            86_400,
+        )))
+        .await
+        .unwrap();
+    assert_eq!(removed, 0);
+    let kept: Vec<String> = client
+        .query("SELECT hash FROM module_versions ORDER BY hash", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        kept,
+        ["sha256:fresh", "sha256:loaded", "sha256:pinned"],
+        "a version a finished run used, or none, goes; the others stay"
+    );
+}

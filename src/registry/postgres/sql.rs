@@ -337,6 +337,23 @@ const REMOVE_FINISHED: &str = concat!(
      DELETE FROM runs WHERE id IN (SELECT id FROM doomed)"
 );
 
+/// Removes the stored bytes of module versions nothing needs any more:
+/// stored before `$1` (nanoseconds), pinned by no queued or running run,
+/// and loaded by no live node. A version stored lately is kept whatever
+/// the rest says, so that a node that stored it and is about to queue runs
+/// pinned to it, or to publish it, finds it there. One node at a time, as
+/// for runs.
+const PRUNE_MODULES: &str = "WITH turn AS (SELECT \
+     pg_try_advisory_xact_lock(hashtext(current_schema() || ' prune modules')) AS mine) \
+     DELETE FROM module_versions m WHERE (SELECT mine FROM turn) AND m.stored_at < $1 \
+     AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.module_version = m.hash \
+     AND r.status IN ('queued', 'running')) \
+     AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.lease_until >= now() \
+     AND m.module_id || '@' || m.hash = ANY(n.versions))";
+
+/// How long a stored module version is kept before it may be pruned.
+pub(super) const MODULE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// How many runs a cleanup matches.
 const COUNT_FINISHED: &str = concat!("SELECT count(*) FROM runs r WHERE ", cleanup_condition!());
 
@@ -674,6 +691,7 @@ pub(super) async fn apply_pipelined(
         SET_LOG,
         SAVE_OWN_LOG,
         REMOVE_FINISHED,
+        PRUNE_MODULES,
         RENEW,
         ANONYMOUS,
         RESCUE,
@@ -907,6 +925,16 @@ async fn send<'s>(
             let mut params = values.params();
             params.push(limit);
             let deleted = tx.execute(statement(REMOVE_FINISHED), &params).await?;
+            // With the runs go the module versions only they needed.
+            let grace = i64::try_from(MODULE_GRACE.as_nanos()).unwrap_or(i64::MAX);
+            let before = nanos_clamped(Utc::now()).saturating_sub(grace);
+            let pruned = tx.execute(statement(PRUNE_MODULES), &[&before]).await?;
+            if pruned > 0 {
+                tracing::info!(
+                    versions = pruned,
+                    "removed module versions no run or node needs"
+                );
+            }
             Some(Outcome::Count(
                 usize::try_from(deleted).unwrap_or(usize::MAX),
             ))
@@ -1048,7 +1076,7 @@ fn statement_of(sent: &Sent<'_>) -> &'static [&'static str] {
         Sent::ManyProgress(..) => &[PROGRESS_MANY],
         Sent::Log(.., None) => &[SET_LOG],
         Sent::Log(.., Some(_)) => &[SAVE_OWN_LOG],
-        Sent::Cleanup(..) => &[REMOVE_FINISHED],
+        Sent::Cleanup(..) => &[REMOVE_FINISHED, PRUNE_MODULES],
         Sent::Heartbeat { .. } => &[RENEW, ANONYMOUS, RESCUE, STRANDED, NAMED, PENDING_CANCELS],
         Sent::RequestCancel(..) => &[ANONYMOUS, CANCEL_QUEUED, NAMED, REQUEST_CANCEL],
         Sent::Nothing => &[],
