@@ -287,7 +287,7 @@ impl PostgresStore {
             },
             stop_listening.clone(),
         ));
-        Ok(PostgresStore {
+        let store = PostgresStore {
             writes,
             node: options.node.clone(),
             versions,
@@ -301,7 +301,13 @@ impl PostgresStore {
             cancels,
             logs,
             stop_listening,
-        })
+        };
+        // Claims go through the pooled connections, not the writer: the
+        // node's row must be committed before anything is claimed, or
+        // another node could take this one's first claims for a lost
+        // node's and settle them. The flush follows the first heartbeat.
+        store.writes.flush().await?;
+        Ok(store)
     }
 
     /// Runs a read on a pooled connection.
