@@ -102,7 +102,14 @@ impl HostConfig {
             .linear_memory_keep_resident(128 << 10)
             .table_keep_resident(16 << 10)
             .async_stack_keep_resident(64 << 10)
-            .decommit_batch_size(16);
+            .decommit_batch_size(16)
+            // A free slot stays "warm" for the module that last ran in it:
+            // its memory image mapped (a file descriptor of the image
+            // held) and its first pages resident. Wasmtime keeps up to 100
+            // such slots by default, even for versions a reload replaced;
+            // fewer bound what a long-lived server holds for modules it no
+            // longer runs, and a module that runs again finds its own.
+            .max_unused_warm_slots(WARM_SLOTS);
         // Reserve address space for the largest memory a run may have, not the
         // default 4 GiB per slot: thousands of slots then fit comfortably.
         wasm.memory_reservation(config.memory_ceiling as u64);
@@ -110,6 +117,9 @@ impl HostConfig {
         wasm
     }
 }
+
+/// Free instance slots kept warm for the module that last used them.
+pub const WARM_SLOTS: u32 = 16;
 
 /// Instance slots kept beside the runs' for modules being loaded.
 const LOADING_SLOTS: u32 = 16;

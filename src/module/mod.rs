@@ -33,7 +33,7 @@ pub use build::{
     BuiltPlugin, Language, PluginSource, build_plugin, build_plugins, is_source_path,
     plugin_sources,
 };
-pub use engine::{HostConfig, shared_cache_dir};
+pub use engine::{HostConfig, WARM_SLOTS, shared_cache_dir};
 pub use host::HostState;
 pub use host_functions::HostFunctions;
 pub(crate) use loader::LoadedModule;
