@@ -52,28 +52,21 @@ pub(super) fn enqueue(tx: &rusqlite::Transaction<'_>, run: &Run) -> rusqlite::Re
         }
         return Ok(outcome);
     };
-    // The common case, a new id: the run, running, and its two history
-    // entries, in three statements.
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
-             completed_at, parameters, exit_code, error_message, output, progress_fraction, \
-             progress_message, module_version, log, history_len, attempt) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, 1) \
-             ON CONFLICT (run_id) DO NOTHING",
-        )?
-        .execute(run_values(run, 2)?)?;
-    if inserted == 1 {
-        let id = tx.last_insert_rowid();
+    // The common case, a new id: the run, running, attempt 1, and its two
+    // history entries, in three statements.
+    if let Some(id) = insert_run(tx, run, 2, Some(1))? {
         let queued = StatusChange {
             status: RunStatus::Queued,
             at: run.created_at,
             message: None,
         };
         add_history(tx, id, 0, &queued)?;
-        let mut running = Transition::running(&run.run_id);
-        running.at = started_at;
-        add_history(tx, id, 1, &running.status_change())?;
+        let running = StatusChange {
+            status: RunStatus::Running,
+            at: started_at,
+            message: None,
+        };
+        add_history(tx, id, 1, &running)?;
         return Ok(Outcome::Done);
     }
     let queued = queued_part(run);
@@ -239,7 +232,7 @@ pub(super) fn insert(
     existing: Existing,
 ) -> rusqlite::Result<Outcome> {
     // The common case, a new id, takes one statement; only a conflict looks further.
-    if let Some(id) = insert_run(tx, run)? {
+    if let Some(id) = insert_run(tx, run, 1, None)? {
         add_history(tx, id, 0, &first_change(run))?;
         return Ok(Outcome::Done);
     }
@@ -253,7 +246,7 @@ pub(super) fn insert(
                 .execute([stored.id])?;
             tx.prepare_cached("DELETE FROM runs WHERE id = ?1")?
                 .execute([stored.id])?;
-            let id = insert_run(tx, run)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+            let id = insert_run(tx, run, 1, None)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
             add_history(tx, id, 0, &first_change(run))?;
             Ok(Outcome::Done)
         }
@@ -295,23 +288,28 @@ pub(super) fn replace(
     Ok(Outcome::Done)
 }
 
-/// Inserts a new row with a one-entry history length; `None` if the id is taken.
+/// Inserts a new row with `history_len` history entries to come, and the
+/// claim `attempt` it is in (`None`: not claimed); `None` if the id is taken.
 ///
 /// (No `RETURNING` here or below: SQLite builds a temporary table for it on
 /// every execution, which costs more than the statement.)
 pub(super) fn insert_run(
     tx: &rusqlite::Transaction<'_>,
     run: &Run,
+    history_len: i64,
+    attempt: Option<u32>,
 ) -> rusqlite::Result<Option<i64>> {
+    let attempt: Box<dyn rusqlite::ToSql> = Box::new(attempt);
+    let values = run_values(run, history_len)?.into_iter().chain([attempt]);
     let inserted = tx
         .prepare_cached(
             "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
              completed_at, parameters, exit_code, error_message, output, progress_fraction, \
-             progress_message, module_version, log, history_len) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+             progress_message, module_version, log, history_len, attempt) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
              ON CONFLICT (run_id) DO NOTHING",
         )?
-        .execute(run_values(run, 1)?)?;
+        .execute(rusqlite::params_from_iter(values))?;
     Ok((inserted == 1).then(|| tx.last_insert_rowid()))
 }
 
@@ -376,57 +374,46 @@ pub(super) fn add_history(
 }
 
 /// Applies `change` if the status flow allows it; returns the module id.
-///
-/// One statement changes the run and says what it was (`RETURNING`), one
-/// adds the history entry: the status flow ([`RunStatus::can_become`]) is
-/// the `WHERE` clause, so a run the change does not apply to is left
-/// untouched.
 pub(super) fn apply_transition(
     tx: &rusqlite::Transaction<'_>,
     change: &Transition,
 ) -> rusqlite::Result<Option<String>> {
-    debug_assert!(
-        RunStatus::Queued.can_become(change.to)
-            && RunStatus::Running.can_become(change.to) == change.to.is_terminal()
-    );
-    let at = nanos(change.at)?;
-    let changed = if change.to.is_terminal() {
-        tx.prepare_cached(
-            "UPDATE runs SET status = ?2, completed_at = ?3, exit_code = ?4, error_message = ?5, \
-             output = coalesce(?6, output), log = coalesce(?7, log), \
-             history_len = history_len + 1 \
-             WHERE run_id = ?1 AND status IN ('queued', 'running') \
-             RETURNING id, history_len - 1, module_id",
-        )?
-        .query_row(
-            params![
-                change.run_id,
-                change.to.as_str(),
-                at,
-                change.exit_code,
-                change.error_message,
-                change.output.as_ref().map(json_text).transpose()?,
-                change.log.as_deref().map(log_text).transpose()?.flatten(),
-            ],
-            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get(2)?)),
-        )
-        .optional()?
-    } else {
-        tx.prepare_cached(
-            "UPDATE runs SET status = ?2, started_at = ?3, history_len = history_len + 1 \
-             WHERE run_id = ?1 AND status = 'queued' \
-             RETURNING id, history_len - 1, module_id",
-        )?
-        .query_row(params![change.run_id, change.to.as_str(), at], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get(2)?))
-        })
-        .optional()?
-    };
-    let Some((id, seq, module_id)) = changed else {
+    let Some(stored) = current(tx, &change.run_id)? else {
         return Ok(None);
     };
-    add_history(tx, id, seq, &change.status_change())?;
-    Ok(Some(module_id))
+    if !stored.status.can_become(change.to) {
+        return Ok(None);
+    }
+    let at = nanos(change.at)?;
+    if change.to.is_terminal() {
+        tx.prepare_cached(
+            "UPDATE runs SET status = ?2, completed_at = ?3, exit_code = ?4, error_message = ?5, \
+             output = coalesce(?6, output), log = coalesce(?7, log), history_len = ?8 \
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            stored.id,
+            change.to.as_str(),
+            at,
+            change.exit_code,
+            change.error_message,
+            change.output.as_ref().map(json_text).transpose()?,
+            change.log.as_deref().map(log_text).transpose()?.flatten(),
+            stored.history_len + 1,
+        ])?;
+    } else {
+        tx.prepare_cached(
+            "UPDATE runs SET status = ?2, started_at = ?3, history_len = ?4 WHERE id = ?1",
+        )?
+        .execute(params![
+            stored.id,
+            change.to.as_str(),
+            at,
+            stored.history_len + 1
+        ])?;
+    }
+    add_history(tx, stored.id, stored.history_len, &change.status_change())?;
+    Ok(Some(stored.module_id))
 }
 
 pub(super) fn select_run(conn: &Connection, run_id: &str) -> rusqlite::Result<Option<Run>> {
