@@ -291,9 +291,9 @@ pub enum LoadError {
         reason: String,
     },
 
-    /// The compiling thread stopped (it panicked, or the runtime is
-    /// shutting down).
-    #[error("compilation stopped: {0}")]
+    /// The thread reading or compiling it stopped (it panicked, or the
+    /// runtime is shutting down).
+    #[error("loading stopped: {0}")]
     Stopped(String),
 }
 

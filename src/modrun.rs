@@ -363,7 +363,9 @@ impl ModrunBuilder {
             #[cfg(feature = "sqlite")]
             Store::Sqlite(path) => Some(crate::module::shared_cache_dir(path)),
             #[cfg(feature = "postgres")]
-            Store::Postgres(_) => Some(PathBuf::from(".modrun/cache")),
+            Store::Postgres(url) => {
+                Some(crate::module::shared_cache_dir(std::path::Path::new(url)))
+            }
             Store::Memory | Store::Registry(_) => None,
         };
         #[cfg(feature = "sqlite")]

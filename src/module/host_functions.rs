@@ -136,12 +136,18 @@ fn check_interface_name(name: &str) -> Result<()> {
             "not an interface name: use lowercase words joined by '-', as in acme:app/orders",
         ));
     }
-    if namespace == "wasi" || namespace == "modrun" {
+    if is_modruns_own(name) {
         return Err(refuse(
             "modrun provides the wasi and modrun interfaces itself; name yours in your own namespace",
         ));
     }
     Ok(())
+}
+
+/// Whether an interface is in a namespace modrun provides itself (`wasi`,
+/// `modrun`), which an application may not define.
+pub(crate) fn is_modruns_own(interface: &str) -> bool {
+    interface.starts_with("wasi:") || interface.starts_with("modrun:")
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use wasmtime_wasi::WasiCtx;
 use super::bindings::{Module, ModulePre};
 use super::engine::{HostConfig, new_engine};
 use super::host::HostState;
-use super::host_functions::HostFunctions;
+use super::host_functions::{HostFunctions, is_modruns_own};
 use super::manifest::Manifest;
 use super::module_id::ModuleId;
 use crate::error::{Error, LoadError, Result};
@@ -745,9 +745,7 @@ fn unlinked(error: wasmtime::Error, linked: &[String]) -> LoadError {
     });
     match named {
         Some((at, interface)) => {
-            let provided = interface.starts_with("wasi:")
-                || interface.starts_with("modrun:")
-                || linked.contains(&interface);
+            let provided = is_modruns_own(&interface) || linked.contains(&interface);
             let reason = if provided {
                 messages[at + 1..].join(": ")
             } else {

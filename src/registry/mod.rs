@@ -723,23 +723,15 @@ impl std::fmt::Debug for RunRegistry {
 /// benchmarks (the `test-util` feature), which play nodes and crashed
 /// processes with them.
 macro_rules! manager_write {
-    ($(#[$meta:meta])* async fn $($rest:tt)*) => {
+    // `$first` is `fn` or `async`: the visibility goes before it.
+    ($(#[$meta:meta])* $first:ident $($rest:tt)*) => {
         #[cfg(feature = "test-util")]
         $(#[$meta])*
         #[doc(hidden)]
-        pub async fn $($rest)*
+        pub $first $($rest)*
         #[cfg(not(feature = "test-util"))]
         $(#[$meta])*
-        pub(crate) async fn $($rest)*
-    };
-    ($(#[$meta:meta])* fn $($rest:tt)*) => {
-        #[cfg(feature = "test-util")]
-        $(#[$meta])*
-        #[doc(hidden)]
-        pub fn $($rest)*
-        #[cfg(not(feature = "test-util"))]
-        $(#[$meta])*
-        pub(crate) fn $($rest)*
+        pub(crate) $first $($rest)*
     };
 }
 
@@ -1121,7 +1113,8 @@ impl RunRegistry {
 
     manager_write! {
         /// Tells subscribers, as it happens, that a run wrote to its log. Nothing
-        /// is stored: [`set_log`](Self::set_log) saves the log.
+        /// is stored: the log is saved with the run's end, or by
+        /// [`record_log`](Self::record_log).
         fn publish_log(&self, run_id: &str, module_id: &str, entry: &LogEntry) {
             self.store.announce_log(run_id, module_id, entry);
             self.publish(|| RunEvent::Log {
