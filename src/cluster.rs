@@ -287,6 +287,10 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
     let mut last_check = Instant::now();
     let mut fenced = false;
     let mut suspects = HashSet::new();
+    // Whether the queue may hold runs this node can claim. A run ending
+    // here frees room but queues nothing: with nothing new queued since the
+    // last claim came back short, there is no statement to send.
+    let mut maybe_queued = true;
     publish_versions(&runner, &versions);
     while !stop.is_cancelled() {
         if versions.changed.swap(false, Ordering::AcqRel) {
@@ -325,10 +329,15 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
                 Err(e) => failed = Some(e),
             }
         }
-        if !unsure && let Err(e) = claim_all(&runner, &versions).await {
-            // Any claim that failed may have been recorded all the same.
-            unsure = true;
-            failed = Some(e);
+        if !unsure && maybe_queued {
+            match claim_all(&runner, &versions).await {
+                Ok(drained) => maybe_queued = !drained,
+                Err(e) => {
+                    // Any claim that failed may have been recorded all the same.
+                    unsure = true;
+                    failed = Some(e);
+                }
+            }
         }
         if let Some(e) = failed
             && warned.is_none_or(|at| at.elapsed() > Duration::from_secs(30))
@@ -353,17 +362,20 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
                 Err(e) => tracing::debug!(error = %e, "cannot read the versions queued runs need"),
             }
         }
+        // A notice that comes while a claim is under way is kept (a
+        // `Notify` permit) and wakes the next turn at once.
         tokio::select! {
             () = stop.cancelled() => return,
             () = runner.manager().task_ended() => {}
-            () = versions.queued_here.notified() => {}
-            () = notified(elsewhere.as_deref()) => {}
+            () = versions.queued_here.notified() => maybe_queued = true,
+            () = notified(elsewhere.as_deref()) => maybe_queued = true,
             reload = reloads.recv() => {
                 if !matches!(reload, Err(broadcast::error::RecvError::Closed)) {
                     versions.changed.store(true, Ordering::Release);
+                    maybe_queued = true;
                 }
             }
-            () = tokio::time::sleep(CLAIM_POLL) => {}
+            () = tokio::time::sleep(CLAIM_POLL) => maybe_queued = true,
         }
     }
 }
@@ -383,30 +395,45 @@ fn publish_versions(runner: &ModuleRunner, versions: &Versions) {
 }
 
 /// Claims and starts queued runs until this node has no room left or the
-/// queue has nothing more it can run.
-async fn claim_all(runner: &ModuleRunner, versions: &Versions) -> crate::Result<()> {
+/// queue has nothing more it can run; whether the queue was found drained
+/// of what this node can run (`false`: it may hold more, for when room
+/// frees).
+async fn claim_all(runner: &ModuleRunner, versions: &Versions) -> crate::Result<bool> {
     loop {
-        let taken = claim_once(runner, versions).await?;
-        if !taken {
-            return Ok(());
+        match claim_once(runner, versions).await? {
+            Claim::More => {}
+            Claim::Drained => return Ok(true),
+            Claim::NoRoom => return Ok(false),
         }
     }
 }
 
-/// One claim, as large as this node has room for; whether it filled that
-/// room (there may be more to claim).
-async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result<bool> {
+/// What one claim found.
+enum Claim {
+    /// It filled the room it had: there may be more to claim.
+    More,
+    /// It took fewer than every version could have: nothing more it can
+    /// run is queued.
+    Drained,
+    /// Room ran out (for some module, maybe) before the queue did.
+    NoRoom,
+}
+
+/// One claim, as large as this node has room for.
+async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result<Claim> {
     let mut rooms = runner.manager().reserve(CLAIM_BATCH);
     let mut instances = free_permits(&runner.host().instance_pool(), rooms.len());
     rooms.truncate(instances.len());
     let room = rooms.len();
     if room == 0 {
-        return Ok(false);
+        return Ok(Claim::NoRoom);
     }
     let modules = versions.all(runner);
     // A module's own limit: the permits free now, shared by its versions.
     let mut limited: HashMap<&str, Vec<OwnedSemaphorePermit>> = HashMap::new();
     let mut wanted = Vec::new();
+    // A module at its own limit is not asked for: its runs may still wait.
+    let mut left_out = false;
     for (key, module) in &modules {
         let id = module.summary.info.id.as_str();
         let count = match module.summary.manifest.limits.max_concurrent {
@@ -431,13 +458,25 @@ async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result
                 version,
                 count,
             });
+        } else {
+            left_out = true;
         }
     }
     if wanted.is_empty() {
-        return Ok(false);
+        return Ok(if left_out {
+            Claim::NoRoom
+        } else {
+            Claim::Drained
+        });
     }
     let claimed = runner.registry().claim(&wanted, room).await?;
-    let filled = claimed.len() == room;
+    let outcome = if claimed.len() == room {
+        Claim::More
+    } else if left_out || wanted.iter().any(|w| took_all(&claimed, w)) {
+        Claim::NoRoom
+    } else {
+        Claim::Drained
+    };
     let mut unstarted = Vec::new();
     for run in claimed {
         let started = start(
@@ -461,8 +500,23 @@ async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result
                 "given back: the node that claimed it could not start it",
             )
             .await?;
+        // Queued again, but not worth claiming again at once: the next
+        // turn (a run ending, a notice, the poll) looks.
+        return Ok(Claim::NoRoom);
     }
-    Ok(filled)
+    Ok(outcome)
+}
+
+/// Whether a claim took as many runs of `wanted`'s version as it asked for.
+fn took_all(claimed: &[Run], wanted: &Wanted) -> bool {
+    let taken = claimed
+        .iter()
+        .filter(|run| {
+            run.module_id == wanted.module_id
+                && run.module_version.as_deref() == Some(wanted.version.as_str())
+        })
+        .count();
+    taken >= wanted.count
 }
 
 /// Up to `wanted` permits of `semaphore`, as many as are free now.

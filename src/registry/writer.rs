@@ -119,6 +119,12 @@ impl Write {
         }
     }
 
+    /// Whether nobody waits for the write, so that it may wait a moment to
+    /// share a commit ([`SOFT_WAIT`]).
+    fn is_soft(&self) -> bool {
+        matches!(self, Write::ReportedProgress | Write::Log(_, _, None))
+    }
+
     /// Whether the write waits, held, while the file cannot be written.
     fn is_held(&self) -> bool {
         matches!(
@@ -217,6 +223,12 @@ const CLOSING_RETRIES_FOR: Duration = Duration::from_secs(5);
 /// How long the writer keeps looking for more work before it sleeps.
 const WRITER_LINGER: Duration = Duration::from_micros(200);
 
+/// How long progress reports and logs nobody waits for are kept back for a
+/// write that must not wait (a run's end, usually) to share their commit.
+/// Progress is latest-wins, so a run that reports all the time costs at
+/// most one commit per this span; the events its watchers see do not wait.
+const SOFT_WAIT: Duration = Duration::from_millis(50);
+
 /// The writer thread's database and what it shares with the store.
 pub(super) struct Writer<B> {
     backend: B,
@@ -270,6 +282,13 @@ impl<B: Backend> Writer<B> {
                     Ok(write) => batch.push(write),
                     Err(_) => break,
                 }
+            }
+            if closed_at.is_none()
+                && !batch.is_empty()
+                && batch.iter().all(Write::is_soft)
+                && !wait_for_hard(queue, &mut batch)
+            {
+                closed_at = Some(Instant::now());
             }
             let (later, now): (Vec<Write>, Vec<Write>) = batch
                 .drain(..)
@@ -353,6 +372,22 @@ impl<B: Backend> Writer<B> {
         }
         Ok(())
     }
+}
+
+/// Keeps a batch of writes nobody waits for back for up to [`SOFT_WAIT`],
+/// until a write comes that must not wait, taking in what comes meanwhile.
+/// Returns `false` once every sender is gone.
+fn wait_for_hard(queue: &mpsc::Receiver<Write>, batch: &mut Vec<Write>) -> bool {
+    let until = Instant::now() + SOFT_WAIT;
+    while batch.iter().all(Write::is_soft) {
+        let left = until.saturating_duration_since(Instant::now());
+        match queue.recv_timeout(left) {
+            Ok(write) => batch.push(write),
+            Err(mpsc::RecvTimeoutError::Timeout) => break,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+        }
+    }
+    true
 }
 
 /// Waits `backoff` before held writes are tried again, taking in new
