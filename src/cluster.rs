@@ -25,6 +25,15 @@
 //! is keyed by hash too) and runs them under its own manifest for the
 //! module: what a module may reach stays each node's decision. A node that
 //! does not load the module at all never runs it.
+//!
+//! A reload on one node reaches them all. Each module has a head in the
+//! database: the version whose component file was modified last, on any
+//! node. A node that loads a file newer than the head publishes its
+//! version as the head; a node whose own file is older fetches the head
+//! and runs it in its place (within [`CLAIM_POLL`]), so that a start on
+//! any node runs the newest version. A node restarted with an older file
+//! follows the head rather than turning the cluster back; writing the
+//! older file again (a newer modification time) makes it the head.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,32 +96,41 @@ impl Claimer {
 }
 
 /// Stores the bytes of every module version this node loads (at start and
-/// at each reload), for the other nodes to fetch.
+/// at each reload), for the other nodes to fetch, and keeps this node's
+/// versions and the cluster's heads in step: a version loaded from a file
+/// newer than the head's is published as the head; a head newer than this
+/// node's file is fetched and run here in its place. Looks at each reload,
+/// and every [`CLAIM_POLL`] for another node's.
 async fn ship_loop(runner: ModuleRunner, stop: CancellationToken) {
     let mut reloads = runner.host().subscribe();
-    let mut shipped: HashSet<String> = HashSet::new();
+    let mut heads = Heads::default();
     loop {
         for id in runner.host().module_ids() {
             let Some(module) = runner.host().get(&id) else {
                 continue;
             };
             let hash = module.summary.content_hash.clone();
-            if shipped.contains(&hash) {
+            let due = heads
+                .unshipped
+                .get(&hash)
+                .is_none_or(|at| at.elapsed() >= VERSION_RETRY);
+            if heads.shipped.contains(&hash) || !due || module.summary.published_by.is_some() {
                 continue;
             }
             match ship(&runner, &module).await {
                 Ok(()) => {
-                    shipped.insert(hash);
+                    heads.shipped.insert(hash);
                 }
                 Err(e) => {
                     // A file that changed since it loaded is reloaded (and
                     // that version stored); the database is tried again.
-                    if matches!(e, crate::Error::ModuleLoad { .. }) {
-                        shipped.insert(hash);
-                    }
+                    heads.unshipped.insert(hash, Instant::now());
                     tracing::warn!(module_id = %id, error = %e, "cannot store a module version for the other nodes");
                 }
             }
+        }
+        if let Err(e) = heads.follow(&runner).await {
+            tracing::debug!(error = %e, "cannot read or publish the modules' heads for now");
         }
         tokio::select! {
             () = stop.cancelled() => return,
@@ -121,9 +139,87 @@ async fn ship_loop(runner: ModuleRunner, stop: CancellationToken) {
                     return;
                 }
             }
-            () = tokio::time::sleep(VERSION_RETRY) => {}
+            () = tokio::time::sleep(CLAIM_POLL) => {}
         }
     }
+}
+
+/// What a node knows of the versions it shares with the cluster.
+#[derive(Default)]
+struct Heads {
+    /// Versions whose bytes are in the database.
+    shipped: HashSet<String>,
+    /// Versions of this node's that could not be stored, and when that was
+    /// last tried.
+    unshipped: HashMap<String, Instant>,
+    /// Heads that could not be fetched or compiled here, and when that was
+    /// last tried.
+    unfetched: HashMap<String, Instant>,
+}
+
+impl Heads {
+    /// Publishes the versions this node loaded from files newer than the
+    /// heads, and runs the heads newer than its files.
+    async fn follow(&mut self, runner: &ModuleRunner) -> crate::Result<()> {
+        let heads: HashMap<String, crate::registry::ModuleHead> = runner
+            .registry()
+            .heads()
+            .await?
+            .into_iter()
+            .map(|head| (head.module_id.clone(), head))
+            .collect();
+        for id in runner.host().module_ids() {
+            let Some(module) = runner.host().get(&id) else {
+                continue;
+            };
+            let summary = &module.summary;
+            let head = heads.get(&id);
+            if head.is_some_and(|head| head.hash == summary.content_hash) {
+                continue;
+            }
+            if summary.published_by.is_none() && self.shipped.contains(&summary.content_hash) {
+                let modified = file_modified(&summary.path).await;
+                if let Some(modified) = modified
+                    && head.is_none_or(|head| modified > head.modified)
+                {
+                    // Another node publishing meanwhile wins only with a
+                    // newer file; either way the next turn follows.
+                    runner
+                        .registry()
+                        .publish_head(&id, &summary.content_hash, modified)
+                        .await?;
+                    tracing::info!(module_id = %id, version = %summary.content_hash, "published this node's module version for every node");
+                    continue;
+                }
+            }
+            let Some(head) = head else { continue };
+            let due = self
+                .unfetched
+                .get(&head.hash)
+                .is_none_or(|at| at.elapsed() >= VERSION_RETRY);
+            if !due {
+                continue;
+            }
+            match fetch(runner, &id, &head.hash).await {
+                Ok(version) => {
+                    runner
+                        .host()
+                        .adopt(&summary.content_hash, version, &head.node);
+                }
+                Err(e) => {
+                    tracing::warn!(module_id = %id, version = %head.hash, node = %head.node, error = %e, "cannot run the module version another node published");
+                    self.unfetched.insert(head.hash.clone(), Instant::now());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// When the file at `path` was last modified, if it can be told.
+async fn file_modified(path: &std::path::Path) -> Option<chrono::DateTime<chrono::Utc>> {
+    let metadata = tokio::fs::metadata(path).await.ok()?;
+    Some(metadata.modified().ok()?.into())
 }
 
 async fn ship(runner: &ModuleRunner, module: &LoadedModule) -> crate::Result<()> {

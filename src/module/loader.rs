@@ -61,6 +61,11 @@ pub struct ModuleSummary {
     /// The last failed attempt to load a newer version of it, if that is
     /// the latest news: this version keeps serving meanwhile.
     pub last_error: Option<LoadFailure>,
+    /// Where several nodes share a database: the node that published this
+    /// version for all of them to run, when it is not this node's own file
+    /// (whose version it replaces, under this node's manifest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published_by: Option<String>,
 }
 
 impl LoadFailure {
@@ -399,6 +404,7 @@ impl ModuleHost {
                 loaded_at: Utc::now(),
                 manifest,
                 last_error: None,
+                published_by: None,
             },
             pre,
             validator,
@@ -486,6 +492,34 @@ impl ModuleHost {
             .map_err(fail)?;
         loaded.summary.loaded_at = Utc::now();
         Ok(loaded)
+    }
+
+    /// Makes `version` (from [`load_version`](Self::load_version)), which
+    /// node `node` published for every node to run, its module's current
+    /// version in place of `replaced`; `false`, changing nothing, if the
+    /// current version is no longer `replaced` (the file was reloaded
+    /// meanwhile).
+    pub(crate) fn adopt(&self, replaced: &str, mut version: LoadedModule, node: &str) -> bool {
+        version.summary.published_by = Some(node.to_owned());
+        let summary = version.summary.clone();
+        let mut modules = self.inner.modules.write_unpoisoned();
+        let current = modules.get(&summary.info.id);
+        if current.is_none_or(|current| current.summary.content_hash != replaced) {
+            return false;
+        }
+        tracing::info!(
+            module_id = %summary.info.id,
+            version = %summary.content_hash,
+            published_by = node,
+            "module version published by another node loaded"
+        );
+        modules.insert(summary.info.id.clone(), Arc::new(version));
+        drop(modules);
+        self.publish(ReloadEvent::Loaded {
+            module_id: summary.info.id,
+            content_hash: summary.content_hash,
+        });
+        true
     }
 
     /// Reads, checks and compiles a component file. Blocking: CPU-heavy.

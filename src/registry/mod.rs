@@ -592,6 +592,27 @@ pub trait RunStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Publishes version `hash` of module `module_id`, loaded from a file
+    /// modified at `modified`, as the version every process sharing the
+    /// store runs, unless the one published came from a file modified as
+    /// late or later. Its bytes are [stored](Self::store_module) first.
+    /// Nothing to do for a store one process holds (the default).
+    async fn publish_head(
+        &self,
+        module_id: &str,
+        hash: &str,
+        modified: DateTime<Utc>,
+    ) -> Result<()> {
+        let _ = (module_id, hash, modified);
+        Ok(())
+    }
+
+    /// The module versions published for every process to run
+    /// ([`publish_head`](Self::publish_head)); none by default.
+    async fn heads(&self) -> Result<Vec<ModuleHead>> {
+        Ok(Vec::new())
+    }
+
     /// Notified whenever another process queues a run (or gives one
     /// back), for this one's claimer to wake (`None` by default).
     fn queued_elsewhere(&self) -> Option<Arc<tokio::sync::Notify>> {
@@ -641,6 +662,21 @@ pub trait RunStore: Send + Sync + 'static {
     fn lease_left(&self) -> Option<Duration> {
         None
     }
+}
+
+/// The version of a module that every process sharing a store runs: the
+/// newest component file any of them loaded for it
+/// ([`RunStore::publish_head`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleHead {
+    /// The module.
+    pub module_id: String,
+    /// Its content hash (`sha256:…`).
+    pub hash: String,
+    /// When the file it came from was last modified.
+    pub modified: DateTime<Utc>,
+    /// The process (node) that published it.
+    pub node: String,
 }
 
 /// Queued runs a process asks for when it claims: runs of `module_id`
@@ -915,6 +951,21 @@ impl RunRegistry {
     /// See [`RunStore::has_module`].
     pub(crate) async fn has_module(&self, hash: &str) -> Result<bool> {
         self.store.has_module(hash).await
+    }
+
+    /// See [`RunStore::publish_head`].
+    pub(crate) async fn publish_head(
+        &self,
+        module_id: &str,
+        hash: &str,
+        modified: DateTime<Utc>,
+    ) -> Result<()> {
+        self.store.publish_head(module_id, hash, modified).await
+    }
+
+    /// See [`RunStore::heads`].
+    pub(crate) async fn heads(&self) -> Result<Vec<ModuleHead>> {
+        self.store.heads().await
     }
 
     /// See [`RunStore::module_bytes`].

@@ -403,6 +403,103 @@ async fn a_run_pinned_to_a_version_only_its_node_loaded_runs_on_another_node() {
     b_claimer.stop().await;
 }
 
+/// Polls until `runner` runs version `hash` of hello, failing the test
+/// after the deadline.
+async fn wait_for_version(runner: &ModuleRunner, hash: &str) -> modrun::module::ModuleSummary {
+    let start = std::time::Instant::now();
+    loop {
+        let hello = runner.host().module("hello").unwrap();
+        if hello.content_hash == hash {
+            return hello;
+        }
+        assert!(
+            start.elapsed() < crate::support::DEADLINE,
+            "hello stayed at {} rather than {hash}",
+            hello.content_hash
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sets the modification time of `dir`'s hello.wasm `seconds` from now.
+fn modified_in(dir: &std::path::Path, seconds: i64) {
+    let file = std::fs::File::options()
+        .write(true)
+        .open(dir.join("hello.wasm"))
+        .unwrap();
+    let now = std::time::SystemTime::now();
+    let delta = Duration::from_secs(seconds.unsigned_abs());
+    let at = if seconds < 0 {
+        now - delta
+    } else {
+        now + delta
+    };
+    file.set_modified(at).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_on_one_node_is_run_by_every_node_and_an_older_file_does_not_win() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let a_dir = plugins_dir(&["countdown", "hello"]);
+    let b_dir = plugins_dir(&["countdown", "hello"]);
+    modified_in(a_dir.path(), -3600);
+    modified_in(b_dir.path(), -3600);
+    let a = node(&url, &schema, "a", a_dir.path(), 4).await;
+    let b = node(&url, &schema, "b", b_dir.path(), 4).await;
+    let first = a.host().module("hello").unwrap().content_hash;
+    let a_claimer = a.claim_from_queue().unwrap();
+    let b_claimer = b.claim_from_queue().unwrap();
+
+    // A's file changes and A reloads it: B runs the new version too,
+    // fetched from the database, under B's own manifest and path.
+    another_version_of_hello(a_dir.path());
+    let newer = a
+        .host()
+        .load_file(&a_dir.path().join("hello.wasm"))
+        .await
+        .unwrap()
+        .content_hash;
+    assert_ne!(newer, first);
+    let on_b = wait_for_version(&b, &newer).await;
+    assert_eq!(on_b.published_by.as_deref(), Some("a"));
+    assert_eq!(on_b.path, b_dir.path().join("hello.wasm"));
+    assert_eq!(a.host().module("hello").unwrap().published_by, None);
+    let run = b.start("hello", json!({"name": "Ada"})).await.unwrap();
+    let run = wait_for_end(b.registry(), &run).await;
+    assert_eq!(run.status, RunStatus::Completed, "{:?}", run.error_message);
+    assert_eq!(run.module_version.as_deref(), Some(newer.as_str()));
+    assert_eq!(run.output, Some(json!({"greeting": "Hello, Ada!"})));
+
+    // A node that joins with the older file (an older modification time)
+    // follows the head rather than turning the cluster back.
+    let c_dir = plugins_dir(&["countdown", "hello"]);
+    modified_in(c_dir.path(), -7200);
+    let c = node(&url, &schema, "c", c_dir.path(), 4).await;
+    assert_eq!(c.host().module("hello").unwrap().content_hash, first);
+    let c_claimer = c.claim_from_queue().unwrap();
+    wait_for_version(&c, &newer).await;
+    assert_eq!(a.host().module("hello").unwrap().content_hash, newer);
+
+    // Writing the first version again on C (a newer file) makes it the head
+    // everywhere, A included.
+    modified_in(c_dir.path(), 0);
+    c.host()
+        .load_file(&c_dir.path().join("hello.wasm"))
+        .await
+        .unwrap();
+    wait_for_version(&a, &first).await;
+    wait_for_version(&b, &first).await;
+    assert_eq!(
+        a.host().module("hello").unwrap().published_by.as_deref(),
+        Some("c")
+    );
+
+    a_claimer.stop().await;
+    b_claimer.stop().await;
+    c_claimer.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cleanup_prunes_the_module_versions_no_run_and_no_node_needs() {
     let Some(url) = database_url() else { return };

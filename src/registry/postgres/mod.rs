@@ -61,6 +61,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_retention.sql"),
     include_str!("migrations/0006_idempotency.sql"),
     include_str!("migrations/0007_module_versions.sql"),
+    include_str!("migrations/0008_module_heads.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says
@@ -387,6 +388,52 @@ impl RunStore for PostgresStore {
                 .map(|row| (row.get(0), row.get(1))))
         })
         .await
+    }
+
+    async fn publish_head(
+        &self,
+        module_id: &str,
+        hash: &str,
+        modified: DateTime<Utc>,
+    ) -> Result<()> {
+        let (modified, now) = (nanos_clamped(modified), nanos_clamped(Utc::now()));
+        self.read(async |client| {
+            let statement = client.prepare_cached(sql::PUBLISH_HEAD).await?;
+            client
+                .execute(
+                    &statement,
+                    &[&module_id, &hash, &modified, &self.node.as_str(), &now],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn heads(&self) -> Result<Vec<super::ModuleHead>> {
+        let rows = self
+            .read(async |client| {
+                let statement = client.prepare_cached(sql::HEADS).await?;
+                Ok(client.query(&statement, &[]).await?)
+            })
+            .await?;
+        // Written by any node: a row that does not read as a head is skipped.
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let module_id: String = row.try_get(0).ok()?;
+                let hash: String = row.try_get(1).ok()?;
+                let modified: i64 = row.try_get(2).ok()?;
+                let node: String = row.try_get(3).ok()?;
+                crate::module::ModuleId::new(&module_id).ok()?;
+                Some(super::ModuleHead {
+                    module_id,
+                    hash,
+                    modified: DateTime::from_timestamp_nanos(modified),
+                    node,
+                })
+            })
+            .collect())
     }
 
     async fn run_by_key(&self, key: &str) -> Result<Option<Run>> {

@@ -271,6 +271,17 @@ pub(super) const HAS_MODULE: &str = "SELECT 1 FROM module_versions WHERE hash = 
 pub(super) const MODULE_BYTES: &str =
     "SELECT module_id, bytes FROM module_versions WHERE hash = $1";
 
+/// Publishes version `$2` of module `$1`, from a file modified at `$3`, as
+/// the one every node runs, unless the version published is the same or
+/// comes from a file modified as late or later.
+pub(super) const PUBLISH_HEAD: &str = "INSERT INTO module_heads AS h (module_id, hash, \
+     modified, node, published_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (module_id) DO \
+     UPDATE SET hash = EXCLUDED.hash, modified = EXCLUDED.modified, node = EXCLUDED.node, \
+     published_at = EXCLUDED.published_at \
+     WHERE h.hash <> EXCLUDED.hash AND h.modified < EXCLUDED.modified";
+
+pub(super) const HEADS: &str = "SELECT module_id, hash, modified, node FROM module_heads";
+
 /// Announces payloads (`$1`) to the nodes, in order: log lines a node's
 /// runs wrote.
 pub(super) const ANNOUNCE: &str =
@@ -339,7 +350,7 @@ const REMOVE_FINISHED: &str = concat!(
 
 /// Removes the stored bytes of module versions nothing needs any more:
 /// stored before `$1` (nanoseconds), pinned by no queued or running run,
-/// and loaded by no live node. A version stored lately is kept whatever
+/// loaded by no live node, and published as no module's head. A version stored lately is kept whatever
 /// the rest says, so that a node that stored it and is about to queue runs
 /// pinned to it, or to publish it, finds it there. One node at a time, as
 /// for runs.
@@ -349,7 +360,8 @@ const PRUNE_MODULES: &str = "WITH turn AS (SELECT \
      AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.module_version = m.hash \
      AND r.status IN ('queued', 'running')) \
      AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.lease_until >= now() \
-     AND m.module_id || '@' || m.hash = ANY(n.versions))";
+     AND m.module_id || '@' || m.hash = ANY(n.versions)) \
+     AND NOT EXISTS (SELECT 1 FROM module_heads h WHERE h.hash = m.hash)";
 
 /// How long a stored module version is kept before it may be pruned.
 pub(super) const MODULE_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
