@@ -110,21 +110,19 @@ async fn ship_loop(runner: ModuleRunner, stop: CancellationToken) {
                 continue;
             };
             let hash = module.summary.content_hash.clone();
-            let due = heads
-                .unshipped
-                .get(&hash)
-                .is_none_or(|at| at.elapsed() >= VERSION_RETRY);
+            let due = heads.unshipped.due(&hash);
             if heads.shipped.contains(&hash) || !due || module.summary.published_by.is_some() {
                 continue;
             }
             match ship(&runner, &module).await {
                 Ok(()) => {
+                    heads.unshipped.passed(&hash);
                     heads.shipped.insert(hash);
                 }
                 Err(e) => {
                     // A file that changed since it loaded is reloaded (and
                     // that version stored); the database is tried again.
-                    heads.unshipped.insert(hash, Instant::now());
+                    heads.unshipped.failed(&hash);
                     tracing::warn!(module_id = %id, error = %e, "cannot store a module version for the other nodes");
                 }
             }
@@ -149,12 +147,40 @@ async fn ship_loop(runner: ModuleRunner, stop: CancellationToken) {
 struct Heads {
     /// Versions whose bytes are in the database.
     shipped: HashSet<String>,
-    /// Versions of this node's that could not be stored, and when that was
-    /// last tried.
-    unshipped: HashMap<String, Instant>,
-    /// Heads that could not be fetched or compiled here, and when that was
-    /// last tried.
-    unfetched: HashMap<String, Instant>,
+    /// Versions of this node's that could not be stored.
+    unshipped: Retries,
+    /// Heads that could not be fetched or compiled here.
+    unfetched: Retries,
+}
+
+/// Versions something failed for, and when to try each again: after
+/// [`FIRST_RETRY`], doubling up to [`VERSION_RETRY`]. A failure that
+/// passes (a busy database, a describe timed out under load) costs seconds;
+/// one that stays (an import this node lacks) is tried once a minute.
+#[derive(Default)]
+struct Retries(HashMap<String, (Instant, Duration)>);
+
+/// The first wait before a version that failed is tried again.
+const FIRST_RETRY: Duration = Duration::from_secs(2);
+
+impl Retries {
+    fn due(&self, hash: &str) -> bool {
+        self.0
+            .get(hash)
+            .is_none_or(|(at, wait)| at.elapsed() >= *wait)
+    }
+
+    fn failed(&mut self, hash: &str) {
+        let wait = self
+            .0
+            .get(hash)
+            .map_or(FIRST_RETRY, |(_, wait)| (*wait * 2).min(VERSION_RETRY));
+        self.0.insert(hash.to_owned(), (Instant::now(), wait));
+    }
+
+    fn passed(&mut self, hash: &str) {
+        self.0.remove(hash);
+    }
 }
 
 impl Heads {
@@ -178,8 +204,9 @@ impl Heads {
                 continue;
             }
             if summary.published_by.is_none() && self.shipped.contains(&summary.content_hash) {
-                let modified = file_modified(&summary.path).await;
-                if let Some(modified) = modified
+                // The file's time as the version was read: the file may
+                // have been written again since (and is reloaded then).
+                if let Some(modified) = module.modified
                     && head.is_none_or(|head| modified > head.modified)
                 {
                     // Another node publishing meanwhile wins only with a
@@ -193,33 +220,25 @@ impl Heads {
                 }
             }
             let Some(head) = head else { continue };
-            let due = self
-                .unfetched
-                .get(&head.hash)
-                .is_none_or(|at| at.elapsed() >= VERSION_RETRY);
-            if !due {
+            if !self.unfetched.due(&head.hash) {
                 continue;
             }
             match fetch(runner, &id, &head.hash).await {
                 Ok(version) => {
+                    self.unfetched.passed(&head.hash);
                     runner
                         .host()
                         .adopt(&summary.content_hash, version, &head.node);
                 }
                 Err(e) => {
                     tracing::warn!(module_id = %id, version = %head.hash, node = %head.node, error = %e, "cannot run the module version another node published");
-                    self.unfetched.insert(head.hash.clone(), Instant::now());
+                    runner.host().version_failed(&id, &e);
+                    self.unfetched.failed(&head.hash);
                 }
             }
         }
         Ok(())
     }
-}
-
-/// When the file at `path` was last modified, if it can be told.
-async fn file_modified(path: &std::path::Path) -> Option<chrono::DateTime<chrono::Utc>> {
-    let metadata = tokio::fs::metadata(path).await.ok()?;
-    Some(metadata.modified().ok()?.into())
 }
 
 async fn ship(runner: &ModuleRunner, module: &LoadedModule) -> crate::Result<()> {

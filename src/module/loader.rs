@@ -135,6 +135,11 @@ pub struct LoadReport {
 /// A module ready to run: compiled, linked, described.
 pub(crate) struct LoadedModule {
     pub(crate) summary: ModuleSummary,
+    /// When the file this version was read from had last been modified, as
+    /// seen just before it was read (`None` for a version that did not come
+    /// from this node's file). Several nodes run the version from the
+    /// newest file.
+    pub(crate) modified: Option<DateTime<Utc>>,
     pub(crate) pre: ModulePre<HostState>,
     pub(crate) validator: jsonschema::Validator,
 }
@@ -353,14 +358,17 @@ impl ModuleHost {
         let host = self.clone();
         let file = path.to_path_buf();
         let follow_symlink = manifest.component.allow_symlink;
-        let (component, content_hash) =
+        let (component, content_hash, modified) =
             tokio::task::spawn_blocking(move || host.compile(&file, follow_symlink))
                 .await
                 .map_err(|e| fail(LoadError::Stopped(e.to_string())))?
                 .map_err(fail)?;
-        self.finish(path, id, manifest, &component, content_hash)
+        let mut loaded = self
+            .finish(path, id, manifest, &component, content_hash)
             .await
-            .map_err(fail)
+            .map_err(fail)?;
+        loaded.modified = modified;
+        Ok(loaded)
     }
 
     /// The compiled component's module: instantiable with this host's
@@ -406,6 +414,7 @@ impl ModuleHost {
                 last_error: None,
                 published_by: None,
             },
+            modified: None,
             pre,
             validator,
         })
@@ -515,6 +524,7 @@ impl ModuleHost {
         );
         modules.insert(summary.info.id.clone(), Arc::new(version));
         drop(modules);
+        self.inner.failures.write_unpoisoned().remove(&summary.path);
         self.publish(ReloadEvent::Loaded {
             module_id: summary.info.id,
             content_hash: summary.content_hash,
@@ -522,19 +532,37 @@ impl ModuleHost {
         true
     }
 
-    /// Reads, checks and compiles a component file. Blocking: CPU-heavy.
+    /// Records that a version of loaded module `module_id` that another
+    /// node published could not be run here, and why: the module's
+    /// [`last_error`](ModuleSummary::last_error) until a version loads.
+    pub(crate) fn version_failed(&self, module_id: &str, error: &Error) {
+        if let Some(current) = self.get(module_id) {
+            let path = current.summary.path.clone();
+            let failure = LoadFailure::new(&path, error);
+            self.inner.failures.write_unpoisoned().insert(path, failure);
+        }
+    }
+
+    /// Reads, checks and compiles a component file; with its content hash
+    /// and when it had last been modified before it was read (a file
+    /// written meanwhile is loaded again at its change). Blocking:
+    /// CPU-heavy.
     fn compile(
         &self,
         path: &Path,
         follow_symlink: bool,
-    ) -> std::result::Result<(Component, String), LoadError> {
+    ) -> std::result::Result<(Component, String, Option<DateTime<Utc>>), LoadError> {
         let max = self.inner.config.max_module_bytes;
+        let modified = std::fs::metadata(path)
+            .and_then(|metadata| metadata.modified())
+            .ok()
+            .map(DateTime::<Utc>::from);
         let bytes =
             super::plugin_file::read_regular(path, max, follow_symlink).map_err(LoadError::from)?;
         check_component(&bytes)?;
         let digest = sha256_hex(&bytes);
         let component = self.component(&bytes, &digest)?;
-        Ok((component, format!("sha256:{digest}")))
+        Ok((component, format!("sha256:{digest}"), modified))
     }
 
     /// The compiled component for `bytes`: from the cache when it holds

@@ -38,7 +38,27 @@ async fn node(
     dir: &std::path::Path,
     max_concurrent: usize,
 ) -> ModuleRunner {
-    let registry = RunRegistry::new(store(url, schema, name).await);
+    node_leased(
+        url,
+        schema,
+        name,
+        dir,
+        max_concurrent,
+        Duration::from_secs(1),
+    )
+    .await
+}
+
+/// [`node`] with a lease of `lease`.
+async fn node_leased(
+    url: &str,
+    schema: &str,
+    name: &str,
+    dir: &std::path::Path,
+    max_concurrent: usize,
+    lease: Duration,
+) -> ModuleRunner {
+    let registry = RunRegistry::new(store_leased(url, schema, name, lease).await);
     let host = ModuleHost::new(test_host_config()).unwrap();
     host.load_dir(dir).await.unwrap();
     let limits = TaskLimits {
@@ -414,8 +434,9 @@ async fn wait_for_version(runner: &ModuleRunner, hash: &str) -> modrun::module::
         }
         assert!(
             start.elapsed() < crate::support::DEADLINE,
-            "hello stayed at {} rather than {hash}",
-            hello.content_hash
+            "hello stayed at {} rather than {hash} (last error: {:?})",
+            hello.content_hash,
+            hello.last_error
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -441,12 +462,14 @@ fn modified_in(dir: &std::path::Path, seconds: i64) {
 async fn a_reload_on_one_node_is_run_by_every_node_and_an_older_file_does_not_win() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
+    // No node may be lost, however loaded the machine.
+    let lease = Duration::from_secs(30);
     let a_dir = plugins_dir(&["countdown", "hello"]);
     let b_dir = plugins_dir(&["countdown", "hello"]);
     modified_in(a_dir.path(), -3600);
     modified_in(b_dir.path(), -3600);
-    let a = node(&url, &schema, "a", a_dir.path(), 4).await;
-    let b = node(&url, &schema, "b", b_dir.path(), 4).await;
+    let a = node_leased(&url, &schema, "a", a_dir.path(), 4, lease).await;
+    let b = node_leased(&url, &schema, "b", b_dir.path(), 4, lease).await;
     let first = a.host().module("hello").unwrap().content_hash;
     let a_claimer = a.claim_from_queue().unwrap();
     let b_claimer = b.claim_from_queue().unwrap();
@@ -475,7 +498,7 @@ async fn a_reload_on_one_node_is_run_by_every_node_and_an_older_file_does_not_wi
     // follows the head rather than turning the cluster back.
     let c_dir = plugins_dir(&["countdown", "hello"]);
     modified_in(c_dir.path(), -7200);
-    let c = node(&url, &schema, "c", c_dir.path(), 4).await;
+    let c = node_leased(&url, &schema, "c", c_dir.path(), 4, lease).await;
     assert_eq!(c.host().module("hello").unwrap().content_hash, first);
     let c_claimer = c.claim_from_queue().unwrap();
     wait_for_version(&c, &newer).await;
