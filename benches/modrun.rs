@@ -114,13 +114,13 @@ fn main() -> anyhow::Result<()> {
     let sizes = if quick {
         Sizes {
             wasm_calls: 2_000,
-            sleeping_runs: 5_000,
+            sleeping_runs: 2_500,
             tasks: 50_000,
             history: 20_000,
             changes: 10_000,
-            in_flight: 100_000,
-            retained: 100_000,
-            cleaned: 30_000,
+            in_flight: 50_000,
+            retained: 50_000,
+            cleaned: 15_000,
             cold_modules: 20,
             lease: Duration::from_secs(2),
         }
@@ -438,7 +438,7 @@ async fn memory_per_task(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<(
     manager.shutdown(Duration::ZERO).await?;
 
     rows.push(Row::measured(
-        "host memory per in-flight task, bytes (100k)",
+        &format!("host memory per in-flight task, bytes ({}k)", count / 1000),
         total,
         bare,
         0,
