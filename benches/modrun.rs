@@ -119,8 +119,9 @@ fn main() -> anyhow::Result<()> {
             history: 20_000,
             changes: 10_000,
             in_flight: 50_000,
-            retained: 50_000,
-            cleaned: 15_000,
+            // 0.1% of them failed: the failed-runs row lists 100.
+            retained: 100_000,
+            cleaned: 30_000,
             cold_modules: 20,
             lease: Duration::from_secs(2),
         }
