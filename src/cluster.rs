@@ -203,12 +203,16 @@ impl Heads {
             if head.is_some_and(|head| head.hash == summary.content_hash) {
                 continue;
             }
-            if summary.published_by.is_none() && self.shipped.contains(&summary.content_hash) {
-                // The file's time as the version was read: the file may
-                // have been written again since (and is reloaded then).
-                if let Some(modified) = module.modified
-                    && head.is_none_or(|head| modified > head.modified)
-                {
+            // The file's time as the version was read: the file may have
+            // been written again since (and is reloaded then).
+            let newer_here = module.modified.filter(|modified| {
+                summary.published_by.is_none() && head.is_none_or(|head| *modified > head.modified)
+            });
+            if let Some(modified) = newer_here {
+                // Published once its bytes are stored (a version loaded
+                // since the last shipping waits for the next turn), and
+                // never given up for the older head meanwhile.
+                if self.shipped.contains(&summary.content_hash) {
                     // Another node publishing meanwhile wins only with a
                     // newer file; either way the next turn follows.
                     runner
@@ -216,8 +220,8 @@ impl Heads {
                         .publish_head(&id, &summary.content_hash, modified)
                         .await?;
                     tracing::info!(module_id = %id, version = %summary.content_hash, "published this node's module version for every node");
-                    continue;
                 }
+                continue;
             }
             let Some(head) = head else { continue };
             if !self.unfetched.due(&head.hash) {

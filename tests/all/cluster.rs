@@ -39,9 +39,10 @@ async fn wait_for(registry: &RunRegistry, run_id: &str, status: RunStatus) -> Ru
 async fn a_lost_nodes_active_runs_fail_and_its_finished_runs_stay() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
-    let lease = Duration::from_secs(1);
-    let lost = node(&url, &schema, "lost", lease).await;
-    let survivor = node(&url, &schema, "survivor", lease).await;
+    // The lost node's lease is short, the survivor's long: however loaded
+    // the machine, only the node the test loses is lost.
+    let lost = node(&url, &schema, "lost", Duration::from_secs(2)).await;
+    let survivor = node(&url, &schema, "survivor", Duration::from_secs(30)).await;
 
     let finished = Run::new("hello", "Hello");
     lost.add_run(&finished).await.unwrap();
@@ -339,9 +340,10 @@ async fn a_node_whose_listener_lost_its_connection_reads_what_it_missed() {
 async fn a_cancel_asked_of_a_lost_node_is_settled_as_cancelled() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
-    let lease = Duration::from_secs(1);
-    let lost = node(&url, &schema, "lost", lease).await;
-    let survivor = node(&url, &schema, "survivor", lease).await;
+    // The lost node's lease is short, the survivor's long: however loaded
+    // the machine, only the node the test loses is lost.
+    let lost = node(&url, &schema, "lost", Duration::from_secs(2)).await;
+    let survivor = node(&url, &schema, "survivor", Duration::from_secs(30)).await;
     let run = Run::new("countdown", "Countdown");
     lost.add_run(&run).await.unwrap();
     assert!(

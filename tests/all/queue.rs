@@ -13,12 +13,15 @@ use crate::support::{
     wait_for_status,
 };
 
+/// A store for node `node` with the product's own lease (30 s): long
+/// enough that no node is lost while a test runs, however loaded the
+/// machine.
 async fn store(url: &str, schema: &str, node: &str) -> PostgresStore {
-    store_leased(url, schema, node, Duration::from_secs(1)).await
+    store_leased(url, schema, node, Duration::from_secs(30)).await
 }
 
-/// [`store`] with a lease of `lease`: a node that must not be lost while
-/// the test runs, however loaded the machine, gets a long one.
+/// [`store`] with a lease of `lease`: a short one for a node the test
+/// loses on purpose.
 async fn store_leased(url: &str, schema: &str, node: &str, lease: Duration) -> PostgresStore {
     let options = PostgresOptions {
         schema: schema.to_owned(),
@@ -38,27 +41,7 @@ async fn node(
     dir: &std::path::Path,
     max_concurrent: usize,
 ) -> ModuleRunner {
-    node_leased(
-        url,
-        schema,
-        name,
-        dir,
-        max_concurrent,
-        Duration::from_secs(1),
-    )
-    .await
-}
-
-/// [`node`] with a lease of `lease`.
-async fn node_leased(
-    url: &str,
-    schema: &str,
-    name: &str,
-    dir: &std::path::Path,
-    max_concurrent: usize,
-    lease: Duration,
-) -> ModuleRunner {
-    let registry = RunRegistry::new(store_leased(url, schema, name, lease).await);
+    let registry = RunRegistry::new(store(url, schema, name).await);
     let host = ModuleHost::new(test_host_config()).unwrap();
     host.load_dir(dir).await.unwrap();
     let limits = TaskLimits {
@@ -256,7 +239,7 @@ async fn a_run_started_on_a_busy_node_runs_on_one_with_room() {
 async fn a_lost_nodes_run_that_may_retry_is_queued_again_and_its_late_end_refused() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
-    let lost = store(&url, &schema, "lost").await;
+    let lost = store_leased(&url, &schema, "lost", Duration::from_secs(2)).await;
     // Claimed by "lost" as it was recorded, with three attempts allowed.
     let mut run = Run::new("countdown", "Countdown");
     run.module_version = Some("v1".into());
@@ -289,9 +272,8 @@ async fn a_lost_nodes_run_that_may_retry_is_queued_again_and_its_late_end_refuse
         "{message}"
     );
 
-    // Claimed again, by another node: attempt 2. Its lease is long, so
-    // that a slow machine cannot lose it before it reports.
-    let claimer = store_leased(&url, &schema, "claimer", Duration::from_secs(60)).await;
+    // Claimed again, by another node: attempt 2.
+    let claimer = store(&url, &schema, "claimer").await;
     let wanted = Wanted {
         module_id: "countdown".into(),
         version: "v1".into(),
@@ -406,6 +388,8 @@ async fn a_run_pinned_to_a_version_only_its_node_loaded_runs_on_another_node() {
     store.store_module("hello", forged, &genuine).await.unwrap();
     let mut run = Run::new("hello", "Hello");
     run.module_version = Some(forged.to_owned());
+    // Queued longer than a lease ago: every node has said what it runs.
+    run.created_at = Utc::now() - chrono::Duration::seconds(60);
     store.enqueue(&run, 1, None).await.unwrap();
     let refused = wait_for_end(b.registry(), &run.run_id).await;
     assert_eq!(refused.status, RunStatus::Failed);
@@ -462,14 +446,12 @@ fn modified_in(dir: &std::path::Path, seconds: i64) {
 async fn a_reload_on_one_node_is_run_by_every_node_and_an_older_file_does_not_win() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
-    // No node may be lost, however loaded the machine.
-    let lease = Duration::from_secs(30);
     let a_dir = plugins_dir(&["countdown", "hello"]);
     let b_dir = plugins_dir(&["countdown", "hello"]);
     modified_in(a_dir.path(), -3600);
     modified_in(b_dir.path(), -3600);
-    let a = node_leased(&url, &schema, "a", a_dir.path(), 4, lease).await;
-    let b = node_leased(&url, &schema, "b", b_dir.path(), 4, lease).await;
+    let a = node(&url, &schema, "a", a_dir.path(), 4).await;
+    let b = node(&url, &schema, "b", b_dir.path(), 4).await;
     let first = a.host().module("hello").unwrap().content_hash;
     let a_claimer = a.claim_from_queue().unwrap();
     let b_claimer = b.claim_from_queue().unwrap();
@@ -498,7 +480,7 @@ async fn a_reload_on_one_node_is_run_by_every_node_and_an_older_file_does_not_wi
     // follows the head rather than turning the cluster back.
     let c_dir = plugins_dir(&["countdown", "hello"]);
     modified_in(c_dir.path(), -7200);
-    let c = node_leased(&url, &schema, "c", c_dir.path(), 4, lease).await;
+    let c = node(&url, &schema, "c", c_dir.path(), 4).await;
     assert_eq!(c.host().module("hello").unwrap().content_hash, first);
     let c_claimer = c.claim_from_queue().unwrap();
     wait_for_version(&c, &newer).await;
@@ -527,8 +509,7 @@ async fn a_reload_on_one_node_is_run_by_every_node_and_an_older_file_does_not_wi
 async fn a_cleanup_prunes_the_module_versions_no_run_and_no_node_needs() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
-    let registry =
-        RunRegistry::new(store_leased(&url, &schema, "pruner", Duration::from_secs(60)).await);
+    let registry = RunRegistry::new(store(&url, &schema, "pruner").await);
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
