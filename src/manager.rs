@@ -10,8 +10,10 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -330,7 +332,7 @@ impl BackgroundTaskManager {
             Some(Pending::Ready(Slot::new(self.inner.clone()), first))
         };
         let slot = match self.inner.limits.max_concurrent {
-            None => Pending::Unlimited,
+            None => Pending::Unlimited(gate.and_then(Gate::in_line)),
             Some(max) => match (state.running < max).then(|| ready(&mut state)).flatten() {
                 Some(ready) => ready,
                 None => {
@@ -342,10 +344,10 @@ impl BackgroundTaskManager {
                         });
                     }
                     state.queued += 1;
-                    if gate.is_some_and(|gate| gate.first.is_some()) {
+                    if let Some(in_line) = gate.and_then(Gate::in_line) {
                         // Its module's permit first: it takes its turn for
                         // a slot once it holds one.
-                        Pending::Queued
+                        Pending::Queued(in_line)
                     } else {
                         // In turn now, so that slots go in the order the
                         // starts were admitted, however the tasks are run.
@@ -356,7 +358,7 @@ impl BackgroundTaskManager {
                 }
             },
         };
-        let queued = matches!(slot, Pending::Queued | Pending::Waiting(_));
+        let queued = matches!(slot, Pending::Queued(_) | Pending::Waiting(_));
         Ok((self.inner.track(&mut state, run_id, false, queued), slot))
     }
 
@@ -776,6 +778,44 @@ impl Gate {
             Some(semaphore) => semaphore.clone().try_acquire_owned().ok().map(Some),
         }
     }
+
+    /// A place in line for the first permit, if the gate has one.
+    fn in_line(&self) -> Option<InLine> {
+        self.first.clone().map(InLine::join)
+    }
+}
+
+/// A run's place in line for its gate's first permit (its module's own
+/// limit), taken as the run is admitted. Tokio's semaphore serves waiters
+/// in the order they were first polled; joining the line at admission,
+/// rather than when the run's task first runs, makes runs waiting on one
+/// module start in the order they were started, however their tasks
+/// happen to be scheduled.
+struct InLine(Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>);
+
+impl InLine {
+    fn join(semaphore: Arc<Semaphore>) -> InLine {
+        let mut acquire = Box::pin(async move { semaphore.acquire_owned().await.ok() });
+        // The first poll queues the waiter (or takes a free permit, which
+        // is kept for the task); the task's own polls replace the waker.
+        match acquire
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(permit) => InLine(Box::pin(std::future::ready(permit))),
+            Poll::Pending => InLine(acquire),
+        }
+    }
+
+    /// The permit once it is this run's turn; `None` if the run was
+    /// cancelled meanwhile (or the semaphore closed).
+    async fn turn(self, token: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            biased;
+            () = token.cancelled() => None,
+            permit = self.0 => permit,
+        }
+    }
 }
 
 /// Waits for a permit of `semaphore`, if there is one; `None` if the run
@@ -796,13 +836,14 @@ async fn permit(
 
 #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
 enum Pending {
-    /// No bound on concurrent tasks.
-    Unlimited,
+    /// No bound on concurrent tasks; in line for the gate's first permit
+    /// if it has one.
+    Unlimited(Option<InLine>),
     /// A slot, and the gate's first permit, taken when admitted.
     Ready(Slot, Option<OwnedSemaphorePermit>),
     /// Counted among the queued until it holds a slot (or is forgotten);
     /// takes its turn for a slot once it holds its gate's first permit.
-    Queued,
+    Queued(InLine),
     /// Counted among the queued, and in turn for a slot since admitted.
     Waiting(oneshot::Receiver<Slot>),
     /// Claimed from a shared queue, with the room its claimer took.
@@ -878,7 +919,7 @@ async fn execute<F>(
     // run that never waits (no limits), and none once the work is going.
     let _held = match (slot, gate) {
         (Pending::Claimed(held), _) => Some(held),
-        (Pending::Unlimited, None) => None,
+        (Pending::Unlimited(None), None) => None,
         (slot, gate) => match Box::pin(wait_to_start(&end, slot, gate)).await {
             Some(held) => Some(held),
             None => return,
@@ -951,7 +992,7 @@ async fn execute<F>(
 fn ready_now(slot: Pending, gate: Option<&Gate>) -> (Pending, Record) {
     let (slot, first) = match slot {
         Pending::Ready(slot, first) => (Some(slot), first),
-        Pending::Unlimited if gate.is_none_or(|gate| gate.first.is_none()) => (None, None),
+        Pending::Unlimited(None) => (None, None),
         slot => return (slot, Record::Adopt),
     };
     let then = match gate.and_then(|gate| gate.then.clone()) {
@@ -962,7 +1003,7 @@ fn ready_now(slot: Pending, gate: Option<&Gate>) -> (Pending, Record) {
             Err(_) => {
                 let slot = match slot {
                     Some(slot) => Pending::Ready(slot, first),
-                    None => Pending::Unlimited,
+                    None => Pending::Unlimited(None),
                 };
                 return (slot, Record::Adopt);
             }
@@ -1010,16 +1051,19 @@ struct Held {
 /// permit. `None` if it was cancelled meanwhile.
 async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) -> Option<Box<Held>> {
     let (inner, run_id, token) = (&end.inner, &*end.run_id, &end.token);
-    let first_of = |gate: &Option<Arc<Gate>>| gate.as_ref().and_then(|g| g.first.clone());
     let (slot, first) = match slot {
         // Holds its room already.
         Pending::Claimed(held) => return Some(held),
-        Pending::Unlimited => (None, permit(first_of(&gate).as_ref(), token).await?),
+        Pending::Unlimited(None) => (None, None),
+        Pending::Unlimited(Some(in_line)) => (None, Some(in_line.turn(token).await?)),
         Pending::Ready(slot, first) => (Some(slot), first),
         Pending::Waiting(granted) => (Some(in_turn(end, Err(granted)).await?), None),
-        Pending::Queued => {
-            let first = permit(first_of(&gate).as_ref(), token).await?;
-            (Some(in_turn(end, inner.take_slot(run_id)).await?), first)
+        Pending::Queued(in_line) => {
+            let first = in_line.turn(token).await?;
+            (
+                Some(in_turn(end, inner.take_slot(run_id)).await?),
+                Some(first),
+            )
         }
     };
     let then = gate.as_ref().and_then(|g| g.then.clone());

@@ -431,9 +431,16 @@ async fn runs_waiting_for_their_module_limit_hold_no_global_slot() {
         );
     }
 
-    // Freeing one of the module's places starts the next in line.
-    assert!(runner.cancel(&countdowns[0]).await.unwrap());
-    wait_for_status(runner.registry(), &countdowns[4], RunStatus::Running).await;
+    // Freeing the module's places starts the next in line, in the order
+    // they were started (however their tasks happened to be scheduled).
+    for (freed, next) in countdowns[..4].iter().zip(&countdowns[4..8]) {
+        assert!(runner.cancel(freed).await.unwrap());
+        wait_for_status(runner.registry(), next, RunStatus::Running).await;
+    }
+    for run_id in &countdowns[8..] {
+        let run = runner.registry().get_run(run_id).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Queued, "{run_id} jumped the line");
+    }
     for run_id in &countdowns {
         runner.cancel(run_id).await.unwrap();
     }
