@@ -237,7 +237,8 @@ async fn hello_started_from_the_generated_form_completes_on_screen() {
         .await
         .unwrap();
     browser.wait_for_text("h1", "Runs").await;
-    let run_id = server.start_run("countdown", json!({"seconds": 0.3}));
+    // Long enough that a loaded machine's browser sees it running.
+    let run_id = server.start_run("countdown", json!({"seconds": 3}));
     let row = format!("tr[data-run=\"{run_id}\"] .status");
     browser.wait_for_text(&row, "running").await;
     browser.wait_for_text(&row, "completed").await;
