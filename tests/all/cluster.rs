@@ -366,11 +366,14 @@ async fn a_cancel_asked_of_a_lost_node_is_settled_as_cancelled() {
     assert_eq!(survivor.request_cancel(&run.run_id).await.unwrap(), None);
 }
 
-fn start_node(plugins: &Path, url: &str, name: &str) -> Server {
+/// A `modrun serve` node named `name`. Its lease is `lease_seconds` long:
+/// short for the tests that lose a node on purpose, the product's 30 s for
+/// the others, so that a loaded machine loses no node they need.
+fn start_node(plugins: &Path, url: &str, name: &str, lease_seconds: u32) -> Server {
     Server::start(
         plugins,
         Path::new(url),
-        &["--node", name, "--node-lease", "2"],
+        &["--node", name, "--node-lease", &lease_seconds.to_string()],
     )
 }
 
@@ -381,8 +384,8 @@ async fn two_servers_share_a_database_and_a_killed_ones_runs_are_settled() {
     };
     let plugins = plugins_dir(&["hello", "countdown"]);
     let mut nodes = vec![
-        ("a", start_node(plugins.path(), &url, "a")),
-        ("b", start_node(plugins.path(), &url, "b")),
+        ("a", start_node(plugins.path(), &url, "a", 2)),
+        ("b", start_node(plugins.path(), &url, "b", 2)),
     ];
 
     // Runs started on either node run on either; both see every run.
@@ -654,7 +657,7 @@ async fn three_servers_take_3000_starts_and_every_run_ends_once() {
     let plugins = plugins_dir(&["hello"]);
     let nodes: Vec<Server> = ["n1", "n2", "n3"]
         .iter()
-        .map(|name| start_node(plugins.path(), &url, name))
+        .map(|name| start_node(plugins.path(), &url, name, 30))
         .collect();
     let bases: Vec<String> = nodes.iter().map(|node| node.base.clone()).collect();
     // Ten clients, each spreading its starts over the three nodes.
@@ -744,8 +747,8 @@ async fn a_node_frozen_past_its_lease_finds_its_run_rerun_elsewhere_and_cannot_o
     )
     .unwrap();
     let nodes = [
-        ("a", start_node(plugins.path(), &url, "a")),
-        ("b", start_node(plugins.path(), &url, "b")),
+        ("a", start_node(plugins.path(), &url, "a", 2)),
+        ("b", start_node(plugins.path(), &url, "b", 2)),
     ];
     let run_id = nodes[0]
         .1
@@ -806,13 +809,7 @@ async fn two_servers_lose_no_run_when_the_database_restarts_under_load() {
     };
     let plugins = plugins_dir(&["hello"]);
     let url = database.url();
-    let node = |name: &str| {
-        Server::start(
-            plugins.path(),
-            Path::new(&url),
-            &["--node", name, "--node-lease", "30"],
-        )
-    };
+    let node = |name: &str| start_node(plugins.path(), &url, name, 30);
     let nodes = [node("a"), node("b")];
     let bases: Vec<String> = nodes.iter().map(|node| node.base.clone()).collect();
 
