@@ -668,6 +668,12 @@ impl PgBackend {
             *session = Some(PgBackend::connect(config, node).await?);
         }
         let Session { client, prepared } = session.as_mut().expect("connected above");
+        if let Some(outcomes) = sql::apply_in_one_trip(client, prepared, node, batch)
+            .await
+            .map_err(|e| not_committed(&e))?
+        {
+            return Ok(outcomes);
+        }
         let tx = client.transaction().await.map_err(|e| not_committed(&e))?;
         let pipelined = sql::apply_pipelined(&tx, prepared, node, batch)
             .await

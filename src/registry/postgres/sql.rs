@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::ClientWrapper;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Row, Statement, Transaction};
+use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 
 use crate::error::Error;
 use crate::registry::retention::nanos_clamped;
@@ -414,7 +414,7 @@ pub(super) struct Prepared(HashMap<&'static str, Statement>);
 impl Prepared {
     async fn get(
         &mut self,
-        tx: &Transaction<'_>,
+        tx: &impl GenericClient,
         sql: &'static str,
     ) -> Result<Statement, tokio_postgres::Error> {
         if let Some(statement) = self.0.get(sql) {
@@ -581,6 +581,21 @@ enum Sent<'a> {
 }
 
 impl<'a> Sent<'a> {
+    /// Whether the write is one statement whose answer cannot call for a
+    /// different write (an insert can: its id may be taken), sent as its
+    /// job is first polled.
+    fn is_one_statement(&self) -> bool {
+        matches!(
+            self,
+            Sent::End { .. }
+                | Sent::Move { .. }
+                | Sent::Progress(..)
+                | Sent::ManyProgress(..)
+                | Sent::Log(..)
+                | Sent::Nothing
+        )
+    }
+
     /// The run the write is about, if it is about one.
     fn run_id(&self) -> Option<&str> {
         match self {
@@ -695,6 +710,93 @@ pub(super) async fn apply_pipelined(
     else {
         return Ok(None);
     };
+    let statements = prepare_for(tx, prepared, &sent).await?;
+    let statement = |sql: &'static str| &statements[sql];
+    let jobs = jobs(&sent);
+    let sends = jobs.iter().map(|job| async {
+        Ok::<_, tokio_postgres::Error>(match job {
+            Job::One(index) => vec![(*index, send(tx, &statement, &sent[*index]).await?)],
+            Job::Many(indexes) => send_many(tx, &statement, &sent, indexes).await?,
+        })
+    });
+    let answered = futures_util::future::try_join_all(sends).await?;
+    Ok(outcomes_of(answered, sent.len()))
+}
+
+/// Applies a batch in one round trip: `BEGIN`, every write's statement
+/// and `COMMIT`, sent at once. Only for a batch whose every write is one
+/// statement that cannot call for a different write (status changes,
+/// progress and logs: a run's end is the common case); `Ok(None)` for any
+/// other, which takes the transaction's longer way. A statement that fails
+/// aborts the transaction on the server, and the `COMMIT` sent with it
+/// then rolls it back: nothing of the batch is kept, as on the longer way.
+pub(super) async fn apply_in_one_trip(
+    client: &Client,
+    prepared: &mut Prepared,
+    node: &Node,
+    batch: &[Write],
+) -> Result<Option<Vec<Outcome>>, tokio_postgres::Error> {
+    let Some(sent) = batch
+        .iter()
+        .map(|write| Sent::new(write, node))
+        .collect::<Option<Vec<Sent<'_>>>>()
+    else {
+        return Ok(None);
+    };
+    if !sent.iter().all(Sent::is_one_statement) {
+        return Ok(None);
+    }
+    // Prepared (once per connection) before the transaction begins.
+    let statements = prepare_for(client, prepared, &sent).await?;
+    let statement = |sql: &'static str| &statements[sql];
+    let jobs = jobs(&sent);
+    let sends = jobs.iter().map(|job| async {
+        Ok::<_, tokio_postgres::Error>(match job {
+            Job::One(index) => vec![(*index, send(client, &statement, &sent[*index]).await?)],
+            Job::Many(indexes) => send_many(client, &statement, &sent, indexes).await?,
+        })
+    });
+    // Each request is sent as its future is first polled, and `join3`
+    // polls them in order: BEGIN, the statements, COMMIT, in one trip.
+    let (begun, answered, committed) = futures_util::future::join3(
+        client.batch_execute("BEGIN"),
+        futures_util::future::try_join_all(sends),
+        client.batch_execute("COMMIT"),
+    )
+    .await;
+    begun?;
+    let answered = answered?;
+    committed?;
+    // Never `None`: only an insert calls for a different write.
+    let outcomes = outcomes_of(answered, sent.len());
+    debug_assert!(outcomes.is_some(), "a one-statement write has its outcome");
+    Ok(outcomes)
+}
+
+/// The outcomes of a batch's jobs, in the batch's order; `None` if a
+/// write needs more than its statement.
+fn outcomes_of(
+    answered: Vec<Vec<(usize, Option<Outcome>)>>,
+    writes: usize,
+) -> Option<Vec<Outcome>> {
+    let mut outcomes: Vec<Option<Option<Outcome>>> = (0..writes).map(|_| None).collect();
+    for answered in answered {
+        for (index, outcome) in answered {
+            outcomes[index] = Some(outcome);
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|outcome| outcome.expect("every write belongs to one job"))
+        .collect()
+}
+
+/// The prepared statements the writes of `sent` use.
+async fn prepare_for(
+    tx: &impl GenericClient,
+    prepared: &mut Prepared,
+    sent: &[Sent<'_>],
+) -> Result<HashMap<&'static str, Statement>, tokio_postgres::Error> {
     let mut statements = HashMap::new();
     for sql in [
         INSERT_RUN,
@@ -721,24 +823,7 @@ pub(super) async fn apply_pipelined(
     for sql in [INSERT_MANY, INSERT_CLAIMED, MOVE_MANY, END_MANY] {
         statements.insert(sql, prepared.get(tx, sql).await?);
     }
-    let statement = |sql: &'static str| &statements[sql];
-    let jobs = jobs(&sent);
-    let sends = jobs.iter().map(|job| async {
-        Ok::<_, tokio_postgres::Error>(match job {
-            Job::One(index) => vec![(*index, send(tx, &statement, &sent[*index]).await?)],
-            Job::Many(indexes) => send_many(tx, &statement, &sent, indexes).await?,
-        })
-    });
-    let mut outcomes: Vec<Option<Option<Outcome>>> = (0..sent.len()).map(|_| None).collect();
-    for answered in futures_util::future::try_join_all(sends).await? {
-        for (index, outcome) in answered {
-            outcomes[index] = Some(outcome);
-        }
-    }
-    Ok(outcomes
-        .into_iter()
-        .map(|outcome| outcome.expect("every write belongs to one job"))
-        .collect())
+    Ok(statements)
 }
 
 /// How the writes of a batch are sent: one by one, or, for many runs
@@ -787,7 +872,7 @@ fn jobs(sent: &[Sent<'_>]) -> Vec<Job> {
 
 /// Sends the changes of runs (one or many) to one status in one statement.
 async fn send_many<'s>(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     statement: &impl Fn(&'static str) -> &'s Statement,
     sent: &[Sent<'_>],
     indexes: &[usize],
@@ -891,7 +976,7 @@ async fn send_many<'s>(
 /// Sends one write's statements; `None` when the write needs more than
 /// them (an insert whose id is taken).
 async fn send<'s>(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     statement: &impl Fn(&'static str) -> &'s Statement,
     sent: &Sent<'_>,
 ) -> Result<Option<Outcome>, tokio_postgres::Error> {
@@ -1022,7 +1107,7 @@ async fn send<'s>(
 /// Inserts many new runs in one statement. `None` for every one of them
 /// if any id was taken: the batch then goes write by write.
 async fn insert_many<'a>(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     statement: &Statement,
     sent: &'a [Sent<'a>],
     indexes: &[usize],
