@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::ClientWrapper;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 
@@ -28,12 +29,29 @@ use crate::sync::LockUnpoisoned;
 /// node that executes it and its attempt.
 const PG_RUN_COLUMNS: &str = concat!(run_columns!(), ", node, attempt");
 
-const INSERT_RUN: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, status, \
-     created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
-     progress_fraction, progress_message, module_version, log, history_len, node, max_attempts) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1, $16, $17) \
-     ON CONFLICT (run_id) DO NOTHING RETURNING id) \
-     INSERT INTO run_history (run, seq, status, at) SELECT id, 0, $4, $5 FROM r";
+/// The inserts of new runs come in two forms. Usually an id already taken
+/// writes nothing (`ON CONFLICT ... DO NOTHING`), and the caller, seeing
+/// fewer rows, takes the way that decides what to do with it. In a batch
+/// sent in one trip (BEGIN to COMMIT) nothing can be decided between the
+/// statements, so there the strict form fails instead, and the whole
+/// batch is rolled back and sent again the longer way.
+macro_rules! insert_run {
+    ($on_conflict:literal) => {
+        concat!(
+            "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, status, \
+             created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
+             progress_fraction, progress_message, module_version, log, history_len, node, \
+             max_attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+             $15, 1, $16, $17) ",
+            $on_conflict,
+            " RETURNING id) \
+             INSERT INTO run_history (run, seq, status, at) SELECT id, 0, $4, $5 FROM r"
+        )
+    };
+}
+
+const INSERT_RUN: &str = insert_run!("ON CONFLICT (run_id) DO NOTHING");
+const STRICT_INSERT_RUN: &str = insert_run!("");
 
 const UPDATE_RUN: &str = "UPDATE runs SET module_id = $2, module_name = $3, status = $4, \
      created_at = $5, started_at = $6, completed_at = $7, parameters = $8, exit_code = $9, \
@@ -48,28 +66,62 @@ const ADD_HISTORY: &str =
 
 /// Many new runs in one statement, with their first history rows; the
 /// caller compares the rows written with the runs sent (an id taken means
-/// fewer).
-const INSERT_MANY: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, \
-     status, created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
-     progress_fraction, progress_message, module_version, log, max_attempts, history_len, node) \
-     SELECT u.*, 1, $16 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
-     $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[], $11::text[], \
-     $12::float8[], $13::text[], $14::text[], $15::text[], $17::int4[]) AS u \
-     ON CONFLICT (run_id) DO NOTHING RETURNING id, status, created_at) \
-     INSERT INTO run_history (run, seq, status, at) SELECT id, 0, status, created_at FROM r";
+/// fewer). Two forms, as [`INSERT_RUN`] has.
+macro_rules! insert_many {
+    ($on_conflict:literal) => {
+        concat!(
+            "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, \
+             status, created_at, started_at, completed_at, parameters, exit_code, error_message, \
+             output, progress_fraction, progress_message, module_version, log, max_attempts, \
+             history_len, node) \
+             SELECT u.*, 1, $16 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+             $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[], \
+             $11::text[], $12::float8[], $13::text[], $14::text[], $15::text[], $17::int4[]) AS u ",
+            $on_conflict,
+            " RETURNING id, status, created_at) \
+             INSERT INTO run_history (run, seq, status, at) SELECT id, 0, status, created_at FROM r"
+        )
+    };
+}
+
+const INSERT_MANY: &str = insert_many!("ON CONFLICT (run_id) DO NOTHING");
+const STRICT_INSERT_MANY: &str = insert_many!("");
 
 /// Many new runs claimed by this node (`$16`) as they are recorded:
 /// `Running`, with two history rows each (queued when created, running
-/// when started), in one statement.
-const INSERT_CLAIMED: &str = "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, \
-     status, created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
-     progress_fraction, progress_message, module_version, log, max_attempts, history_len, node, \
-     attempt) SELECT u.*, 2, $16, 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
-     $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[], $11::text[], \
-     $12::float8[], $13::text[], $14::text[], $15::text[], $17::int4[]) AS u \
-     ON CONFLICT (run_id) DO NOTHING RETURNING id, created_at, started_at) \
-     INSERT INTO run_history (run, seq, status, at) \
-     SELECT id, 0, 'queued', created_at FROM r UNION ALL SELECT id, 1, 'running', started_at FROM r";
+/// when started), in one statement. Two forms, as [`INSERT_RUN`] has.
+macro_rules! insert_claimed {
+    ($on_conflict:literal) => {
+        concat!(
+            "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, \
+             status, created_at, started_at, completed_at, parameters, exit_code, error_message, \
+             output, progress_fraction, progress_message, module_version, log, max_attempts, \
+             history_len, node, attempt) \
+             SELECT u.*, 2, $16, 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+             $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[], \
+             $11::text[], $12::float8[], $13::text[], $14::text[], $15::text[], $17::int4[]) AS u ",
+            $on_conflict,
+            " RETURNING id, created_at, started_at) \
+             INSERT INTO run_history (run, seq, status, at) \
+             SELECT id, 0, 'queued', created_at FROM r \
+             UNION ALL SELECT id, 1, 'running', started_at FROM r"
+        )
+    };
+}
+
+const INSERT_CLAIMED: &str = insert_claimed!("ON CONFLICT (run_id) DO NOTHING");
+const STRICT_INSERT_CLAIMED: &str = insert_claimed!("");
+
+/// The form of `sql` that fails on an id already taken, for a batch sent
+/// in one trip; `sql` itself for every other statement.
+fn strict(sql: &'static str) -> &'static str {
+    match sql {
+        INSERT_RUN => STRICT_INSERT_RUN,
+        INSERT_MANY => STRICT_INSERT_MANY,
+        INSERT_CLAIMED => STRICT_INSERT_CLAIMED,
+        other => other,
+    }
+}
 
 /// Runs' changes to one active status `$2`, from the statuses in `$4`, in
 /// one statement (for one run as for many); answers the runs changed
@@ -581,13 +633,14 @@ enum Sent<'a> {
 }
 
 impl<'a> Sent<'a> {
-    /// Whether the write is one statement whose answer cannot call for a
-    /// different write (an insert can: its id may be taken), sent as its
-    /// job is first polled.
+    /// Whether the write is one statement, sent as its job is first
+    /// polled.
     fn is_one_statement(&self) -> bool {
         matches!(
             self,
-            Sent::End { .. }
+            Sent::Insert(..)
+                | Sent::Claimed(..)
+                | Sent::End { .. }
                 | Sent::Move { .. }
                 | Sent::Progress(..)
                 | Sent::ManyProgress(..)
@@ -710,7 +763,7 @@ pub(super) async fn apply_pipelined(
     else {
         return Ok(None);
     };
-    let statements = prepare_for(tx, prepared, &sent).await?;
+    let statements = prepare_for(tx, prepared, &sent, false).await?;
     let statement = |sql: &'static str| &statements[sql];
     let jobs = jobs(&sent);
     let sends = jobs.iter().map(|job| async {
@@ -725,11 +778,13 @@ pub(super) async fn apply_pipelined(
 
 /// Applies a batch in one round trip: `BEGIN`, every write's statement
 /// and `COMMIT`, sent at once. Only for a batch whose every write is one
-/// statement that cannot call for a different write (status changes,
-/// progress and logs: a run's end is the common case); `Ok(None)` for any
-/// other, which takes the transaction's longer way. A statement that fails
-/// aborts the transaction on the server, and the `COMMIT` sent with it
-/// then rolls it back: nothing of the batch is kept, as on the longer way.
+/// statement (new runs, status changes, progress and logs: a run's start
+/// and its end are the common cases); `Ok(None)` for any other, which
+/// takes the transaction's longer way. A statement that fails aborts the
+/// transaction on the server, and the `COMMIT` sent with it then rolls it
+/// back: nothing of the batch is kept, as on the longer way. A new run
+/// whose id is taken fails so (the strict form of its insert), and the
+/// batch goes the longer way (`Ok(None)`), which decides what to do.
 pub(super) async fn apply_in_one_trip(
     client: &Client,
     prepared: &mut Prepared,
@@ -743,11 +798,13 @@ pub(super) async fn apply_in_one_trip(
     else {
         return Ok(None);
     };
-    if !sent.iter().all(Sent::is_one_statement) {
+    // A keyed start looks before it writes.
+    let keyed = batch.iter().any(|write| write.key().is_some());
+    if keyed || !sent.iter().all(Sent::is_one_statement) {
         return Ok(None);
     }
     // Prepared (once per connection) before the transaction begins.
-    let statements = prepare_for(client, prepared, &sent).await?;
+    let statements = prepare_for(client, prepared, &sent, true).await?;
     let statement = |sql: &'static str| &statements[sql];
     let jobs = jobs(&sent);
     let sends = jobs.iter().map(|job| async {
@@ -765,9 +822,13 @@ pub(super) async fn apply_in_one_trip(
     )
     .await;
     begun?;
-    let answered = answered?;
+    let answered = match answered {
+        // Rolled back by the COMMIT sent with it.
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => return Ok(None),
+        answered => answered?,
+    };
     committed?;
-    // Never `None`: only an insert calls for a different write.
+    // Never `None`: a strict insert writes its rows or fails.
     let outcomes = outcomes_of(answered, sent.len());
     debug_assert!(outcomes.is_some(), "a one-statement write has its outcome");
     Ok(outcomes)
@@ -792,11 +853,16 @@ fn outcomes_of(
 }
 
 /// The prepared statements the writes of `sent` use.
+///
+/// `one_trip`: the strict forms of the inserts, kept under the usual
+/// ones' names (see [`INSERT_RUN`]).
 async fn prepare_for(
     tx: &impl GenericClient,
     prepared: &mut Prepared,
     sent: &[Sent<'_>],
+    one_trip: bool,
 ) -> Result<HashMap<&'static str, Statement>, tokio_postgres::Error> {
+    let form = |sql| if one_trip { strict(sql) } else { sql };
     let mut statements = HashMap::new();
     for sql in [
         INSERT_RUN,
@@ -817,11 +883,11 @@ async fn prepare_for(
     ] {
         let needed = sent.iter().any(|sent| statement_of(sent).contains(&sql));
         if needed {
-            statements.insert(sql, prepared.get(tx, sql).await?);
+            statements.insert(sql, prepared.get(tx, form(sql)).await?);
         }
     }
     for sql in [INSERT_MANY, INSERT_CLAIMED, MOVE_MANY, END_MANY] {
-        statements.insert(sql, prepared.get(tx, sql).await?);
+        statements.insert(sql, prepared.get(tx, form(sql)).await?);
     }
     Ok(statements)
 }
