@@ -63,20 +63,29 @@ pub async fn postgres_registry() -> Option<TestRegistry> {
 pub async fn wait_for_status(registry: &RunRegistry, run_id: &str, status: RunStatus) -> Run {
     let start = Instant::now();
     loop {
-        if let Some(run) = registry.get_run(run_id).await.expect("registry read") {
+        let found = registry.get_run(run_id).await.expect("registry read");
+        if let Some(run) = &found {
             if run.status == status {
-                return run;
+                return found.unwrap();
             }
             assert!(
                 !run.status.is_terminal(),
-                "run {run_id} ended {} while waiting for {status}",
-                run.status
+                "run {run_id} ended {} while waiting for {status}: {:?}",
+                run.status,
+                run.error_message
             );
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "run {run_id} did not become {status} within {DEADLINE:?}"
-        );
+        if start.elapsed() >= DEADLINE {
+            // What the run went through, to tell a slow machine from a
+            // run nobody started.
+            let history = registry.history(run_id).await.expect("registry read");
+            panic!(
+                "run {run_id} did not become {status} within {DEADLINE:?}; it is {:?}, node {:?}, \
+                 history {history:?}",
+                found.as_ref().map(|run| run.status),
+                found.as_ref().and_then(|run| run.node.as_deref()),
+            );
+        }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
