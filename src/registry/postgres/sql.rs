@@ -752,28 +752,40 @@ pub(super) async fn apply_pipelined(
     node: &Node,
     batch: &[Write],
 ) -> Result<Option<Vec<Outcome>>, tokio_postgres::Error> {
-    // A keyed start looks before it writes: one write at a time.
-    if batch.iter().any(|write| write.key().is_some()) {
-        return Ok(None);
-    }
-    let Some(sent) = batch
-        .iter()
-        .map(|write| Sent::new(write, node))
-        .collect::<Option<Vec<Sent<'_>>>>()
-    else {
+    let Some(sent) = sent_of(batch, node) else {
         return Ok(None);
     };
     let statements = prepare_for(tx, prepared, &sent, false).await?;
-    let statement = |sql: &'static str| &statements[sql];
-    let jobs = jobs(&sent);
+    let answered = send_all(tx, &|sql| &statements[sql], &sent).await?;
+    Ok(outcomes_of(answered, sent.len()))
+}
+
+/// The batch's writes as they are sent; `None` if one needs answers
+/// before it knows what to write (a keyed start looks first, a
+/// whole-record replace reads the record).
+fn sent_of<'a>(batch: &'a [Write], node: &'a Node) -> Option<Vec<Sent<'a>>> {
+    if batch.iter().any(|write| write.key().is_some()) {
+        return None;
+    }
+    batch.iter().map(|write| Sent::new(write, node)).collect()
+}
+
+/// Sends every write of `sent` (as jobs: alone, or grouped with writes
+/// alike), each request as its job is first polled, so all in order, and
+/// answers what each job changed.
+async fn send_all<'s>(
+    tx: &impl GenericClient,
+    statement: &impl Fn(&'static str) -> &'s Statement,
+    sent: &[Sent<'_>],
+) -> Result<Vec<Vec<(usize, Option<Outcome>)>>, tokio_postgres::Error> {
+    let jobs = jobs(sent);
     let sends = jobs.iter().map(|job| async {
         Ok::<_, tokio_postgres::Error>(match job {
-            Job::One(index) => vec![(*index, send(tx, &statement, &sent[*index]).await?)],
-            Job::Many(indexes) => send_many(tx, &statement, &sent, indexes).await?,
+            Job::One(index) => vec![(*index, send(tx, statement, &sent[*index]).await?)],
+            Job::Many(indexes) => send_many(tx, statement, sent, indexes).await?,
         })
     });
-    let answered = futures_util::future::try_join_all(sends).await?;
-    Ok(outcomes_of(answered, sent.len()))
+    futures_util::future::try_join_all(sends).await
 }
 
 /// Applies a batch in one round trip: `BEGIN`, every write's statement
@@ -791,33 +803,19 @@ pub(super) async fn apply_in_one_trip(
     node: &Node,
     batch: &[Write],
 ) -> Result<Option<Vec<Outcome>>, tokio_postgres::Error> {
-    let Some(sent) = batch
-        .iter()
-        .map(|write| Sent::new(write, node))
-        .collect::<Option<Vec<Sent<'_>>>>()
-    else {
+    let Some(sent) = sent_of(batch, node) else {
         return Ok(None);
     };
-    // A keyed start looks before it writes.
-    let keyed = batch.iter().any(|write| write.key().is_some());
-    if keyed || !sent.iter().all(Sent::is_one_statement) {
+    if !sent.iter().all(Sent::is_one_statement) {
         return Ok(None);
     }
     // Prepared (once per connection) before the transaction begins.
     let statements = prepare_for(client, prepared, &sent, true).await?;
-    let statement = |sql: &'static str| &statements[sql];
-    let jobs = jobs(&sent);
-    let sends = jobs.iter().map(|job| async {
-        Ok::<_, tokio_postgres::Error>(match job {
-            Job::One(index) => vec![(*index, send(client, &statement, &sent[*index]).await?)],
-            Job::Many(indexes) => send_many(client, &statement, &sent, indexes).await?,
-        })
-    });
     // Each request is sent as its future is first polled, and `join3`
     // polls them in order: BEGIN, the statements, COMMIT, in one trip.
     let (begun, answered, committed) = futures_util::future::join3(
         client.batch_execute("BEGIN"),
-        futures_util::future::try_join_all(sends),
+        send_all(client, &|sql| &statements[sql], &sent),
         client.batch_execute("COMMIT"),
     )
     .await;
