@@ -64,6 +64,17 @@ const CURRENT: &str =
 const ADD_HISTORY: &str =
     "INSERT INTO run_history (run, seq, status, at, message) VALUES ($1, $2, $3, $4, $5)";
 
+/// Many new runs' columns as rows `u`, from one array per column (the
+/// parameters `insert_many` binds), in the column order of
+/// [`INSERT_MANY`] and [`INSERT_CLAIMED`].
+macro_rules! run_arrays {
+    () => {
+        "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], \
+         $7::int8[], $8::text[], $9::int4[], $10::text[], $11::text[], $12::float8[], \
+         $13::text[], $14::text[], $15::text[], $17::int4[]) AS u "
+    };
+}
+
 /// Many new runs in one statement, with their first history rows; the
 /// caller compares the rows written with the runs sent (an id taken means
 /// fewer). Two forms, as [`INSERT_RUN`] has.
@@ -74,9 +85,8 @@ macro_rules! insert_many {
              status, created_at, started_at, completed_at, parameters, exit_code, error_message, \
              output, progress_fraction, progress_message, module_version, log, max_attempts, \
              history_len, node) \
-             SELECT u.*, 1, $16 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
-             $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[], \
-             $11::text[], $12::float8[], $13::text[], $14::text[], $15::text[], $17::int4[]) AS u ",
+             SELECT u.*, 1, $16 FROM ",
+            run_arrays!(),
             $on_conflict,
             " RETURNING id, status, created_at) \
              INSERT INTO run_history (run, seq, status, at) SELECT id, 0, status, created_at FROM r"
@@ -97,9 +107,8 @@ macro_rules! insert_claimed {
              status, created_at, started_at, completed_at, parameters, exit_code, error_message, \
              output, progress_fraction, progress_message, module_version, log, max_attempts, \
              history_len, node, attempt) \
-             SELECT u.*, 2, $16, 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
-             $5::int8[], $6::int8[], $7::int8[], $8::text[], $9::int4[], $10::text[], \
-             $11::text[], $12::float8[], $13::text[], $14::text[], $15::text[], $17::int4[]) AS u ",
+             SELECT u.*, 2, $16, 1 FROM ",
+            run_arrays!(),
             $on_conflict,
             " RETURNING id, created_at, started_at) \
              INSERT INTO run_history (run, seq, status, at) \
