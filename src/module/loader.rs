@@ -505,16 +505,16 @@ impl ModuleHost {
 
     /// Makes `version` (from [`load_version`](Self::load_version)), which
     /// node `node` published for every node to run, its module's current
-    /// version in place of `replaced`; `false`, changing nothing, if the
-    /// current version is no longer `replaced` (the file was reloaded
-    /// meanwhile).
-    pub(crate) fn adopt(&self, replaced: &str, mut version: LoadedModule, node: &str) -> bool {
+    /// version in place of `replaced`. Changes nothing if the current
+    /// version is no longer `replaced` (the file was reloaded meanwhile:
+    /// the next look at the heads decides again).
+    pub(crate) fn adopt(&self, replaced: &str, mut version: LoadedModule, node: &str) {
         version.summary.published_by = Some(node.to_owned());
         let summary = version.summary.clone();
         let mut modules = self.inner.modules.write_unpoisoned();
         let current = modules.get(&summary.info.id);
         if current.is_none_or(|current| current.summary.content_hash != replaced) {
-            return false;
+            return;
         }
         tracing::info!(
             module_id = %summary.info.id,
@@ -529,7 +529,6 @@ impl ModuleHost {
             module_id: summary.info.id,
             content_hash: summary.content_hash,
         });
-        true
     }
 
     /// Records that a version of loaded module `module_id` that another
