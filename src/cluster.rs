@@ -13,7 +13,10 @@
 //!
 //! A node with room for a run as it is started claims it at once: it is
 //! recorded `Running` for that node in the write that records it, and
-//! starts without waiting for a claim. Otherwise the claimer wakes when a
+//! starts without waiting for a claim. It does so only while no earlier
+//! run may be waiting in the queue (none was queued here or announced
+//! since a claim last found nothing more to take), so that a start never
+//! overtakes the runs queued before it. Otherwise the claimer wakes when a
 //! run is queued (on any node: the database announces it), when one of
 //! its runs ends, when a module reloads, and once a second in case a
 //! notification was lost.
@@ -36,7 +39,7 @@
 //! older file again (a newer modification time) makes it the head.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -293,7 +296,7 @@ async fn fetch_missing(
                     "fetched a module version another node loaded"
                 );
                 versions.retain(&Arc::new(module));
-                versions.queued_here.notify_one();
+                versions.queued_here();
             }
             Err(e) => {
                 tracing::warn!(module_id, version = hash, error = %e, "cannot run a module version another node loaded");
@@ -327,13 +330,32 @@ async fn fetch(runner: &ModuleRunner, module_id: &str, hash: &str) -> crate::Res
 /// The module versions a node can run from the queue: every module's
 /// current version, and the earlier versions that runs it queued were
 /// pinned to (kept while such runs wait), by `<module>@<content hash>`.
-#[derive(Default)]
 pub(crate) struct Versions {
     kept: Mutex<HashMap<String, Arc<LoadedModule>>>,
     /// A version was added since the node last published its versions.
     changed: AtomicBool,
     /// Told when this node queues a run for any node.
-    pub(crate) queued_here: tokio::sync::Notify,
+    queued_here: tokio::sync::Notify,
+    /// Counts the moments a run this node could claim may have been
+    /// queued: by this node, by another (announced), or for a version
+    /// this node gained.
+    queued: AtomicU64,
+    /// What `queued` was when the last claim that found nothing more to
+    /// take began.
+    drained: AtomicU64,
+}
+
+impl Default for Versions {
+    fn default() -> Self {
+        Versions {
+            kept: Mutex::default(),
+            changed: AtomicBool::new(false),
+            queued_here: tokio::sync::Notify::new(),
+            // Runs may wait from before this node started.
+            queued: AtomicU64::new(1),
+            drained: AtomicU64::new(0),
+        }
+    }
 }
 
 impl std::fmt::Debug for Versions {
@@ -343,6 +365,27 @@ impl std::fmt::Debug for Versions {
 }
 
 impl Versions {
+    /// Whether no run this node could claim has been queued since a claim
+    /// last found the queue drained: only then may a run started here
+    /// start at once, for it overtakes none queued before it.
+    pub(crate) fn drained(&self) -> bool {
+        self.drained.load(Ordering::Acquire) == self.queued.load(Ordering::Acquire)
+    }
+
+    /// Notes that a run this node could claim may be (or be about to be)
+    /// queued: runs started here queue behind it until a claim that
+    /// begins after this finds the queue drained.
+    pub(crate) fn may_be_queued(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Notes that this node queued a run (its write committed), and wakes
+    /// the claimer.
+    pub(crate) fn queued_here(&self) {
+        self.may_be_queued();
+        self.queued_here.notify_one();
+    }
+
     /// Keeps `module`'s version for the runs queued on it.
     pub(crate) fn retain(&self, module: &Arc<LoadedModule>) {
         let key = key_of(module);
@@ -449,8 +492,14 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
             }
         }
         if !unsure && maybe_queued {
+            let as_of = versions.queued.load(Ordering::Acquire);
             match claim_all(&runner, &versions).await {
-                Ok(drained) => maybe_queued = !drained,
+                Ok(drained) => {
+                    maybe_queued = !drained;
+                    if drained {
+                        versions.drained.store(as_of, Ordering::Release);
+                    }
+                }
                 Err(e) => {
                     // Any claim that failed may have been recorded all the same.
                     unsure = true;
@@ -487,10 +536,14 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
             () = stop.cancelled() => return,
             () = runner.manager().task_ended() => {}
             () = versions.queued_here.notified() => maybe_queued = true,
-            () = notified(elsewhere.as_deref()) => maybe_queued = true,
+            () = notified(elsewhere.as_deref()) => {
+                versions.may_be_queued();
+                maybe_queued = true;
+            }
             reload = reloads.recv() => {
                 if !matches!(reload, Err(broadcast::error::RecvError::Closed)) {
                     versions.changed.store(true, Ordering::Release);
+                    versions.may_be_queued();
                     maybe_queued = true;
                 }
             }

@@ -229,9 +229,18 @@ impl ModuleRunner {
         versions.retain(module);
         let run_id = run.run_id.clone();
         let attempts = module.summary.manifest.limits.max_attempts;
-        let Some((room, permits)) = self.room_for(module) else {
+        // Runs queued earlier go first: with any waiting, this one queues
+        // behind them even if there is room for it now.
+        let room = if versions.drained() {
+            self.room_for(module)
+        } else {
+            None
+        };
+        let Some((room, permits)) = room else {
+            // Starts made while this one is being recorded queue too.
+            versions.may_be_queued();
             self.registry().enqueue(&run, attempts, key).await?;
-            versions.queued_here.notify_one();
+            versions.queued_here();
             return Ok(run_id);
         };
         run.status = RunStatus::Running;

@@ -203,6 +203,71 @@ async fn a_module_limit_is_applied_at_claim_and_starves_no_other_module() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_with_room_never_overtakes_a_run_queued_before_it() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let dir = plugins_dir(&["countdown"]);
+    std::fs::write(
+        dir.path().join("countdown.toml"),
+        "[limits]\nmax_concurrent = 1\n",
+    )
+    .unwrap();
+    let long = json!({"seconds": 60, "step_ms": 10});
+    let a = node(&url, &schema, "a", dir.path(), 4).await;
+    let claimer = a.claim_from_queue().unwrap();
+    let first = a.start("countdown", long.clone()).await.unwrap();
+    wait_for_status(a.registry(), &first, RunStatus::Running).await;
+    let second = a.start("countdown", long.clone()).await.unwrap();
+    let queued = a.registry().get_run(&second).await.unwrap().unwrap();
+    assert_eq!(
+        queued.status,
+        RunStatus::Queued,
+        "the module's one place is taken"
+    );
+
+    // With the claimer held still, the module's place frees while the
+    // second run waits in the queue: a third start finds room, and queues
+    // behind it all the same.
+    claimer.stop().await;
+    assert!(a.cancel(&first).await.unwrap());
+    wait_for_status(a.registry(), &first, RunStatus::Cancelled).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while a.manager().active_task_count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled run never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let third = a.start("countdown", long).await.unwrap();
+    let run = a.registry().get_run(&third).await.unwrap().unwrap();
+    assert_eq!(
+        run.status,
+        RunStatus::Queued,
+        "it would overtake the second run"
+    );
+
+    // Whoever claims next takes them in the order they were started.
+    let b = node(&url, &schema, "b", dir.path(), 4).await;
+    let b_claimer = b.claim_from_queue().unwrap();
+    let running = wait_for_status(b.registry(), &second, RunStatus::Running).await;
+    assert_eq!(running.node.as_deref(), Some("b"));
+    let run = b.registry().get_run(&third).await.unwrap().unwrap();
+    assert_eq!(
+        run.status,
+        RunStatus::Queued,
+        "the module's one place is taken"
+    );
+    b_claimer.stop().await;
+    for node in [a, b] {
+        node.manager()
+            .shutdown(Duration::from_millis(10))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_started_on_a_busy_node_runs_on_one_with_room() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
