@@ -373,6 +373,44 @@ async fn a_lost_nodes_run_that_may_retry_is_queued_again_and_its_late_end_refuse
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_in_its_heartbeat_holds_up_no_other_node() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let lost = store_leased(&url, &schema, "lost", Duration::from_secs(2)).await;
+    let mut run = Run::new("countdown", "Countdown");
+    run.module_version = Some("v1".into());
+    run.status = RunStatus::Running;
+    run.started_at = Some(Utc::now());
+    lost.enqueue(&run, 1, None).await.unwrap();
+    drop(lost);
+    // The lost node froze in the middle of a heartbeat: its transaction
+    // holds its node row, and stays open.
+    let (frozen, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    frozen
+        .batch_execute(&format!(
+            "SET search_path TO {schema}; BEGIN; \
+             SELECT 1 FROM nodes WHERE node_id = 'lost' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+
+    // Another node's heartbeats go on: they renew its lease, and settle
+    // the lost node's run once its lease is out.
+    let survivor = RunRegistry::new(store(&url, &schema, "survivor").await);
+    let failed = wait_for_end(&survivor, &run.run_id).await;
+    assert_eq!(failed.status, RunStatus::Failed);
+    let message = failed.error_message.unwrap();
+    assert!(
+        message.starts_with("node lost: lost stopped renewing its lease"),
+        "{message}"
+    );
+    frozen.batch_execute("ROLLBACK").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_retried_on_two_nodes_with_one_key_is_one_run() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();

@@ -199,7 +199,15 @@ impl PostgresStore {
             config.connect_timeout(STATEMENT_WAIT);
         }
         config.keepalives_idle(Duration::from_secs(10));
-        config.options(format!("-c search_path={}", options.schema));
+        // A node frozen (or cut off) in the middle of a transaction would
+        // hold its row locks for as long as it stays so: the server ends
+        // such a session once it has idled in its transaction longer than
+        // this node would wait for any answer.
+        config.options(format!(
+            "-c search_path={} -c idle_in_transaction_session_timeout={}",
+            options.schema,
+            STATEMENT_WAIT.as_millis()
+        ));
         config.application_name("modrun");
 
         let (mut client, connection) = tokio::time::timeout(STATEMENT_WAIT, config.connect(NoTls))

@@ -193,16 +193,21 @@ const RENEW: &str = "INSERT INTO nodes (node_id, started_at, heartbeat_at, lease
 /// removed after they were queued). Only runs queued for longer than a
 /// lease (`$3` ms before `$1`), so that a node that just loaded a version
 /// has published it; and only by a node that knows its own versions
-/// (`$4` not NULL), so that a cluster starting up fails nothing.
-const STRANDED: &str = "WITH s AS (UPDATE runs r SET status = 'failed', completed_at = $1, \
-     exit_code = $2, error_message = 'no node can run it: module ' || r.module_id || \
-     CASE WHEN r.module_version IS NULL THEN '' ELSE ' at version ' || r.module_version END || \
-     ' is loaded on no live node (it changed or was removed after the run was queued); \
-     start the run again', history_len = r.history_len + 1 \
+/// (`$4` not NULL), so that a cluster starting up fails nothing. A row
+/// another transaction holds (a claim) is left for the next heartbeat:
+/// a heartbeat never waits on another node's lock.
+const STRANDED: &str = "WITH c AS (SELECT r.id FROM runs r \
      WHERE r.status = 'queued' AND r.node IS NULL AND $4::text[] IS NOT NULL \
      AND r.created_at < $1 - $3::bigint * 1000000 AND NOT EXISTS (SELECT 1 FROM nodes n \
      WHERE n.lease_until >= now() \
      AND r.module_id || '@' || coalesce(r.module_version, '') = ANY(n.versions)) \
+     FOR UPDATE OF r SKIP LOCKED), \
+     s AS (UPDATE runs r SET status = 'failed', completed_at = $1, \
+     exit_code = $2, error_message = 'no node can run it: module ' || r.module_id || \
+     CASE WHEN r.module_version IS NULL THEN '' ELSE ' at version ' || r.module_version END || \
+     ' is loaded on no live node (it changed or was removed after the run was queued); \
+     start the run again', history_len = r.history_len + 1 \
+     FROM c WHERE r.id = c.id AND r.status = 'queued' AND r.node IS NULL \
      RETURNING r.id, r.history_len, r.error_message), \
      h AS (INSERT INTO run_history (run, seq, status, at, message) \
      SELECT id, history_len - 1, 'failed', $1, error_message FROM s) \
@@ -262,9 +267,15 @@ pub(super) const SESSION_NODE: &str = "SELECT set_config('modrun.node', $1, fals
 /// Nothing is settled until the server has been up for a lease (`$3` ms):
 /// while it was down no node could renew, and every live node gets a
 /// lease's time to do so before it counts as lost.
+///
+/// A row another transaction holds is left for the next heartbeat: a
+/// node frozen in the middle of its own heartbeat holds its node row, and
+/// every other node's heartbeat (its own renewal with it) would wait on
+/// it for as long as it stays frozen.
 const RESCUE: &str = "WITH settled AS (SELECT pg_postmaster_start_time() \
      < now() - $3::bigint * interval '1 millisecond' AS up), \
-     gone AS (DELETE FROM nodes WHERE lease_until < now() AND (SELECT up FROM settled)), \
+     gone AS (DELETE FROM nodes WHERE node_id IN (SELECT node_id FROM nodes \
+     WHERE lease_until < now() AND (SELECT up FROM settled) FOR UPDATE SKIP LOCKED)), \
      doomed AS (SELECT r.id, coalesce(r.node, 'an unknown node') AS node, r.status, r.attempt, \
      r.max_attempts, r.cancel_requested_at IS NOT NULL AS cancel, \
      r.status = 'running' AND r.cancel_requested_at IS NULL \
@@ -273,7 +284,7 @@ const RESCUE: &str = "WITH settled AS (SELECT pg_postmaster_start_time() \
      WHERE r.status IN ('queued', 'running') AND (SELECT up FROM settled) \
      AND NOT (r.status = 'queued' AND r.node IS NULL) AND NOT EXISTS \
      (SELECT 1 FROM nodes n WHERE n.node_id = r.node AND n.lease_until >= now()) \
-     FOR UPDATE OF r), \
+     FOR UPDATE OF r SKIP LOCKED), \
      lost AS (UPDATE runs r SET \
      status = CASE WHEN d.again THEN 'queued' WHEN d.cancel THEN 'cancelled' ELSE 'failed' END, \
      node = CASE WHEN d.again THEN NULL ELSE r.node END, \
