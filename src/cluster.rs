@@ -351,8 +351,10 @@ impl Default for Versions {
             kept: Mutex::default(),
             changed: AtomicBool::new(false),
             queued_here: tokio::sync::Notify::new(),
-            // Runs may wait from before this node started.
-            queued: AtomicU64::new(1),
+            // Drained, so that starts made while the first claim is under
+            // way may start at once: they may overtake runs queued before
+            // this node started, which the first claim takes.
+            queued: AtomicU64::new(0),
             drained: AtomicU64::new(0),
         }
     }
@@ -372,9 +374,11 @@ impl Versions {
         self.drained.load(Ordering::Acquire) == self.queued.load(Ordering::Acquire)
     }
 
-    /// Notes that a run this node could claim may be (or be about to be)
-    /// queued: runs started here queue behind it until a claim that
-    /// begins after this finds the queue drained.
+    /// Notes that a run this node could claim may have been queued (its
+    /// write committed): runs started here from now on queue behind it
+    /// until a claim that begins after this finds the queue drained. A
+    /// start under way meanwhile is not ordered after it, and may start
+    /// at once.
     pub(crate) fn may_be_queued(&self) {
         self.queued.fetch_add(1, Ordering::AcqRel);
     }

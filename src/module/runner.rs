@@ -237,8 +237,6 @@ impl ModuleRunner {
             None
         };
         let Some((room, permits)) = room else {
-            // Starts made while this one is being recorded queue too.
-            versions.may_be_queued();
             self.registry().enqueue(&run, attempts, key).await?;
             versions.queued_here();
             return Ok(run_id);
