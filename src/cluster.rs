@@ -14,9 +14,9 @@
 //! A node with room for a run as it is started claims it at once: it is
 //! recorded `Running` for that node in the write that records it, and
 //! starts without waiting for a claim. It does so only while no earlier
-//! run may be waiting in the queue (none was queued here or announced
-//! since a claim last found nothing more to take), so that a start never
-//! overtakes the runs queued before it. Otherwise the claimer wakes when a
+//! run of its module may be waiting in the queue (none was queued here or
+//! announced since a claim last found nothing more of it to take), so that
+//! a start never overtakes the runs queued before it. Otherwise the claimer wakes when a
 //! run is queued (on any node: the database announces it), when one of
 //! its runs ends, when a module reloads, and once a second in case a
 //! notification was lost.
@@ -39,7 +39,7 @@
 //! older file again (a newer modification time) makes it the head.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -296,7 +296,7 @@ async fn fetch_missing(
                     "fetched a module version another node loaded"
                 );
                 versions.retain(&Arc::new(module));
-                versions.queued_here();
+                versions.queued_here(module_id);
             }
             Err(e) => {
                 tracing::warn!(module_id, version = hash, error = %e, "cannot run a module version another node loaded");
@@ -330,33 +330,39 @@ async fn fetch(runner: &ModuleRunner, module_id: &str, hash: &str) -> crate::Res
 /// The module versions a node can run from the queue: every module's
 /// current version, and the earlier versions that runs it queued were
 /// pinned to (kept while such runs wait), by `<module>@<content hash>`.
+#[derive(Default)]
 pub(crate) struct Versions {
     kept: Mutex<HashMap<String, Arc<LoadedModule>>>,
     /// A version was added since the node last published its versions.
     changed: AtomicBool,
     /// Told when this node queues a run for any node.
     queued_here: tokio::sync::Notify,
-    /// Counts the moments a run this node could claim may have been
-    /// queued: by this node, by another (announced), or for a version
-    /// this node gained.
-    queued: AtomicU64,
-    /// What `queued` was when the last claim that found nothing more to
-    /// take began.
-    drained: AtomicU64,
+    /// Which modules' runs may wait in the queue.
+    order: Mutex<Order>,
 }
 
-impl Default for Versions {
-    fn default() -> Self {
-        Versions {
-            kept: Mutex::default(),
-            changed: AtomicBool::new(false),
-            queued_here: tokio::sync::Notify::new(),
-            // Drained, so that starts made while the first claim is under
-            // way may start at once: they may overtake runs queued before
-            // this node started, which the first claim takes.
-            queued: AtomicU64::new(0),
-            drained: AtomicU64::new(0),
-        }
+/// Counts the moments a run this node could claim may have been queued,
+/// and what they were when a claim last found a module drained. A module
+/// is drained while its counts are as its last drained claim found them.
+/// Before any claim, every module counts as drained: starts made while
+/// the first claim is under way may overtake the runs queued before this
+/// node started, which that claim takes.
+#[derive(Debug, Clone, Default)]
+struct Order {
+    /// Runs of any module: announced by another node, or a reload here.
+    anywhere: u64,
+    /// Runs of one module: queued by this node, or of a version it gained.
+    here: HashMap<String, u64>,
+    /// Per module, `(anywhere, here)` as of its last drained claim.
+    drained: HashMap<String, (u64, u64)>,
+}
+
+impl Order {
+    fn counts(&self, module_id: &str) -> (u64, u64) {
+        (
+            self.anywhere,
+            self.here.get(module_id).copied().unwrap_or_default(),
+        )
     }
 }
 
@@ -367,27 +373,53 @@ impl std::fmt::Debug for Versions {
 }
 
 impl Versions {
-    /// Whether no run this node could claim has been queued since a claim
-    /// last found the queue drained: only then may a run started here
-    /// start at once, for it overtakes none queued before it.
-    pub(crate) fn drained(&self) -> bool {
-        self.drained.load(Ordering::Acquire) == self.queued.load(Ordering::Acquire)
+    /// Whether no run of `module_id` this node could claim has been
+    /// queued since a claim last found none left: only then may a run of
+    /// it started here start at once, for it overtakes none queued before
+    /// it.
+    pub(crate) fn drained(&self, module_id: &str) -> bool {
+        let order = self.order.lock_unpoisoned();
+        order.drained.get(module_id).copied().unwrap_or_default() == order.counts(module_id)
     }
 
-    /// Notes that a run this node could claim may have been queued (its
-    /// write committed): runs started here from now on queue behind it
-    /// until a claim that begins after this finds the queue drained. A
-    /// start under way meanwhile is not ordered after it, and may start
-    /// at once.
-    pub(crate) fn may_be_queued(&self) {
-        self.queued.fetch_add(1, Ordering::AcqRel);
+    /// Notes that runs of any module may have been queued (announced by
+    /// another node, or claimable after a reload): runs started here from
+    /// now on queue behind them until a claim that begins after this
+    /// finds their module drained. A start under way meanwhile is not
+    /// ordered after them, and may start at once.
+    fn may_be_queued(&self) {
+        self.order.lock_unpoisoned().anywhere += 1;
     }
 
-    /// Notes that this node queued a run (its write committed), and wakes
+    /// Notes that this node queued a run of `module_id` (its write
+    /// committed), or gained a version queued runs of it need, and wakes
     /// the claimer.
-    pub(crate) fn queued_here(&self) {
-        self.may_be_queued();
+    pub(crate) fn queued_here(&self, module_id: &str) {
+        {
+            let mut order = self.order.lock_unpoisoned();
+            if let Some(count) = order.here.get_mut(module_id) {
+                *count += 1;
+            } else {
+                order.here.insert(module_id.to_owned(), 1);
+            }
+        }
         self.queued_here.notify_one();
+    }
+
+    /// The counts as a claim begins, for [`found_drained`](Self::found_drained).
+    fn claiming(&self) -> Order {
+        self.order.lock_unpoisoned().clone()
+    }
+
+    /// Notes that the claim that began at `as_of` found nothing more of
+    /// `modules` to take.
+    fn found_drained(&self, as_of: &Order, modules: &HashSet<String>) {
+        let mut order = self.order.lock_unpoisoned();
+        for module_id in modules {
+            order
+                .drained
+                .insert(module_id.clone(), as_of.counts(module_id));
+        }
     }
 
     /// Keeps `module`'s version for the runs queued on it.
@@ -496,13 +528,11 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
             }
         }
         if !unsure && maybe_queued {
-            let as_of = versions.queued.load(Ordering::Acquire);
+            let as_of = versions.claiming();
             match claim_all(&runner, &versions).await {
-                Ok(drained) => {
+                Ok((drained, modules)) => {
                     maybe_queued = !drained;
-                    if drained {
-                        versions.drained.store(as_of, Ordering::Release);
-                    }
+                    versions.found_drained(&as_of, &modules);
                 }
                 Err(e) => {
                     // Any claim that failed may have been recorded all the same.
@@ -573,13 +603,17 @@ fn publish_versions(runner: &ModuleRunner, versions: &Versions) {
 /// Claims and starts queued runs until this node has no room left or the
 /// queue has nothing more it can run; whether the queue was found drained
 /// of what this node can run (`false`: it may hold more, for when room
-/// frees).
-async fn claim_all(runner: &ModuleRunner, versions: &Versions) -> crate::Result<bool> {
+/// frees), and the modules the last claim found drained.
+async fn claim_all(
+    runner: &ModuleRunner,
+    versions: &Versions,
+) -> crate::Result<(bool, HashSet<String>)> {
     loop {
-        match claim_once(runner, versions).await? {
+        let (claim, drained) = claim_once(runner, versions).await?;
+        match claim {
             Claim::More => {}
-            Claim::Drained => return Ok(true),
-            Claim::NoRoom => return Ok(false),
+            Claim::Drained => return Ok((true, drained)),
+            Claim::NoRoom => return Ok((false, drained)),
         }
     }
 }
@@ -595,14 +629,18 @@ enum Claim {
     NoRoom,
 }
 
-/// One claim, as large as this node has room for.
-async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result<Claim> {
+/// One claim, as large as this node has room for; with the modules it
+/// found drained (it took fewer of their runs than it asked for).
+async fn claim_once(
+    runner: &ModuleRunner,
+    versions: &Versions,
+) -> crate::Result<(Claim, HashSet<String>)> {
     let mut rooms = runner.manager().reserve(CLAIM_BATCH);
     let mut instances = free_permits(&runner.host().instance_pool(), rooms.len());
     rooms.truncate(instances.len());
     let room = rooms.len();
     if room == 0 {
-        return Ok(Claim::NoRoom);
+        return Ok((Claim::NoRoom, HashSet::new()));
     }
     let modules = versions.all(runner);
     // A module's own limit: the permits free now, shared by its versions.
@@ -639,11 +677,12 @@ async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result
         }
     }
     if wanted.is_empty() {
-        return Ok(if left_out {
+        let outcome = if left_out {
             Claim::NoRoom
         } else {
             Claim::Drained
-        });
+        };
+        return Ok((outcome, HashSet::new()));
     }
     let claimed = runner.registry().claim(&wanted, room).await?;
     let outcome = if claimed.len() == room {
@@ -653,6 +692,17 @@ async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result
     } else {
         Claim::Drained
     };
+    // A module is drained when the claim took fewer of its runs than it
+    // asked for, of every version (a full claim leaves that unknown).
+    let mut drained: HashSet<String> = HashSet::new();
+    if claimed.len() < room {
+        drained.extend(wanted.iter().map(|w| w.module_id.clone()));
+        for w in &wanted {
+            if took_all(&claimed, w) {
+                drained.remove(&w.module_id);
+            }
+        }
+    }
     let mut unstarted = Vec::new();
     for run in claimed {
         let started = start(
@@ -678,9 +728,9 @@ async fn claim_once(runner: &ModuleRunner, versions: &Versions) -> crate::Result
             .await?;
         // Queued again, but not worth claiming again at once: the next
         // turn (a run ending, a notice, the poll) looks.
-        return Ok(Claim::NoRoom);
+        return Ok((Claim::NoRoom, HashSet::new()));
     }
-    Ok(outcome)
+    Ok((outcome, drained))
 }
 
 /// Whether a claim took as many runs of `wanted`'s version as it asked for.

@@ -231,14 +231,14 @@ impl ModuleRunner {
         let attempts = module.summary.manifest.limits.max_attempts;
         // Runs queued earlier go first: with any waiting, this one queues
         // behind them even if there is room for it now.
-        let room = if versions.drained() {
+        let room = if versions.drained(module.summary.info.id.as_str()) {
             self.room_for(module)
         } else {
             None
         };
         let Some((room, permits)) = room else {
             self.registry().enqueue(&run, attempts, key).await?;
-            versions.queued_here();
+            versions.queued_here(&run.module_id);
             return Ok(run_id);
         };
         run.status = RunStatus::Running;

@@ -206,7 +206,7 @@ async fn a_module_limit_is_applied_at_claim_and_starves_no_other_module() {
 async fn a_start_with_room_never_overtakes_a_run_queued_before_it() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
-    let dir = plugins_dir(&["countdown"]);
+    let dir = plugins_dir(&["countdown", "hello"]);
     std::fs::write(
         dir.path().join("countdown.toml"),
         "[limits]\nmax_concurrent = 1\n",
@@ -246,6 +246,10 @@ async fn a_start_with_room_never_overtakes_a_run_queued_before_it() {
         RunStatus::Queued,
         "it would overtake the second run"
     );
+    // A run of another module overtakes none: it starts at once.
+    let hello = a.start("hello", json!({"name": "Ada"})).await.unwrap();
+    let hello = wait_for_end(a.registry(), &hello).await;
+    assert_eq!(hello.status, RunStatus::Completed);
 
     // Whoever claims next takes them in the order they were started.
     let b = node(&url, &schema, "b", dir.path(), 4).await;
