@@ -110,6 +110,7 @@ contract!(
     cleanup_deletes_only_old_finished_runs,
     a_cleanup_applies_module_limits_and_counts_what_it_would_remove,
     progress_is_stored_for_active_runs_only,
+    the_latest_progress_reported_before_an_end_is_kept,
     subscribers_see_every_change_in_order,
     racing_terminal_changes_have_exactly_one_winner,
     status_changes_stay_cheap_with_many_runs,
@@ -663,6 +664,47 @@ async fn progress_is_stored_for_active_runs_only(registry: RunRegistry) {
         statuses(&registry, &run.run_id).await,
         [RunStatus::Queued, RunStatus::Running]
     );
+}
+
+async fn the_latest_progress_reported_before_an_end_is_kept(registry: RunRegistry) {
+    let (ending, going_on) = (sample_run("countdown"), sample_run("countdown"));
+    for run in [&ending, &going_on] {
+        registry.add_run(run).await.unwrap();
+        registry
+            .transition(&Transition::running(&run.run_id))
+            .await
+            .unwrap();
+    }
+    let progress = |fraction: f64| Progress {
+        fraction,
+        message: format!("{fraction} done"),
+    };
+    // Reported, not awaited, then the end at once: one commit may carry
+    // them all (a store may write the progress with the end).
+    for fraction in [0.5, 0.75, 1.0] {
+        registry
+            .report_progress(&ending.run_id, "countdown", progress(fraction))
+            .unwrap();
+    }
+    registry
+        .report_progress(&going_on.run_id, "countdown", progress(0.25))
+        .unwrap();
+    let end = Transition::completed(&ending.run_id, json!("done"));
+    assert!(registry.transition(&end).await.unwrap());
+    let ended = registry.get_run(&ending.run_id).await.unwrap().unwrap();
+    assert_eq!(ended.status, RunStatus::Completed);
+    assert_eq!(ended.progress, Some(progress(1.0)));
+    // The other run's report is written too, once the store flushes.
+    registry.flush().await.unwrap();
+    let other = registry.get_run(&going_on.run_id).await.unwrap().unwrap();
+    assert_eq!(other.progress, Some(progress(0.25)));
+    // A report after the end changes nothing.
+    registry
+        .report_progress(&ending.run_id, "countdown", progress(0.1))
+        .unwrap();
+    registry.flush().await.unwrap();
+    let still = registry.get_run(&ending.run_id).await.unwrap().unwrap();
+    assert_eq!(still.progress, Some(progress(1.0)));
 }
 
 async fn subscribers_see_every_change_in_order(registry: RunRegistry) {

@@ -2,6 +2,7 @@
 //! transaction, and a check, before each commit, that the path still names
 //! the file the store opened.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, params};
@@ -39,8 +40,37 @@ impl Backend for SqliteBackend {
                 let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
                 tx.pragma_update(None, "user_version", version)?;
             }
-            for write in batch {
-                outcomes.push(apply(&tx, write)?);
+            // A run's progress and its end in one batch: the end writes
+            // both, in one statement.
+            let ends: HashMap<&str, usize> = batch
+                .iter()
+                .enumerate()
+                .filter_map(|(index, write)| match write {
+                    Write::Transition(change, ..) if change.to.is_terminal() => {
+                        Some((change.run_id.as_str(), index))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let mut folded: HashMap<&str, &Progress> = HashMap::new();
+            for (index, write) in batch.iter().enumerate() {
+                outcomes.push(match write {
+                    Write::TakenProgress(reports) => {
+                        for (run_id, progress) in reports {
+                            if ends.get(run_id.as_str()).is_some_and(|&end| end > index) {
+                                folded.insert(run_id, progress);
+                            } else {
+                                apply_progress(&tx, run_id, progress)?;
+                            }
+                        }
+                        Outcome::Done
+                    }
+                    Write::Transition(change, ..) => {
+                        let progress = folded.get(change.run_id.as_str()).copied();
+                        Outcome::Applied(sql::apply_transition_with(&tx, change, progress)?)
+                    }
+                    _ => apply(&tx, write)?,
+                });
             }
             tx.commit()
         })();

@@ -378,6 +378,16 @@ pub(super) fn apply_transition(
     tx: &rusqlite::Transaction<'_>,
     change: &Transition,
 ) -> rusqlite::Result<Option<String>> {
+    apply_transition_with(tx, change, None)
+}
+
+/// [`apply_transition`], with, for a terminal change, the run's latest
+/// progress (reported in the same batch) written by the same statement.
+pub(super) fn apply_transition_with(
+    tx: &rusqlite::Transaction<'_>,
+    change: &Transition,
+    progress: Option<&Progress>,
+) -> rusqlite::Result<Option<String>> {
     let Some(stored) = current(tx, &change.run_id)? else {
         return Ok(None);
     };
@@ -388,7 +398,9 @@ pub(super) fn apply_transition(
     if change.to.is_terminal() {
         tx.prepare_cached(
             "UPDATE runs SET status = ?2, completed_at = ?3, exit_code = ?4, error_message = ?5, \
-             output = coalesce(?6, output), log = coalesce(?7, log), history_len = ?8 \
+             output = coalesce(?6, output), log = coalesce(?7, log), history_len = ?8, \
+             progress_fraction = coalesce(?9, progress_fraction), \
+             progress_message = CASE WHEN ?9 IS NULL THEN progress_message ELSE ?10 END \
              WHERE id = ?1",
         )?
         .execute(params![
@@ -400,6 +412,8 @@ pub(super) fn apply_transition(
             change.output.as_ref().map(json_text).transpose()?,
             change.log.as_deref().map(log_text).transpose()?.flatten(),
             stored.history_len + 1,
+            progress.map(|p| p.fraction),
+            progress.map(|p| p.message.as_str()),
         ])?;
     } else {
         tx.prepare_cached(
