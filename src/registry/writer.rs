@@ -125,6 +125,13 @@ impl Write {
         matches!(self, Write::ReportedProgress | Write::Log(_, _, None))
     }
 
+    /// Whether the write came through [`Queue`], and counts in
+    /// [`Shared::outstanding`] until it is answered: all but the wake-ups
+    /// other threads send.
+    fn is_counted(&self) -> bool {
+        !matches!(self, Write::Check | Write::Heartbeat)
+    }
+
     /// Whether the write waits, held, while the file cannot be written.
     fn is_held(&self) -> bool {
         matches!(
@@ -149,6 +156,10 @@ pub(super) struct Shared {
     progress: Mutex<HashMap<String, Progress>>,
     /// Writes waiting for the database to be writable again.
     held: AtomicUsize,
+    /// Writes handed to the writer (by [`Queue`]) and not answered yet:
+    /// while there are none, a caller may commit its own write on its own
+    /// thread ([`Queue::direct`]), for it then follows every other.
+    outstanding: AtomicUsize,
 }
 
 impl Shared {
@@ -159,6 +170,18 @@ impl Shared {
             unavailable: Mutex::new(None),
             progress: Mutex::new(HashMap::new()),
             held: AtomicUsize::new(0),
+            outstanding: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts `writes` as answered (see [`Shared::outstanding`]).
+    fn answered<'w>(&self, writes: impl IntoIterator<Item = &'w Write>) {
+        let counted = writes
+            .into_iter()
+            .filter(|write| write.is_counted())
+            .count();
+        if counted > 0 {
+            self.outstanding.fetch_sub(counted, Ordering::AcqRel);
         }
     }
 
@@ -231,13 +254,15 @@ const SOFT_WAIT: Duration = Duration::from_millis(50);
 
 /// The writer thread's database and what it shares with the store.
 pub(super) struct Writer<B> {
-    backend: B,
+    /// Locked for each commit: by the writer thread, or by a caller that
+    /// commits its own write ([`Queue::direct`]).
+    backend: Arc<Mutex<B>>,
     shared: Arc<Shared>,
     max_batch: usize,
 }
 
 impl<B: Backend> Writer<B> {
-    pub(super) fn new(backend: B, shared: Arc<Shared>, max_batch: usize) -> Writer<B> {
+    pub(super) fn new(backend: Arc<Mutex<B>>, shared: Arc<Shared>, max_batch: usize) -> Writer<B> {
         Writer {
             backend,
             shared,
@@ -259,7 +284,7 @@ impl<B: Backend> Writer<B> {
             if let Some(reason) = self.shared.unavailable() {
                 if closed_at.is_some() {
                     std::thread::sleep(backoff);
-                } else if !wait_out(queue, backoff, &reason, &mut held) {
+                } else if !wait_out(&self.shared, queue, backoff, &reason, &mut held) {
                     closed_at = Some(Instant::now());
                 }
                 batch.append(&mut held);
@@ -310,7 +335,7 @@ impl<B: Backend> Writer<B> {
                         if write.is_held() {
                             held.push(write);
                         } else {
-                            refuse(write, &reason);
+                            refuse(&self.shared, write, &reason);
                         }
                     }
                     backoff = (backoff * 2).min(LAST_RETRY);
@@ -331,47 +356,57 @@ impl<B: Backend> Writer<B> {
     }
 
     /// Applies a batch in one transaction and answers every write once it
-    /// is committed. `Err` is why the database cannot be written: the batch
-    /// is left as it was, for the caller to hold or refuse. A write the
-    /// status rules refuse fails alone; a value the database rejects fails
-    /// the batch.
+    /// is committed; see [`commit_batch`].
     fn commit(&mut self, batch: &mut Vec<Write>) -> Result<(), String> {
-        if let Err(reason) = self.backend.check() {
-            self.shared.set_unavailable(Some(reason.clone()));
+        commit_batch(&mut *self.backend.lock_unpoisoned(), &self.shared, batch)
+    }
+}
+
+/// Applies a batch in one transaction and answers every write once it is
+/// committed. `Err` is why the database cannot be written: the batch is
+/// left as it was, for the caller to hold or refuse. A write the status
+/// rules refuse fails alone; a value the database rejects fails the batch.
+fn commit_batch<B: Backend>(
+    backend: &mut B,
+    shared: &Shared,
+    batch: &mut Vec<Write>,
+) -> Result<(), String> {
+    if let Err(reason) = backend.check() {
+        shared.set_unavailable(Some(reason.clone()));
+        return Err(reason);
+    }
+    for write in batch.iter_mut() {
+        if matches!(write, Write::ReportedProgress) {
+            *write = Write::TakenProgress(shared.take_progress());
+        }
+    }
+    let outcomes = match backend.commit(batch) {
+        Ok(outcomes) => {
+            shared.set_unavailable(None);
+            outcomes
+        }
+        Err(NotCommitted::Unavailable(reason)) => {
+            shared.set_unavailable(Some(reason.clone()));
             return Err(reason);
         }
-        for write in batch.iter_mut() {
-            if matches!(write, Write::ReportedProgress) {
-                *write = Write::TakenProgress(self.shared.take_progress());
-            }
-        }
-        let outcomes = match self.backend.commit(batch) {
-            Ok(outcomes) => {
-                self.shared.set_unavailable(None);
-                outcomes
-            }
-            Err(NotCommitted::Unavailable(reason)) => {
-                self.shared.set_unavailable(Some(reason.clone()));
-                return Err(reason);
-            }
-            Err(NotCommitted::Rejected(message)) => {
-                tracing::error!(path = %self.shared.path.display(), error = %message, "run registry commit failed");
-                let message = format!("a write failed, nothing of its batch was kept: {message}");
-                (0..batch.len())
-                    .map(|_| {
-                        Outcome::Failed(Error::Database {
-                            path: self.shared.path.clone(),
-                            message: message.clone(),
-                        })
+        Err(NotCommitted::Rejected(message)) => {
+            tracing::error!(path = %shared.path.display(), error = %message, "run registry commit failed");
+            let message = format!("a write failed, nothing of its batch was kept: {message}");
+            (0..batch.len())
+                .map(|_| {
+                    Outcome::Failed(Error::Database {
+                        path: shared.path.clone(),
+                        message: message.clone(),
                     })
-                    .collect()
-            }
-        };
-        for (write, outcome) in batch.drain(..).zip(outcomes) {
-            answer(write, outcome);
+                })
+                .collect()
         }
-        Ok(())
+    };
+    shared.answered(batch.iter());
+    for (write, outcome) in batch.drain(..).zip(outcomes) {
+        answer(write, outcome);
     }
+    Ok(())
 }
 
 /// Keeps a batch of writes nobody waits for back for up to [`SOFT_WAIT`],
@@ -394,6 +429,7 @@ fn wait_for_hard(queue: &mpsc::Receiver<Write>, batch: &mut Vec<Write>) -> bool 
 /// writes meanwhile: those that wait join the held ones, the others are
 /// refused at once. Returns `false` once every sender is gone.
 fn wait_out(
+    shared: &Shared,
     queue: &mpsc::Receiver<Write>,
     backoff: Duration,
     reason: &str,
@@ -404,7 +440,7 @@ fn wait_out(
         let left = until.saturating_duration_since(Instant::now());
         match queue.recv_timeout(left) {
             Ok(write) if write.is_held() => held.push(write),
-            Ok(write) => refuse(write, reason),
+            Ok(write) => refuse(shared, write, reason),
             Err(mpsc::RecvTimeoutError::Timeout) => return true,
             Err(mpsc::RecvTimeoutError::Disconnected) => return false,
         }
@@ -435,7 +471,8 @@ fn next_write(queue: &mpsc::Receiver<Write>) -> Option<Write> {
     }
 }
 
-fn refuse(write: Write, reason: &str) {
+fn refuse(shared: &Shared, write: Write, reason: &str) {
+    shared.answered([&write]);
     answer(
         write,
         Outcome::Failed(Error::RegistryUnavailable {
@@ -510,6 +547,25 @@ pub(super) struct Queue {
     pub(super) shared: Arc<Shared>,
     writes: Option<mpsc::Sender<Write>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Commits one write on the caller's thread, while the writer has
+    /// nothing to do (see [`Queue::start`]); gives the write back if the
+    /// database cannot be written.
+    direct: Option<CommitHere>,
+}
+
+/// Commits one write on the caller's thread; gives it back (boxed, as it
+/// came) when the database cannot be written.
+type CommitHere = Box<dyn Fn(Write) -> Result<(), Box<Write>> + Send + Sync>;
+
+/// Whether a store's callers may commit their own write while its writer
+/// has nothing to do: [`Direct::Allowed`] for a backend whose commit is
+/// short and never needs a runtime of its own (SQLite), sparing a write
+/// two trips between threads; the writer thread still commits every
+/// write that comes while another is waiting or being written, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Direct {
+    Allowed,
+    Never,
 }
 
 impl Queue {
@@ -519,16 +575,31 @@ impl Queue {
         shared: Arc<Shared>,
         max_batch: usize,
         name: &str,
+        direct: Direct,
     ) -> std::io::Result<Queue> {
         let (writes, queue) = mpsc::channel();
-        let writer = Writer::new(backend, shared.clone(), max_batch);
+        let backend = Arc::new(Mutex::new(backend));
+        let writer = Writer::new(backend.clone(), shared.clone(), max_batch);
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || writer.run(&queue))?;
+        let direct = (direct == Direct::Allowed).then(|| {
+            let shared = shared.clone();
+            Box::new(move |write: Write| {
+                let mut batch = vec![write];
+                match commit_batch(&mut *backend.lock_unpoisoned(), &shared, &mut batch) {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(Box::new(
+                        batch.pop().expect("an uncommitted batch is left as it was"),
+                    )),
+                }
+            }) as CommitHere
+        });
         Ok(Queue {
             shared,
             writes: Some(writes),
             thread: Some(thread),
+            direct,
         })
     }
 
@@ -540,8 +611,37 @@ impl Queue {
     /// Queues a write and waits for its commit.
     async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T> {
         let (reply, answer) = oneshot::channel();
-        self.enqueue(make(reply))?;
+        let write = make(reply);
+        if let Some(write) = self.commit_here(write) {
+            self.enqueue(write)?;
+        }
         answer.await.map_err(|_| Error::RegistryClosed)?
+    }
+
+    /// Commits `write` on this thread when the writer has nothing waiting
+    /// or under way, so that it follows every write handed over before
+    /// it; `Some(write)` for the writer to take otherwise. A write that
+    /// finds the database unwritable goes to the writer, which holds or
+    /// refuses it by its rules.
+    fn commit_here(&self, write: Write) -> Option<Write> {
+        let Some(direct) = &self.direct else {
+            return Some(write);
+        };
+        let idle = self
+            .shared
+            .outstanding
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if !idle {
+            return Some(write);
+        }
+        if let Err(write) = direct(write) {
+            // Counted already: handed over as it is.
+            if let Some(writes) = &self.writes {
+                let _ = writes.send(*write);
+            }
+        }
+        None
     }
 
     /// Queues a write that someone waits on, unless the database is known
@@ -555,11 +655,9 @@ impl Queue {
 
     /// Hands a write to the writer thread, in order with all the others.
     fn enqueue(&self, write: Write) -> Result<()> {
-        self.writes
-            .as_ref()
-            .ok_or(Error::RegistryClosed)?
-            .send(write)
-            .map_err(|_| Error::RegistryClosed)
+        let writes = self.writes.as_ref().ok_or(Error::RegistryClosed)?;
+        self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        writes.send(write).map_err(|_| Error::RegistryClosed)
     }
 
     // The writes of `RunStore`, for the stores to forward.

@@ -42,7 +42,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::retention::nanos_clamped;
-use super::writer::{Backend, NotCommitted, Outcome, Queue, Shared, Write};
+use super::writer::{Backend, Direct, NotCommitted, Outcome, Queue, Shared, Write};
 use super::{
     Cleanup, EventFeed, Existing, OnUnavailable, RunEvent, RunFilter, RunStore, RunSummary,
     StoreHealth, Wanted,
@@ -259,8 +259,14 @@ impl PostgresStore {
             renewed: renewed.clone(),
         };
         let backend = PgBackend::new(config, node).map_err(|e| fail(e.to_string()))?;
-        let writes = Queue::start(backend, shared, options.max_batch, "modrun-postgres")
-            .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
+        let writes = Queue::start(
+            backend,
+            shared,
+            options.max_batch,
+            "modrun-postgres",
+            Direct::Never,
+        )
+        .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
         let (stop_heartbeats, stopped) = std::sync::mpsc::channel();
         let writer = writes.sender().ok_or(Error::RegistryClosed)?;
         let every = options.lease / 6;

@@ -50,7 +50,7 @@ use async_trait::async_trait;
 pub use reader::SqliteReader;
 use rusqlite::Connection;
 
-use super::writer::{Queue, Shared, Write};
+use super::writer::{Direct, Queue, Shared, Write};
 use super::{
     Cleanup, Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth, Tally, Wanted,
 };
@@ -139,6 +139,7 @@ impl SqliteStore {
             shared.clone(),
             options.max_batch,
             "modrun-registry",
+            Direct::Allowed,
         )
         .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
         let checkpoints = Connection::open(&path).map_err(|e| {
