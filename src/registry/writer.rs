@@ -1,7 +1,10 @@
-//! The writer thread of a database store: every write goes through it, in
-//! order, many to a transaction (group commit). The SQLite and the
-//! PostgreSQL stores share it; each gives it a [`Backend`] that applies a
-//! batch in one transaction.
+//! The writer thread of a database store: writes go through it, in order,
+//! many to a transaction (group commit). The SQLite and the PostgreSQL
+//! stores share it; each gives it a [`Backend`] that applies a batch in one
+//! transaction. Where the backend allows it (SQLite), a write that comes
+//! while the writer has nothing waiting or under way is committed on its
+//! caller's thread instead, in the same order: it follows every write
+//! handed over before it.
 //!
 //! When the database cannot be written for now (the disk is full, another
 //! process holds a lock, the file was deleted, the server is unreachable),
