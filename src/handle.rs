@@ -56,6 +56,15 @@ impl RunHandle {
         }
     }
 
+    /// The manager of this process that would execute the run.
+    fn manager(&self) -> &BackgroundTaskManager {
+        match &self.canceller {
+            #[cfg(feature = "wasm")]
+            Canceller::Module(runner) => runner.manager(),
+            Canceller::Task(manager) => manager,
+        }
+    }
+
     /// The registry the run is recorded in.
     fn registry(&self) -> &RunRegistry {
         match &self.canceller {
@@ -94,6 +103,14 @@ impl RunHandle {
     /// output or error and its log. An end that came before the wait began
     /// is found at once: the wait listens first, then looks.
     pub async fn wait(&self) -> Result<Run> {
+        // A run this process executes: its task lets go of the run once
+        // its end is recorded. (Not recorded: the store refused it, as a
+        // node that lost the run; the events say how it ended.)
+        self.manager().task_gone(&self.run_id).await;
+        let run = self.run().await?;
+        if run.status.is_terminal() {
+            return Ok(run);
+        }
         let mut events = self.registry().subscribe();
         loop {
             let run = self.run().await?;

@@ -177,6 +177,9 @@ struct Inner {
     idle: Notify,
     /// Told whenever a task ends: room for another may be free.
     ended: Notify,
+    /// Tells every waiter whenever a task ends, once its end is recorded:
+    /// what a run handle in this process waits on.
+    finished: Notify,
     next_task: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -225,6 +228,7 @@ impl BackgroundTaskManager {
                 tasks: AtomicUsize::new(0),
                 idle: Notify::new(),
                 ended: Notify::new(),
+                finished: Notify::new(),
                 next_task: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
             }),
@@ -504,6 +508,22 @@ impl BackgroundTaskManager {
     /// has): room for another may be free.
     pub(crate) async fn task_ended(&self) {
         self.inner.ended.notified().await;
+    }
+
+    /// Waits until this manager holds no task for `run_id` (at once if it
+    /// holds none): a task's end is recorded, or given up, before it lets
+    /// go of its run.
+    pub(crate) async fn task_gone(&self, run_id: &str) {
+        loop {
+            let finished = self.inner.finished.notified();
+            tokio::pin!(finished);
+            // Listening before looking: an end between the two is heard.
+            finished.as_mut().enable();
+            if !self.inner.lock().active.contains_key(run_id) {
+                return;
+            }
+            finished.await;
+        }
     }
 
     /// Whether [`shutdown`](Self::shutdown) has begun.
@@ -863,6 +883,7 @@ impl Drop for TaskEnd {
     fn drop(&mut self) {
         self.inner.forget(&self.run_id, self.task);
         self.inner.ended.notify_one();
+        self.inner.finished.notify_waiters();
         if self.inner.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.inner.idle.notify_waiters();
         }
