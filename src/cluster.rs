@@ -347,18 +347,25 @@ pub(crate) struct Versions {
 /// Before any claim, every module counts as drained: starts made while
 /// the first claim is under way may overtake the runs queued before this
 /// node started, which that claim takes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct Order {
+    counts: Counts,
+    /// Per module, its counts as of its last drained claim.
+    drained: HashMap<String, (u64, u64)>,
+}
+
+/// How many times runs may have been queued, as a claim begins.
+#[derive(Debug, Clone, Default)]
+struct Counts {
     /// Runs of any module: announced by another node, or a reload here.
     anywhere: u64,
     /// Runs of one module: queued by this node, or of a version it gained.
     here: HashMap<String, u64>,
-    /// Per module, `(anywhere, here)` as of its last drained claim.
-    drained: HashMap<String, (u64, u64)>,
 }
 
-impl Order {
-    fn counts(&self, module_id: &str) -> (u64, u64) {
+impl Counts {
+    /// `(anywhere, here)` for `module_id`.
+    fn of(&self, module_id: &str) -> (u64, u64) {
         (
             self.anywhere,
             self.here.get(module_id).copied().unwrap_or_default(),
@@ -379,7 +386,7 @@ impl Versions {
     /// it.
     pub(crate) fn drained(&self, module_id: &str) -> bool {
         let order = self.order.lock_unpoisoned();
-        order.drained.get(module_id).copied().unwrap_or_default() == order.counts(module_id)
+        order.drained.get(module_id).copied().unwrap_or_default() == order.counts.of(module_id)
     }
 
     /// Notes that runs of any module may have been queued (announced by
@@ -388,7 +395,7 @@ impl Versions {
     /// finds their module drained. A start under way meanwhile is not
     /// ordered after them, and may start at once.
     fn may_be_queued(&self) {
-        self.order.lock_unpoisoned().anywhere += 1;
+        self.order.lock_unpoisoned().counts.anywhere += 1;
     }
 
     /// Notes that this node queued a run of `module_id` (its write
@@ -397,28 +404,27 @@ impl Versions {
     pub(crate) fn queued_here(&self, module_id: &str) {
         {
             let mut order = self.order.lock_unpoisoned();
-            if let Some(count) = order.here.get_mut(module_id) {
+            let here = &mut order.counts.here;
+            if let Some(count) = here.get_mut(module_id) {
                 *count += 1;
             } else {
-                order.here.insert(module_id.to_owned(), 1);
+                here.insert(module_id.to_owned(), 1);
             }
         }
         self.queued_here.notify_one();
     }
 
     /// The counts as a claim begins, for [`found_drained`](Self::found_drained).
-    fn claiming(&self) -> Order {
-        self.order.lock_unpoisoned().clone()
+    fn claiming(&self) -> Counts {
+        self.order.lock_unpoisoned().counts.clone()
     }
 
     /// Notes that the claim that began at `as_of` found nothing more of
     /// `modules` to take.
-    fn found_drained(&self, as_of: &Order, modules: &HashSet<String>) {
+    fn found_drained(&self, as_of: &Counts, modules: &HashSet<String>) {
         let mut order = self.order.lock_unpoisoned();
         for module_id in modules {
-            order
-                .drained
-                .insert(module_id.clone(), as_of.counts(module_id));
+            order.drained.insert(module_id.clone(), as_of.of(module_id));
         }
     }
 
