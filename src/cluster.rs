@@ -691,24 +691,32 @@ async fn claim_once(
         return Ok((outcome, HashSet::new()));
     }
     let claimed = runner.registry().claim(&wanted, room).await?;
+    // The modules of which the claim took all it asked for, of some
+    // version: they may have more waiting.
+    let filled: HashSet<&str> = wanted
+        .iter()
+        .filter(|w| took_all(&claimed, w))
+        .map(|w| w.module_id.as_str())
+        .collect();
     let outcome = if claimed.len() == room {
         Claim::More
-    } else if left_out || wanted.iter().any(|w| took_all(&claimed, w)) {
+    } else if left_out || !filled.is_empty() {
         Claim::NoRoom
     } else {
         Claim::Drained
     };
     // A module is drained when the claim took fewer of its runs than it
     // asked for, of every version (a full claim leaves that unknown).
-    let mut drained: HashSet<String> = HashSet::new();
-    if claimed.len() < room {
-        drained.extend(wanted.iter().map(|w| w.module_id.clone()));
-        for w in &wanted {
-            if took_all(&claimed, w) {
-                drained.remove(&w.module_id);
-            }
-        }
-    }
+    let drained: HashSet<String> = if claimed.len() < room {
+        wanted
+            .iter()
+            .map(|w| w.module_id.as_str())
+            .filter(|id| !filled.contains(id))
+            .map(str::to_owned)
+            .collect()
+    } else {
+        HashSet::new()
+    };
     let mut unstarted = Vec::new();
     for run in claimed {
         let started = start(
