@@ -40,37 +40,9 @@ impl Backend for SqliteBackend {
                 let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
                 tx.pragma_update(None, "user_version", version)?;
             }
-            // A run's progress and its end in one batch: the end writes
-            // both, in one statement.
-            let ends: HashMap<&str, usize> = batch
-                .iter()
-                .enumerate()
-                .filter_map(|(index, write)| match write {
-                    Write::Transition(change, ..) if change.to.is_terminal() => {
-                        Some((change.run_id.as_str(), index))
-                    }
-                    _ => None,
-                })
-                .collect();
-            let mut folded: HashMap<&str, &Progress> = HashMap::new();
+            let mut fold = Fold::of(batch);
             for (index, write) in batch.iter().enumerate() {
-                outcomes.push(match write {
-                    Write::TakenProgress(reports) => {
-                        for (run_id, progress) in reports {
-                            if ends.get(run_id.as_str()).is_some_and(|&end| end > index) {
-                                folded.insert(run_id, progress);
-                            } else {
-                                apply_progress(&tx, run_id, progress)?;
-                            }
-                        }
-                        Outcome::Done
-                    }
-                    Write::Transition(change, ..) => {
-                        let progress = folded.get(change.run_id.as_str()).copied();
-                        Outcome::Applied(sql::apply_transition_with(&tx, change, progress)?)
-                    }
-                    _ => apply(&tx, write)?,
-                });
+                outcomes.push(apply(&tx, index, write, &mut fold)?);
             }
             tx.commit()
         })();
@@ -88,10 +60,53 @@ impl Backend for SqliteBackend {
     }
 }
 
-/// Applies one write inside the batch's transaction. `Err` is a database
-/// failure (it aborts the batch); a refusal by the status rules is
-/// `Ok(Outcome::Failed)` and writes nothing.
-fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outcome> {
+/// A run's progress and its end in one batch: the end writes both, in one
+/// statement.
+struct Fold<'b> {
+    /// Where each run that ends in the batch ends.
+    ends: HashMap<&'b str, usize>,
+    /// The progress of runs whose end, later in the batch, writes it.
+    folded: HashMap<&'b str, &'b Progress>,
+}
+
+impl<'b> Fold<'b> {
+    fn of(batch: &'b [Write]) -> Fold<'b> {
+        let ends = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(index, write)| match write {
+                Write::Transition(change, ..) if change.to.is_terminal() => {
+                    Some((change.run_id.as_str(), index))
+                }
+                _ => None,
+            })
+            .collect();
+        Fold {
+            ends,
+            folded: HashMap::new(),
+        }
+    }
+
+    /// Keeps `progress`, reported at `index`, for the run's end if it
+    /// comes later in the batch; `false` if it must be written now.
+    fn defer(&mut self, index: usize, run_id: &'b str, progress: &'b Progress) -> bool {
+        let later = self.ends.get(run_id).is_some_and(|&end| end > index);
+        if later {
+            self.folded.insert(run_id, progress);
+        }
+        later
+    }
+}
+
+/// Applies the write at `index` of the batch inside its transaction. `Err`
+/// is a database failure (it aborts the batch); a refusal by the status
+/// rules is `Ok(Outcome::Failed)` and writes nothing.
+fn apply<'b>(
+    tx: &rusqlite::Transaction<'_>,
+    index: usize,
+    write: &'b Write,
+    fold: &mut Fold<'b>,
+) -> rusqlite::Result<Outcome> {
     Ok(match write {
         Write::Insert(run, existing, key, _) => sql::insert_keyed(tx, run, key.as_deref(), |tx| {
             sql::insert(tx, run, *existing)
@@ -103,14 +118,19 @@ fn apply(tx: &rusqlite::Transaction<'_>, write: &Write) -> rusqlite::Result<Outc
         Write::Claim(wanted, limit, _) => Outcome::Claimed(sql::claim(tx, wanted, *limit)?),
         Write::Release(run_ids, reason, _) => Outcome::Released(sql::release(tx, run_ids, reason)?),
         Write::Replace(run, change, _) => sql::replace(tx, run, change.as_ref())?,
-        Write::Transition(change, ..) => Outcome::Applied(sql::apply_transition(tx, change)?),
+        Write::Transition(change, ..) => {
+            let progress = fold.folded.get(change.run_id.as_str()).copied();
+            Outcome::Applied(sql::apply_transition_with(tx, change, progress)?)
+        }
         Write::Progress(run_id, progress, _) => {
             Outcome::Applied(apply_progress(tx, run_id, progress)?)
         }
         Write::ReportedProgress => Outcome::Done,
         Write::TakenProgress(reports) => {
             for (run_id, progress) in reports {
-                apply_progress(tx, run_id, progress)?;
+                if !fold.defer(index, run_id, progress) {
+                    apply_progress(tx, run_id, progress)?;
+                }
             }
             Outcome::Done
         }
