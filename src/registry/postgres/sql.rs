@@ -64,9 +64,17 @@ const CURRENT: &str =
 const ADD_HISTORY: &str =
     "INSERT INTO run_history (run, seq, status, at, message) VALUES ($1, $2, $3, $4, $5)";
 
+/// The columns [`INSERT_MANY`] and [`INSERT_CLAIMED`] write: those of
+/// [`run_arrays`], in their order, then the history's length and the node.
+macro_rules! new_run_columns {
+    () => {
+        "run_id, module_id, module_name, status, created_at, started_at, completed_at,          parameters, exit_code, error_message, output, progress_fraction, progress_message,          module_version, log, max_attempts, history_len, node"
+    };
+}
+
 /// Many new runs' columns as rows `u`, from one array per column (the
 /// parameters `insert_many` binds), in the column order of
-/// [`INSERT_MANY`] and [`INSERT_CLAIMED`].
+/// [`new_run_columns`].
 macro_rules! run_arrays {
     () => {
         "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], \
@@ -81,11 +89,9 @@ macro_rules! run_arrays {
 macro_rules! insert_many {
     ($on_conflict:literal) => {
         concat!(
-            "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, \
-             status, created_at, started_at, completed_at, parameters, exit_code, error_message, \
-             output, progress_fraction, progress_message, module_version, log, max_attempts, \
-             history_len, node) \
-             SELECT u.*, 1, $16 FROM ",
+            "WITH r AS (INSERT INTO runs (",
+            new_run_columns!(),
+            ") SELECT u.*, 1, $16 FROM ",
             run_arrays!(),
             $on_conflict,
             " RETURNING id, status, created_at) \
@@ -103,11 +109,9 @@ const STRICT_INSERT_MANY: &str = insert_many!("");
 macro_rules! insert_claimed {
     ($on_conflict:literal) => {
         concat!(
-            "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, \
-             status, created_at, started_at, completed_at, parameters, exit_code, error_message, \
-             output, progress_fraction, progress_message, module_version, log, max_attempts, \
-             history_len, node, attempt) \
-             SELECT u.*, 2, $16, 1 FROM ",
+            "WITH r AS (INSERT INTO runs (",
+            new_run_columns!(),
+            ", attempt) SELECT u.*, 2, $16, 1 FROM ",
             run_arrays!(),
             $on_conflict,
             " RETURNING id, created_at, started_at) \
