@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::support::{
     database_url, fresh_schema, plugins_dir, statuses, test_host_config, wait_for_end,
-    wait_for_status,
+    wait_for_status, wait_until,
 };
 
 /// A store for node `node` with the product's own lease (30 s): long
@@ -231,14 +231,10 @@ async fn a_start_with_room_never_overtakes_a_run_queued_before_it() {
     claimer.stop().await;
     assert!(a.cancel(&first).await.unwrap());
     wait_for_status(a.registry(), &first, RunStatus::Cancelled).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while a.manager().active_task_count() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cancelled run never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("the cancelled run's end", || {
+        a.manager().active_task_count() == 0
+    })
+    .await;
     let third = a.start("countdown", long).await.unwrap();
     let run = a.registry().get_run(&third).await.unwrap().unwrap();
     assert_eq!(
