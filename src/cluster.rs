@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::ModuleRunner;
+use crate::line::Permit;
 use crate::module::LoadedModule;
 use crate::registry::Wanted;
 use crate::run::Run;
@@ -650,7 +651,7 @@ async fn claim_once(
     }
     let modules = versions.all(runner);
     // A module's own limit: the permits free now, shared by its versions.
-    let mut limited: HashMap<&str, Vec<OwnedSemaphorePermit>> = HashMap::new();
+    let mut limited: HashMap<&str, Vec<Permit>> = HashMap::new();
     let mut wanted = Vec::new();
     // A module at its own limit is not asked for: its runs may still wait.
     let mut left_out = false;
@@ -664,7 +665,7 @@ async fn claim_once(
                     let permits = gate
                         .first
                         .as_ref()
-                        .map(|first| free_permits(first, room))
+                        .map(|first| (0..room).map_while(|_| first.try_acquire()).collect())
                         .unwrap_or_default();
                     limited.insert(id, permits);
                 }
@@ -771,7 +772,7 @@ fn free_permits(semaphore: &Arc<Semaphore>, wanted: usize) -> Vec<OwnedSemaphore
 fn start(
     runner: &ModuleRunner,
     modules: &HashMap<String, Arc<LoadedModule>>,
-    limited: &mut HashMap<&str, Vec<OwnedSemaphorePermit>>,
+    limited: &mut HashMap<&str, Vec<Permit>>,
     rooms: &mut Vec<crate::manager::Room>,
     instances: &mut Vec<OwnedSemaphorePermit>,
     run: &Run,
@@ -798,7 +799,7 @@ fn start(
             "claimed more runs than there is room for".into(),
         ));
     };
-    runner.start_claimed(module, run, room, [first, Some(instance)])
+    runner.start_claimed(module, run, room, (first, Some(instance)))
 }
 
 /// Stops the work of the runs this node executes that the store no longer

@@ -141,7 +141,14 @@ fn try_run(runner: &ModuleRunner, run: Option<&(String, Value)>) {
     let runner = runner.clone();
     tokio::spawn(async move {
         println!("running {module_id}");
-        if let Err(e) = crate::oneshot::run_and_follow(&runner, &module_id, parameters, false).await
+        if let Err(e) = crate::oneshot::run_and_follow(
+            &runner,
+            &module_id,
+            parameters,
+            &modrun::StartOptions::new(),
+            false,
+        )
+        .await
         {
             println!("error: {e:#}");
         }

@@ -61,6 +61,7 @@ pub mod error;
 mod handle;
 #[cfg(feature = "http")]
 pub mod http;
+mod line;
 pub mod manager;
 #[cfg(feature = "wasm")]
 mod modrun;
@@ -80,7 +81,9 @@ pub use modrun::{Modrun, ModrunBuilder};
 #[cfg(feature = "wasm")]
 pub use module::{HostConfig, HostFunctions, ModuleHost, ModuleRunner};
 pub use registry::{RunEvent, RunFilter, RunRegistry, RunStore};
-pub use run::{LogEntry, LogLevel, LogSource, Progress, Run, RunStatus, StatusChange, Transition};
+pub use run::{
+    LogEntry, LogLevel, LogSource, Progress, Run, RunStatus, StartOptions, StatusChange, Transition,
+};
 /// The WebAssembly runtime modrun is built on, at the version it uses: for
 /// the types of [host functions](module::HostFunctions).
 #[cfg(feature = "wasm")]

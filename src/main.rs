@@ -133,6 +133,16 @@ enum Command {
         /// is missing or older than the source.
         #[arg(long)]
         no_build: bool,
+        /// How soon the run starts among the runs waiting on a busy server:
+        /// higher first (-32768 to 32767; 0 by default).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i16,
+        /// Start no earlier than this long from now (30s, 5min, 2h).
+        #[arg(long, conflicts_with = "not_before")]
+        delay: Option<String>,
+        /// Start no earlier than this time (RFC 3339: 2026-11-26T18:00:00Z).
+        #[arg(long)]
+        not_before: Option<String>,
     },
     /// List the modules of a plugins directory, the files that fail to
     /// load, and the plugin sources not built yet.
@@ -383,9 +393,18 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             in_memory,
             token,
             no_build,
+            priority,
+            delay,
+            not_before,
         } => {
-            let parameters = match oneshot::parameters(&pairs, params.as_deref()) {
-                Ok(parameters) => parameters,
+            let parameters =
+                oneshot::parameters(&pairs, params.as_deref()).and_then(|parameters| {
+                    let options =
+                        oneshot::start_options(priority, delay.as_deref(), not_before.as_deref())?;
+                    Ok((parameters, options))
+                });
+            let (parameters, options) = match parameters {
+                Ok(parsed) => parsed,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return Ok(ExitCode::from(oneshot::EXIT_USAGE));
@@ -398,6 +417,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 token: token.as_deref(),
                 module_id: &module,
                 parameters,
+                options,
                 no_build,
             })
             .await;

@@ -6,16 +6,16 @@
 //! status change ([`RunStore::transition`](crate::RunStore::transition))
 //! lets exactly one of them win.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde_json::Value;
@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::handle::RunHandle;
+use crate::line::{InLine, Line, Permit};
 use crate::registry::{Existing, RunRegistry};
 use crate::run::{EXIT_FAILURE, EXIT_PANIC, LogEntry, Run, RunStatus, Transition, cut_to};
 use crate::sync::LockUnpoisoned;
@@ -195,8 +196,21 @@ struct State {
     /// got one yet, whatever they wait on (their gate's first permits, or
     /// a slot): what `max_queued` bounds.
     queued: usize,
-    /// Tasks waiting for a slot, first come first served.
-    waiting: VecDeque<(String, oneshot::Sender<Slot>)>,
+    /// Tasks waiting for a slot: higher priority first, then first come.
+    waiting: BTreeMap<(Reverse<i16>, u64), (String, oneshot::Sender<Slot>)>,
+    /// How many tasks have waited for a slot: each one's place in line.
+    joined: u64,
+}
+
+impl State {
+    /// A turn for a slot at `priority`, for `run_id`.
+    fn wait_for_slot(&mut self, run_id: &str, priority: i16) -> oneshot::Receiver<Slot> {
+        self.joined += 1;
+        let (grant, granted) = oneshot::channel();
+        self.waiting
+            .insert((Reverse(priority), self.joined), (run_id.to_owned(), grant));
+        granted
+    }
 }
 
 struct Tracked {
@@ -288,7 +302,7 @@ impl BackgroundTaskManager {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let (task, slot) = self.admit(&run.run_id, gate.as_deref())?;
+        let (task, slot) = self.admit(&run, gate.as_deref())?;
         let (slot, record) = match record {
             Record::Fresh => ready_now(slot, gate.as_deref()),
             Record::Adopt => (slot, Record::Adopt),
@@ -321,11 +335,24 @@ impl BackgroundTaskManager {
     /// A run takes a slot at once only if the first permits of its gate (a
     /// module's own limit) are free too; otherwise it queues, and takes a
     /// slot only once it holds them. So runs that wait for their module
-    /// never hold slots that other modules' runs could use.
-    fn admit(&self, run_id: &str, gate: Option<&Gate>) -> Result<(TaskEnd, Pending)> {
+    /// never hold slots that other modules' runs could use. Queued runs
+    /// take their turns by [priority](Run::priority), then first come.
+    ///
+    /// A run not due yet ([`Run::not_before`]) queues, and joins the lines
+    /// only once it is due.
+    fn admit(&self, run: &Run, gate: Option<&Gate>) -> Result<(TaskEnd, Pending)> {
+        let (run_id, priority) = (run.run_id.as_str(), run.priority);
         let mut state = self.inner.lock();
         if let Some(tracked) = state.active.get(run_id) {
             return Err(active(run_id, tracked));
+        }
+        if let Some(until) = run.not_before.filter(|&at| at > Utc::now()) {
+            let queued = self.inner.limits.max_concurrent.is_some();
+            if queued {
+                self.inner.count_queued(&mut state)?;
+            }
+            let slot = Pending::Delayed { until, priority };
+            return Ok((self.inner.track(&mut state, run_id, false, queued), slot));
         }
         let ready = |state: &mut State| {
             let first = match gate {
@@ -336,33 +363,24 @@ impl BackgroundTaskManager {
             Some(Pending::Ready(Slot::new(self.inner.clone()), first))
         };
         let slot = match self.inner.limits.max_concurrent {
-            None => Pending::Unlimited(gate.and_then(Gate::in_line)),
+            None => Pending::Unlimited(gate.and_then(|gate| gate.in_line(priority))),
             Some(max) => match (state.running < max).then(|| ready(&mut state)).flatten() {
                 Some(ready) => ready,
                 None => {
-                    let limit = self.inner.limits.max_queued.unwrap_or(usize::MAX);
-                    if state.queued >= limit {
-                        return Err(Error::QueueFull {
-                            queued: state.queued,
-                            limit,
-                        });
-                    }
-                    state.queued += 1;
-                    if let Some(in_line) = gate.and_then(Gate::in_line) {
+                    self.inner.count_queued(&mut state)?;
+                    if let Some(in_line) = gate.and_then(|gate| gate.in_line(priority)) {
                         // Its module's permit first: it takes its turn for
                         // a slot once it holds one.
-                        Pending::Queued(in_line)
+                        Pending::Queued(in_line, priority)
                     } else {
                         // In turn now, so that slots go in the order the
                         // starts were admitted, however the tasks are run.
-                        let (grant, granted) = oneshot::channel();
-                        state.waiting.push_back((run_id.to_owned(), grant));
-                        Pending::Waiting(granted)
+                        Pending::Waiting(state.wait_for_slot(run_id, priority))
                     }
                 }
             },
         };
-        let queued = matches!(slot, Pending::Queued(_) | Pending::Waiting(_));
+        let queued = matches!(slot, Pending::Queued(..) | Pending::Waiting(_));
         Ok((self.inner.track(&mut state, run_id, false, queued), slot))
     }
 
@@ -432,7 +450,7 @@ impl BackgroundTaskManager {
         &self,
         run: &Run,
         room: Room,
-        permits: [Option<OwnedSemaphorePermit>; 2],
+        permits: Permits,
         work: F,
     ) -> Result<()>
     where
@@ -448,7 +466,7 @@ impl BackgroundTaskManager {
         }
         let end = self.inner.track(&mut state, &run.run_id, true, false);
         drop(state);
-        let [first, then] = permits;
+        let (first, then) = permits;
         let held = Box::new(Held {
             _slot: room.slot,
             _first: first,
@@ -673,6 +691,19 @@ impl Inner {
         self.state.lock_unpoisoned()
     }
 
+    /// Counts one more queued task, unless the queue is full.
+    fn count_queued(&self, state: &mut State) -> Result<()> {
+        let limit = self.limits.max_queued.unwrap_or(usize::MAX);
+        if state.queued >= limit {
+            return Err(Error::QueueFull {
+                queued: state.queued,
+                limit,
+            });
+        }
+        state.queued += 1;
+        Ok(())
+    }
+
     /// Drops a run from the active set, and from the queue if it waits there;
     /// only if it is still the same task, not a later run reusing the id.
     fn forget(&self, run_id: &str, task: u64) {
@@ -689,7 +720,7 @@ impl Inner {
             {
                 state.queued -= 1;
             }
-            state.waiting.retain(|(waiting, _)| waiting != run_id);
+            state.waiting.retain(|_, (waiting, _)| waiting != run_id);
         }
     }
 
@@ -719,15 +750,17 @@ impl Inner {
     }
 
     /// A slot for a queued run: at once if one is free, else in turn.
-    fn take_slot(self: &Arc<Self>, run_id: &str) -> Result<Slot, oneshot::Receiver<Slot>> {
+    fn take_slot(
+        self: &Arc<Self>,
+        run_id: &str,
+        priority: i16,
+    ) -> Result<Slot, oneshot::Receiver<Slot>> {
         let mut state = self.lock();
         if state.running < self.limits.max_concurrent.unwrap_or(usize::MAX) {
             state.running += 1;
             return Ok(Slot::new(self.clone()));
         }
-        let (grant, granted) = oneshot::channel();
-        state.waiting.push_back((run_id.to_owned(), grant));
-        Err(granted)
+        Err(state.wait_for_slot(run_id, priority))
     }
 
     /// Gives a freed slot to the first waiting task, or returns it to the pool.
@@ -735,8 +768,8 @@ impl Inner {
         loop {
             let next = {
                 let mut state = self.lock();
-                match state.waiting.pop_front() {
-                    Some((_, grant)) => grant,
+                match state.waiting.pop_first() {
+                    Some((_, (_, grant))) => grant,
                     None => {
                         state.running -= 1;
                         return;
@@ -751,6 +784,10 @@ impl Inner {
         }
     }
 }
+
+/// What a run holds besides its room: its module's permit (for a module
+/// with its own limit) and an instance of the engine's pool.
+pub(crate) type Permits = (Option<Permit>, Option<OwnedSemaphorePermit>);
 
 /// A place for one run claimed from a shared queue, taken before the
 /// claim: its slot, when the manager bounds concurrent tasks. Freed when
@@ -781,60 +818,31 @@ impl Drop for Slot {
 
 /// What a run must hold, besides its slot, before it starts: a permit of
 /// `first` before it takes a slot (a module's own limit: waiting for it
-/// holds no slot), then a permit of `then` (the engine's pool of
-/// instances). Each is first come first served, and every run takes them
-/// in this order, so no two runs wait on each other's.
+/// holds no slot; served by priority, then first come), then a permit of
+/// `then` (the engine's pool of instances, first come first served).
+/// Every run takes them in this order, so no two runs wait on each
+/// other's.
 #[derive(Debug)]
 pub(crate) struct Gate {
-    pub(crate) first: Option<Arc<Semaphore>>,
+    pub(crate) first: Option<Arc<Line>>,
     pub(crate) then: Option<Arc<Semaphore>>,
 }
 
 impl Gate {
     /// The first permit if it is free now (`Some(None)` without one).
-    fn try_first(&self) -> Option<Option<OwnedSemaphorePermit>> {
+    fn try_first(&self) -> Option<Option<Permit>> {
         match &self.first {
             None => Some(None),
-            Some(semaphore) => semaphore.clone().try_acquire_owned().ok().map(Some),
+            Some(line) => line.try_acquire().map(Some),
         }
     }
 
-    /// A place in line for the first permit, if the gate has one.
-    fn in_line(&self) -> Option<InLine> {
-        self.first.clone().map(InLine::join)
-    }
-}
-
-/// A run's place in line for its gate's first permit (its module's own
-/// limit), taken as the run is admitted. Tokio's semaphore serves waiters
-/// in the order they were first polled; joining the line at admission,
-/// rather than when the run's task first runs, makes runs waiting on one
-/// module start in the order they were started, however their tasks
-/// happen to be scheduled.
-struct InLine(Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>);
-
-impl InLine {
-    fn join(semaphore: Arc<Semaphore>) -> InLine {
-        let mut acquire = Box::pin(async move { semaphore.acquire_owned().await.ok() });
-        // The first poll queues the waiter (or takes a free permit, which
-        // is kept for the task); the task's own polls replace the waker.
-        match acquire
-            .as_mut()
-            .poll(&mut Context::from_waker(Waker::noop()))
-        {
-            Poll::Ready(permit) => InLine(Box::pin(std::future::ready(permit))),
-            Poll::Pending => InLine(acquire),
-        }
-    }
-
-    /// The permit once it is this run's turn; `None` if the run was
-    /// cancelled meanwhile (or the semaphore closed).
-    async fn turn(self, token: &CancellationToken) -> Option<OwnedSemaphorePermit> {
-        tokio::select! {
-            biased;
-            () = token.cancelled() => None,
-            permit = self.0 => permit,
-        }
+    /// A place in line for the first permit at `priority`, if the gate
+    /// has one. Joined as the run is admitted, so that runs waiting on
+    /// one module take their turns in the order they were started (within
+    /// a priority), however their tasks happen to be scheduled.
+    fn in_line(&self, priority: i16) -> Option<InLine> {
+        self.first.as_ref().map(|line| line.join(priority))
     }
 }
 
@@ -860,10 +868,14 @@ enum Pending {
     /// if it has one.
     Unlimited(Option<InLine>),
     /// A slot, and the gate's first permit, taken when admitted.
-    Ready(Slot, Option<OwnedSemaphorePermit>),
+    Ready(Slot, Option<Permit>),
     /// Counted among the queued until it holds a slot (or is forgotten);
-    /// takes its turn for a slot once it holds its gate's first permit.
-    Queued(InLine),
+    /// takes its turn for a slot, at its priority, once it holds its
+    /// gate's first permit.
+    Queued(InLine, i16),
+    /// Not due until `until`: then it joins the lines, at `priority`.
+    /// Counted among the queued (where slots are bounded) meanwhile.
+    Delayed { until: DateTime<Utc>, priority: i16 },
     /// Counted among the queued, and in turn for a slot since admitted.
     Waiting(oneshot::Receiver<Slot>),
     /// Claimed from a shared queue, with the room its claimer took.
@@ -1061,7 +1073,7 @@ pub(crate) enum Record {
 /// What a started run holds until it ends: its slot and its gate's permits.
 struct Held {
     _slot: Option<Slot>,
-    _first: Option<OwnedSemaphorePermit>,
+    _first: Option<Permit>,
     _then: Option<OwnedSemaphorePermit>,
     /// The attempt of a run claimed from a shared queue.
     attempt: Option<u32>,
@@ -1079,12 +1091,29 @@ async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) ->
         Pending::Unlimited(Some(in_line)) => (None, Some(in_line.turn(token).await?)),
         Pending::Ready(slot, first) => (Some(slot), first),
         Pending::Waiting(granted) => (Some(in_turn(end, Err(granted)).await?), None),
-        Pending::Queued(in_line) => {
+        Pending::Queued(in_line, priority) => {
             let first = in_line.turn(token).await?;
             (
-                Some(in_turn(end, inner.take_slot(run_id)).await?),
+                Some(in_turn(end, inner.take_slot(run_id, priority)).await?),
                 Some(first),
             )
+        }
+        Pending::Delayed { until, priority } => {
+            let wait = (until - Utc::now()).to_std().unwrap_or_default();
+            tokio::select! {
+                biased;
+                () = token.cancelled() => return None,
+                () = tokio::time::sleep(wait) => {}
+            }
+            let first = match gate.as_ref().and_then(|gate| gate.in_line(priority)) {
+                Some(in_line) => Some(in_line.turn(token).await?),
+                None => None,
+            };
+            let slot = match inner.limits.max_concurrent {
+                Some(_) => Some(in_turn(end, inner.take_slot(run_id, priority)).await?),
+                None => None,
+            };
+            (slot, first)
         }
     };
     let then = gate.as_ref().and_then(|g| g.then.clone());

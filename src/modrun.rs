@@ -25,7 +25,7 @@ use crate::module::{
     DEFAULT_DEBOUNCE, HostConfig, HostFunctions, LoadReport, ModuleHost, ModuleRunner, Reloader,
 };
 use crate::registry::RunRegistry;
-use crate::run::Run;
+use crate::run::{Run, StartOptions};
 use crate::sync::LockUnpoisoned;
 
 /// How often finished runs past their retention are removed.
@@ -131,6 +131,17 @@ impl Modrun {
     /// waits for the run's end, cancels it and follows its events.
     pub async fn start(&self, module_id: &str, parameters: Value) -> Result<RunHandle> {
         self.runner.start(module_id, parameters).await
+    }
+
+    /// [`start`](Self::start) with a priority, a not-before time or an
+    /// idempotency key: see [`ModuleRunner::start_with`].
+    pub async fn start_with(
+        &self,
+        module_id: &str,
+        parameters: Value,
+        options: &StartOptions,
+    ) -> Result<RunHandle> {
+        self.runner.start_with(module_id, parameters, options).await
     }
 
     /// [`start`](Self::start), safe to retry with the same `key`: see

@@ -17,6 +17,7 @@ use modrun::module::PluginSource;
 use modrun::registry::{Cleanup, RunEvent, is_database_url};
 use modrun::{
     BackgroundTaskManager, HostConfig, ModuleHost, ModuleRunner, Run, RunRegistry, RunStatus,
+    StartOptions,
 };
 use serde_json::{Map, Value};
 
@@ -47,6 +48,29 @@ pub fn parameters(pairs: &[String], json: Option<&str>) -> anyhow::Result<Value>
     Ok(Value::Object(parameters))
 }
 
+/// The start options `modrun run --priority --delay --not-before` say.
+pub fn start_options(
+    priority: i16,
+    delay: Option<&str>,
+    not_before: Option<&str>,
+) -> anyhow::Result<StartOptions> {
+    let options = StartOptions::new().priority(priority);
+    Ok(match (delay, not_before) {
+        (Some(delay), _) => options
+            .delay(modrun::module::parse_age(delay).map_err(|e| anyhow::anyhow!("--delay {e}"))?),
+        (None, Some(at)) => options.not_before(
+            chrono::DateTime::parse_from_rfc3339(at.trim())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--not-before {at:?} is not an RFC 3339 time (2026-11-26T18:00:00Z): {e}"
+                    )
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+        (None, None) => options,
+    })
+}
+
 /// What `modrun run` was asked to do.
 pub struct RunRequest<'a> {
     pub plugins: &'a Path,
@@ -55,6 +79,8 @@ pub struct RunRequest<'a> {
     pub token: Option<&'a str>,
     pub module_id: &'a str,
     pub parameters: Value,
+    /// Its priority and not-before time.
+    pub options: StartOptions,
     /// Never build a plugin source whose component is missing or stale.
     pub no_build: bool,
 }
@@ -298,7 +324,14 @@ async fn run_here(request: &RunRequest<'_>, registry: RunRegistry) -> anyhow::Re
         return Ok(ExitCode::from(EXIT_USAGE));
     }
     let runner = ModuleRunner::new(host, BackgroundTaskManager::new(registry.clone()));
-    run_and_follow(&runner, module_id, request.parameters.clone(), true).await
+    run_and_follow(
+        &runner,
+        module_id,
+        request.parameters.clone(),
+        &request.options,
+        true,
+    )
+    .await
 }
 
 /// Starts a run of `module_id` with `runner` and shows it until it ends
@@ -309,11 +342,12 @@ pub async fn run_and_follow(
     runner: &ModuleRunner,
     module_id: &str,
     parameters: Value,
+    options: &StartOptions,
     cancel_on_ctrl_c: bool,
 ) -> anyhow::Result<ExitCode> {
     let registry = runner.registry();
     let mut events = registry.subscribe();
-    let run_id = match runner.start(module_id, parameters).await {
+    let run_id = match runner.start_with(module_id, parameters, options).await {
         Ok(run_id) => run_id,
         Err(e) => {
             eprintln!("error: {e}");
@@ -363,11 +397,16 @@ async fn run_through_server(request: &RunRequest<'_>, base: &str) -> anyhow::Res
         base: base.trim_end_matches('/').to_owned(),
         token: request.token.map(str::to_owned),
     };
-    let (status, body) = api.send(
-        "POST",
-        &format!("/modules/{}/runs", request.module_id),
-        Some(&request.parameters),
-    )?;
+    let mut path = format!(
+        "/modules/{}/runs?priority={}",
+        request.module_id, request.options.priority
+    );
+    if let Some(at) = request.options.not_before {
+        // RFC 3339 in UTC ("Z"): nothing in it needs escaping in a query.
+        path.push_str("&not_before=");
+        path.push_str(&at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true));
+    }
+    let (status, body) = api.send("POST", &path, Some(&request.parameters))?;
     if status != 202 {
         eprintln!(
             "error: the server at {base} answered {status}: {}",

@@ -177,6 +177,15 @@ pub struct Run {
     /// runs are not claimed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// How soon the run starts among those waiting for the same room:
+    /// higher first (0 by default; negative for background work). Runs
+    /// of equal priority start in the order they became due.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i16,
+    /// The earliest time the run may start; `None`: as soon as there is
+    /// room. A run waits `Queued` until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
     /// What the run's work logged (for a module: its log calls, then its
     /// captured standard output and error), capped by the host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -280,6 +289,8 @@ impl Run {
             module_version: None,
             node: None,
             attempt: None,
+            priority: 0,
+            not_before: None,
             log: Vec::new(),
         }
     }
@@ -301,6 +312,41 @@ impl Run {
             other => Map::from_iter([("value".to_owned(), other)]),
         };
         self
+    }
+
+    /// The same run with this [priority](Run::priority): higher starts
+    /// first among the runs waiting for the same room.
+    ///
+    /// ```
+    /// use modrun::Run;
+    /// assert_eq!(Run::new("hello", "Hello").with_priority(5).priority, 5);
+    /// ```
+    #[must_use]
+    pub fn with_priority(mut self, priority: i16) -> Run {
+        self.priority = priority;
+        self
+    }
+
+    /// The same run, to start no earlier than `at`. A time not after the
+    /// run's creation sets none: the run is due already.
+    #[must_use]
+    pub fn with_not_before(mut self, at: DateTime<Utc>) -> Run {
+        self.not_before = (at > self.created_at).then_some(at);
+        self
+    }
+
+    /// When the run may start: its [not-before](Run::not_before) time,
+    /// or its creation. Runs of equal priority start in this order.
+    #[must_use]
+    pub fn due_at(&self) -> DateTime<Utc> {
+        self.not_before.unwrap_or(self.created_at)
+    }
+
+    /// Whether the run may start at `now` (its not-before time, if any,
+    /// has come).
+    #[must_use]
+    pub fn is_due(&self, now: DateTime<Utc>) -> bool {
+        self.not_before.is_none_or(|at| at <= now)
     }
 
     /// The same run with this id instead of a fresh one.
@@ -344,6 +390,78 @@ impl Run {
                 self.log = log.clone();
             }
         }
+    }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde passes a reference
+fn is_zero(priority: &i16) -> bool {
+    *priority == 0
+}
+
+/// How a run is started, besides its module and parameters: how soon it
+/// goes among the runs waiting for the same room, the earliest time it may
+/// start, and a key that makes the start safe to retry.
+///
+/// ```
+/// use modrun::StartOptions;
+/// let options = StartOptions::new()
+///     .priority(10)
+///     .delay(std::time::Duration::from_secs(60))
+///     .idempotency_key("invoice-42");
+/// assert_eq!(options.priority, 10);
+/// assert!(options.not_before.is_some());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StartOptions {
+    /// Higher starts first among the runs waiting for the same room (0 by
+    /// default): see [`Run::priority`].
+    pub priority: i16,
+    /// The earliest time the run may start (`None`: as soon as there is
+    /// room): see [`Run::not_before`].
+    pub not_before: Option<DateTime<Utc>>,
+    /// Makes the start safe to retry: every start with the same key,
+    /// module and parameters answers the run the first one recorded.
+    pub idempotency_key: Option<String>,
+}
+
+impl StartOptions {
+    /// No priority, no delay, no key: a plain start.
+    #[must_use]
+    pub fn new() -> StartOptions {
+        StartOptions::default()
+    }
+
+    /// With this priority: higher starts first.
+    #[must_use]
+    pub fn priority(mut self, priority: i16) -> StartOptions {
+        self.priority = priority;
+        self
+    }
+
+    /// To start no earlier than `at`.
+    #[must_use]
+    pub fn not_before(mut self, at: DateTime<Utc>) -> StartOptions {
+        self.not_before = Some(at);
+        self
+    }
+
+    /// To start no earlier than `delay` from now. (A delay past what a
+    /// registry stores, the year 2262, is refused when the run starts.)
+    #[must_use]
+    pub fn delay(self, delay: std::time::Duration) -> StartOptions {
+        let at = chrono::TimeDelta::from_std(delay)
+            .ok()
+            .and_then(|delay| Utc::now().checked_add_signed(delay))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        self.not_before(at)
+    }
+
+    /// Safe to retry with `key`: see [`StartOptions::idempotency_key`].
+    #[must_use]
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> StartOptions {
+        self.idempotency_key = Some(key.into());
+        self
     }
 }
 

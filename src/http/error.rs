@@ -62,6 +62,7 @@ impl From<Error> for ApiError {
             Error::IdempotencyKeyReused { .. } => (StatusCode::CONFLICT, "idempotency_key_reused"),
             Error::InvalidIdempotencyKey(_) => (StatusCode::BAD_REQUEST, "invalid_idempotency_key"),
             Error::RunFinished { .. } => (StatusCode::CONFLICT, "run_finished"),
+            Error::TimeOutOfRange(_) => (StatusCode::BAD_REQUEST, "time_out_of_range"),
             _ => {
                 tracing::error!(%error, "request failed");
                 return ApiError::new(

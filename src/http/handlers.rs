@@ -16,7 +16,7 @@ use super::{ApiError, AppState};
 use crate::error::Error;
 use crate::module::{CancelAnswer, ModuleId};
 use crate::registry::{RunCursor, RunFilter};
-use crate::run::RunStatus;
+use crate::run::{RunStatus, StartOptions};
 
 /// The runs a listing returns unless asked for another number.
 const DEFAULT_PAGE: usize = 100;
@@ -92,13 +92,72 @@ pub(super) async fn get_module(
     Ok(Json(json!(module)))
 }
 
+/// What a start's query string may say: `priority` (an integer from
+/// -32768 to 32767, higher starts first), and when the run may start,
+/// either `not_before` (an RFC 3339 time) or `delay` (30s, 5min, 2h).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StartQuery {
+    priority: Option<String>,
+    not_before: Option<String>,
+    delay: Option<String>,
+}
+
+impl StartQuery {
+    /// The start options it says, with the request's idempotency key.
+    fn options(self, headers: &HeaderMap) -> Result<StartOptions, ApiError> {
+        let invalid =
+            |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_start", message);
+        let mut options = StartOptions::new();
+        if let Some(priority) = self.priority {
+            options = options.priority(priority.trim().parse().map_err(|_| {
+                invalid(format!(
+                    "priority must be an integer from {} to {}, not {priority:?}",
+                    i16::MIN,
+                    i16::MAX
+                ))
+            })?);
+        }
+        match (self.not_before, self.delay) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "give not_before or delay, not both: both say when the run may start".into(),
+                ));
+            }
+            (Some(at), None) => {
+                let at = DateTime::parse_from_rfc3339(at.trim()).map_err(|e| {
+                    invalid(format!(
+                        "not_before must be an RFC 3339 time (2026-11-26T18:00:00Z), not {at:?}: {e}"
+                    ))
+                })?;
+                options = options.not_before(at.with_timezone(&chrono::Utc));
+            }
+            (None, Some(delay)) => {
+                let delay = crate::module::parse_age(&delay)
+                    .map_err(|e| invalid(format!("delay {delay:?}: {e}")))?;
+                options = options.delay(delay);
+            }
+            (None, None) => {}
+        }
+        if let Some(key) = headers.get("idempotency-key") {
+            let key = key.to_str().map_err(|_| {
+                Error::InvalidIdempotencyKey(String::from_utf8_lossy(key.as_bytes()).into_owned())
+            })?;
+            options = options.idempotency_key(key);
+        }
+        Ok(options)
+    }
+}
+
 pub(super) async fn start_run(
     State(state): State<AppState>,
     ApiPath(module_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<StartQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     checked_module_id(&module_id)?;
+    let options = query.options(&headers)?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -128,18 +187,10 @@ pub(super) async fn start_run(
         })?
     };
     // A retried start with the same key gets the first start's run.
-    let run_id = match headers.get("idempotency-key") {
-        None => state.runner.start(&module_id, parameters).await?,
-        Some(key) => {
-            let key = key.to_str().map_err(|_| {
-                Error::InvalidIdempotencyKey(String::from_utf8_lossy(key.as_bytes()).into_owned())
-            })?;
-            state
-                .runner
-                .start_idempotent(&module_id, parameters, key)
-                .await?
-        }
-    };
+    let run_id = state
+        .runner
+        .start_with(&module_id, parameters, &options)
+        .await?;
     let accepted = json!({"run_id": run_id, "task_id": run_id, "status": "queued"});
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{Map, Value};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 use wasmtime::Trap;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx};
@@ -18,10 +17,12 @@ use super::output::CappedOutput;
 use crate::cluster::{Claimer, Versions};
 use crate::error::{Error, Result};
 use crate::handle::RunHandle;
-use crate::manager::{BackgroundTaskManager, Failure, Gate, Record, Room, TaskOutput};
+use crate::line::Line;
+use crate::manager::{BackgroundTaskManager, Failure, Gate, Permits, Record, Room, TaskOutput};
 use crate::registry::{Cleanup, Override, RunRegistry, ago};
 use crate::run::{
-    EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, Transition, cut_to,
+    EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, StartOptions,
+    Transition, cut_to,
 };
 use crate::sync::LockUnpoisoned;
 
@@ -96,7 +97,34 @@ impl ModuleRunner {
     /// An unknown module ([`Error::UnknownModule`]) or parameters that fail
     /// the module's schema ([`Error::InvalidParameters`]) record no run.
     pub async fn start(&self, module_id: &str, parameters: Value) -> Result<RunHandle> {
-        let run_id = self.start_keyed(module_id, parameters, None).await?;
+        self.start_with(module_id, parameters, &StartOptions::new())
+            .await
+    }
+
+    /// [`start`](Self::start) with `options`: a [priority](StartOptions::priority)
+    /// (higher starts first among the runs waiting for the same room), a
+    /// [time before which it does not start](StartOptions::not_before)
+    /// (the run waits `Queued` until then; on a registry nodes share, it
+    /// is claimed within [`CLAIM_POLL`](crate::cluster::CLAIM_POLL) of
+    /// that time), and an [idempotency key](Self::start_idempotent).
+    ///
+    /// A not-before time past the year 2262 is refused
+    /// ([`Error::TimeOutOfRange`]).
+    pub async fn start_with(
+        &self,
+        module_id: &str,
+        parameters: Value,
+        options: &StartOptions,
+    ) -> Result<RunHandle> {
+        if let Some(at) = options.not_before
+            && at.timestamp_nanos_opt().is_none()
+        {
+            return Err(Error::TimeOutOfRange(at));
+        }
+        let run_id = match options.idempotency_key.as_deref() {
+            None => self.start_keyed(module_id, parameters, options).await?,
+            Some(key) => self.start_once(module_id, parameters, options, key).await?,
+        };
         Ok(RunHandle::for_module(run_id, self))
     }
 
@@ -115,20 +143,26 @@ impl ModuleRunner {
         parameters: Value,
         key: &str,
     ) -> Result<RunHandle> {
-        let run_id = self.start_once(module_id, parameters, key).await?;
-        Ok(RunHandle::for_module(run_id, self))
+        let options = StartOptions::new().idempotency_key(key);
+        self.start_with(module_id, parameters, &options).await
     }
 
     /// The run a start with `key` records, or the one an earlier start
     /// with it recorded.
-    async fn start_once(&self, module_id: &str, parameters: Value, key: &str) -> Result<String> {
+    async fn start_once(
+        &self,
+        module_id: &str,
+        parameters: Value,
+        options: &StartOptions,
+        key: &str,
+    ) -> Result<String> {
         if key.is_empty() || key.chars().count() > 255 || key.chars().any(char::is_control) {
             return Err(Error::InvalidIdempotencyKey(key.to_owned()));
         }
         let earlier = match self.registry().run_by_key(key).await? {
             Some(earlier) => earlier,
             None => match self
-                .start_keyed(module_id, parameters.clone(), Some(key))
+                .start_keyed(module_id, parameters.clone(), options)
                 .await
             {
                 // Another start with the key was recorded first.
@@ -159,8 +193,9 @@ impl ModuleRunner {
         &self,
         module_id: &str,
         parameters: Value,
-        key: Option<&str>,
+        options: &StartOptions,
     ) -> Result<String> {
+        let key = options.idempotency_key.as_deref();
         let module_id = ModuleId::new(module_id)?;
         let module_id = module_id.as_str();
         let module = self
@@ -204,7 +239,10 @@ impl ModuleRunner {
             unreachable!("built as an object above")
         };
         let summary = &module.summary;
-        let mut run = Run::new(module_id, &summary.info.name);
+        let mut run = Run::new(module_id, &summary.info.name).with_priority(options.priority);
+        if let Some(at) = options.not_before {
+            run = run.with_not_before(at);
+        }
         run.parameters = parameters;
         run.module_version = Some(summary.content_hash.clone());
         if let Some(versions) = self.queue.get() {
@@ -231,14 +269,19 @@ impl ModuleRunner {
         let attempts = module.summary.manifest.limits.max_attempts;
         // Runs queued earlier go first: with any waiting, this one queues
         // behind them even if there is room for it now.
-        let room = if versions.drained(module.summary.info.id.as_str()) {
+        let due = run.not_before.is_none();
+        let room = if due && versions.drained(module.summary.info.id.as_str()) {
             self.room_for(module)
         } else {
             None
         };
         let Some((room, permits)) = room else {
             self.registry().enqueue(&run, attempts, key).await?;
-            versions.queued_here(&run.module_id);
+            // A run not due yet is for a later claim (the claimer's poll),
+            // and holds up no start before then.
+            if due {
+                versions.queued_here(&run.module_id);
+            }
             return Ok(run_id);
         };
         run.status = RunStatus::Running;
@@ -271,17 +314,17 @@ impl ModuleRunner {
     }
 
     /// A slot, an instance and the module's own permit, if all are free now.
-    fn room_for(&self, module: &LoadedModule) -> Option<(Room, [Option<OwnedSemaphorePermit>; 2])> {
+    fn room_for(&self, module: &LoadedModule) -> Option<(Room, Permits)> {
         let room = self.manager.reserve(1).pop()?;
         let first = match module.summary.manifest.limits.max_concurrent {
             None => None,
             Some(max) => {
                 let gate = self.gate(&module.summary.info.id, Some(max));
-                Some(gate.first.as_ref()?.clone().try_acquire_owned().ok()?)
+                Some(gate.first.as_ref()?.try_acquire()?)
             }
         };
         let instance = self.host.instance_pool().try_acquire_owned().ok()?;
-        Some((room, [first, Some(instance)]))
+        Some((room, (first, Some(instance))))
     }
 
     /// From now on, records module runs in the registry's shared queue
@@ -314,7 +357,7 @@ impl ModuleRunner {
         module: &Arc<LoadedModule>,
         run: &Run,
         room: Room,
-        permits: [Option<OwnedSemaphorePermit>; 2],
+        permits: Permits,
     ) -> Result<()> {
         let work = self.work(module, run);
         self.manager.start_claimed(run, room, permits, work)
@@ -363,7 +406,17 @@ impl ModuleRunner {
     /// database, the queued runs of other nodes are theirs.
     pub async fn resume_queued(&self) -> Result<usize> {
         let mut resumed = 0;
-        for run in self.registry().runs_by_status(RunStatus::Queued).await? {
+        let mut queued = self.registry().runs_by_status(RunStatus::Queued).await?;
+        // Resumed in the order a claim takes them: by priority, then as
+        // they became due, then as they were started.
+        queued.sort_by_key(|run| {
+            (
+                std::cmp::Reverse(run.priority),
+                run.due_at(),
+                run.created_at,
+            )
+        });
+        for run in queued {
             if self.manager.is_task_active(&run.run_id) {
                 continue;
             }
@@ -490,7 +543,7 @@ impl ModuleRunner {
         let pool = self.host.instance_pool();
         let limited = || {
             Arc::new(Gate {
-                first: Some(Arc::new(Semaphore::new(max))),
+                first: Some(Arc::new(Line::new(max))),
                 then: Some(pool.clone()),
             })
         };

@@ -159,37 +159,58 @@ impl RunStore for MemoryStore {
     async fn claim(&self, wanted: &[Wanted], limit: usize) -> Result<Vec<Run>> {
         let mut runs = self.lock();
         let mut queue = self.queue();
-        let mut left: Vec<usize> = wanted.iter().map(|w| w.count).collect();
-        let mut claimed = Vec::new();
         let now = Utc::now();
         queue.retain(|run_id| {
-            let Some(entry) = runs.get_mut(run_id) else {
-                return false;
-            };
-            if entry.run.status != RunStatus::Queued {
-                return false;
+            runs.get(run_id)
+                .is_some_and(|entry| entry.run.status == RunStatus::Queued)
+        });
+        // The due runs of the wanted versions, in claim order: higher
+        // priority first, then the one due first, then the one queued first.
+        let mut due: Vec<(usize, usize, &Run)> = queue
+            .iter()
+            .enumerate()
+            .filter_map(|(place, run_id)| {
+                let run = &runs.get(run_id)?.run;
+                let version = run.module_version.as_deref().unwrap_or_default();
+                let index = wanted
+                    .iter()
+                    .position(|w| w.module_id == run.module_id && w.version == version)?;
+                run.is_due(now).then_some((place, index, run))
+            })
+            .collect();
+        due.sort_by_key(|&(place, _, run)| (std::cmp::Reverse(run.priority), run.due_at(), place));
+        let mut left: Vec<usize> = wanted.iter().map(|w| w.count).collect();
+        let mut taken = HashSet::new();
+        for (place, index, _) in due {
+            if taken.len() >= limit {
+                break;
             }
-            if claimed.len() >= limit {
+            if left[index] > 0 {
+                left[index] -= 1;
+                taken.insert(place);
+            }
+        }
+        let mut claimed = Vec::with_capacity(taken.len());
+        let mut place = 0;
+        queue.retain(|run_id| {
+            place += 1;
+            if !taken.contains(&(place - 1)) {
                 return true;
             }
-            let version = entry.run.module_version.as_deref().unwrap_or_default();
-            let Some(index) = wanted.iter().zip(&left).position(|(w, left)| {
-                *left > 0 && w.module_id == entry.run.module_id && w.version == version
-            }) else {
-                return true;
-            };
-            left[index] -= 1;
-            entry.run.status = RunStatus::Running;
-            entry.run.started_at = Some(now);
-            entry.run.attempt = Some(entry.run.attempt.unwrap_or(0) + 1);
-            entry.history.push(StatusChange {
-                status: RunStatus::Running,
-                at: now,
-                message: None,
-            });
-            claimed.push(entry.run.clone());
+            if let Some(entry) = runs.get_mut(run_id) {
+                entry.run.status = RunStatus::Running;
+                entry.run.started_at = Some(now);
+                entry.run.attempt = Some(entry.run.attempt.unwrap_or(0) + 1);
+                entry.history.push(StatusChange {
+                    status: RunStatus::Running,
+                    at: now,
+                    message: None,
+                });
+                claimed.push(entry.run.clone());
+            }
             false
         });
+        claimed.sort_by_key(|run| (std::cmp::Reverse(run.priority), run.due_at()));
         Ok(claimed)
     }
 

@@ -191,7 +191,7 @@ macro_rules! run_columns {
     () => {
         "run_id, module_id, module_name, status, created_at, started_at, completed_at, \
          parameters, exit_code, error_message, output, progress_fraction, progress_message, \
-         module_version, log"
+         module_version, log, priority, not_before"
     };
 }
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

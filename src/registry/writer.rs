@@ -784,10 +784,15 @@ impl Drop for Queue {
 /// before a write is queued, so that one caller's bad value fails that
 /// caller alone, not the batch it would share.
 fn check_times(run: &Run) -> Result<()> {
-    [Some(run.created_at), run.started_at, run.completed_at]
-        .into_iter()
-        .flatten()
-        .try_for_each(check_time)
+    [
+        Some(run.created_at),
+        run.started_at,
+        run.completed_at,
+        run.not_before,
+    ]
+    .into_iter()
+    .flatten()
+    .try_for_each(check_time)
 }
 
 fn check_time(at: DateTime<Utc>) -> Result<()> {

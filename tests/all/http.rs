@@ -969,3 +969,61 @@ async fn a_start_retried_with_an_idempotency_key_returns_the_first_run() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_can_carry_a_priority_and_a_time_before_which_it_waits() {
+    let (app, runner, _dir) = app(None).await;
+    let start = |query: &str| {
+        let uri = format!("/modules/hello/runs?{query}");
+        let app = app.clone();
+        async move { call(&app, "POST", &uri, r#"{"name": "Ada"}"#, None).await }
+    };
+    for (query, code) in [
+        ("priority=high", "invalid_start"),
+        ("priority=40000", "invalid_start"),
+        ("not_before=tomorrow", "invalid_start"),
+        ("delay=soon", "invalid_start"),
+        ("delay=1h&not_before=2030-01-01T00:00:00Z", "invalid_start"),
+        ("not_before=9999-01-01T00:00:00Z", "time_out_of_range"),
+        ("priorty=5", "invalid_query"),
+    ] {
+        let (status, body) = start(query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert_eq!(body["error"]["code"], code, "{query}: {body}");
+    }
+    assert!(
+        runner
+            .registry()
+            .runs_by_module("hello")
+            .await
+            .unwrap()
+            .is_empty(),
+        "a refused start records nothing"
+    );
+
+    let (status, later) = start("priority=-7&delay=1h").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{later}");
+    let run_id = later["run_id"].as_str().unwrap();
+    let (_, shown) = call(&app, "GET", &format!("/runs/{run_id}"), "", None).await;
+    assert_eq!(shown["run"]["status"], "queued", "{shown}");
+    assert_eq!(shown["run"]["priority"], -7, "{shown}");
+    let not_before: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(shown["run"]["not_before"].clone()).unwrap();
+    assert!(not_before > chrono::Utc::now() + chrono::TimeDelta::minutes(59));
+    let (status, _) = call(&app, "DELETE", &format!("/runs/{run_id}"), "", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        wait_finished(&app, run_id).await["run"]["status"],
+        "cancelled"
+    );
+
+    let at = (chrono::Utc::now() + chrono::TimeDelta::milliseconds(300)).to_rfc3339();
+    let (status, soon) = start(&format!("priority=3&not_before={}", at.replace('+', "%2B"))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{soon}");
+    let ended = wait_finished(&app, soon["run_id"].as_str().unwrap()).await;
+    assert_eq!(ended["run"]["status"], "completed", "{ended}");
+    let started: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(ended["run"]["started_at"].clone()).unwrap();
+    let at: chrono::DateTime<chrono::Utc> = at.parse().unwrap();
+    assert!(started >= at, "started {started}, not before {at}");
+}

@@ -48,6 +48,8 @@ both_backends!(
     cancel_of_unknown_or_finished_runs_returns_false,
     cancel_racing_completion_leaves_exactly_one_terminal_state,
     wait_all_returns_even_when_tasks_fail,
+    waiting_runs_start_by_priority_then_first_come,
+    a_run_not_due_waits_queued_until_its_time,
 );
 
 async fn a_successful_task_goes_queued_running_completed(registry: RunRegistry) {
@@ -663,4 +665,135 @@ async fn start_task_gives_a_handle_that_waits_for_the_output() {
         .unwrap();
     assert!(blocked.cancel().await.unwrap());
     assert_eq!(blocked.wait().await.unwrap().status, RunStatus::Cancelled);
+}
+
+/// Starts one task per `(name, priority)` while a blocker holds the one
+/// slot, then lets the blocker finish: the names in the order they start.
+async fn start_order(
+    manager: &BackgroundTaskManager,
+    runs: &[(&'static str, i16)],
+) -> Vec<&'static str> {
+    let (started, mut order) = mpsc::unbounded_channel::<&'static str>();
+    let (release, released) = oneshot::channel::<()>();
+    let blocker = manager
+        .start_task(Run::new("blocker", "Blocker"), async move {
+            let _ = released.await;
+        })
+        .await
+        .unwrap();
+    wait_for_status(manager.registry(), blocker.id(), RunStatus::Running).await;
+    for &(name, priority) in runs {
+        let started = started.clone();
+        manager
+            .start_task(Run::new(name, name).with_priority(priority), async move {
+                started.send(name).unwrap();
+            })
+            .await
+            .unwrap();
+    }
+    release.send(()).unwrap();
+    let mut names = Vec::new();
+    while names.len() < runs.len() {
+        let name = tokio::time::timeout(DEADLINE, order.recv()).await.unwrap();
+        names.push(name.unwrap());
+    }
+    names
+}
+
+async fn waiting_runs_start_by_priority_then_first_come(registry: RunRegistry) {
+    let limits = TaskLimits {
+        max_concurrent: Some(1),
+        max_queued: None,
+    };
+    let manager = BackgroundTaskManager::with_limits(registry.clone(), limits);
+    let order = start_order(
+        &manager,
+        &[
+            ("low", 0),
+            ("urgent", 9),
+            ("background", -5),
+            ("soon", 3),
+            ("also-urgent", 9),
+        ],
+    )
+    .await;
+    assert_eq!(
+        order,
+        ["urgent", "also-urgent", "soon", "low", "background"]
+    );
+    manager.wait_all().await;
+    let filter = modrun::RunFilter {
+        module_id: Some("urgent".into()),
+        ..modrun::RunFilter::default()
+    };
+    let urgent = registry.list_runs(&filter).await.unwrap();
+    assert_eq!(urgent[0].priority, 9, "the registry keeps the priority");
+}
+
+async fn a_run_not_due_waits_queued_until_its_time(registry: RunRegistry) {
+    let limits = TaskLimits {
+        max_concurrent: Some(2),
+        max_queued: Some(1),
+    };
+    let manager = BackgroundTaskManager::with_limits(registry.clone(), limits);
+    let not_before = chrono::Utc::now() + chrono::TimeDelta::milliseconds(400);
+    let later = manager
+        .start_task(
+            Run::new("later", "Later").with_not_before(not_before),
+            async { AnyResult::Ok(chrono::Utc::now()) },
+        )
+        .await
+        .unwrap();
+    let run = registry.get_run(later.id()).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Queued, "free slots, but not due");
+    assert_eq!(run.not_before, Some(not_before));
+    // Waiting for its time, it counts against the queue's bound.
+    let refused = manager
+        .start_task(Run::new("far", "Far").with_not_before(not_before), async {})
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Error::QueueFull { .. }), "{refused:?}");
+    // Meanwhile the free slots serve runs that are due.
+    let now = manager
+        .start_task(Run::new("now", "Now"), async {})
+        .await
+        .unwrap();
+    assert_eq!(now.wait().await.unwrap().status, RunStatus::Completed);
+    let ended = later.wait().await.unwrap();
+    assert_eq!(ended.status, RunStatus::Completed);
+    let started = ended.started_at.unwrap();
+    assert!(
+        started >= not_before,
+        "started {started}, not before {not_before}"
+    );
+    let ran_at: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(ended.output.unwrap()).unwrap();
+    assert!(
+        ran_at >= not_before,
+        "ran {ran_at}, not before {not_before}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cancelled_before_its_time_never_starts() {
+    let backend = sqlite_registry();
+    let registry = backend.registry.clone();
+    let manager = BackgroundTaskManager::new(registry.clone());
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = ran.clone();
+    let at = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+    let handle = manager
+        .start_task(Run::new("later", "Later").with_not_before(at), async move {
+            flag.store(true, Ordering::SeqCst);
+        })
+        .await
+        .unwrap();
+    assert!(handle.cancel().await.unwrap());
+    manager.wait_all().await;
+    assert!(!ran.load(Ordering::SeqCst));
+    assert_eq!(
+        statuses(&registry, handle.id()).await,
+        [RunStatus::Queued, RunStatus::Cancelled]
+    );
+    assert_eq!(manager.active_task_count(), 0);
 }

@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 use modrun::module::LoadReport;
 use modrun::{
     BackgroundTaskManager, Error, LogSource, ModuleHost, ModuleRunner, RunRegistry, RunStatus,
-    TaskLimits,
+    StartOptions, TaskLimits,
 };
 use serde_json::json;
 
@@ -477,6 +477,38 @@ async fn a_module_limit_on_concurrent_runs_keeps_the_rest_queued() {
         "{:?}",
         second.error_message
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_run_waiting_for_its_module_goes_before_earlier_ones() {
+    let (runner, _dir, _) = runner_with(
+        &["countdown"],
+        &[("countdown", "[limits]\nmax_concurrent = 1\n")],
+    )
+    .await;
+    let long = json!({"seconds": 30, "step_ms": 10});
+    let first = runner.start("countdown", long.clone()).await.unwrap();
+    wait_for_status(runner.registry(), &first, RunStatus::Running).await;
+    let start = |priority: i16| {
+        let (runner, long) = (runner.clone(), long.clone());
+        let options = StartOptions::new().priority(priority);
+        async move {
+            runner
+                .start_with("countdown", long, &options)
+                .await
+                .unwrap()
+        }
+    };
+    let early = start(0).await;
+    let urgent = start(7).await;
+    assert!(runner.cancel(&first).await.unwrap());
+    wait_for_status(runner.registry(), &urgent, RunStatus::Running).await;
+    let run = runner.registry().get_run(&early).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Queued, "the urgent run went first");
+    assert!(runner.cancel(&urgent).await.unwrap());
+    wait_for_status(runner.registry(), &early, RunStatus::Running).await;
+    assert!(runner.cancel(&early).await.unwrap());
+    runner.manager().wait_all().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

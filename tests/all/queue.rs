@@ -4,7 +4,7 @@ use chrono::Utc;
 use modrun::registry::{PostgresOptions, PostgresStore, Wanted};
 use modrun::{
     BackgroundTaskManager, ModuleHost, ModuleRunner, Run, RunRegistry, RunStatus, RunStore,
-    TaskLimits,
+    StartOptions, TaskLimits,
 };
 use serde_json::json;
 
@@ -265,6 +265,74 @@ async fn a_start_with_room_never_overtakes_a_run_queued_before_it() {
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_run_is_claimed_before_earlier_ones_and_a_run_not_due_waits() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let dir = plugins_dir(&["countdown", "hello"]);
+    std::fs::write(
+        dir.path().join("countdown.toml"),
+        "[limits]\nmax_concurrent = 1\n",
+    )
+    .unwrap();
+    let long = json!({"seconds": 60, "step_ms": 10});
+    let a = node(&url, &schema, "a", dir.path(), 4).await;
+    let claimer = a.claim_from_queue().unwrap();
+    let first = a.start("countdown", long.clone()).await.unwrap();
+    wait_for_status(a.registry(), &first, RunStatus::Running).await;
+    let start = |priority: i16, not_before: Option<chrono::DateTime<Utc>>| {
+        let mut options = StartOptions::new().priority(priority);
+        if let Some(at) = not_before {
+            options = options.not_before(at);
+        }
+        let (a, long) = (a.clone(), long.clone());
+        async move { a.start_with("countdown", long, &options).await.unwrap() }
+    };
+    let early = start(0, None).await;
+    let far_off = start(i16::MAX, Some(Utc::now() + chrono::TimeDelta::hours(1))).await;
+    let urgent = start(5, None).await;
+    for run_id in [&early, &far_off, &urgent] {
+        let run = a.registry().get_run(run_id).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Queued);
+    }
+
+    // The module's place frees: the urgent run goes first, then the
+    // earlier one; the run not due yet waits, whatever its priority.
+    assert!(a.cancel(&first).await.unwrap());
+    wait_for_status(a.registry(), &urgent, RunStatus::Running).await;
+    let run = a.registry().get_run(&early).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Queued, "the urgent run went first");
+    assert!(a.cancel(&urgent).await.unwrap());
+    wait_for_status(a.registry(), &early, RunStatus::Running).await;
+    assert!(a.cancel(&early).await.unwrap());
+    let run = a.registry().get_run(&far_off).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Queued, "not due for an hour");
+    assert!(a.cancel(&far_off).await.unwrap());
+
+    // A run due soon is queued, not started at once, and starts in time.
+    let at = Utc::now() + chrono::TimeDelta::milliseconds(500);
+    let options = StartOptions::new().not_before(at);
+    let soon = a
+        .start_with("hello", json!({"name": "Ada"}), &options)
+        .await
+        .unwrap();
+    let run = a.registry().get_run(&soon).await.unwrap().unwrap();
+    assert_eq!(
+        run.status,
+        RunStatus::Queued,
+        "there is room, but it is not due"
+    );
+    let run = wait_for_end(a.registry(), &soon).await;
+    assert_eq!(run.status, RunStatus::Completed, "{:?}", run.error_message);
+    let started = run.started_at.unwrap();
+    assert!(started >= at, "started {started}, not before {at}");
+    claimer.stop().await;
+    a.manager()
+        .shutdown(Duration::from_millis(10))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,6 +91,7 @@ macro_rules! queue_contract {
 
 queue_contract!(
     queued_runs_are_claimed_oldest_first_within_what_each_version_wants,
+    queued_runs_are_claimed_by_priority_then_as_they_became_due,
     a_run_given_back_is_claimed_again_as_its_next_attempt,
     a_run_claimed_as_it_is_queued_has_both_entries_and_its_first_attempt,
 );
@@ -129,11 +130,15 @@ async fn read_back(registry: &RunRegistry, run_id: &str) -> Option<Run> {
 }
 
 fn sample_run(module: &str) -> Run {
-    Run::new(module, format!("{module} module")).with_parameters(json!({
+    let run = Run::new(module, format!("{module} module"));
+    let not_before = run.created_at + chrono::TimeDelta::hours(1);
+    run.with_parameters(json!({
         "name": "Zoë 🌍",
         "count": 3,
         "nested": {"list": [1, 2.5, null, true]},
     }))
+    .with_priority(-2)
+    .with_not_before(not_before)
 }
 
 async fn a_run_reads_back_as_it_was_added(registry: RunRegistry) {
@@ -1079,6 +1084,65 @@ async fn queued_runs_are_claimed_oldest_first_within_what_each_version_wants(
         "nobody wanted that version"
     );
     assert_eq!(store.queued_versions().await.unwrap(), ["hello@sha256:two"]);
+}
+
+async fn queued_runs_are_claimed_by_priority_then_as_they_became_due(store: &impl RunStore) {
+    let now = chrono::Utc::now();
+    let ago = |seconds| now - chrono::TimeDelta::seconds(seconds);
+    let with = |priority: i16, created: i64, not_before: Option<i64>| {
+        let mut run = queued("hello", "sha256:one").with_priority(priority);
+        run.created_at = ago(created);
+        run.not_before = not_before.map(ago);
+        run
+    };
+    // Queued in this order; claimed higher priority first, then by when
+    // each became due (its not-before time, or its creation).
+    let high = with(5, 30, None);
+    let due_late = with(0, 20, Some(2));
+    let later_high = with(5, 10, None);
+    let due_early = with(0, 8, None);
+    let background = with(-3, 40, None);
+    let low = with(0, 1, None);
+    let not_yet = queued("hello", "sha256:one")
+        .with_priority(i16::MAX)
+        .with_not_before(now + chrono::TimeDelta::hours(1));
+    for run in [
+        &high,
+        &due_late,
+        &later_high,
+        &due_early,
+        &background,
+        &low,
+        &not_yet,
+    ] {
+        store.enqueue(run, 1, None).await.unwrap();
+    }
+    let stored = store.get(&not_yet.run_id).await.unwrap().unwrap();
+    assert_eq!(stored.priority, i16::MAX);
+    assert_eq!(stored.not_before, not_yet.not_before);
+    let want = [wanted("hello", "sha256:one", 10)];
+    let two = store.claim(&want, 2).await.unwrap();
+    assert_eq!(
+        ids(&two),
+        [high.run_id.as_str(), later_high.run_id.as_str()]
+    );
+    assert_eq!(two[0].priority, 5);
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let one = store.claim(&want, 1).await.unwrap();
+        assert_eq!(one.len(), 1, "one due run left at least");
+        order.push(one[0].run_id.clone());
+    }
+    assert_eq!(
+        order,
+        [&due_early, &due_late, &low, &background].map(|run| run.run_id.clone())
+    );
+    assert!(
+        store.claim(&want, 10).await.unwrap().is_empty(),
+        "a run not due yet is not claimed, whatever its priority"
+    );
+    let stored = store.get(&not_yet.run_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Queued);
 }
 
 async fn a_run_given_back_is_claimed_again_as_its_next_attempt(store: &impl RunStore) {

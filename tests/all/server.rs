@@ -465,6 +465,65 @@ fn every_command_shares_one_compiled_cache_and_run_compiles_only_its_module() {
 }
 
 #[test]
+fn modrun_run_passes_a_priority_and_a_start_time_here_and_through_a_server() {
+    let plugins = plugins_dir(&["hello"]);
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("registry.db");
+    let modrun = |args: &[&str]| modrun_on(plugins.path(), &db, args);
+    for args in [
+        &["run", "hello", "--delay", "soon"][..],
+        &["run", "hello", "--not-before", "tomorrow"][..],
+        &["run", "hello", "--priority", "99999"][..],
+        &[
+            "run",
+            "hello",
+            "--delay",
+            "1s",
+            "--not-before",
+            "2030-01-01T00:00:00Z",
+        ][..],
+    ] {
+        let refused = modrun(args);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{args:?}: {stderr}");
+    }
+
+    // Here: the run is recorded with its priority.
+    let here = modrun(&["run", "hello", "name=Ada", "--priority", "-3"]);
+    assert_eq!(here.status.code(), Some(0), "{here:?}");
+
+    // Through the server that holds the registry: it waits its time.
+    let server = Server::start(plugins.path(), &db, &[]);
+    let asked = chrono::Utc::now() + chrono::TimeDelta::seconds(1);
+    let through = modrun(&[
+        "run",
+        "hello",
+        "name=Bo",
+        "--priority",
+        "6",
+        "--delay",
+        "1s",
+    ]);
+    assert_eq!(through.status.code(), Some(0), "{through:?}");
+    let (_, listing) = server.get("/runs?module=hello");
+    let runs = listing["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{listing}");
+    let run_of = |index: usize| {
+        let run_id = runs[index]["run_id"].as_str().unwrap();
+        server.get(&format!("/runs/{run_id}")).1["run"].clone()
+    };
+    let (later, first) = (run_of(0), run_of(1));
+    assert_eq!(first["priority"], -3, "{first}");
+    assert_eq!(later["priority"], 6, "{later}");
+    let not_before: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(later["not_before"].clone()).unwrap();
+    let started: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(later["started_at"].clone()).unwrap();
+    assert!(not_before >= asked, "{later}");
+    assert!(started >= not_before, "{later}");
+}
+
+#[test]
 fn a_plugin_source_not_built_yet_is_named_with_the_command_that_builds_it() {
     let plugins = plugins_dir(&["countdown"]);
     let source = plugins.path().join("greeter");

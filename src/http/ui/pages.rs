@@ -420,6 +420,8 @@ pub(super) fn run(run: &Run, history: &[StatusChange]) -> Markup {
                 div #run-progress { @if let Some(p) = &run.progress { (progress_bar(Some(p.fraction), &p.message)) " " (p.message) } }
                 dl.facts {
                     dt { "Created" } dd { (time(run.created_at)) }
+                    @if let Some(at) = run.not_before { dt { "Not before" } dd { (time(at)) } }
+                    @if run.priority != 0 { dt { "Priority" } dd { (run.priority) } }
                     dt { "Started" } dd #started { @if let Some(at) = run.started_at { (time(at)) } }
                     dt { "Ended" } dd #ended { @if let Some(at) = run.completed_at { (time(at)) } }
                     dt { "Duration" } dd #duration { (duration(run.started_at, run.completed_at)) }

@@ -63,6 +63,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0007_module_versions.sql"),
     include_str!("migrations/0008_module_heads.sql"),
     include_str!("migrations/0009_statement_notify.sql"),
+    include_str!("migrations/0010_priority.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says

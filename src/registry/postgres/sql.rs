@@ -41,8 +41,8 @@ macro_rules! insert_run {
             "WITH r AS (INSERT INTO runs (run_id, module_id, module_name, status, \
              created_at, started_at, completed_at, parameters, exit_code, error_message, output, \
              progress_fraction, progress_message, module_version, log, history_len, node, \
-             max_attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-             $15, 1, $16, $17) ",
+             max_attempts, priority, not_before) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+             $10, $11, $12, $13, $14, $15, 1, $16, $17, $18, $19) ",
             $on_conflict,
             " RETURNING id) \
              INSERT INTO run_history (run, seq, status, at) SELECT id, 0, $4, $5 FROM r"
@@ -56,7 +56,8 @@ const STRICT_INSERT_RUN: &str = insert_run!("");
 const UPDATE_RUN: &str = "UPDATE runs SET module_id = $2, module_name = $3, status = $4, \
      created_at = $5, started_at = $6, completed_at = $7, parameters = $8, exit_code = $9, \
      error_message = $10, output = $11, progress_fraction = $12, progress_message = $13, \
-     module_version = $14, log = $15, history_len = $16 WHERE run_id = $1";
+     module_version = $14, log = $15, history_len = $16, priority = $17, not_before = $18 \
+     WHERE run_id = $1";
 
 const CURRENT: &str =
     "SELECT id, status, history_len, module_id FROM runs WHERE run_id = $1 FOR UPDATE";
@@ -68,7 +69,9 @@ const ADD_HISTORY: &str =
 /// [`run_arrays`], in their order, then the history's length and the node.
 macro_rules! new_run_columns {
     () => {
-        "run_id, module_id, module_name, status, created_at, started_at, completed_at,          parameters, exit_code, error_message, output, progress_fraction, progress_message,          module_version, log, max_attempts, history_len, node"
+        "run_id, module_id, module_name, status, created_at, started_at, completed_at, \
+         parameters, exit_code, error_message, output, progress_fraction, progress_message, \
+         module_version, log, max_attempts, priority, not_before, history_len, node"
     };
 }
 
@@ -79,7 +82,7 @@ macro_rules! run_arrays {
     () => {
         "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], \
          $7::int8[], $8::text[], $9::int4[], $10::text[], $11::text[], $12::float8[], \
-         $13::text[], $14::text[], $15::text[], $17::int4[]) AS u "
+         $13::text[], $14::text[], $15::text[], $17::int4[], $18::int2[], $19::int8[]) AS u "
     };
 }
 
@@ -217,17 +220,21 @@ const STRANDED: &str = "WITH c AS (SELECT r.id FROM runs r \
      SELECT id, history_len - 1, 'failed', $1, error_message FROM s) \
      SELECT count(*) FROM s";
 
-/// Claims queued runs for node `$5` at `$6`: for each module and version
-/// of `$1` and `$2`, at most `$3` runs, and `$4` in all, oldest first,
-/// skipping the rows other nodes are claiming. Marks them `Running` for
-/// this node, counts the attempt, writes their history, and answers them.
+/// Claims the due queued runs for node `$5` at `$6`: for each module and
+/// version of `$1` and `$2`, at most `$3` runs, and `$4` in all; higher
+/// priority first, then the one due first (its not-before time, or its
+/// creation), then the one queued first; skipping the rows other nodes
+/// are claiming. Marks them `Running` for this node, counts the attempt,
+/// writes their history, and answers them.
 pub(super) const CLAIM: &str = concat!(
     "WITH w AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
      AS w(module_id, version, n)), \
-     picked AS (SELECT p.id FROM w CROSS JOIN LATERAL (SELECT r.id FROM runs r \
+     picked AS (SELECT p.id FROM w CROSS JOIN LATERAL (SELECT r.id, r.priority, \
+     coalesce(r.not_before, r.created_at) AS due FROM runs r \
      WHERE r.status = 'queued' AND r.node IS NULL AND r.module_id = w.module_id \
-     AND r.module_version = w.version ORDER BY r.id LIMIT w.n FOR UPDATE SKIP LOCKED) p \
-     ORDER BY p.id LIMIT $4), \
+     AND r.module_version = w.version AND (r.not_before IS NULL OR r.not_before <= $6) \
+     ORDER BY r.priority DESC, coalesce(r.not_before, r.created_at), r.id LIMIT w.n \
+     FOR UPDATE SKIP LOCKED) p ORDER BY p.priority DESC, p.due, p.id LIMIT $4), \
      u AS (UPDATE runs r SET status = 'running', started_at = $6, node = $5, \
      attempt = r.attempt + 1, history_len = r.history_len + 1 FROM picked \
      WHERE r.id = picked.id AND r.status = 'queued' AND r.node IS NULL RETURNING r.*), \
@@ -235,7 +242,7 @@ pub(super) const CLAIM: &str = concat!(
      SELECT id, history_len - 1, 'running', $6 FROM u) \
      SELECT ",
     run_columns!(),
-    ", node, attempt FROM u ORDER BY id"
+    ", node, attempt FROM u ORDER BY priority DESC, coalesce(not_before, created_at), id"
 );
 
 /// Gives runs node `$2` claimed but did not start back to the queue,
@@ -1070,9 +1077,7 @@ async fn send<'s>(
 ) -> Result<Option<Outcome>, tokio_postgres::Error> {
     Ok(match sent {
         Sent::Insert(values, node) => {
-            let mut params = values.params()[..15].to_vec();
-            params.push(node);
-            params.push(&values.max_attempts);
+            let params = values.insert_params(node);
             if tx.execute(statement(INSERT_RUN), &params).await? == 1 {
                 Some(Outcome::Done)
             } else {
@@ -1234,6 +1239,8 @@ async fn insert_many<'a>(
                 &optional(|r| r.log.as_deref()),
                 &node,
                 &runs.iter().map(|r| r.max_attempts).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.priority).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.not_before).collect::<Vec<_>>(),
             ],
         )
         .await?;
@@ -1307,9 +1314,7 @@ async fn insert(
 ) -> Result<Outcome, tokio_postgres::Error> {
     let Owner { node, max_attempts } = owner;
     let values = RunValues::new(run, 1).with_attempts(max_attempts);
-    let mut params = values.params()[..15].to_vec();
-    params.push(&node);
-    params.push(&values.max_attempts);
+    let params = values.insert_params(&node);
     // The common case, a new id, takes one statement; only a conflict looks further.
     let statement = prepared.get(tx, INSERT_RUN).await?;
     if tx.execute(&statement, &params).await? == 1 {
@@ -1415,6 +1420,8 @@ struct RunValues<'a> {
     module_version: Option<Cow<'a, str>>,
     log: Option<String>,
     history_len: i32,
+    priority: i16,
+    not_before: Option<i64>,
     /// How many attempts a run of the queue may take (1 for any other).
     max_attempts: i32,
 }
@@ -1438,6 +1445,8 @@ impl<'a> RunValues<'a> {
             module_version: run.module_version.as_deref().map(clean),
             log: log_text(&run.log),
             history_len,
+            priority: run.priority,
+            not_before: run.not_before.map(nanos),
             max_attempts: 1,
         }
     }
@@ -1447,7 +1456,17 @@ impl<'a> RunValues<'a> {
         self
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 16] {
+    /// [`INSERT_RUN`]'s parameters: the first fifteen columns, the node,
+    /// then the attempts, the priority and the not-before time.
+    fn insert_params<'b>(&'b self, node: &'b (dyn ToSql + Sync)) -> Vec<&'b (dyn ToSql + Sync)> {
+        let mut params = self.params()[..15].to_vec();
+        params.extend([node, &self.max_attempts, &self.priority, &self.not_before]);
+        params
+    }
+
+    /// [`UPDATE_RUN`]'s parameters: every column in `RUN_COLUMNS` order,
+    /// with the history's length before the priority.
+    fn params(&self) -> [&(dyn ToSql + Sync); 18] {
         [
             &self.run_id,
             &self.module_id,
@@ -1465,6 +1484,8 @@ impl<'a> RunValues<'a> {
             &self.module_version,
             &self.log,
             &self.history_len,
+            &self.priority,
+            &self.not_before,
         ]
     }
 }
@@ -1815,9 +1836,11 @@ fn read_run(row: &Row) -> Result<Run, Error> {
             Some(text) => parse_json(text)?,
             None => Vec::new(),
         },
-        node: row.try_get(15).map_err(corrupt)?,
+        priority: row.try_get(15).map_err(corrupt)?,
+        not_before: get_time(16)?,
+        node: row.try_get(17).map_err(corrupt)?,
         attempt: row
-            .try_get::<_, i32>(16)
+            .try_get::<_, i32>(18)
             .map_err(corrupt)
             .map(|attempt| u32::try_from(attempt).ok().filter(|&n| n > 0))?,
     })

@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_retention.sql"),
     include_str!("migrations/0004_idempotency.sql"),
     include_str!("migrations/0005_queue.sql"),
+    include_str!("migrations/0006_priority.sql"),
 ];
 
 /// How long the writer waits for a lock another process holds before it

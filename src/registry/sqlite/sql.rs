@@ -89,22 +89,33 @@ fn queued_part(run: &Run) -> Run {
     queued
 }
 
-/// Claims queued runs: of each wanted version at most its count, `limit`
-/// in all, oldest first; each becomes `Running`, its attempt counted.
+/// Claims the due queued runs: of each wanted version at most its
+/// count, `limit` in all, higher priority first, then the one due first
+/// (its not-before time, or its creation), then the one queued first;
+/// each becomes `Running`, its attempt counted.
 pub(super) fn claim(
     tx: &rusqlite::Transaction<'_>,
     wanted: &[Wanted],
     limit: usize,
 ) -> rusqlite::Result<Vec<Run>> {
-    let mut picked: Vec<(i64, String)> = Vec::new();
+    let now = Utc::now();
+    let due = nanos(now)?;
+    let mut picked: Vec<(std::cmp::Reverse<i64>, i64, i64, String)> = Vec::new();
     let mut select = tx.prepare_cached(
-        "SELECT id, run_id FROM runs WHERE claimable = 1 AND status = 'queued' \
-         AND module_id = ?1 AND module_version = ?2 ORDER BY id LIMIT ?3",
+        "SELECT priority, coalesce(not_before, created_at), id, run_id FROM runs \
+         WHERE claimable = 1 AND status = 'queued' AND module_id = ?1 AND module_version = ?2 \
+         AND (not_before IS NULL OR not_before <= ?4) \
+         ORDER BY priority DESC, coalesce(not_before, created_at), id LIMIT ?3",
     )?;
     for w in wanted {
         let count = i64::try_from(w.count.min(limit)).unwrap_or(i64::MAX);
-        let rows = select.query_map(params![w.module_id, w.version, count], |row| {
-            Ok((row.get(0)?, row.get(1)?))
+        let rows = select.query_map(params![w.module_id, w.version, count, due], |row| {
+            Ok((
+                std::cmp::Reverse(row.get(0)?),
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+            ))
         })?;
         for row in rows {
             picked.push(row?);
@@ -113,9 +124,8 @@ pub(super) fn claim(
     drop(select);
     picked.sort_unstable();
     picked.truncate(limit);
-    let now = Utc::now();
     let mut claimed = Vec::with_capacity(picked.len());
-    for (id, run_id) in picked {
+    for (_, _, id, run_id) in picked {
         let mut running = Transition::running(&run_id);
         running.at = now;
         apply_transition(tx, &running)?;
@@ -305,8 +315,9 @@ pub(super) fn insert_run(
         .prepare_cached(
             "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
              completed_at, parameters, exit_code, error_message, output, progress_fraction, \
-             progress_message, module_version, log, history_len, attempt) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
+             progress_message, module_version, log, history_len, priority, not_before, attempt) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+             ?18, ?19) \
              ON CONFLICT (run_id) DO NOTHING",
         )?
         .execute(rusqlite::params_from_iter(values))?;
@@ -323,17 +334,19 @@ pub(super) fn update_run(
         "UPDATE runs SET module_id = ?2, module_name = ?3, status = ?4, created_at = ?5, \
          started_at = ?6, completed_at = ?7, parameters = ?8, exit_code = ?9, \
          error_message = ?10, output = ?11, progress_fraction = ?12, progress_message = ?13, \
-         module_version = ?14, log = ?15, history_len = ?16 WHERE run_id = ?1",
+         module_version = ?14, log = ?15, history_len = ?16, priority = ?17, not_before = ?18 \
+         WHERE run_id = ?1",
     )?
     .execute(run_values(run, history_len)?)?;
     Ok(())
 }
 
-/// The column values of a record, in `RUN_COLUMNS` order then `history_len`.
+/// The column values of a record: the first fifteen of `RUN_COLUMNS` in
+/// its order, `history_len`, then the priority and the not-before time.
 pub(super) fn run_values(
     run: &Run,
     history_len: i64,
-) -> rusqlite::Result<[Box<dyn rusqlite::ToSql + '_>; 16]> {
+) -> rusqlite::Result<[Box<dyn rusqlite::ToSql + '_>; 18]> {
     Ok([
         Box::new(run.run_id.as_str()),
         Box::new(run.module_id.as_str()),
@@ -351,6 +364,8 @@ pub(super) fn run_values(
         Box::new(run.module_version.as_deref()),
         Box::new(log_text(&run.log)?),
         Box::new(history_len),
+        Box::new(run.priority),
+        Box::new(run.not_before.map(nanos).transpose()?),
     ])
 }
 
@@ -516,9 +531,11 @@ fn read_run(row: &Row<'_>) -> rusqlite::Result<Run> {
             Some(text) => parse_json(14, &text)?,
             None => Vec::new(),
         },
+        priority: row.get(15)?,
+        not_before: column_optional_time(row, 16)?,
         node: None,
         attempt: row
-            .get::<_, Option<i64>>(15)?
+            .get::<_, Option<i64>>(17)?
             .and_then(|n| u32::try_from(n).ok()),
     })
 }
