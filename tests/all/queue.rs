@@ -300,12 +300,24 @@ async fn an_urgent_run_is_claimed_before_earlier_ones_and_a_run_not_due_waits() 
 
     // The module's place frees: the urgent run goes first, then the
     // earlier one; the run not due yet waits, whatever its priority.
+    // (A claimed run is recorded `Running` before its task starts here:
+    // it is cancelled here once its task runs.)
+    let running_here = |run_id: String| {
+        let a = a.clone();
+        async move {
+            wait_for_status(a.registry(), &run_id, RunStatus::Running).await;
+            wait_until("the claimed run's task", || {
+                a.manager().is_task_active(&run_id)
+            })
+            .await;
+        }
+    };
     assert!(a.cancel(&first).await.unwrap());
-    wait_for_status(a.registry(), &urgent, RunStatus::Running).await;
+    running_here(urgent.id().to_owned()).await;
     let run = a.registry().get_run(&early).await.unwrap().unwrap();
     assert_eq!(run.status, RunStatus::Queued, "the urgent run went first");
     assert!(a.cancel(&urgent).await.unwrap());
-    wait_for_status(a.registry(), &early, RunStatus::Running).await;
+    running_here(early.id().to_owned()).await;
     assert!(a.cancel(&early).await.unwrap());
     let run = a.registry().get_run(&far_off).await.unwrap().unwrap();
     assert_eq!(run.status, RunStatus::Queued, "not due for an hour");
