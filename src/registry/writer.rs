@@ -128,11 +128,15 @@ impl Write {
         matches!(self, Write::ReportedProgress | Write::Log(_, _, None))
     }
 
-    /// Whether the write came through [`Queue`], and counts in
-    /// [`Shared::outstanding`] until it is answered: all but the wake-ups
-    /// other threads send.
+    /// Whether the write counts in [`Shared::outstanding`] until it is
+    /// answered: all but the wake-ups other threads send, and the progress
+    /// reports, which any commit takes ([`commit_batch`]), so that no
+    /// write need wait behind them.
     fn is_counted(&self) -> bool {
-        !matches!(self, Write::Check | Write::Heartbeat)
+        !matches!(
+            self,
+            Write::Check | Write::Heartbeat | Write::ReportedProgress | Write::TakenProgress(_)
+        )
     }
 
     /// Whether the write waits, held, while the file cannot be written.
@@ -159,9 +163,10 @@ pub(super) struct Shared {
     progress: Mutex<HashMap<String, Progress>>,
     /// Writes waiting for the database to be writable again.
     held: AtomicUsize,
-    /// Writes handed to the writer (by [`Queue`]) and not answered yet:
-    /// while there are none, a caller may commit its own write on its own
-    /// thread ([`Queue::direct`]), for it then follows every other.
+    /// Writes handed to the writer (by [`Queue`]) and not answered yet,
+    /// progress reports aside (any commit takes those): while there are
+    /// none, a caller may commit its own write on its own thread
+    /// ([`Queue::direct`]), for it then follows every other.
     outstanding: AtomicUsize,
 }
 
@@ -378,10 +383,15 @@ fn commit_batch<B: Backend>(
         shared.set_unavailable(Some(reason.clone()));
         return Err(reason);
     }
-    for write in batch.iter_mut() {
-        if matches!(write, Write::ReportedProgress) {
-            *write = Write::TakenProgress(shared.take_progress());
-        }
+    take_progress(shared, batch);
+    if !batch.is_empty()
+        && batch
+            .iter()
+            .all(|write| matches!(write, Write::TakenProgress(reports) if reports.is_empty()))
+    {
+        // Wake-ups for reports an earlier commit took: nothing to write.
+        batch.clear();
+        return Ok(());
     }
     let outcomes = match backend.commit(batch) {
         Ok(outcomes) => {
@@ -410,6 +420,44 @@ fn commit_batch<B: Backend>(
         answer(write, outcome);
     }
     Ok(())
+}
+
+/// Puts the progress reports waiting into `batch`, whichever writes it
+/// holds: a run's end in it then writes the run's latest progress too (one
+/// commit for both), however the batch came, from the writer or from a
+/// caller committing its own write. They go where the batch holds reports
+/// already (a held batch tried again: the newer report of a run wins), or
+/// else first, before the writes that may end their runs.
+fn take_progress(shared: &Shared, batch: &mut Vec<Write>) {
+    let reports = shared.take_progress();
+    let mut taken = None;
+    for (index, write) in batch.iter_mut().enumerate() {
+        match write {
+            // Taken with the others, into one place.
+            Write::ReportedProgress => *write = Write::TakenProgress(Vec::new()),
+            Write::TakenProgress(held) if taken.is_none() && !held.is_empty() => {
+                taken = Some(index);
+            }
+            _ => {}
+        }
+    }
+    if reports.is_empty() {
+        return;
+    }
+    match taken {
+        Some(index) => {
+            let Write::TakenProgress(held) = &mut batch[index] else {
+                unreachable!("found as taken progress above")
+            };
+            for (run_id, progress) in reports {
+                match held.iter_mut().find(|(held_id, _)| *held_id == run_id) {
+                    Some((_, older)) => *older = progress,
+                    None => held.push((run_id, progress)),
+                }
+            }
+        }
+        None => batch.insert(0, Write::TakenProgress(reports)),
+    }
 }
 
 /// Keeps a batch of writes nobody waits for back for up to [`SOFT_WAIT`],
@@ -556,9 +604,10 @@ pub(super) struct Queue {
     direct: Option<CommitHere>,
 }
 
-/// Commits one write on the caller's thread; gives it back (boxed, as it
-/// came) when the database cannot be written.
-type CommitHere = Box<dyn Fn(Write) -> Result<(), Box<Write>> + Send + Sync>;
+/// Commits one write on the caller's thread; gives back the batch it made
+/// (the write, and the progress reports it took) when the database cannot
+/// be written.
+type CommitHere = Box<dyn Fn(Write) -> Result<(), Vec<Write>> + Send + Sync>;
 
 /// Whether a store's callers may commit their own write while its writer
 /// has nothing to do: [`Direct::Allowed`] for a backend whose commit is
@@ -592,9 +641,7 @@ impl Queue {
                 let mut batch = vec![write];
                 match commit_batch(&mut *backend.lock_unpoisoned(), &shared, &mut batch) {
                     Ok(()) => Ok(()),
-                    Err(_) => Err(Box::new(
-                        batch.pop().expect("an uncommitted batch is left as it was"),
-                    )),
+                    Err(_) => Err(batch),
                 }
             }) as CommitHere
         });
@@ -638,10 +685,12 @@ impl Queue {
         if !idle {
             return Some(write);
         }
-        if let Err(write) = direct(write) {
-            // Counted already: handed over as it is.
+        if let Err(batch) = direct(write) {
+            // Counted already (the reports are not): handed over as they are.
             if let Some(writes) = &self.writes {
-                let _ = writes.send(*write);
+                for write in batch {
+                    let _ = writes.send(write);
+                }
             }
         }
         None
@@ -659,7 +708,9 @@ impl Queue {
     /// Hands a write to the writer thread, in order with all the others.
     fn enqueue(&self, write: Write) -> Result<()> {
         let writes = self.writes.as_ref().ok_or(Error::RegistryClosed)?;
-        self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        if write.is_counted() {
+            self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        }
         writes.send(write).map_err(|_| Error::RegistryClosed)
     }
 

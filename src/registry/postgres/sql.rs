@@ -742,6 +742,8 @@ impl<'a> Sent<'a> {
             Write::Progress(run_id, progress, _) => {
                 Sent::Progress(clean(run_id), progress.fraction, clean(&progress.message))
             }
+            // Wake-ups for reports another write's batch took.
+            Write::TakenProgress(reports) if reports.is_empty() => Sent::Nothing,
             Write::TakenProgress(reports) => Sent::ManyProgress(
                 reports.iter().map(|(id, _)| clean(id)).collect(),
                 reports.iter().map(|(_, p)| p.fraction).collect(),
