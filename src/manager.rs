@@ -125,6 +125,11 @@ pub struct ShutdownReport {
     /// Tasks still executing when shutdown returned: work that ignored
     /// cancellation by never yielding. Their runs are recorded `Cancelled`.
     pub still_running: usize,
+    /// Module runs whose not-before time had not come: left `Queued` in
+    /// the registry, for the next process on a registry file to resume
+    /// ([`ModuleRunner::resume_queued`](crate::ModuleRunner::resume_queued))
+    /// at their time, rather than cancelled.
+    pub left_queued: Vec<String>,
 }
 
 /// Starts work as tracked background tasks: fire-and-forget, with every
@@ -221,6 +226,9 @@ struct Tracked {
     started: bool,
     /// Counted in `State::queued`.
     queued: bool,
+    /// A module run waiting for its not-before time, which a shutdown
+    /// leaves `Queued` for the next process rather than cancels.
+    parkable: bool,
 }
 
 #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
@@ -352,7 +360,12 @@ impl BackgroundTaskManager {
                 self.inner.count_queued(&mut state)?;
             }
             let slot = Pending::Delayed { until, priority };
-            return Ok((self.inner.track(&mut state, run_id, false, queued), slot));
+            let end = self.inner.track(&mut state, run_id, false, queued);
+            if let Some(tracked) = state.active.get_mut(run_id) {
+                // A module run, pinned to its version, can be resumed.
+                tracked.parkable = gate.is_some() && run.module_version.is_some();
+            }
+            return Ok((end, slot));
         }
         let ready = |state: &mut State| {
             let first = match gate {
@@ -565,7 +578,9 @@ impl BackgroundTaskManager {
 
     /// Stops taking new runs, waits up to `grace` for the active ones, then
     /// cancels the rest (reason: shutdown), gives their work up to
-    /// [`STOP_WAIT`] to stop, and flushes the registry.
+    /// [`STOP_WAIT`] to stop, and flushes the registry. Module runs whose
+    /// not-before time has not come are neither waited for nor cancelled:
+    /// they are left `Queued` ([`ShutdownReport::left_queued`]).
     ///
     /// However the work and the registry behave, this returns within
     /// `grace` plus a few seconds: work that ignores cancellation is left
@@ -574,7 +589,16 @@ impl BackgroundTaskManager {
     /// not waited for.
     pub async fn shutdown(&self, grace: Duration) -> Result<ShutdownReport> {
         self.inner.shutting_down.store(true, Ordering::Release);
-        let mut report = ShutdownReport::default();
+        let mut report = ShutdownReport {
+            left_queued: self.inner.park_waiting(),
+            ..ShutdownReport::default()
+        };
+        if !report.left_queued.is_empty() {
+            tracing::info!(
+                runs = report.left_queued.len(),
+                "left the runs not due yet queued, for the next start to resume"
+            );
+        }
         if tokio::time::timeout(grace, self.wait_all()).await.is_err() {
             let cancels = async {
                 for run_id in self.active_task_ids() {
@@ -674,6 +698,7 @@ impl Inner {
                 task,
                 started,
                 queued,
+                parkable: false,
             },
         );
         self.tasks.fetch_add(1, Ordering::AcqRel);
@@ -731,10 +756,32 @@ impl Inner {
         }
     }
 
-    fn mark_started(&self, run_id: &str) {
-        if let Some(tracked) = self.lock().active.get_mut(run_id) {
-            tracked.started = true;
+    /// Marks a run's task as started; `false` if it was told to stop
+    /// first (a shutdown that left its run queued), so that a run is
+    /// either started or left, never both.
+    fn mark_started(&self, run_id: &str) -> bool {
+        match self.lock().active.get_mut(run_id) {
+            Some(tracked) if tracked.token.is_cancelled() => false,
+            Some(tracked) => {
+                tracked.started = true;
+                true
+            }
+            None => true,
         }
+    }
+
+    /// Stops the tasks of the module runs still waiting for their
+    /// not-before time, recording nothing: their runs stay `Queued`.
+    fn park_waiting(&self) -> Vec<String> {
+        let state = self.lock();
+        let mut parked = Vec::new();
+        for (run_id, tracked) in &state.active {
+            if tracked.parkable && !tracked.started {
+                tracked.token.cancel();
+                parked.push(run_id.to_string());
+            }
+        }
+        parked
     }
 
     /// A queued run holds its slot: it no longer counts as queued.
@@ -929,7 +976,7 @@ async fn execute<F>(
             }
             Record::Fresh => {
                 // Marked before the registry is, as below.
-                inner.mark_started(run_id);
+                let _ = inner.mark_started(run_id);
                 new.run.status = RunStatus::Running;
                 new.run.started_at = Some(chrono::Utc::now());
                 inner
@@ -964,7 +1011,9 @@ async fn execute<F>(
     if !claimed {
         // Marked before the registry is, so that whoever sees `Running`
         // there also sees the task as started here.
-        inner.mark_started(run_id);
+        if !inner.mark_started(run_id) {
+            return;
+        }
         match inner
             .registry
             .hold_transition(&Transition::running(run_id))

@@ -164,6 +164,12 @@ impl Modrun {
         self.start(module_id, parameters).await?.wait().await
     }
 
+    /// A handle on a run started before: see [`ModuleRunner::handle`].
+    #[must_use]
+    pub fn handle(&self, run_id: impl Into<String>) -> RunHandle {
+        self.runner.handle(run_id)
+    }
+
     /// Cancels a run, wherever it executes: see [`ModuleRunner::cancel`].
     pub async fn cancel(&self, run_id: &str) -> Result<bool> {
         self.runner.cancel(run_id).await

@@ -128,6 +128,14 @@ impl ModuleRunner {
         Ok(RunHandle::for_module(run_id, self))
     }
 
+    /// A handle on run `run_id`, started before (by this process or an
+    /// earlier one, or another node): it waits for the run's end, cancels
+    /// it and follows its events, as the handle a start returns does.
+    #[must_use]
+    pub fn handle(&self, run_id: impl Into<String>) -> RunHandle {
+        RunHandle::for_module(run_id.into(), self)
+    }
+
     /// [`start`](Self::start), safe to retry: the first start with `key`
     /// records a run, and every later start with the same key, module and
     /// parameters returns that run's id without starting another, on any

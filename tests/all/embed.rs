@@ -5,7 +5,7 @@ use std::time::Duration;
 use modrun::error::LoadError;
 use modrun::module::{HostFunctions, HostState};
 use modrun::wasmtime::StoreContextMut;
-use modrun::{Error, Modrun, RunStatus, TaskLimits};
+use modrun::{Error, Modrun, RunStatus, StartOptions, TaskLimits};
 use serde_json::json;
 
 use crate::support::{built_plugins, plugins_dir, test_host_config, wait_until};
@@ -329,4 +329,66 @@ async fn an_async_host_function_may_await_and_a_cancel_stops_the_run_inside_it()
     })
     .await;
     release.notify_waiters();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_not_due_at_shutdown_is_left_queued_and_runs_after_the_restart() {
+    let dir = plugins_dir(&["hello"]);
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("registry.db");
+    let open = || {
+        Modrun::builder()
+            .plugins(dir.path())
+            .sqlite(&db)
+            .host_config(test_host_config())
+            .build()
+    };
+    let at = chrono::Utc::now() + chrono::TimeDelta::milliseconds(1500);
+    let (run_id, not_due) = {
+        let modrun = open().await.unwrap();
+        let options = StartOptions::new().priority(2).not_before(at);
+        let later = modrun
+            .start_with("hello", json!({"name": "Later"}), &options)
+            .await
+            .unwrap();
+        let far = modrun
+            .start_with(
+                "hello",
+                json!({"name": "Far"}),
+                &StartOptions::new().delay(Duration::from_secs(3600)),
+            )
+            .await
+            .unwrap();
+        let report = modrun.shutdown(Duration::from_secs(30)).await.unwrap();
+        let mut left = report.left_queued.clone();
+        left.sort();
+        let mut expected = vec![later.id().to_owned(), far.id().to_owned()];
+        expected.sort();
+        assert_eq!(left, expected, "{report:?}");
+        assert!(report.cancelled.is_empty(), "{report:?}");
+        for handle in [&later, &far] {
+            let run = modrun
+                .registry()
+                .get_run(handle.id())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(run.status, RunStatus::Queued);
+        }
+        (later.into_id(), far.into_id())
+    };
+
+    let modrun = open().await.unwrap();
+    let run = modrun.registry().get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(run.priority, 2);
+    let ended = modrun.handle(&run_id).wait().await.unwrap();
+    assert_eq!(ended.status, RunStatus::Completed, "{ended:?}");
+    assert!(ended.started_at.unwrap() >= at, "{ended:?}");
+    let far = modrun.registry().get_run(&not_due).await.unwrap().unwrap();
+    assert_eq!(far.status, RunStatus::Queued, "not due for an hour");
+    assert!(
+        modrun.manager().is_task_active(&not_due),
+        "resumed, waiting"
+    );
+    modrun.shutdown(Duration::from_secs(30)).await.unwrap();
 }
