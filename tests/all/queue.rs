@@ -1,10 +1,11 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use modrun::cluster::Claimer;
 use modrun::registry::{PostgresOptions, PostgresStore, Wanted};
 use modrun::{
-    BackgroundTaskManager, ModuleHost, ModuleRunner, Run, RunRegistry, RunStatus, RunStore,
-    StartOptions, TaskLimits,
+    BackgroundTaskManager, ModuleHost, ModuleRunner, Run, RunHandle, RunRegistry, RunStatus,
+    RunStore, StartOptions, TaskLimits,
 };
 use serde_json::json;
 
@@ -202,21 +203,35 @@ async fn a_module_limit_is_applied_at_claim_and_starves_no_other_module() {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_start_with_room_never_overtakes_a_run_queued_before_it() {
-    let Some(url) = database_url() else { return };
-    let schema = fresh_schema();
+/// A countdown that runs for a minute unless cancelled.
+static LONG_COUNTDOWN: std::sync::LazyLock<serde_json::Value> =
+    std::sync::LazyLock::new(|| json!({"seconds": 60, "step_ms": 10}));
+
+/// Node "a" over countdown (one run at a time: its manifest's limit) and
+/// hello, claiming, with a [`LONG_COUNTDOWN`] in countdown's one place.
+async fn one_place_taken(
+    url: &str,
+    schema: &str,
+) -> (tempfile::TempDir, ModuleRunner, Claimer, RunHandle) {
     let dir = plugins_dir(&["countdown", "hello"]);
     std::fs::write(
         dir.path().join("countdown.toml"),
         "[limits]\nmax_concurrent = 1\n",
     )
     .unwrap();
-    let long = json!({"seconds": 60, "step_ms": 10});
-    let a = node(&url, &schema, "a", dir.path(), 4).await;
+    let a = node(url, schema, "a", dir.path(), 4).await;
     let claimer = a.claim_from_queue().unwrap();
-    let first = a.start("countdown", long.clone()).await.unwrap();
+    let first = a.start("countdown", LONG_COUNTDOWN.clone()).await.unwrap();
     wait_for_status(a.registry(), &first, RunStatus::Running).await;
+    (dir, a, claimer, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_with_room_never_overtakes_a_run_queued_before_it() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let (dir, a, claimer, first) = one_place_taken(&url, &schema).await;
+    let long = LONG_COUNTDOWN.clone();
     let second = a.start("countdown", long.clone()).await.unwrap();
     let queued = a.registry().get_run(&second).await.unwrap().unwrap();
     assert_eq!(
@@ -271,17 +286,8 @@ async fn a_start_with_room_never_overtakes_a_run_queued_before_it() {
 async fn an_urgent_run_is_claimed_before_earlier_ones_and_a_run_not_due_waits() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
-    let dir = plugins_dir(&["countdown", "hello"]);
-    std::fs::write(
-        dir.path().join("countdown.toml"),
-        "[limits]\nmax_concurrent = 1\n",
-    )
-    .unwrap();
-    let long = json!({"seconds": 60, "step_ms": 10});
-    let a = node(&url, &schema, "a", dir.path(), 4).await;
-    let claimer = a.claim_from_queue().unwrap();
-    let first = a.start("countdown", long.clone()).await.unwrap();
-    wait_for_status(a.registry(), &first, RunStatus::Running).await;
+    let (_dir, a, claimer, first) = one_place_taken(&url, &schema).await;
+    let long = LONG_COUNTDOWN.clone();
     let start = |priority: i16, not_before: Option<chrono::DateTime<Utc>>| {
         let mut options = StartOptions::new().priority(priority);
         if let Some(at) = not_before {
