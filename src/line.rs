@@ -86,11 +86,11 @@ impl Line {
         let place = (Reverse(priority), state.joined);
         let (grant, granted) = oneshot::channel();
         state.waiting.insert(place, grant);
-        InLine::Waiting(Waiting {
+        InLine::Waiting(Box::new(Waiting {
             line: self.clone(),
             place,
             granted,
-        })
+        }))
     }
 
     /// A permit given back: to the first waiter still waiting, or freed.
@@ -123,8 +123,9 @@ impl Line {
 pub(crate) enum InLine {
     /// The permit was free.
     Ready(Permit),
-    /// Waiting its turn.
-    Waiting(Waiting),
+    /// Waiting its turn (boxed: a place in line is small in the state of
+    /// every task that may wait).
+    Waiting(Box<Waiting>),
 }
 
 impl InLine {
