@@ -109,7 +109,8 @@ impl ModuleRunner {
     /// that time), and an [idempotency key](Self::start_idempotent).
     ///
     /// A not-before time past the year 2262 is refused
-    /// ([`Error::TimeOutOfRange`]).
+    /// ([`Error::TimeOutOfRange`]). A start retried with an idempotency
+    /// key answers the first start's run, whatever the options of either.
     pub async fn start_with(
         &self,
         module_id: &str,
