@@ -151,6 +151,15 @@ impl Write {
     }
 }
 
+/// The progress reports waiting for a commit, and whether the writer was
+/// told of them: one wake-up on its way at a time, however many runs
+/// report and however many commits take the reports meanwhile.
+#[derive(Default)]
+struct Reports {
+    latest: HashMap<String, Progress>,
+    told: bool,
+}
+
 /// What the store and its writer thread share.
 pub(super) struct Shared {
     /// Where the database is, as messages name it (a path, or a server
@@ -158,9 +167,9 @@ pub(super) struct Shared {
     pub(super) path: PathBuf,
     /// Why the database cannot be written now; `None` while it can.
     unavailable: Mutex<Option<String>>,
-    /// Progress reports not yet taken by the writer: the latest of each run.
+    /// Progress reports not yet taken by a commit: the latest of each run.
     /// Bounded by the number of active runs, however often they report.
-    progress: Mutex<HashMap<String, Progress>>,
+    progress: Mutex<Reports>,
     /// Writes waiting for the database to be writable again.
     held: AtomicUsize,
     /// Writes handed to the writer (by [`Queue`]) and not answered yet,
@@ -176,7 +185,7 @@ impl Shared {
         Shared {
             path,
             unavailable: Mutex::new(None),
-            progress: Mutex::new(HashMap::new()),
+            progress: Mutex::new(Reports::default()),
             held: AtomicUsize::new(0),
             outstanding: AtomicUsize::new(0),
         }
@@ -206,22 +215,26 @@ impl Shared {
     }
 
     /// Keeps the latest progress of a run; returns whether the writer must
-    /// be told (no report was waiting, so no [`Write::ReportedProgress`] is
-    /// queued).
+    /// be told (no [`Write::ReportedProgress`] is on its way to it).
     pub(super) fn report_progress(&self, run_id: &str, progress: &Progress) -> bool {
-        let mut waiting = lock(&self.progress);
-        let first = waiting.is_empty();
-        match waiting.get_mut(run_id) {
+        let mut reports = lock(&self.progress);
+        match reports.latest.get_mut(run_id) {
             Some(latest) => latest.clone_from(progress),
             None => {
-                waiting.insert(run_id.to_owned(), progress.clone());
+                reports.latest.insert(run_id.to_owned(), progress.clone());
             }
         }
-        first
+        !std::mem::replace(&mut reports.told, true)
     }
 
-    fn take_progress(&self) -> Vec<(String, Progress)> {
-        lock(&self.progress).drain().collect()
+    /// The reports waiting. `told`: taken for the [`Write::ReportedProgress`]
+    /// the writer was told with, so that the next report tells it again.
+    fn take_progress(&self, told: bool) -> Vec<(String, Progress)> {
+        let mut reports = lock(&self.progress);
+        if told {
+            reports.told = false;
+        }
+        reports.latest.drain().collect()
     }
 
     pub(super) fn set_unavailable(&self, reason: Option<String>) {
@@ -429,7 +442,10 @@ fn commit_batch<B: Backend>(
 /// already (a held batch tried again: the newer report of a run wins), or
 /// else first, before the writes that may end their runs.
 fn take_progress(shared: &Shared, batch: &mut Vec<Write>) {
-    let reports = shared.take_progress();
+    let told = batch
+        .iter()
+        .any(|write| matches!(write, Write::ReportedProgress));
+    let reports = shared.take_progress(told);
     let mut taken = None;
     for (index, write) in batch.iter_mut().enumerate() {
         match write {
