@@ -394,7 +394,7 @@ impl Run {
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde passes a reference
-fn is_zero(priority: &i16) -> bool {
+pub(crate) fn is_zero(priority: &i16) -> bool {
     *priority == 0
 }
 

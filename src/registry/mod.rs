@@ -123,6 +123,12 @@ pub struct RunSummary {
     pub progress: Option<Progress>,
     /// The content hash of the module version that ran.
     pub module_version: Option<String>,
+    /// Its [priority](Run::priority) (0 when not shown).
+    #[serde(default, skip_serializing_if = "crate::run::is_zero")]
+    pub priority: i16,
+    /// The earliest time it may start, if it was given one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
 }
 
 /// How many runs are in each status, and the runs that ended lately: what a
@@ -203,7 +209,8 @@ pub(crate) use run_columns;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) const SUMMARY_COLUMNS: &str = "run_id, module_id, module_name, status, created_at, \
      started_at, completed_at, exit_code, substr(error_message, 1, 1024), \
-     length(error_message), progress_fraction, progress_message, module_version";
+     length(error_message), progress_fraction, progress_message, module_version, priority, \
+     not_before";
 
 /// An error message a summary column cut, marked " [cut]" if its whole
 /// length (`chars`) is longer.
@@ -279,6 +286,8 @@ impl From<&Run> for RunSummary {
             }),
             progress: run.progress.clone(),
             module_version: run.module_version.clone(),
+            priority: run.priority,
+            not_before: run.not_before,
         }
     }
 }

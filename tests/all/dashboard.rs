@@ -296,6 +296,34 @@ async fn the_cancel_button_cancels_a_running_countdown() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_waiting_for_its_time_shows_when_and_its_priority() {
+    let Some(browser) = Browser::open("scheduled").await else {
+        return;
+    };
+    let (server, _plugins, _data) = server(&["hello"], &[]);
+    let (status, started) = server.post(
+        "/modules/hello/runs?priority=4&delay=1h",
+        &json!({"name": "Later"}),
+    );
+    assert_eq!(status, 202, "{started}");
+    let run_id = started["run_id"].as_str().unwrap();
+    let page = &browser.client;
+    page.goto(&format!("{}/ui/runs", server.base))
+        .await
+        .unwrap();
+    browser.wait_for_text("#runs-body", "not before").await;
+    page.goto(&format!("{}/ui/runs/{run_id}", server.base))
+        .await
+        .unwrap();
+    browser.wait_for_text("#run-status", "queued").await;
+    let facts = browser.wait_for_text("dl.facts", "Not before").await;
+    assert!(facts.contains("Priority"), "{facts}");
+    browser.shot("scheduled").await;
+    assert_eq!(server.delete(&format!("/runs/{run_id}")).0, 200);
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_run_shows_its_error_and_its_log() {
     let Some(browser) = Browser::open("failed").await else {
         return;

@@ -146,6 +146,11 @@ async fn a_run_reads_back_as_it_was_added(registry: RunRegistry) {
     run.module_version = Some("sha256:abc".into());
     registry.add_run(&run).await.unwrap();
     assert_eq!(read_back(&registry, &run.run_id).await, Some(run.clone()));
+    let listed = registry
+        .list_summaries(&RunFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(listed, [modrun::registry::RunSummary::from(&run)]);
     let history = registry.history(&run.run_id).await.unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].status, RunStatus::Queued);

@@ -127,6 +127,9 @@ fn runs_table(runs: &[RunSummary]) -> Markup {
                             td { (time(run.created_at)) }
                             td.duration { (duration(run.started_at, run.completed_at)) }
                             td.progress {
+                                @if let (RunStatus::Queued, Some(at)) = (run.status, run.not_before) {
+                                    "not before " (time(at))
+                                }
                                 @if run.status == RunStatus::Running {
                                     (progress_bar(run.progress.as_ref().map(|p| p.fraction), run.progress.as_ref().map_or("", |p| p.message.as_str())))
                                 }

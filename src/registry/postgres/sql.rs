@@ -1871,6 +1871,8 @@ fn read_summary(row: &Row) -> Result<RunSummary, Error> {
         error_message,
         progress: column_progress(row, 10)?,
         module_version: row.try_get(12).map_err(corrupt)?,
+        priority: row.try_get(13).map_err(corrupt)?,
+        not_before: get_time(14)?,
     })
 }
 

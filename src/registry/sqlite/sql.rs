@@ -557,6 +557,8 @@ fn read_summary(row: &Row<'_>) -> rusqlite::Result<RunSummary> {
         error_message,
         progress: column_progress(row, 10)?,
         module_version: row.get(12)?,
+        priority: row.get(13)?,
+        not_before: column_optional_time(row, 14)?,
     })
 }
 
