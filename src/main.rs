@@ -137,7 +137,7 @@ enum Command {
         /// higher first (-32768 to 32767; 0 by default).
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         priority: i16,
-        /// Start no earlier than this long from now (30s, 5min, 2h).
+        /// Start no earlier than this long from now (500ms, 30s, 2h).
         #[arg(long, conflicts_with = "not_before")]
         delay: Option<String>,
         /// Start no earlier than this time (RFC 3339: 2026-11-26T18:00:00Z).

@@ -57,7 +57,7 @@ pub fn start_options(
     let options = StartOptions::new().priority(priority);
     Ok(match (delay, not_before) {
         (Some(delay), _) => options
-            .delay(modrun::module::parse_age(delay).map_err(|e| anyhow::anyhow!("--delay {e}"))?),
+            .delay(modrun::module::parse_delay(delay).map_err(|e| anyhow::anyhow!("--delay {e}"))?),
         (None, Some(at)) => options.not_before(
             chrono::DateTime::parse_from_rfc3339(at.trim())
                 .map_err(|e| {

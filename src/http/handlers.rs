@@ -94,7 +94,7 @@ pub(super) async fn get_module(
 
 /// What a start's query string may say: `priority` (an integer from
 /// -32768 to 32767, higher starts first), and when the run may start,
-/// either `not_before` (an RFC 3339 time) or `delay` (30s, 5min, 2h).
+/// either `not_before` (an RFC 3339 time) or `delay` (500ms, 30s, 2h).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct StartQuery {
@@ -133,7 +133,7 @@ impl StartQuery {
                 options = options.not_before(at.with_timezone(&chrono::Utc));
             }
             (None, Some(delay)) => {
-                let delay = crate::module::parse_age(&delay)
+                let delay = crate::module::parse_delay(&delay)
                     .map_err(|e| invalid(format!("delay {delay:?}: {e}")))?;
                 options = options.delay(delay);
             }

@@ -311,6 +311,12 @@ impl Manifest {
     }
 }
 
+/// A delay such as `500ms`, `30s` or `10min`: how long a start waits.
+pub fn parse_delay(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write it like 500ms, 30s or 10min"))
+}
+
 /// A retention age such as `30d`, `12h` or `90min`: at least a second.
 pub fn parse_age(text: &str) -> Result<Duration, String> {
     let age = humantime::parse_duration(text.trim()).map_err(|e| {

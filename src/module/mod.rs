@@ -41,7 +41,9 @@ pub use loader::{
     CompileStats, LoadFailure, LoadReport, ModuleHost, ModuleInfo, ModuleSummary, ReloadEvent,
     component_files,
 };
-pub use manifest::{ComponentFile, DirGrant, Grants, Manifest, ModuleLimits, Retention, parse_age};
+pub use manifest::{
+    ComponentFile, DirGrant, Grants, Manifest, ModuleLimits, Retention, parse_age, parse_delay,
+};
 pub use module_id::ModuleId;
 pub use reload::{DEFAULT_DEBOUNCE, Reloader, changes_content};
 pub use runner::{CancelAnswer, ModuleRunner};

@@ -1017,6 +1017,14 @@ async fn a_start_can_carry_a_priority_and_a_time_before_which_it_waits() {
         "cancelled"
     );
 
+    let asked = chrono::Utc::now() + chrono::TimeDelta::milliseconds(200);
+    let (status, short) = start("delay=200ms").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{short}");
+    let ended = wait_finished(&app, short["run_id"].as_str().unwrap()).await;
+    let started: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(ended["run"]["started_at"].clone()).unwrap();
+    assert!(started >= asked, "a delay under a second is kept: {ended}");
+
     let at = (chrono::Utc::now() + chrono::TimeDelta::milliseconds(300)).to_rfc3339();
     let (status, soon) = start(&format!("priority=3&not_before={}", at.replace('+', "%2B"))).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{soon}");
