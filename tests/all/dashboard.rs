@@ -296,29 +296,42 @@ async fn the_cancel_button_cancels_a_running_countdown() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_waiting_for_its_time_shows_when_and_its_priority() {
+async fn a_run_started_from_the_form_with_a_priority_and_a_delay_shows_both() {
     let Some(browser) = Browser::open("scheduled").await else {
         return;
     };
     let (server, _plugins, _data) = server(&["hello"], &[]);
-    let (status, started) = server.post(
-        "/modules/hello/runs?priority=4&delay=1h",
-        &json!({"name": "Later"}),
-    );
-    assert_eq!(status, 202, "{started}");
-    let run_id = started["run_id"].as_str().unwrap();
     let page = &browser.client;
-    page.goto(&format!("{}/ui/runs", server.base))
+    page.goto(&format!("{}/ui/modules", server.base))
         .await
         .unwrap();
-    browser.wait_for_text("#runs-body", "not before").await;
-    page.goto(&format!("{}/ui/runs/{run_id}", server.base))
-        .await
-        .unwrap();
+    browser.wait_for_text("#module-hello h2", "Hello").await;
+    browser
+        .type_into("#module-hello input[name=name]", "Later")
+        .await;
+    browser.type_into("#priority-hello", "4").await;
+    browser.type_into("#delay-hello", "soon").await;
+    browser.click("#module-hello button[type=submit]").await;
+    browser
+        .wait_for_text("#module-hello .form-error", "delay")
+        .await;
+    let delay = page.find(Locator::Css("#delay-hello")).await.unwrap();
+    delay.clear().await.unwrap();
+    delay.send_keys("1h").await.unwrap();
+    browser.click("#module-hello button[type=submit]").await;
     browser.wait_for_text("#run-status", "queued").await;
     let facts = browser.wait_for_text("dl.facts", "Not before").await;
     assert!(facts.contains("Priority"), "{facts}");
     browser.shot("scheduled").await;
+    let url = browser.url().await;
+    let run_id = url.rsplit('/').next().unwrap().to_owned();
+    let (_, found) = server.get(&format!("/runs/{run_id}"));
+    assert_eq!(found["run"]["priority"], 4, "{found}");
+    assert_eq!(found["run"]["parameters"]["name"], "Later", "{found}");
+    page.goto(&format!("{}/ui/runs", server.base))
+        .await
+        .unwrap();
+    browser.wait_for_text("#runs-body", "not before").await;
     assert_eq!(server.delete(&format!("/runs/{run_id}")).0, 200);
     browser.close().await;
 }

@@ -520,6 +520,17 @@ fn start_form(module: &ModuleSummary) -> Markup {
                     }
                 }
             }
+            fieldset.start-options {
+                legend { "When" }
+                div.field {
+                    label for={ "priority-" (module.info.id) } { "Priority (higher starts first)" }
+                    input #{ "priority-" (module.info.id) } type="number" data-option="priority" min="-32768" max="32767" step="1" placeholder="0";
+                }
+                div.field {
+                    label for={ "delay-" (module.info.id) } { "Start after (500ms, 30s, 10min)" }
+                    input #{ "delay-" (module.info.id) } type="text" data-option="delay" placeholder="now";
+                }
+            }
             span.form-error role="alert" {}
             button type="submit" { "Start " (module.info.id) }
         }

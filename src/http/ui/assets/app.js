@@ -41,8 +41,11 @@ async function apiError(response) {
   }
 }
 
-async function startRun(module, parameters) {
-  const response = await fetch(`/modules/${encodeURIComponent(module)}/runs`, {
+// Starts a run; `options` (priority, delay) go in the query string.
+async function startRun(module, parameters, options = {}) {
+  const query = new URLSearchParams(Object.entries(options).filter(([, value]) => value !== ''));
+  const search = query.size ? `?${query}` : '';
+  const response = await fetch(`/modules/${encodeURIComponent(module)}/runs${search}`, {
     method: 'POST',
     headers: { 'Content-Type': 'application/json' },
     body: JSON.stringify(parameters),
@@ -97,7 +100,11 @@ function runsTable(container) {
       tr = newRow(runId, moduleId, at);
     }
     tr.querySelector('.status').replaceChildren(badge(status));
-    if (status === 'running') started.set(runId, Date.parse(at));
+    if (status === 'running') {
+      started.set(runId, Date.parse(at));
+      // A run that waited for its time no longer does.
+      tr.querySelector('.progress').replaceChildren();
+    }
     if (TERMINAL.includes(status)) {
       tr.querySelector('.progress').replaceChildren();
       const from = started.get(runId);
@@ -252,7 +259,9 @@ function startForm(form) {
     showProblems(form, {});
     const button = form.querySelector('button[type=submit]');
     button.disabled = true;
-    const started = await startRun(form.dataset.module, parameters);
+    const options = {};
+    for (const input of form.querySelectorAll('[data-option]')) options[input.dataset.option] = input.value.trim();
+    const started = await startRun(form.dataset.module, parameters, options);
     button.disabled = false;
     if (started.runId) {
       window.location.assign(`/ui/runs/${encodeURIComponent(started.runId)}`);
