@@ -1,8 +1,8 @@
 //! A waiting line served by priority: a counted set of permits, like a
 //! semaphore, whose waiters are served higher priority first and, within
-//! one priority, in the order they joined. What a module's own limit on
-//! concurrent runs is kept with, so that an urgent run waiting for its
-//! module goes before the runs queued earlier at a lower priority.
+//! one priority, in the order they joined. What the task manager's slots
+//! and a module's own limit on concurrent runs are kept with, so that an
+//! urgent run goes before the runs queued earlier at a lower priority.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -49,7 +49,6 @@ impl Drop for Permit {
 
 impl Line {
     /// A line of `permits` permits.
-    #[cfg_attr(not(feature = "wasm"), allow(dead_code))] // made by the module runner
     pub(crate) fn new(permits: usize) -> Line {
         Line {
             state: Mutex::new(State {

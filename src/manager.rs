@@ -6,8 +6,7 @@
 //! status change ([`RunStore::transition`](crate::RunStore::transition))
 //! lets exactly one of them win.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -176,6 +175,9 @@ impl fmt::Debug for BackgroundTaskManager {
 struct Inner {
     registry: RunRegistry,
     limits: TaskLimits,
+    /// The places among the tasks allowed to run at once, when
+    /// `max_concurrent` is set: taken by priority, then first come.
+    slots: Option<Arc<Line>>,
     state: Mutex<State>,
     /// Spawned tasks whose future has not ended yet (cancelled ones included
     /// until they stop), and a wake-up for `wait_all` when it reaches zero.
@@ -195,27 +197,10 @@ struct State {
     /// Runs this manager owns that are not finished: queued or running.
     /// Keyed by the run id the task holds too (one allocation for both).
     active: HashMap<Arc<str>, Tracked>,
-    /// Slots in use, when `max_concurrent` is set.
-    running: usize,
     /// Tasks that did not get a slot when they were admitted and have not
     /// got one yet, whatever they wait on (their gate's first permits, or
     /// a slot): what `max_queued` bounds.
     queued: usize,
-    /// Tasks waiting for a slot: higher priority first, then first come.
-    waiting: BTreeMap<(Reverse<i16>, u64), (String, oneshot::Sender<Slot>)>,
-    /// How many tasks have waited for a slot: each one's place in line.
-    joined: u64,
-}
-
-impl State {
-    /// A turn for a slot at `priority`, for `run_id`.
-    fn wait_for_slot(&mut self, run_id: &str, priority: i16) -> oneshot::Receiver<Slot> {
-        self.joined += 1;
-        let (grant, granted) = oneshot::channel();
-        self.waiting
-            .insert((Reverse(priority), self.joined), (run_id.to_owned(), grant));
-        granted
-    }
 }
 
 struct Tracked {
@@ -246,6 +231,7 @@ impl BackgroundTaskManager {
             inner: Arc::new(Inner {
                 registry,
                 limits,
+                slots: limits.max_concurrent.map(|max| Arc::new(Line::new(max))),
                 state: Mutex::new(State::default()),
                 tasks: AtomicUsize::new(0),
                 idle: Notify::new(),
@@ -355,7 +341,7 @@ impl BackgroundTaskManager {
             return Err(active(run_id, tracked));
         }
         if let Some(until) = run.not_before.filter(|&at| at > Utc::now()) {
-            let queued = self.inner.limits.max_concurrent.is_some();
+            let queued = self.inner.slots.is_some();
             if queued {
                 self.inner.count_queued(&mut state)?;
             }
@@ -367,17 +353,18 @@ impl BackgroundTaskManager {
             }
             return Ok((end, slot));
         }
-        let ready = |state: &mut State| {
+        let ready = |slots: &Arc<Line>| {
+            let slot = slots.try_acquire()?;
             let first = match gate {
                 None => None,
+                // Without it, the slot goes back as it came.
                 Some(gate) => gate.try_first()?,
             };
-            state.running += 1;
-            Some(Pending::Ready(Slot::new(self.inner.clone()), first))
+            Some(Pending::Ready(slot, first))
         };
-        let slot = match self.inner.limits.max_concurrent {
+        let slot = match &self.inner.slots {
             None => Pending::Unlimited(gate.and_then(|gate| gate.in_line(priority))),
-            Some(max) => match (state.running < max).then(|| ready(&mut state)).flatten() {
+            Some(slots) => match ready(slots) {
                 Some(ready) => ready,
                 None => {
                     self.inner.count_queued(&mut state)?;
@@ -388,7 +375,7 @@ impl BackgroundTaskManager {
                     } else {
                         // In turn now, so that slots go in the order the
                         // starts were admitted, however the tasks are run.
-                        Pending::Waiting(state.wait_for_slot(run_id, priority))
+                        Pending::Waiting(slots.join(priority))
                     }
                 }
             },
@@ -438,20 +425,13 @@ impl BackgroundTaskManager {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Vec::new();
         }
-        let Some(max) = self.inner.limits.max_concurrent else {
+        let Some(slots) = &self.inner.slots else {
             return (0..wanted).map(|_| Room { slot: None }).collect();
         };
-        let mut state = self.inner.lock();
-        if !state.waiting.is_empty() {
-            return Vec::new();
-        }
-        let free = max.saturating_sub(state.running).min(wanted);
-        state.running += free;
-        drop(state);
-        (0..free)
-            .map(|_| Room {
-                slot: Some(Slot::new(self.inner.clone())),
-            })
+        // None is free while any task waits for one: they go to waiters first.
+        (0..wanted)
+            .map_while(|_| slots.try_acquire())
+            .map(|slot| Room { slot: Some(slot) })
             .collect()
     }
 
@@ -729,23 +709,22 @@ impl Inner {
         Ok(())
     }
 
-    /// Drops a run from the active set, and from the queue if it waits there;
-    /// only if it is still the same task, not a later run reusing the id.
+    /// Drops a run from the active set, and from the queued count if it
+    /// is counted there; only if it is still the same task, not a later run
+    /// reusing the id. (A place it holds in a line is left when its task
+    /// drops it.)
     fn forget(&self, run_id: &str, task: u64) {
         let mut state = self.lock();
         if state
             .active
             .get(run_id)
             .is_some_and(|tracked| tracked.task == task)
-        {
-            if state
+            && state
                 .active
                 .remove(run_id)
                 .is_some_and(|tracked| tracked.queued)
-            {
-                state.queued -= 1;
-            }
-            state.waiting.retain(|_, (waiting, _)| waiting != run_id);
+        {
+            state.queued -= 1;
         }
     }
 
@@ -795,41 +774,6 @@ impl Inner {
             state.queued -= 1;
         }
     }
-
-    /// A slot for a queued run: at once if one is free, else in turn.
-    fn take_slot(
-        self: &Arc<Self>,
-        run_id: &str,
-        priority: i16,
-    ) -> Result<Slot, oneshot::Receiver<Slot>> {
-        let mut state = self.lock();
-        if state.running < self.limits.max_concurrent.unwrap_or(usize::MAX) {
-            state.running += 1;
-            return Ok(Slot::new(self.clone()));
-        }
-        Err(state.wait_for_slot(run_id, priority))
-    }
-
-    /// Gives a freed slot to the first waiting task, or returns it to the pool.
-    fn release_slot(self: &Arc<Self>) {
-        loop {
-            let next = {
-                let mut state = self.lock();
-                match state.waiting.pop_first() {
-                    Some((_, (_, grant))) => grant,
-                    None => {
-                        state.running -= 1;
-                        return;
-                    }
-                }
-            };
-            // A waiter that is gone (cancelled) hands the slot back: try the next.
-            match next.send(Slot::new(self.clone())) {
-                Ok(()) => return,
-                Err(mut slot) => slot.owner = None,
-            }
-        }
-    }
 }
 
 /// What a run holds besides its room: its module's permit (for a module
@@ -841,26 +785,7 @@ pub(crate) type Permits = (Option<Permit>, Option<OwnedSemaphorePermit>);
 /// dropped unused.
 #[cfg_attr(not(feature = "wasm"), allow(dead_code))]
 pub(crate) struct Room {
-    slot: Option<Slot>,
-}
-
-/// A place among the tasks allowed to run at once; freed when dropped.
-struct Slot {
-    owner: Option<Arc<Inner>>,
-}
-
-impl Slot {
-    fn new(owner: Arc<Inner>) -> Slot {
-        Slot { owner: Some(owner) }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some(owner) = self.owner.take() {
-            owner.release_slot();
-        }
-    }
+    slot: Option<Permit>,
 }
 
 /// What a run must hold, besides its slot, before it starts: a permit of
@@ -915,7 +840,7 @@ enum Pending {
     /// if it has one.
     Unlimited(Option<InLine>),
     /// A slot, and the gate's first permit, taken when admitted.
-    Ready(Slot, Option<Permit>),
+    Ready(Permit, Option<Permit>),
     /// Counted among the queued until it holds a slot (or is forgotten);
     /// takes its turn for a slot, at its priority, once it holds its
     /// gate's first permit.
@@ -924,7 +849,7 @@ enum Pending {
     /// Counted among the queued (where slots are bounded) meanwhile.
     Delayed { until: DateTime<Utc>, priority: i16 },
     /// Counted among the queued, and in turn for a slot since admitted.
-    Waiting(oneshot::Receiver<Slot>),
+    Waiting(InLine),
     /// Claimed from a shared queue, with the room its claimer took.
     Claimed(Box<Held>),
 }
@@ -1121,7 +1046,7 @@ pub(crate) enum Record {
 
 /// What a started run holds until it ends: its slot and its gate's permits.
 struct Held {
-    _slot: Option<Slot>,
+    _slot: Option<Permit>,
     _first: Option<Permit>,
     _then: Option<OwnedSemaphorePermit>,
     /// The attempt of a run claimed from a shared queue.
@@ -1132,20 +1057,17 @@ struct Held {
 /// then a slot (unless it got both when admitted), then the gate's other
 /// permit. `None` if it was cancelled meanwhile.
 async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) -> Option<Box<Held>> {
-    let (inner, run_id, token) = (&end.inner, &*end.run_id, &end.token);
+    let token = &end.token;
     let (slot, first) = match slot {
         // Holds its room already.
         Pending::Claimed(held) => return Some(held),
         Pending::Unlimited(None) => (None, None),
         Pending::Unlimited(Some(in_line)) => (None, Some(in_line.turn(token).await?)),
         Pending::Ready(slot, first) => (Some(slot), first),
-        Pending::Waiting(granted) => (Some(in_turn(end, Err(granted)).await?), None),
+        Pending::Waiting(in_line) => (Some(in_turn(end, in_line).await?), None),
         Pending::Queued(in_line, priority) => {
             let first = in_line.turn(token).await?;
-            (
-                Some(in_turn(end, inner.take_slot(run_id, priority)).await?),
-                Some(first),
-            )
+            (take_slot(end, priority).await?, Some(first))
         }
         Pending::Delayed { until, priority } => {
             let wait = (until - Utc::now()).to_std().unwrap_or_default();
@@ -1158,11 +1080,7 @@ async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) ->
                 Some(in_line) => Some(in_line.turn(token).await?),
                 None => None,
             };
-            let slot = match inner.limits.max_concurrent {
-                Some(_) => Some(in_turn(end, inner.take_slot(run_id, priority)).await?),
-                None => None,
-            };
-            (slot, first)
+            (take_slot(end, priority).await?, first)
         }
     };
     let then = gate.as_ref().and_then(|g| g.then.clone());
@@ -1175,18 +1093,19 @@ async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) ->
     }))
 }
 
-/// A queued run's slot: the one `turn` holds, or the one granted where it
-/// waits its turn; from then on it no longer counts among the queued.
-/// `None` if it was cancelled meanwhile.
-async fn in_turn(end: &TaskEnd, turn: Result<Slot, oneshot::Receiver<Slot>>) -> Option<Slot> {
-    let slot = match turn {
-        Ok(slot) => slot,
-        Err(granted) => tokio::select! {
-            biased;
-            () = end.token.cancelled() => return None,
-            slot = granted => slot.ok()?,
-        },
-    };
+/// A slot for a run that queued, in turn at `priority` (none needed where
+/// slots are not bounded). `None` if it was cancelled meanwhile.
+async fn take_slot(end: &TaskEnd, priority: i16) -> Option<Option<Permit>> {
+    match &end.inner.slots {
+        None => Some(None),
+        Some(slots) => in_turn(end, slots.join(priority)).await.map(Some),
+    }
+}
+
+/// A queued run's slot, once its place in line comes; from then on it no
+/// longer counts among the queued. `None` if it was cancelled meanwhile.
+async fn in_turn(end: &TaskEnd, place: InLine) -> Option<Permit> {
+    let slot = place.turn(&end.token).await?;
     end.inner.dequeue(&end.run_id, end.task);
     Some(slot)
 }
