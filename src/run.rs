@@ -342,6 +342,13 @@ impl Run {
         self.not_before.unwrap_or(self.created_at)
     }
 
+    /// Where the run stands among queued runs: those with a smaller key
+    /// are claimed first (higher priority, then due first). Ties go to the
+    /// run queued first.
+    pub(crate) fn queue_order(&self) -> (std::cmp::Reverse<i16>, DateTime<Utc>) {
+        (std::cmp::Reverse(self.priority), self.due_at())
+    }
+
     /// Whether the run may start at `now` (its not-before time, if any,
     /// has come).
     #[must_use]
@@ -462,6 +469,19 @@ impl StartOptions {
     pub fn idempotency_key(mut self, key: impl Into<String>) -> StartOptions {
         self.idempotency_key = Some(key.into());
         self
+    }
+}
+
+/// `at`, if a registry can store it (as nanoseconds: the years 1677 to
+/// 2262); else [`Error::TimeOutOfRange`].
+#[cfg_attr(
+    not(any(feature = "wasm", feature = "sqlite", feature = "postgres")),
+    allow(dead_code)
+)]
+pub(crate) fn check_time(at: DateTime<Utc>) -> Result<(), Error> {
+    match at.timestamp_nanos_opt() {
+        Some(_) => Ok(()),
+        None => Err(Error::TimeOutOfRange(at)),
     }
 }
 

@@ -22,7 +22,7 @@ use crate::manager::{BackgroundTaskManager, Failure, Gate, Permits, Record, Room
 use crate::registry::{Cleanup, Override, RunRegistry, ago};
 use crate::run::{
     EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, StartOptions,
-    Transition, cut_to,
+    Transition, check_time, cut_to,
 };
 use crate::sync::LockUnpoisoned;
 
@@ -117,11 +117,7 @@ impl ModuleRunner {
         parameters: Value,
         options: &StartOptions,
     ) -> Result<RunHandle> {
-        if let Some(at) = options.not_before
-            && at.timestamp_nanos_opt().is_none()
-        {
-            return Err(Error::TimeOutOfRange(at));
-        }
+        options.not_before.map(check_time).transpose()?;
         let run_id = match options.idempotency_key.as_deref() {
             None => self.start_keyed(module_id, parameters, options).await?,
             Some(key) => self.start_once(module_id, parameters, options, key).await?,
@@ -418,13 +414,7 @@ impl ModuleRunner {
         let mut queued = self.registry().runs_by_status(RunStatus::Queued).await?;
         // Resumed in the order a claim takes them: by priority, then as
         // they became due, then as they were started.
-        queued.sort_by_key(|run| {
-            (
-                std::cmp::Reverse(run.priority),
-                run.due_at(),
-                run.created_at,
-            )
-        });
+        queued.sort_by_key(|run| (run.queue_order(), run.created_at));
         for run in queued {
             if self.manager.is_task_active(&run.run_id) {
                 continue;

@@ -178,7 +178,7 @@ impl RunStore for MemoryStore {
                 run.is_due(now).then_some((place, index, run))
             })
             .collect();
-        due.sort_by_key(|&(place, _, run)| (std::cmp::Reverse(run.priority), run.due_at(), place));
+        due.sort_by_key(|&(place, _, run)| (run.queue_order(), place));
         let mut left: Vec<usize> = wanted.iter().map(|w| w.count).collect();
         let mut taken = HashSet::new();
         for (place, index, _) in due {
@@ -210,7 +210,7 @@ impl RunStore for MemoryStore {
             }
             false
         });
-        claimed.sort_by_key(|run| (std::cmp::Reverse(run.priority), run.due_at()));
+        claimed.sort_by_key(Run::queue_order);
         Ok(claimed)
     }
 

@@ -27,12 +27,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::registry::{Cleanup, Existing, OnUnavailable, StoreHealth, Wanted};
-use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
+use crate::run::{LogEntry, Progress, Run, StatusChange, Transition, check_time};
 use crate::sync::LockUnpoisoned;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -860,11 +859,4 @@ fn check_times(run: &Run) -> Result<()> {
     .into_iter()
     .flatten()
     .try_for_each(check_time)
-}
-
-fn check_time(at: DateTime<Utc>) -> Result<()> {
-    match at.timestamp_nanos_opt() {
-        Some(_) => Ok(()),
-        None => Err(Error::TimeOutOfRange(at)),
-    }
 }
