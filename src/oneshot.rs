@@ -59,13 +59,8 @@ pub fn start_options(
         (Some(delay), _) => options
             .delay(modrun::module::parse_delay(delay).map_err(|e| anyhow::anyhow!("--delay {e}"))?),
         (None, Some(at)) => options.not_before(
-            chrono::DateTime::parse_from_rfc3339(at.trim())
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "--not-before {at:?} is not an RFC 3339 time (2026-11-26T18:00:00Z): {e}"
-                    )
-                })?
-                .with_timezone(&chrono::Utc),
+            modrun::module::parse_start_time(at)
+                .map_err(|e| anyhow::anyhow!("--not-before {e}"))?,
         ),
         (None, None) => options,
     })

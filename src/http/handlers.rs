@@ -125,12 +125,9 @@ impl StartQuery {
                 ));
             }
             (Some(at), None) => {
-                let at = DateTime::parse_from_rfc3339(at.trim()).map_err(|e| {
-                    invalid(format!(
-                        "not_before must be an RFC 3339 time (2026-11-26T18:00:00Z), not {at:?}: {e}"
-                    ))
-                })?;
-                options = options.not_before(at.with_timezone(&chrono::Utc));
+                let at = crate::module::parse_start_time(&at)
+                    .map_err(|e| invalid(format!("not_before {e}")))?;
+                options = options.not_before(at);
             }
             (None, Some(delay)) => {
                 let delay = crate::module::parse_delay(&delay)

@@ -317,6 +317,16 @@ pub fn parse_delay(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration ({e}); write it like 500ms, 30s or 10min"))
 }
 
+/// A time such as `2026-11-26T18:00:00Z` (RFC 3339, any offset): when a
+/// start may begin.
+pub fn parse_start_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .map(|at| at.with_timezone(&chrono::Utc))
+        .map_err(|e| {
+            format!("{text:?} is not an RFC 3339 time ({e}); write it like 2026-11-26T18:00:00Z")
+        })
+}
+
 /// A retention age such as `30d`, `12h` or `90min`: at least a second.
 pub fn parse_age(text: &str) -> Result<Duration, String> {
     let age = humantime::parse_duration(text.trim()).map_err(|e| {

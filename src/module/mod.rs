@@ -43,6 +43,7 @@ pub use loader::{
 };
 pub use manifest::{
     ComponentFile, DirGrant, Grants, Manifest, ModuleLimits, Retention, parse_age, parse_delay,
+    parse_start_time,
 };
 pub use module_id::ModuleId;
 pub use reload::{DEFAULT_DEBOUNCE, Reloader, changes_content};
