@@ -260,6 +260,45 @@ fn a_database_from_a_newer_modrun_is_refused() {
     assert!(message.contains("schema version is 999"), "{message}");
 }
 
+/// SQLite checks each partial index's condition on every write of a row
+/// it may hold, and checks a list of three or more values (`status IN
+/// (...)`) by building a temporary table each time: a run's writes would
+/// pay for it. None of the conditions of the runs table may need one.
+#[test]
+fn writing_a_run_builds_no_temporary_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    drop(SqliteStore::open(&path, SqliteOptions::default()).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let partial: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'runs' \
+             AND sql LIKE '% WHERE %'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert!(partial >= 3, "the runs table has its partial indexes");
+    for write in [
+        "INSERT INTO runs (run_id, module_id, module_name, status, created_at, parameters, \
+         history_len) VALUES ('r', 'm', 'M', 'running', 1, '{}', 1)",
+        "UPDATE runs SET status = 'completed', completed_at = 2 WHERE id = 1",
+        "UPDATE runs SET status = 'queued', claimable = 1 WHERE id = 1",
+        "DELETE FROM runs WHERE id = 1",
+    ] {
+        let mut explain = conn.prepare(&format!("EXPLAIN {write}")).unwrap();
+        let opcodes: Vec<String> = explain
+            .query_map([], |row| row.get(1))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !opcodes.iter().any(|op| op == "OpenEphemeral"),
+            "{write} builds a temporary table"
+        );
+    }
+}
+
 /// The environment variable that makes [`crash_child`] do its work.
 const CRASH_CHILD: &str = "MODRUN_TEST_CRASH_DB";
 

@@ -22,6 +22,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_idempotency.sql"),
     include_str!("migrations/0005_queue.sql"),
     include_str!("migrations/0006_priority.sql"),
+    include_str!("migrations/0007_finished_condition.sql"),
 ];
 
 /// How long the writer waits for a lock another process holds before it

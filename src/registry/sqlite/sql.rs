@@ -8,8 +8,8 @@ use crate::error::Error;
 use crate::registry::retention::{Cleanup, nanos_clamped};
 use crate::registry::writer::Outcome;
 use crate::registry::{
-    Ended, Existing, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Tally, Wanted,
-    check_replace, listing_sql, mark_cut, on_taken, run_columns,
+    Ended, Existing, FINISHED, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken, Tally,
+    Wanted, check_replace, listing_sql, mark_cut, on_taken, run_columns,
 };
 use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange, Transition};
 
@@ -634,7 +634,7 @@ fn cleanup_condition(cleanup: &Cleanup) -> String {
         .collect();
     format!(
         "completed_at IS NOT NULL AND completed_at < ?1 \
-         AND status IN ('completed', 'failed', 'cancelled') \
+         AND {FINISHED} \
          AND status IN ({}) AND (?4 IS NULL OR module_id = ?4) \
          AND completed_at < coalesce(\
          (SELECT o.value ->> 'before' FROM json_each(?2) o \
@@ -728,12 +728,15 @@ pub(super) fn tally(
 ) -> rusqlite::Result<Tally> {
     let mut counts = Vec::new();
     for sql in [
-        "SELECT status, count(*) FROM runs INDEXED BY runs_finished_by_status \
-         WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY status",
+        format!(
+            "SELECT status, count(*) FROM runs INDEXED BY runs_finished_by_status \
+             WHERE {FINISHED} GROUP BY status"
+        ),
         "SELECT status, count(*) FROM runs INDEXED BY runs_active \
-         WHERE status IN ('queued', 'running') GROUP BY status",
+         WHERE status IN ('queued', 'running') GROUP BY status"
+            .to_owned(),
     ] {
-        let mut statement = conn.prepare_cached(sql)?;
+        let mut statement = conn.prepare_cached(&sql)?;
         let rows = statement.query_map([], |row| {
             Ok((
                 column_status(row, 0)?,
