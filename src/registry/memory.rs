@@ -2,6 +2,7 @@
 //! and hosts that do not need runs to outlive the process.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -19,9 +20,7 @@ use crate::sync::LockUnpoisoned;
 /// number of runs; listings scan every run.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    // Boxed entries keep the table's slots small: a table sized for growth
-    // has a third or more of its slots empty, and each costs its full size.
-    runs: Mutex<HashMap<String, Box<Entry>>>,
+    runs: Mutex<Runs>,
     /// The runs started with an idempotency key, by key. Locked after
     /// `runs` when both are.
     keys: Mutex<HashMap<String, String>>,
@@ -34,6 +33,63 @@ pub struct MemoryStore {
 struct Entry {
     run: Run,
     history: Vec<StatusChange>,
+}
+
+/// The runs by id. Each entry is found by its own run's id, which never
+/// changes once it is in: a map would keep a second copy of every id as
+/// its key. Boxed entries keep the table's slots to a pointer each: a
+/// table sized for growth has a third or more of its slots empty, and
+/// each costs its full size.
+#[derive(Debug, Default)]
+struct Runs {
+    table: hashbrown::HashTable<Box<Entry>>,
+    hasher: std::hash::RandomState,
+}
+
+impl Runs {
+    fn hash(&self, run_id: &str) -> u64 {
+        self.hasher.hash_one(run_id)
+    }
+
+    fn get(&self, run_id: &str) -> Option<&Entry> {
+        self.table
+            .find(self.hash(run_id), |entry| entry.run.run_id == run_id)
+            .map(|entry| &**entry)
+    }
+
+    fn get_mut(&mut self, run_id: &str) -> Option<&mut Entry> {
+        let hash = self.hash(run_id);
+        self.table
+            .find_mut(hash, |entry| entry.run.run_id == run_id)
+            .map(|entry| &mut **entry)
+    }
+
+    fn contains_key(&self, run_id: &str) -> bool {
+        self.get(run_id).is_some()
+    }
+
+    /// Adds the entry of a run id not in the table yet.
+    fn insert(&mut self, entry: Entry) {
+        let hash = self.hash(&entry.run.run_id);
+        let hasher = &self.hasher;
+        self.table.insert_unique(hash, Box::new(entry), |entry| {
+            hasher.hash_one(entry.run.run_id.as_str())
+        });
+    }
+
+    fn remove(&mut self, run_id: &str) {
+        let hash = self.hash(run_id);
+        if let Ok(found) = self
+            .table
+            .find_entry(hash, |entry| entry.run.run_id == run_id)
+        {
+            found.remove();
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Entry> {
+        self.table.iter().map(|entry| &**entry)
+    }
 }
 
 impl MemoryStore {
@@ -74,7 +130,7 @@ impl MemoryStore {
         self.claimable.lock_unpoisoned()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Box<Entry>>> {
+    fn lock(&self) -> MutexGuard<'_, Runs> {
         // A panic while holding the lock cannot leave an entry half-written
         // (every mutation is a single assignment or push), so poisoning is ignored.
         self.runs.lock_unpoisoned()
@@ -87,7 +143,7 @@ impl RunStore for MemoryStore {
         let mut runs = self.lock();
         let mut keys = self.keys.lock_unpoisoned();
         if let Some(key) = key
-            && let Some(holder) = keys.get(key).filter(|holder| runs.contains_key(*holder))
+            && let Some(holder) = keys.get(key).filter(|holder| runs.contains_key(holder))
         {
             return Err(Error::IdempotencyKeyReused {
                 key: key.to_owned(),
@@ -103,18 +159,13 @@ impl RunStore for MemoryStore {
             message: None,
         });
         match runs.get_mut(&run.run_id) {
-            None => {
-                runs.insert(
-                    run.run_id.clone(),
-                    Box::new(Entry {
-                        run: run.clone(),
-                        history: first,
-                    }),
-                );
-            }
+            None => runs.insert(Entry {
+                run: run.clone(),
+                history: first,
+            }),
             Some(entry) => match on_taken(&run.run_id, entry.run.status, existing)? {
                 Taken::Replace => {
-                    **entry = Entry {
+                    *entry = Entry {
                         run: run.clone(),
                         history: first,
                     };
