@@ -638,6 +638,36 @@ struct PgBackend {
 struct Session {
     client: tokio_postgres::Client,
     prepared: Prepared,
+    /// Runs this session has added, and how many it adds before the
+    /// server plans its statements again ([`Session::replan_as_it_grows`]).
+    added: u64,
+    replan_at: u64,
+}
+
+/// How many runs a session adds before the server plans its statements
+/// again the first time; each time after, twice as many.
+const FIRST_REPLAN: u64 = 1_000;
+
+impl Session {
+    /// Has the server plan this session's statements again each time the
+    /// runs it has added double. A prepared statement keeps the plan made
+    /// after its first few executions until the table is next analyzed
+    /// (autovacuum: a minute or more later): planned while the table was
+    /// small, it reads the whole table (a hash join on a sequential scan)
+    /// where an index finds the few rows, and a run's end costs more the
+    /// more runs the table holds. Planned again, the server sizes the
+    /// table as it now is.
+    async fn replan_as_it_grows(&mut self, batch: &[Write]) -> Result<(), tokio_postgres::Error> {
+        self.added += batch
+            .iter()
+            .filter(|write| matches!(write, Write::Insert(..) | Write::Enqueue(..)))
+            .count() as u64;
+        if self.added >= self.replan_at {
+            self.replan_at = self.added.saturating_mul(2);
+            self.client.batch_execute("DISCARD PLANS").await?;
+        }
+        Ok(())
+    }
 }
 
 impl PgBackend {
@@ -671,6 +701,8 @@ impl PgBackend {
         Ok(Session {
             client,
             prepared: Prepared::default(),
+            added: 0,
+            replan_at: FIRST_REPLAN,
         })
     }
 
@@ -683,7 +715,14 @@ impl PgBackend {
         if session.as_ref().is_none_or(|s| s.client.is_closed()) {
             *session = Some(PgBackend::connect(config, node).await?);
         }
-        let Session { client, prepared } = session.as_mut().expect("connected above");
+        let session = session.as_mut().expect("connected above");
+        session
+            .replan_as_it_grows(batch)
+            .await
+            .map_err(|e| not_committed(&e))?;
+        let Session {
+            client, prepared, ..
+        } = session;
         if let Some(outcomes) = sql::apply_in_one_trip(client, prepared, node, batch)
             .await
             .map_err(|e| not_committed(&e))?
