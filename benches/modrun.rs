@@ -1585,16 +1585,37 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
         );
         return Ok(());
     };
-    let plugins = bench_plugins()?;
     let schema = format!("bench_{}", uuid::Uuid::now_v7().simple());
-    let calls = sizes.wasm_calls;
     // The raw figures write modrun's tables in a schema of their own.
     let raw_schema = format!("{schema}_raw");
-    let ceiling = raw_postgres_runs_per_second(&url, &raw_schema, calls.max(5_000)).await?;
+    let measured = postgres_figures_in(&url, &schema, &raw_schema, sizes, rows).await;
+    // The database is the user's: nothing of the benchmark is left in it.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {raw_schema} CASCADE"
+        ))
+        .await?;
+    measured
+}
+
+/// [`postgres_figures`] in the schemas `schema` (modrun's) and
+/// `raw_schema` (the raw SQL's).
+async fn postgres_figures_in(
+    url: &str,
+    schema: &str,
+    raw_schema: &str,
+    sizes: &Sizes,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let plugins = bench_plugins()?;
+    let calls = sizes.wasm_calls;
+    let ceiling = raw_postgres_runs_per_second(url, raw_schema, calls.max(5_000)).await?;
     for nodes in [1, 2] {
         let mut registries = Vec::new();
         for index in 0..nodes {
-            registries.push(postgres_registry(&url, &schema, &format!("bench-{index}")).await?);
+            registries.push(postgres_registry(url, schema, &format!("bench-{index}")).await?);
         }
         let rate = modrun_runs_per_second(&plugins, registries, calls, false).await?;
         rows.push(Row::measured(
@@ -1612,10 +1633,10 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
         true,
     )
     .await?;
-    let commit = raw_postgres_commit_seconds(&url, &raw_schema).await?;
+    let commit = raw_postgres_commit_seconds(url, raw_schema).await?;
     let sequential = modrun_runs_per_second(
         &plugins,
-        vec![postgres_registry(&url, &schema, "bench-sequential").await?],
+        vec![postgres_registry(url, schema, "bench-sequential").await?],
         calls / 4,
         true,
     )
@@ -1635,9 +1656,9 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
         1,
         "(reported; baseline: one bare run, us)",
     ));
-    claim_latency(&url, &schema, &plugins, rows).await?;
-    cross_node_cancel(&url, &schema, &plugins, rows).await?;
-    lost_node_settled(&url, &schema, sizes.lease, rows).await
+    claim_latency(url, schema, &plugins, rows).await?;
+    cross_node_cancel(url, schema, &plugins, rows).await?;
+    lost_node_settled(url, schema, sizes.lease, rows).await
 }
 
 /// How long after a node dies (no goodbye: its heartbeats just stop) its
