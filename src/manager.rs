@@ -185,9 +185,6 @@ struct Inner {
     idle: Notify,
     /// Told whenever a task ends: room for another may be free.
     ended: Notify,
-    /// Tells every waiter whenever a task ends, once its end is recorded:
-    /// what a run handle in this process waits on.
-    finished: Notify,
     next_task: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -201,6 +198,10 @@ struct State {
     /// got one yet, whatever they wait on (their gate's first permits, or
     /// a slot): what `max_queued` bounds.
     queued: usize,
+    /// The active runs someone waits to see gone (a run handle in this
+    /// process), each told when its task lets go of it: a task's end wakes
+    /// only who waits for that run.
+    watched: HashMap<Arc<str>, Arc<Notify>>,
 }
 
 struct Tracked {
@@ -236,7 +237,6 @@ impl BackgroundTaskManager {
                 tasks: AtomicUsize::new(0),
                 idle: Notify::new(),
                 ended: Notify::new(),
-                finished: Notify::new(),
                 next_task: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
             }),
@@ -526,14 +526,29 @@ impl BackgroundTaskManager {
     /// go of its run.
     pub(crate) async fn task_gone(&self, run_id: &str) {
         loop {
-            let finished = self.inner.finished.notified();
-            tokio::pin!(finished);
-            // Listening before looking: an end between the two is heard.
-            finished.as_mut().enable();
-            if !self.inner.lock().active.contains_key(run_id) {
-                return;
+            let gone = {
+                let mut state = self.inner.lock();
+                let Some((key, _)) = state.active.get_key_value(run_id) else {
+                    return;
+                };
+                let key = key.clone();
+                state.watched.entry(key).or_default().clone()
+            };
+            let notified = gone.notified();
+            tokio::pin!(notified);
+            // Listening before looking again: an end between the two is heard.
+            notified.as_mut().enable();
+            // The same task still holds the run only if its wake-up is
+            // still there (a task that ended took it along).
+            let waiting = self
+                .inner
+                .lock()
+                .watched
+                .get(run_id)
+                .is_some_and(|watched| Arc::ptr_eq(watched, &gone));
+            if waiting {
+                notified.await;
             }
-            finished.await;
         }
     }
 
@@ -718,13 +733,19 @@ impl Inner {
         if state
             .active
             .get(run_id)
-            .is_some_and(|tracked| tracked.task == task)
-            && state
-                .active
-                .remove(run_id)
-                .is_some_and(|tracked| tracked.queued)
+            .is_none_or(|tracked| tracked.task != task)
+        {
+            return;
+        }
+        if state
+            .active
+            .remove(run_id)
+            .is_some_and(|tracked| tracked.queued)
         {
             state.queued -= 1;
+        }
+        if let Some(gone) = state.watched.remove(run_id) {
+            gone.notify_waiters();
         }
     }
 
@@ -867,7 +888,6 @@ impl Drop for TaskEnd {
     fn drop(&mut self) {
         self.inner.forget(&self.run_id, self.task);
         self.inner.ended.notify_one();
-        self.inner.finished.notify_waiters();
         if self.inner.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.inner.idle.notify_waiters();
         }

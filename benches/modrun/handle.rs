@@ -1,10 +1,10 @@
 //! The run handle's path: start a hello run and await its handle, one at a
 //! time, against the way before handles, a start and a loop over the
-//! event stream until the run's end.
+//! event stream until the run's end; and many handles awaited at once.
 
 use std::time::Instant;
 
-use modrun::{BackgroundTaskManager, ModuleHost, ModuleRunner, RunEvent, RunRegistry};
+use modrun::{BackgroundTaskManager, ModuleHost, ModuleRunner, Run, RunEvent, RunRegistry};
 
 use super::{Row, bench_plugins};
 
@@ -70,5 +70,51 @@ pub(super) async fn handle_figures(quick: bool, rows: &mut Vec<Row>) -> anyhow::
         0,
         ">= 1.0 x (baseline: start + event-loop wait)",
     ));
+    many_waiting(if quick { 5_000 } else { 20_000 }, rows).await
+}
+
+/// `count` tasks, each awaited through its own handle by a task of its
+/// own, ending one after another (each lets the next go as it ends):
+/// ends per second until every wait has returned, against the same with
+/// a tenth as many. A task's end must wake the waits on its run only:
+/// were it to wake every wait, each end would cost as much as the waits
+/// still waiting, and ten times as many would run ten times slower.
+async fn many_waiting(count: usize, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let few = ends_per_second(count / 10).await?;
+    let many = ends_per_second(count).await?;
+    rows.push(Row::measured(
+        &format!("{count} task ends, one after another, each awaited by a handle, ends/s"),
+        many,
+        few,
+        0,
+        ">= 0.8 x (baseline: the same with a tenth as many)",
+    ));
     Ok(())
+}
+
+/// Ends per second of `count` tasks that end one after another, each
+/// awaited by a handle: see [`many_waiting`].
+async fn ends_per_second(count: usize) -> anyhow::Result<f64> {
+    let manager = BackgroundTaskManager::new(RunRegistry::in_memory());
+    let (release, mut turn) = tokio::sync::oneshot::channel::<()>();
+    let mut waits = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (next, next_turn) = tokio::sync::oneshot::channel::<()>();
+        let mine = std::mem::replace(&mut turn, next_turn);
+        let handle = manager
+            .start_task(Run::new("task", "Task"), async move {
+                let _ = mine.await;
+                let _ = next.send(());
+            })
+            .await?;
+        waits.push(tokio::spawn(async move { handle.wait().await }));
+    }
+    // The waits listen before the first task is let go.
+    tokio::task::yield_now().await;
+    let begin = Instant::now();
+    let _ = release.send(());
+    for wait in waits {
+        anyhow::ensure!(wait.await??.status.is_terminal());
+    }
+    Ok(count as f64 / begin.elapsed().as_secs_f64())
 }
