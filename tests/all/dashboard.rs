@@ -120,6 +120,16 @@ impl Browser {
         }
     }
 
+    /// Opens the modules page of the server at `base`, once hello's card
+    /// is on it.
+    async fn open_modules(&self, base: &str) {
+        self.client
+            .goto(&format!("{base}/ui/modules"))
+            .await
+            .unwrap();
+        self.wait_for_text("#module-hello h2", "Hello").await;
+    }
+
     /// Types `text` into the element `css` selects.
     async fn type_into(&self, css: &str, text: &str) {
         let element = self.client.find(Locator::Css(css)).await.unwrap();
@@ -199,10 +209,7 @@ async fn hello_started_from_the_generated_form_completes_on_screen() {
     };
     let (server, _plugins, _data) = server(&["hello", "countdown"], &[]);
     let page = &browser.client;
-    page.goto(&format!("{}/ui/modules", server.base))
-        .await
-        .unwrap();
-    browser.wait_for_text("#module-hello h2", "Hello").await;
+    browser.open_modules(&server.base).await;
     // The schema bounds the field: 11 is over `times`' maximum of 10.
     browser
         .type_into("#module-hello input[name=name]", "Ada")
@@ -302,10 +309,7 @@ async fn a_run_started_from_the_form_with_a_priority_and_a_delay_shows_both() {
     };
     let (server, _plugins, _data) = server(&["hello"], &[]);
     let page = &browser.client;
-    page.goto(&format!("{}/ui/modules", server.base))
-        .await
-        .unwrap();
-    browser.wait_for_text("#module-hello h2", "Hello").await;
+    browser.open_modules(&server.base).await;
     browser
         .type_into("#module-hello input[name=name]", "Later")
         .await;
@@ -371,12 +375,7 @@ async fn a_broken_component_shows_its_load_error_on_the_modules_page() {
         return;
     };
     let (server, plugins, _data) = server(&["hello"], &[]);
-    browser
-        .client
-        .goto(&format!("{}/ui/modules", server.base))
-        .await
-        .unwrap();
-    browser.wait_for_text("#module-hello h2", "Hello").await;
+    browser.open_modules(&server.base).await;
     std::fs::write(plugins.path().join("broken.wasm"), b"\0asm not a component").unwrap();
     // Hot reload sees it; the open page shows it without being told to.
     let error = browser.wait_for_text(".failures", "broken.wasm").await;

@@ -727,16 +727,16 @@ pub(super) fn tally(
     limit: usize,
 ) -> rusqlite::Result<Tally> {
     let mut counts = Vec::new();
+    let finished = format!(
+        "SELECT status, count(*) FROM runs INDEXED BY runs_finished_by_status \
+         WHERE {FINISHED} GROUP BY status"
+    );
     for sql in [
-        format!(
-            "SELECT status, count(*) FROM runs INDEXED BY runs_finished_by_status \
-             WHERE {FINISHED} GROUP BY status"
-        ),
+        finished.as_str(),
         "SELECT status, count(*) FROM runs INDEXED BY runs_active \
-         WHERE status IN ('queued', 'running') GROUP BY status"
-            .to_owned(),
+         WHERE status IN ('queued', 'running') GROUP BY status",
     ] {
-        let mut statement = conn.prepare_cached(&sql)?;
+        let mut statement = conn.prepare_cached(sql)?;
         let rows = statement.query_map([], |row| {
             Ok((
                 column_status(row, 0)?,
