@@ -218,6 +218,65 @@ async fn each_node_hears_the_others_status_changes_and_progress_in_order() {
     assert_eq!(own_events, 1);
 }
 
+/// A statement that records hundreds of status changes at once (a big
+/// batch of ends) announces every one to the other nodes, in groups that
+/// each fit a notification, long messages included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_changes_in_one_statement_are_all_announced() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let lease = Duration::from_secs(30);
+    let a = node(&url, &schema, "a", lease).await;
+    let b = node(&url, &schema, "b", lease).await;
+    let mut heard = b.subscribe();
+    let mut runs = std::collections::HashSet::new();
+    for _ in 0..300 {
+        let run = Run::new("hello", "Hello");
+        a.add_run(&run).await.unwrap();
+        runs.insert(run.run_id);
+    }
+    // One statement, as node a's writer would send it: a failure for
+    // each run, every 50th with a message of 900 control characters
+    // (5,400 bytes once escaped) and every 50th with 1,000 two-byte ones.
+    admin(
+        &url,
+        &format!(
+            "SET search_path = {schema}; SET modrun.node = 'a'; \
+             INSERT INTO run_history (run, seq, status, at, message) \
+             SELECT id, history_len, 'failed', 1, CASE WHEN id % 50 = 7 THEN repeat(E'\\x01', 900) \
+             WHEN id % 50 = 9 THEN repeat('é', 1000) ELSE 'line ' || id END FROM runs"
+        ),
+    )
+    .await;
+    let mut failed = std::collections::HashMap::new();
+    while failed.len() < runs.len() {
+        let event = tokio::time::timeout(DEADLINE, heard.recv())
+            .await
+            .expect("every change reaches b")
+            .unwrap();
+        if let modrun::RunEvent::Status { run_id, change, .. } = event
+            && change.status == RunStatus::Failed
+        {
+            assert!(runs.contains(&run_id), "{run_id} is one of the runs");
+            let message = change.message.unwrap();
+            assert!(
+                failed.insert(run_id, message).is_none(),
+                "each change is announced once"
+            );
+        }
+    }
+    let long = |c: char, n: usize| {
+        failed
+            .values()
+            .filter(|m| m.chars().count() == n && m.chars().all(|x| x == c))
+            .count()
+    };
+    assert_eq!(long('\u{1}', 900), 6);
+    assert_eq!(long('é', 1000), 6);
+    let lines = failed.values().filter(|m| m.starts_with("line ")).count();
+    assert_eq!(lines, 288);
+}
+
 /// Runs SQL on the test server as its administrator.
 async fn admin(url: &str, sql: &str) {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)

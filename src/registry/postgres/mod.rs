@@ -64,6 +64,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0008_module_heads.sql"),
     include_str!("migrations/0009_statement_notify.sql"),
     include_str!("migrations/0010_priority.sql"),
+    include_str!("migrations/0011_grouped_notify.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says
@@ -1154,7 +1155,8 @@ async fn listen_once(
 }
 
 /// What a node announces: progress of its runs (one notification per
-/// batch the writer commits) or a status change (`0003_events.sql`).
+/// batch the writer commits) or its status changes (one notification per
+/// statement that records them, `0011_grouped_notify.sql`).
 #[derive(serde::Deserialize)]
 #[serde(untagged)]
 enum Notice {
@@ -1168,20 +1170,23 @@ enum Notice {
         /// (run id, module id, fraction, message)
         progress: Vec<(String, String, f64, String)>,
     },
-    Status(Announced),
+    Statuses {
+        node: Option<String>,
+        /// In the order they were recorded.
+        statuses: Vec<Announced>,
+    },
 }
 
-/// A status change as a node announces it.
+/// A status change as a node announces it: a JSON array of these fields,
+/// in this order.
 #[derive(serde::Deserialize)]
 struct Announced {
-    node: Option<String>,
     run_id: String,
     module_id: String,
     status: String,
     at: i64,
     message: Option<String>,
     /// The run waits, queued, for any node to claim it.
-    #[serde(default)]
     claimable: bool,
 }
 
@@ -1209,8 +1214,13 @@ impl Listener {
             }
             return;
         }
-        let announced = match serde_json::from_str::<Notice>(payload) {
-            Ok(Notice::Status(announced)) => announced,
+        let statuses = match serde_json::from_str::<Notice>(payload) {
+            Ok(Notice::Statuses { node, statuses }) => {
+                if node.as_deref() == Some(self.node.as_str()) {
+                    return; // This node published them already.
+                }
+                statuses
+            }
             Ok(Notice::Log { node, log }) => {
                 if node.as_deref() != Some(self.node.as_str()) {
                     for (run_id, module_id, entry) in log {
@@ -1240,25 +1250,24 @@ impl Listener {
                 return;
             }
         };
-        if announced.node.as_deref() == Some(self.node.as_str()) {
-            return; // This node published it already.
+        for announced in statuses {
+            let Ok(status) = announced.status.parse() else {
+                tracing::warn!(status = %announced.status, "ignored a status notification with an unknown status");
+                continue;
+            };
+            if announced.claimable {
+                self.queued.notify_one();
+            }
+            self.publish(RunEvent::Status {
+                run_id: announced.run_id,
+                module_id: announced.module_id,
+                change: crate::run::StatusChange {
+                    status,
+                    at: DateTime::from_timestamp_nanos(announced.at),
+                    message: announced.message,
+                },
+            });
         }
-        let Ok(status) = announced.status.parse() else {
-            tracing::warn!(status = %announced.status, "ignored a status notification with an unknown status");
-            return;
-        };
-        if announced.claimable {
-            self.queued.notify_one();
-        }
-        self.publish(RunEvent::Status {
-            run_id: announced.run_id,
-            module_id: announced.module_id,
-            change: crate::run::StatusChange {
-                status,
-                at: DateTime::from_timestamp_nanos(announced.at),
-                message: announced.message,
-            },
-        });
     }
 
     /// Publishes the status changes recorded since `since` (nanoseconds,
