@@ -154,13 +154,20 @@ const MOVE_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[
      SELECT run_id, module_id FROM u";
 
 /// Runs' ends in one terminal status `$2`, from the statuses in `$7`;
-/// fenced as [`MOVE_MANY`] is (attempts `$10`, node `$11`).
+/// fenced as [`MOVE_MANY`] is (attempts `$10`, node `$11`). With each,
+/// the run's latest progress where the batch took one (`$12`, `$13`; NULL
+/// keeps the progress the run has).
 const END_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], \
-     $4::int4[], $5::text[], $6::text[], $8::text[], $9::text[], $10::int4[]) \
-     AS c(run_id, at, exit_code, error_message, output, log, message, attempt)), \
+     $4::int4[], $5::text[], $6::text[], $8::text[], $9::text[], $10::int4[], $12::float8[], \
+     $13::text[]) \
+     AS c(run_id, at, exit_code, error_message, output, log, message, attempt, fraction, \
+     progress)), \
      u AS (UPDATE runs r SET status = $2, completed_at = c.at, exit_code = c.exit_code, \
      error_message = c.error_message, output = coalesce(c.output, r.output), \
-     log = coalesce(c.log, r.log), history_len = r.history_len + 1 \
+     log = coalesce(c.log, r.log), history_len = r.history_len + 1, \
+     progress_fraction = coalesce(c.fraction, r.progress_fraction), \
+     progress_message = CASE WHEN c.fraction IS NULL THEN r.progress_message \
+     ELSE c.progress END \
      FROM c WHERE r.run_id = c.run_id AND r.status = ANY($7) \
      AND (c.attempt IS NULL OR (r.node = $11 AND c.attempt IN (0, r.attempt))) \
      RETURNING r.id, r.history_len, r.run_id, r.module_id, c.at, c.message), \
@@ -176,12 +183,20 @@ const PROGRESS: &str = "UPDATE runs SET progress_fraction = $2, progress_message
 /// at random, so none is always left out; progress is latest-wins), their
 /// messages cut, and none if it would not fit a notification. Only runs
 /// this node (`$4`) holds: a node that lost a run cannot report for it.
+/// The runs of `$1` to `$3` are written here; those of `$5` to `$7` end
+/// in the same batch, whose end writes their progress, and are only
+/// announced, before their end.
 const PROGRESS_MANY: &str = "WITH u AS (UPDATE runs r SET progress_fraction = p.fraction, \
      progress_message = p.message \
      FROM unnest($1::text[], $2::float8[], $3::text[]) AS p(run_id, fraction, message) \
      WHERE r.run_id = p.run_id AND r.status IN ('queued', 'running') AND r.node = $4 \
      RETURNING r.run_id, r.module_id, p.fraction, left(p.message, 100) AS message), \
-     shown AS (SELECT * FROM u ORDER BY random() LIMIT 30), \
+     e AS (SELECT r.run_id, r.module_id, p.fraction, left(p.message, 100) AS message \
+     FROM unnest($5::text[], $6::float8[], $7::text[]) AS p(run_id, fraction, message) \
+     JOIN runs r ON r.run_id = p.run_id \
+     WHERE r.status IN ('queued', 'running') AND r.node = $4), \
+     shown AS (SELECT * FROM (SELECT * FROM u UNION ALL SELECT * FROM e) a \
+     ORDER BY random() LIMIT 30), \
      payload AS (SELECT json_build_object('node', current_setting('modrun.node', true), \
      'progress', json_agg(json_build_array(run_id, module_id, fraction, message)))::text AS text \
      FROM shown HAVING count(*) > 0) \
@@ -644,6 +659,9 @@ enum Sent<'a> {
         log: Option<String>,
         message: Option<String>,
         fence: Fence<'a>,
+        /// The run's latest progress, when the batch that ends the run
+        /// took a report of it.
+        progress: Option<(f64, Cow<'a, str>)>,
     },
     Move {
         run_id: Cow<'a, str>,
@@ -654,7 +672,13 @@ enum Sent<'a> {
         fence: Fence<'a>,
     },
     Progress(Cow<'a, str>, f64, Cow<'a, str>),
-    ManyProgress(Vec<Cow<'a, str>>, Vec<f64>, Vec<Cow<'a, str>>, &'a str),
+    /// The progress the batch took: written here, and only announced here
+    /// for the runs whose end in the same batch writes it.
+    ManyProgress {
+        written: ProgressOf<'a>,
+        ending: ProgressOf<'a>,
+        node: &'a str,
+    },
     /// A log, and the node whose stopped run it is (fenced), if it is one.
     Log(Cow<'a, str>, Option<String>, Option<&'a str>),
     Cleanup(CleanupValues, i64),
@@ -681,7 +705,7 @@ impl<'a> Sent<'a> {
                 | Sent::End { .. }
                 | Sent::Move { .. }
                 | Sent::Progress(..)
-                | Sent::ManyProgress(..)
+                | Sent::ManyProgress { .. }
                 | Sent::Log(..)
                 | Sent::Nothing
         )
@@ -734,6 +758,7 @@ impl<'a> Sent<'a> {
                         log: change.log.as_deref().and_then(log_text),
                         message,
                         fence,
+                        progress: None,
                     }
                 } else {
                     Sent::Move {
@@ -751,12 +776,14 @@ impl<'a> Sent<'a> {
             }
             // Wake-ups for reports another write's batch took.
             Write::TakenProgress(reports) if reports.is_empty() => Sent::Nothing,
-            Write::TakenProgress(reports) => Sent::ManyProgress(
-                reports.iter().map(|(id, _)| clean(id)).collect(),
-                reports.iter().map(|(_, p)| p.fraction).collect(),
-                reports.iter().map(|(_, p)| clean(&p.message)).collect(),
-                &node.id,
-            ),
+            Write::TakenProgress(reports) => Sent::ManyProgress {
+                written: reports
+                    .iter()
+                    .map(|(id, p)| (clean(id), p.fraction, clean(&p.message)))
+                    .collect(),
+                ending: ProgressOf::default(),
+                node: &node.id,
+            },
             // Nobody waits: a stopped run's own log.
             Write::Log(run_id, log, None) => {
                 Sent::Log(clean(run_id), log_text(log), Some(&node.id))
@@ -807,7 +834,85 @@ fn sent_of<'a>(batch: &'a [Write], node: &'a Node) -> Option<Vec<Sent<'a>>> {
     if batch.iter().any(|write| write.key().is_some()) {
         return None;
     }
-    batch.iter().map(|write| Sent::new(write, node)).collect()
+    let mut sent = batch
+        .iter()
+        .map(|write| Sent::new(write, node))
+        .collect::<Option<Vec<_>>>()?;
+    fold_progress(&mut sent);
+    Some(sent)
+}
+
+/// Progress reports of runs: (run id, fraction, message) each.
+#[derive(Default)]
+struct ProgressOf<'a>(Vec<(Cow<'a, str>, f64, Cow<'a, str>)>);
+
+impl<'a> FromIterator<(Cow<'a, str>, f64, Cow<'a, str>)> for ProgressOf<'a> {
+    fn from_iter<I: IntoIterator<Item = (Cow<'a, str>, f64, Cow<'a, str>)>>(
+        iter: I,
+    ) -> ProgressOf<'a> {
+        ProgressOf(iter.into_iter().collect())
+    }
+}
+
+impl ProgressOf<'_> {
+    /// The reports as the statement's three arrays.
+    fn columns(&self) -> (Vec<&str>, Vec<f64>, Vec<&str>) {
+        let ProgressOf(reports) = self;
+        (
+            reports.iter().map(|(id, ..)| id.as_ref()).collect(),
+            reports.iter().map(|(_, fraction, _)| *fraction).collect(),
+            reports
+                .iter()
+                .map(|(.., message)| message.as_ref())
+                .collect(),
+        )
+    }
+}
+
+/// Moves the progress the batch took of a run it also ends into that
+/// end, as SQLite does: the run's row is written once, not twice (a
+/// progress update costs the server as much as half an end). The report
+/// is still announced, before the end. The end is fenced as the progress
+/// write was (status, node, attempt), so a report lands exactly when it
+/// would have.
+fn fold_progress(sent: &mut [Sent<'_>]) {
+    let Some(at) = sent
+        .iter()
+        .position(|one| matches!(one, Sent::ManyProgress { .. }))
+    else {
+        return;
+    };
+    let (before, rest) = sent.split_at_mut(at + 1);
+    let Some(Sent::ManyProgress {
+        written, ending, ..
+    }) = before.last_mut()
+    else {
+        unreachable!("found above")
+    };
+    // A run's first end in the batch: its report came before that.
+    let mut ends: HashMap<&str, &mut Option<(f64, Cow<'_, str>)>> = HashMap::new();
+    for one in rest.iter_mut() {
+        if let Sent::End {
+            run_id, progress, ..
+        } = one
+        {
+            let run_id: &Cow<'_, str> = run_id;
+            ends.entry(run_id.as_ref()).or_insert(progress);
+        }
+    }
+    if ends.is_empty() {
+        return;
+    }
+    let (kept, folded): (Vec<_>, Vec<_>) = std::mem::take(&mut written.0)
+        .into_iter()
+        .partition(|(run_id, ..)| !ends.contains_key(run_id.as_ref()));
+    for (run_id, fraction, message) in &folded {
+        if let Some(progress) = ends.get_mut(run_id.as_ref()) {
+            **progress = Some((*fraction, message.clone()));
+        }
+    }
+    written.0 = kept;
+    ending.0 = folded;
 }
 
 /// Sends every write of `sent` (as jobs: alone, or grouped with writes
@@ -989,6 +1094,8 @@ async fn send_many<'s>(
     let mut outputs: Vec<Option<&str>> = Vec::new();
     let mut logs: Vec<Option<&str>> = Vec::new();
     let mut attempts: Vec<Option<i32>> = Vec::new();
+    let mut fractions: Vec<Option<f64>> = Vec::new();
+    let mut progress_messages: Vec<Option<&str>> = Vec::new();
     let mut node = "";
     match &sent[indexes[0]] {
         Sent::Insert(_, node) => {
@@ -1027,8 +1134,11 @@ async fn send_many<'s>(
                 log,
                 message,
                 fence,
+                progress,
             } => {
                 (status, from, ends, node) = (*to, allowed.as_slice(), true, fence.node);
+                fractions.push(progress.as_ref().map(|(fraction, _)| *fraction));
+                progress_messages.push(progress.as_ref().map(|(_, message)| message.as_ref()));
                 attempts.push(fence.attempt);
                 ids.push(run_id);
                 ats.push(*at);
@@ -1056,6 +1166,8 @@ async fn send_many<'s>(
                 &messages,
                 &attempts,
                 &node,
+                &fractions,
+                &progress_messages,
             ],
         )
         .await?
@@ -1103,9 +1215,26 @@ async fn send<'s>(
                 .await?;
             Some(Outcome::Applied(row.map(|row| row.get(0))))
         }
-        Sent::ManyProgress(ids, fractions, messages, node) => {
-            tx.query(statement(PROGRESS_MANY), &[ids, fractions, messages, node])
-                .await?;
+        Sent::ManyProgress {
+            written,
+            ending,
+            node,
+        } => {
+            let (ids, fractions, messages) = written.columns();
+            let (ending_ids, ending_fractions, ending_messages) = ending.columns();
+            tx.query(
+                statement(PROGRESS_MANY),
+                &[
+                    &ids,
+                    &fractions,
+                    &messages,
+                    node,
+                    &ending_ids,
+                    &ending_fractions,
+                    &ending_messages,
+                ],
+            )
+            .await?;
             Some(Outcome::Done)
         }
         Sent::Log(run_id, log, own) => {
@@ -1274,7 +1403,7 @@ fn statement_of(sent: &Sent<'_>) -> &'static [&'static str] {
         Sent::End { .. } => &[END_MANY],
         Sent::Move { .. } => &[MOVE_MANY],
         Sent::Progress(..) => &[PROGRESS],
-        Sent::ManyProgress(..) => &[PROGRESS_MANY],
+        Sent::ManyProgress { .. } => &[PROGRESS_MANY],
         Sent::Log(.., None) => &[SET_LOG],
         Sent::Log(.., Some(_)) => &[SAVE_OWN_LOG],
         Sent::Cleanup(..) => &[REMOVE_FINISHED, PRUNE_MODULES],
