@@ -277,6 +277,39 @@ async fn hundreds_of_changes_in_one_statement_are_all_announced() {
     assert_eq!(lines, 288);
 }
 
+/// A cleanup removes the history rows of the runs it removes, and only
+/// theirs: nothing is left behind for a run that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_removes_the_history_of_the_runs_it_removes() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let a = node(&url, &schema, "a", Duration::from_secs(30)).await;
+    let (old, kept) = (Run::new("hello", "Hello"), Run::new("hello", "Hello"));
+    for run in [&old, &kept] {
+        a.add_run(run).await.unwrap();
+        assert!(
+            a.transition(&Transition::running(&run.run_id))
+                .await
+                .unwrap()
+        );
+    }
+    let mut done = Transition::completed(&old.run_id, json!(1));
+    done.at = chrono::Utc::now() - chrono::Duration::days(30);
+    assert!(a.transition(&done).await.unwrap());
+    assert!(
+        a.transition(&Transition::completed(&kept.run_id, json!(2)))
+            .await
+            .unwrap()
+    );
+    let all = scalar(&url, &format!("SELECT count(*) FROM {schema}.run_history")).await;
+    assert_eq!(all, 6, "three entries each");
+    let day = Duration::from_secs(86_400);
+    assert_eq!(a.cleanup_old_runs(day).await.unwrap(), 1);
+    let left = scalar(&url, &format!("SELECT count(*) FROM {schema}.run_history")).await;
+    assert_eq!(left, 3, "only the kept run's entries are left");
+    assert_eq!(a.history(&kept.run_id).await.unwrap().len(), 3);
+}
+
 /// Runs SQL on the test server as its administrator.
 async fn admin(url: &str, sql: &str) {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)

@@ -65,6 +65,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0009_statement_notify.sql"),
     include_str!("migrations/0010_priority.sql"),
     include_str!("migrations/0011_grouped_notify.sql"),
+    include_str!("migrations/0012_history_unchecked.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says

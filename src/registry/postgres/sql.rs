@@ -441,16 +441,18 @@ macro_rules! cleanup_condition {
     };
 }
 
-/// Removes the runs a cleanup matches (their history goes with them),
-/// oldest-ended first, at most `$8`. One node at a time: a node that finds
-/// another removing removes nothing this time.
+/// Removes the runs a cleanup matches, and their history, oldest-ended
+/// first, at most `$8`; answers how many runs. One node at a time: a node
+/// that finds another removing removes nothing this time.
 const REMOVE_FINISHED: &str = concat!(
     "WITH turn AS (SELECT \
      pg_try_advisory_xact_lock(hashtext(current_schema() || ' cleanup')) AS mine), \
      doomed AS (SELECT r.id FROM runs r WHERE (SELECT mine FROM turn) AND ",
     cleanup_condition!(),
-    " ORDER BY r.completed_at LIMIT $8 FOR UPDATE SKIP LOCKED) \
-     DELETE FROM runs WHERE id IN (SELECT id FROM doomed)"
+    " ORDER BY r.completed_at LIMIT $8 FOR UPDATE SKIP LOCKED), \
+     gone AS (DELETE FROM runs WHERE id IN (SELECT id FROM doomed) RETURNING id), \
+     h AS (DELETE FROM run_history WHERE run = ANY(ARRAY(SELECT id FROM gone))) \
+     SELECT count(*) FROM gone"
 );
 
 /// Removes the stored bytes of module versions nothing needs any more:
@@ -1252,7 +1254,10 @@ async fn send<'s>(
         Sent::Cleanup(values, limit) => {
             let mut params = values.params();
             params.push(limit);
-            let deleted = tx.execute(statement(REMOVE_FINISHED), &params).await?;
+            let deleted: i64 = tx
+                .query_one(statement(REMOVE_FINISHED), &params)
+                .await?
+                .get(0);
             // With the runs go the module versions only they needed.
             let grace = i64::try_from(MODULE_GRACE.as_nanos()).unwrap_or(i64::MAX);
             let before = nanos_clamped(Utc::now()).saturating_sub(grace);
@@ -1469,6 +1474,8 @@ async fn insert(
     };
     match on_taken(&run.run_id, stored.status, existing) {
         Ok(Taken::Replace) => {
+            tx.execute("DELETE FROM run_history WHERE run = $1", &[&stored.id])
+                .await?;
             tx.execute("DELETE FROM runs WHERE id = $1", &[&stored.id])
                 .await?;
             tx.execute(&statement, &params).await?;
