@@ -56,6 +56,9 @@ fn live_bytes() -> isize {
 /// How many concurrent callers start tasks (a server's concurrent requests).
 const PRODUCERS: usize = 64;
 
+/// Concurrent callers of the PostgreSQL burst row.
+const BURST_PRODUCERS: usize = 512;
+
 struct Sizes {
     wasm_calls: usize,
     sleeping_runs: usize,
@@ -698,12 +701,13 @@ async fn bare_wasmtime_per_second(
 
 /// modrun end to end: `start("hello")` until `Completed` is recorded, on
 /// one node per registry (several nodes of one database share the
-/// producers evenly). `sequential`: one producer, each run awaited.
+/// producers evenly), from `producers` concurrent callers. One producer
+/// awaits each run before it starts the next (sequential).
 async fn modrun_runs_per_second(
     plugins: &std::path::Path,
     registries: Vec<RunRegistry>,
     count: usize,
-    sequential: bool,
+    producers: usize,
 ) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     std::fs::copy(plugins.join("hello.wasm"), dir.path().join("hello.wasm"))?;
@@ -719,7 +723,7 @@ async fn modrun_runs_per_second(
         }
         runners.push(runner);
     }
-    let producers = if sequential { 1 } else { PRODUCERS };
+    let sequential = producers == 1;
     let begin = Instant::now();
     let tasks: Vec<_> = (0..producers)
         .map(|index| {
@@ -991,17 +995,18 @@ async fn wasm_figures(
         } else {
             "all cores"
         };
+        let producers = if sequential { 1 } else { PRODUCERS };
         let bare =
             bare_wasmtime_per_second(&hello, config.wasmtime_config(), calls, sequential).await?;
         let memory =
-            modrun_runs_per_second(&plugins, vec![RunRegistry::in_memory()], calls, sequential)
+            modrun_runs_per_second(&plugins, vec![RunRegistry::in_memory()], calls, producers)
                 .await?;
         let db = dir.join(format!("wasm-{shape}.db").replace(' ', "-"));
         let sqlite = modrun_runs_per_second(
             &plugins,
             vec![RunRegistry::open_sqlite(db)?],
             calls,
-            sequential,
+            producers,
         )
         .await?;
         for (registry, rate) in [("in-memory", memory), ("SQLite", sqlite)] {
@@ -1426,7 +1431,7 @@ async fn http_figures(
         &plugins,
         vec![RunRegistry::open_sqlite(dir.join("http-library.db"))?],
         runs,
-        false,
+        PRODUCERS,
     )
     .await?;
 
@@ -1586,7 +1591,8 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
         return Ok(());
     };
     let schema = format!("bench_{}", uuid::Uuid::now_v7().simple());
-    // The raw figures write modrun's tables in a schema of their own.
+    // The raw figures write modrun's tables in a schema of their own, and
+    // so does the burst (fresh tables, as a new deployment has them).
     let raw_schema = format!("{schema}_raw");
     let measured = postgres_figures_in(&url, &schema, &raw_schema, sizes, rows).await;
     // The database is the user's: nothing of the benchmark is left in it.
@@ -1594,14 +1600,15 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
     tokio::spawn(connection);
     client
         .batch_execute(&format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {raw_schema} CASCADE"
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {raw_schema} CASCADE; \
+             DROP SCHEMA IF EXISTS {schema}_burst CASCADE"
         ))
         .await?;
     measured
 }
 
-/// [`postgres_figures`] in the schemas `schema` (modrun's) and
-/// `raw_schema` (the raw SQL's).
+/// [`postgres_figures`] in the schemas `schema` (modrun's, and with
+/// `_burst` after it, the burst's) and `raw_schema` (the raw SQL's).
 async fn postgres_figures_in(
     url: &str,
     schema: &str,
@@ -1617,7 +1624,7 @@ async fn postgres_figures_in(
         for index in 0..nodes {
             registries.push(postgres_registry(url, schema, &format!("bench-{index}")).await?);
         }
-        let rate = modrun_runs_per_second(&plugins, registries, calls, false).await?;
+        let rate = modrun_runs_per_second(&plugins, registries, calls, PRODUCERS).await?;
         rows.push(Row::measured(
             &format!("hello runs/s, PostgreSQL, all cores, {nodes} node(s)"),
             rate,
@@ -1626,6 +1633,23 @@ async fn postgres_figures_in(
             ">= 0.5 x raw SQL ceiling (insert+claim+complete, 50/statement)",
         ));
     }
+    // A burst on fresh tables: many more callers than the node records
+    // as they come, so that runs wait queued and each claim finds
+    // thousands of them, planned while the table was still empty.
+    let burst = modrun_runs_per_second(
+        &plugins,
+        vec![postgres_registry(url, &format!("{schema}_burst"), "bench-burst").await?],
+        calls,
+        BURST_PRODUCERS,
+    )
+    .await?;
+    rows.push(Row::measured(
+        &format!("hello runs/s, PostgreSQL, {BURST_PRODUCERS} callers at once, 1 node"),
+        burst,
+        ceiling,
+        0,
+        ">= 0.5 x raw SQL ceiling (insert+claim+complete, 50/statement)",
+    ));
     let bare = bare_wasmtime_per_second(
         &plugins.join("hello.wasm"),
         modrun::HostConfig::default().wasmtime_config(),
@@ -1638,7 +1662,7 @@ async fn postgres_figures_in(
         &plugins,
         vec![postgres_registry(url, schema, "bench-sequential").await?],
         calls / 4,
-        true,
+        1,
     )
     .await?;
     let one_at_a_time = 1.0 / (1.0 / bare + 2.0 * commit);
