@@ -235,6 +235,43 @@ async fn hundreds_of_changes_in_one_statement_are_all_announced() {
         a.add_run(&run).await.unwrap();
         runs.insert(run.run_id);
     }
+    // A listener of the test's own sees the notifications themselves.
+    let (listener, mut connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (notes, mut noted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notification(note) = message {
+                let _ = notes.send(note.payload().to_owned());
+            }
+        }
+    });
+    listener
+        .batch_execute(&format!("LISTEN {schema}_events"))
+        .await
+        .unwrap();
+    // A statement that records no change announces nothing: the first
+    // notification is that of the one-change statement after it.
+    admin(
+        &url,
+        &format!(
+            "SET search_path = {schema}; SET modrun.node = 'a'; \
+             INSERT INTO run_history (run, seq, status, at) \
+             SELECT id, history_len + 10, 'running', 1 FROM runs WHERE false; \
+             INSERT INTO run_history (run, seq, status, at, message) \
+             SELECT id, history_len + 10, 'running', 1, 'alone' FROM runs ORDER BY id LIMIT 1"
+        ),
+    )
+    .await;
+    let first = tokio::time::timeout(DEADLINE, noted.recv())
+        .await
+        .expect("the change is announced")
+        .unwrap();
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["node"], "a");
+    assert_eq!(first["statuses"].as_array().unwrap().len(), 1, "{first}");
+    assert_eq!(first["statuses"][0][4], "alone");
     // One statement, as node a's writer would send it: a failure for
     // each run, every 50th with a message of 900 control characters
     // (5,400 bytes once escaped) and every 50th with 1,000 two-byte ones.
@@ -275,6 +312,21 @@ async fn hundreds_of_changes_in_one_statement_are_all_announced() {
     assert_eq!(long('é', 1000), 6);
     let lines = failed.values().filter(|m| m.starts_with("line ")).count();
     assert_eq!(lines, 288);
+    // They came in several notifications, each within PostgreSQL's limit.
+    let mut announced = 0;
+    let mut notifications = 0;
+    while announced < runs.len() {
+        let payload = tokio::time::timeout(DEADLINE, noted.recv())
+            .await
+            .expect("every group is announced")
+            .unwrap();
+        assert!(payload.len() < 8000, "{} bytes", payload.len());
+        let group: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        announced += group["statuses"].as_array().unwrap().len();
+        notifications += 1;
+    }
+    assert_eq!(announced, runs.len());
+    assert!(notifications > 1, "{notifications} notifications");
 }
 
 /// A cleanup removes the history rows of the runs it removes, and only
