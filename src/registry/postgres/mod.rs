@@ -1178,6 +1178,17 @@ enum Notice {
     },
 }
 
+impl Notice {
+    /// The node that announced it.
+    fn node(&self) -> Option<&str> {
+        match self {
+            Notice::Log { node, .. }
+            | Notice::Progress { node, .. }
+            | Notice::Statuses { node, .. } => node.as_deref(),
+        }
+    }
+}
+
 /// A status change as a node announces it: a JSON array of these fields,
 /// in this order.
 #[derive(serde::Deserialize)]
@@ -1215,59 +1226,55 @@ impl Listener {
             }
             return;
         }
-        let statuses = match serde_json::from_str::<Notice>(payload) {
-            Ok(Notice::Statuses { node, statuses }) => {
-                if node.as_deref() == Some(self.node.as_str()) {
-                    return; // This node published them already.
-                }
-                statuses
-            }
-            Ok(Notice::Log { node, log }) => {
-                if node.as_deref() != Some(self.node.as_str()) {
-                    for (run_id, module_id, entry) in log {
-                        self.publish(RunEvent::Log {
-                            run_id,
-                            module_id,
-                            entry,
-                        });
-                    }
-                }
-                return;
-            }
-            Ok(Notice::Progress { node, progress }) => {
-                if node.as_deref() != Some(self.node.as_str()) {
-                    for (run_id, module_id, fraction, message) in progress {
-                        self.publish(RunEvent::Progress {
-                            run_id,
-                            module_id,
-                            progress: crate::run::Progress { fraction, message },
-                        });
-                    }
-                }
-                return;
-            }
+        let notice = match serde_json::from_str::<Notice>(payload) {
+            Ok(notice) => notice,
             Err(e) => {
                 tracing::warn!(error = %e, "ignored a status notification that does not parse");
                 return;
             }
         };
-        for announced in statuses {
-            let Ok(status) = announced.status.parse() else {
-                tracing::warn!(status = %announced.status, "ignored a status notification with an unknown status");
-                continue;
-            };
-            if announced.claimable {
-                self.queued.notify_one();
+        if notice.node() == Some(self.node.as_str()) {
+            return; // This node published it already.
+        }
+        match notice {
+            Notice::Statuses { statuses, .. } => {
+                for announced in statuses {
+                    let Ok(status) = announced.status.parse() else {
+                        tracing::warn!(status = %announced.status, "ignored a status notification with an unknown status");
+                        continue;
+                    };
+                    if announced.claimable {
+                        self.queued.notify_one();
+                    }
+                    self.publish(RunEvent::Status {
+                        run_id: announced.run_id,
+                        module_id: announced.module_id,
+                        change: crate::run::StatusChange {
+                            status,
+                            at: DateTime::from_timestamp_nanos(announced.at),
+                            message: announced.message,
+                        },
+                    });
+                }
             }
-            self.publish(RunEvent::Status {
-                run_id: announced.run_id,
-                module_id: announced.module_id,
-                change: crate::run::StatusChange {
-                    status,
-                    at: DateTime::from_timestamp_nanos(announced.at),
-                    message: announced.message,
-                },
-            });
+            Notice::Log { log, .. } => {
+                for (run_id, module_id, entry) in log {
+                    self.publish(RunEvent::Log {
+                        run_id,
+                        module_id,
+                        entry,
+                    });
+                }
+            }
+            Notice::Progress { progress, .. } => {
+                for (run_id, module_id, fraction, message) in progress {
+                    self.publish(RunEvent::Progress {
+                        run_id,
+                        module_id,
+                        progress: crate::run::Progress { fraction, message },
+                    });
+                }
+            }
         }
     }
 

@@ -779,10 +779,12 @@ impl<'a> Sent<'a> {
             // Wake-ups for reports another write's batch took.
             Write::TakenProgress(reports) if reports.is_empty() => Sent::Nothing,
             Write::TakenProgress(reports) => Sent::ManyProgress {
-                written: reports
-                    .iter()
-                    .map(|(id, p)| (clean(id), p.fraction, clean(&p.message)))
-                    .collect(),
+                written: ProgressOf(
+                    reports
+                        .iter()
+                        .map(|(id, p)| (clean(id), p.fraction, clean(&p.message)))
+                        .collect(),
+                ),
                 ending: ProgressOf::default(),
                 node: &node.id,
             },
@@ -847,14 +849,6 @@ fn sent_of<'a>(batch: &'a [Write], node: &'a Node) -> Option<Vec<Sent<'a>>> {
 /// Progress reports of runs: (run id, fraction, message) each.
 #[derive(Default)]
 struct ProgressOf<'a>(Vec<(Cow<'a, str>, f64, Cow<'a, str>)>);
-
-impl<'a> FromIterator<(Cow<'a, str>, f64, Cow<'a, str>)> for ProgressOf<'a> {
-    fn from_iter<I: IntoIterator<Item = (Cow<'a, str>, f64, Cow<'a, str>)>>(
-        iter: I,
-    ) -> ProgressOf<'a> {
-        ProgressOf(iter.into_iter().collect())
-    }
-}
 
 impl ProgressOf<'_> {
     /// The reports as the statement's three arrays.
