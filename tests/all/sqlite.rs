@@ -299,6 +299,42 @@ fn writing_a_run_builds_no_temporary_table() {
     }
 }
 
+/// Under writes that never pause, no checkpoint beside the writer can copy
+/// the whole log between two commits, and only then does the log start
+/// over: the writer sees to it, so the log file stays bounded (about 12 MiB
+/// of pages, cut back to 16 MiB) instead of growing by every page of every
+/// commit until the load stops or the disk is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_stays_bounded_under_writes_that_never_pause() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let log = dir.path().join("registry.db-wal");
+    let registry = open(&path);
+    // Each commit appends at least the four pages a run and its history
+    // touch: 4,000 of them append over 64 MiB of pages.
+    let runs = 2_000;
+    let mut largest = 0;
+    for index in 0..runs {
+        let run = Run::new("hello", "Hello");
+        registry.add_run(&run).await.unwrap();
+        registry
+            .transition(&Transition::cancelled(&run.run_id, "not needed"))
+            .await
+            .unwrap();
+        if index % 100 == 0 {
+            largest = largest.max(std::fs::metadata(&log).unwrap().len());
+        }
+    }
+    largest = largest.max(std::fs::metadata(&log).unwrap().len());
+    assert!(
+        largest <= 16 << 20,
+        "the log file grew to {} MiB",
+        largest >> 20
+    );
+    let ended = registry.runs_by_status(RunStatus::Cancelled).await.unwrap();
+    assert_eq!(ended.len(), runs);
+}
+
 /// The environment variable that makes [`crash_child`] do its work.
 const CRASH_CHILD: &str = "MODRUN_TEST_CRASH_DB";
 

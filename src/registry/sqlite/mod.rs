@@ -97,7 +97,7 @@ impl Default for SqliteOptions {
 /// ("What is durable when").
 pub struct SqliteStore {
     writes: Queue,
-    stop_checkpoints: Option<mpsc::Sender<()>>,
+    checkpoints: mpsc::SyncSender<Checkpoint>,
     checkpointer: Option<JoinHandle<()>>,
     readers: Mutex<Vec<Connection>>,
     max_readers: usize,
@@ -130,7 +130,10 @@ impl SqliteStore {
                 .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
         }
         let lock = take_lock(&path)?;
-        let conn = open_writer(&path, options.synchronous).map_err(fail)?;
+        let mut conn = open_writer(&path, options.synchronous).map_err(fail)?;
+        // One wake-up waiting is enough: the checkpoint copies all there is.
+        let (checkpoints, asked) = mpsc::sync_channel(1);
+        watch_log(&mut conn, checkpoints.clone()).map_err(|e| fail(schema::describe(&e)))?;
 
         let shared = Arc::new(Shared::new(path.clone()));
         let backend = SqliteBackend::new(conn, path.clone());
@@ -142,23 +145,24 @@ impl SqliteStore {
             Direct::Allowed,
         )
         .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
-        let checkpoints = Connection::open(&path).map_err(|e| {
+        let checkpoint_conn = Connection::open(&path).map_err(|e| {
             fail(format!(
                 "cannot open it for checkpoints: {}",
                 schema::describe(&e)
             ))
         })?;
-        let (stop_checkpoints, stopped) = mpsc::channel();
         let watched = backend::FileCheck::new(&path);
         let wake_writer = writes.sender().ok_or(Error::RegistryClosed)?;
         let checkpointer = std::thread::Builder::new()
             .name("modrun-checkpoint".into())
-            .spawn(move || checkpoint_loop(&checkpoints, &stopped, &shared, &watched, &wake_writer))
+            .spawn(move || {
+                checkpoint_loop(&checkpoint_conn, &asked, &shared, &watched, &wake_writer)
+            })
             .map_err(|e| fail(format!("cannot start its checkpoint thread: {e}")))?;
 
         Ok(SqliteStore {
             writes,
-            stop_checkpoints: Some(stop_checkpoints),
+            checkpoints,
             checkpointer: Some(checkpointer),
             readers: Mutex::new(Vec::new()),
             max_readers: options.readers.max(1),
@@ -205,7 +209,7 @@ impl Drop for SqliteStore {
         // The checkpoint thread can wake the writer: it ends first, then
         // the writer (as `writes` is dropped) once it has committed what
         // it holds, so the file is complete when we return.
-        drop(self.stop_checkpoints.take());
+        let _ = self.checkpoints.send(Checkpoint::Stop);
         if let Some(thread) = self.checkpointer.take() {
             let _ = thread.join();
         }
@@ -334,24 +338,84 @@ impl RunStore for SqliteStore {
     }
 }
 
-/// How often the checkpoint thread copies the log into the database file.
+/// How often the checkpoint thread copies the log into the database file
+/// when nothing asks it sooner.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Checkpoints the log beside the writer, so that commits never wait for
-/// one; stops when the store is dropped. A passive checkpoint never blocks
-/// the writer or readers: what it cannot copy now it copies next time.
+/// How many frames (pages) the writer appends to the log between two
+/// wake-ups of the checkpoint thread: about 1 MiB of 4 KiB pages.
+const LOG_FRAMES_STEP: i32 = 256;
+
+/// How many frames the log may hold before the writer checkpoints it
+/// itself: about 12 MiB of 4 KiB pages, under the 16 MiB the file is cut
+/// back to (`journal_size_limit`).
+///
+/// The log only starts over from its beginning when a checkpoint has
+/// copied all of it before the next commit, which a checkpoint beside a
+/// writer that never pauses cannot do: without this, under steady load the
+/// log grows by every page of every commit (hundreds of MB a minute) until
+/// the load stops or the disk is full, and each of its new pages costs the
+/// kernel an allocation. The checkpoint thread has copied, and synced, all
+/// but the last [`LOG_FRAMES_STEP`] frames or so by then, so the writer's
+/// own checkpoint is short.
+const LOG_FRAMES_MAX: i32 = 3_072;
+
+/// What the checkpoint thread is asked.
+enum Checkpoint {
+    /// The log has grown: copy it now.
+    Now,
+    /// The store is closing.
+    Stop,
+}
+
+/// Keeps the log of the writer's connection bounded: after each commit,
+/// wakes the checkpoint thread every [`LOG_FRAMES_STEP`] frames, and past
+/// [`LOG_FRAMES_MAX`] checkpoints on the spot, so that the next commit
+/// starts the log over.
+fn watch_log(
+    conn: &mut Connection,
+    checkpoints: mpsc::SyncSender<Checkpoint>,
+) -> rusqlite::Result<()> {
+    let mut told_at = 0;
+    conn.wal_hook(Some(move |log: &mut rusqlite::hooks::Wal, frames: i32| {
+        if frames >= LOG_FRAMES_MAX {
+            // Busy while the checkpoint thread is at it: the next commit
+            // tries again. An error here would fail a commit that happened.
+            let _ = log.checkpoint();
+            told_at = 0;
+        } else if frames < told_at {
+            // The log started over.
+            told_at = 0;
+        } else if frames - told_at >= LOG_FRAMES_STEP {
+            told_at = frames;
+            // Full: a wake-up is on its way already.
+            let _ = checkpoints.try_send(Checkpoint::Now);
+        }
+        Ok(())
+    }))
+}
+
+/// Checkpoints the log beside the writer, so that commits rarely wait for
+/// one: when the writer asks ([`watch_log`]), and every
+/// [`CHECKPOINT_EVERY`] otherwise; stops when the store is dropped. A
+/// passive checkpoint never blocks the writer or readers: what it cannot
+/// copy now it copies next time.
 ///
 /// It also looks at the file each time: one deleted or replaced under the
 /// store wakes the writer, which then reports the registry unavailable even
 /// when nothing is being written.
 fn checkpoint_loop(
     conn: &Connection,
-    stop: &mpsc::Receiver<()>,
+    asked: &mpsc::Receiver<Checkpoint>,
     shared: &Shared,
     file: &backend::FileCheck,
     writer: &mpsc::Sender<Write>,
 ) {
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+    loop {
+        match asked.recv_timeout(CHECKPOINT_EVERY) {
+            Ok(Checkpoint::Now) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Ok(Checkpoint::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
         if shared.unavailable().is_none() && file.check().is_err() {
             let _ = writer.send(Write::Check);
             continue;

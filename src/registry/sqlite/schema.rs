@@ -101,10 +101,10 @@ fn prepare_writer(conn: &mut Connection, synchronous: Synchronous) -> Result<(),
     )
     .map_err(|e| describe(&e))?;
     // A 64 MiB page cache. Checkpoints (copying the log into the database
-    // file) are the checkpoint thread's job, not the writer's; after one,
-    // the log file is cut back to 16 MiB.
+    // file) are mostly the checkpoint thread's job: the store replaces
+    // SQLite's own automatic checkpoints with its watch on the log (see
+    // `watch_log`). When the log starts over, its file is cut back to 16 MiB.
     conn.pragma_update(None, "cache_size", -65536)
-        .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 0))
         .and_then(|()| conn.pragma_update(None, "journal_size_limit", 16 << 20))
         .map_err(|e| describe(&e))?;
     conn.set_prepared_statement_cache_capacity(64);
