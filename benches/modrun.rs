@@ -1009,37 +1009,52 @@ async fn wasm_figures(
             producers,
         )
         .await?;
-        for (registry, rate) in [("in-memory", memory), ("SQLite", sqlite)] {
+        let wasm_goal = ">= 0.6 x bare wasmtime (instantiate+call)";
+        rows.push(Row {
+            name: format!("hello runs/s, in-memory, {shape}"),
+            value: format!("{memory:.0}"),
+            baseline: format!("{bare:.0}"),
+            ratio: memory / bare,
+            goal: wasm_goal,
+        });
+        if !sequential {
             rows.push(Row {
-                name: format!("hello runs/s, {registry}, {shape}"),
-                value: format!("{rate:.0}"),
+                name: format!("hello runs/s, SQLite, {shape}"),
+                value: format!("{sqlite:.0}"),
                 baseline: format!("{bare:.0}"),
-                ratio: rate / bare,
-                goal: ">= 0.6 x bare wasmtime (instantiate+call)",
+                ratio: sqlite / bare,
+                goal: wasm_goal,
             });
+            continue;
         }
-        if sequential {
-            // What no SQLite registry can beat one run at a time: the bare
-            // run plus the two commits the durability contract waits for
-            // (the run before its id is handed out, its end before anyone
-            // is told), each as cheap as SQLite makes it.
-            let commit = raw_commit_seconds(dir)?;
-            let ceiling = 1.0 / (1.0 / bare + 2.0 * commit);
-            rows.push(Row {
-                name: "  ceiling: bare run + 2 raw SQLite commits, runs/s".into(),
-                value: format!("{ceiling:.0}"),
-                baseline: format!("{bare:.0}"),
-                ratio: ceiling / bare,
-                goal: "(reported: the most a durable SQLite run can reach)",
-            });
-            rows.push(Row::measured(
-                "  one raw SQLite commit (run + history rows), us",
-                commit * 1e6,
-                1e6 / bare,
-                1,
-                "(reported; baseline: one bare run, us)",
-            ));
-        }
+        // What no SQLite registry can beat one run at a time: the bare run
+        // plus the two commits the durability contract waits for (the run
+        // before its id is handed out, its end before anyone is told), each
+        // as cheap as SQLite makes it. One run at a time is measured
+        // against it.
+        let commit = raw_commit_seconds(dir)?;
+        let ceiling = 1.0 / (1.0 / bare + 2.0 * commit);
+        rows.push(Row {
+            name: format!("hello runs/s, SQLite, {shape}"),
+            value: format!("{sqlite:.0}"),
+            baseline: format!("{ceiling:.0}"),
+            ratio: sqlite / ceiling,
+            goal: ">= 0.8 x bare run + 2 raw SQLite commits",
+        });
+        rows.push(Row {
+            name: "  ceiling: bare run + 2 raw SQLite commits, runs/s".into(),
+            value: format!("{ceiling:.0}"),
+            baseline: format!("{bare:.0}"),
+            ratio: ceiling / bare,
+            goal: "(reported: the most a durable SQLite run can reach)",
+        });
+        rows.push(Row::measured(
+            "  one raw SQLite commit (run + history rows), us",
+            commit * 1e6,
+            1e6 / bare,
+            1,
+            "(reported; baseline: one bare run, us)",
+        ));
     }
     cancel_latency(&plugins, rows).await?;
     sleeping_run_memory(&plugins, sizes, rows).await?;
