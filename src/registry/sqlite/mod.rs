@@ -343,8 +343,10 @@ impl RunStore for SqliteStore {
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How many frames (pages) the writer appends to the log between two
-/// wake-ups of the checkpoint thread: about 1 MiB of 4 KiB pages.
-const LOG_FRAMES_STEP: i32 = 256;
+/// wake-ups of the checkpoint thread: about 4 MiB of 4 KiB pages. Each
+/// checkpoint syncs the log and the file, so fewer of them cost less CPU;
+/// the writer's own checkpoint then has at most this much left to sync.
+const LOG_FRAMES_STEP: i32 = 1_024;
 
 /// How many frames the log may hold before the writer checkpoints it
 /// itself: about 12 MiB of 4 KiB pages, under the 16 MiB the file is cut
