@@ -406,7 +406,7 @@ async fn a_node_whose_listener_lost_its_connection_reads_what_it_missed() {
     let (_, _, mut heard) = a.feed().resume(None);
     let listening = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' \
-         AND application_name = 'modrun-listener' AND query LIKE '%cancel_requested_at IS NOT NULL'"
+         AND application_name LIKE 'modrun-listener %' AND query LIKE '%cancel_requested_at IS NOT NULL'"
     );
     let start = Instant::now();
     while scalar(&url, &listening).await == 0 {
@@ -419,7 +419,7 @@ async fn a_node_whose_listener_lost_its_connection_reads_what_it_missed() {
         &url,
         &format!(
             "ALTER ROLE {role} NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE usename = '{role}' AND application_name = 'modrun-listener'"
+             WHERE usename = '{role}' AND application_name LIKE 'modrun-listener %'"
         ),
     )
     .await;
@@ -905,12 +905,22 @@ async fn a_node_frozen_past_its_lease_finds_its_run_rerun_elsewhere_and_cannot_o
         (&nodes[1], &nodes[0])
     };
 
+    // Its listening session, which the server keeps notifications for.
+    let listener = listener_of(&url, frozen.0).await;
+    assert_eq!(sessions_named(&url, &listener).await, 1, "{listener}");
+
     // Frozen past its 2 s lease: the other node re-queues the run, claims
-    // it and runs it to the end.
+    // it and runs it to the end, and ends the frozen node's listening
+    // session (frozen, it would hold the server's notification queue).
     signal(&frozen.1, "-STOP");
     other
         .1
         .wait_status_within(&run_id, "completed", Duration::from_secs(60));
+    let start = Instant::now();
+    while sessions_named(&url, &listener).await > 0 {
+        assert!(start.elapsed() < DEADLINE, "the frozen node still listens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (_, body) = other.1.get(&format!("/runs/{run_id}"));
     assert_eq!(body["run"]["node"], other.0, "{body}");
     assert_eq!(body["run"]["attempt"], 2, "{body}");
@@ -931,6 +941,45 @@ async fn a_node_frozen_past_its_lease_finds_its_run_rerun_elsewhere_and_cannot_o
     let (_, after) = other.1.get(&format!("/runs/{run_id}"));
     assert_eq!(after["run"], body["run"], "the result stands");
     assert_eq!(after["history"].as_array().unwrap().len(), 5, "{after}");
+}
+
+/// The application name of `node`'s listening session, as its lease row
+/// has it (`modrun serve` nodes, schema `modrun`), once it has one.
+async fn listener_of(url: &str, node: &str) -> String {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    let start = Instant::now();
+    let listener = loop {
+        let row = client
+            .query_opt(
+                "SELECT listener FROM modrun.nodes WHERE node_id = $1 AND listener IS NOT NULL",
+                &[&node],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get(0);
+        }
+        assert!(start.elapsed() < DEADLINE, "node {node} has no lease row");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    drop(client);
+    let _ = driver.await;
+    listener
+}
+
+/// How many sessions of the test server are named `application`.
+async fn sessions_named(url: &str, application: &str) -> i64 {
+    scalar(
+        url,
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = '{application}'"
+        ),
+    )
+    .await
 }
 
 /// Starts a hello on `base` with an idempotency key; the status and body.

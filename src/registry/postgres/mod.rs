@@ -66,6 +66,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0010_priority.sql"),
     include_str!("migrations/0011_grouped_notify.sql"),
     include_str!("migrations/0012_history_unchecked.sql"),
+    include_str!("migrations/0013_node_listener.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says
@@ -248,14 +249,18 @@ impl PostgresStore {
             .build()
             .map_err(|e| fail(format!("cannot set up its connection pool: {e}")))?;
 
+        // Named apart from every other listener, so that the node that
+        // settles this one's runs, should it be lost, can end its session.
+        let listener = format!("{}{}", sql::LISTENER_PREFIX, uuid::Uuid::now_v7().simple());
         let mut config_for_listener = config.clone();
-        config_for_listener.application_name("modrun-listener");
+        config_for_listener.application_name(&listener);
         let shared = Arc::new(Shared::new(place.clone()));
         let cancels = Arc::new(CancelSink::default());
         let versions = Arc::new(std::sync::Mutex::new(None));
         let renewed = Arc::new(std::sync::Mutex::new(None));
         let node = Node {
             id: options.node.clone(),
+            listener,
             lease: options.lease,
             cancels: cancels.clone(),
             versions: versions.clone(),

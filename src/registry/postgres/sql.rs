@@ -205,10 +205,15 @@ const PROGRESS_MANY: &str = "WITH u AS (UPDATE runs r SET progress_fraction = p.
 
 /// Renews this node's lease (`$2` milliseconds from now, server time),
 /// with the module versions it can run (`$3`, NULL while not known).
-const RENEW: &str = "INSERT INTO nodes (node_id, started_at, heartbeat_at, lease_until, versions) \
-     VALUES ($1, now(), now(), now() + $2::bigint * interval '1 millisecond', $3) \
+const RENEW: &str = "INSERT INTO nodes \
+     (node_id, started_at, heartbeat_at, lease_until, versions, listener) \
+     VALUES ($1, now(), now(), now() + $2::bigint * interval '1 millisecond', $3, $4) \
      ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = now(), lease_until = excluded.lease_until, \
-     versions = excluded.versions";
+     versions = excluded.versions, listener = excluded.listener";
+
+/// How the application name of every node's listening session begins
+/// (the rest is its own): see [`RESCUE`].
+pub(super) const LISTENER_PREFIX: &str = "modrun-listener ";
 
 /// Settles the queued runs no live node can run: their module, at the
 /// version they were started with, is loaded nowhere (it changed or was
@@ -305,10 +310,23 @@ pub(super) const SESSION_NODE: &str = "SELECT set_config('modrun.node', $1, fals
 /// node frozen in the middle of its own heartbeat holds its node row, and
 /// every other node's heartbeat (its own renewal with it) would wait on
 /// it for as long as it stays frozen.
+///
+/// The listening session of a node whose row goes is ended: frozen, the
+/// node no longer reads its notifications, and the server would keep them
+/// all for it until its queue is full and no write can announce a change.
+/// Only a session of this database that this role may end, and named as
+/// listeners are (`$5`: [`LISTENER_PREFIX`]), whatever a node's row says. A node
+/// that comes back listens again, and reads what it missed from the
+/// history. The statement's second column is how many were ended.
 const RESCUE: &str = "WITH settled AS (SELECT pg_postmaster_start_time() \
      < now() - $3::bigint * interval '1 millisecond' AS up), \
      gone AS (DELETE FROM nodes WHERE node_id IN (SELECT node_id FROM nodes \
-     WHERE lease_until < now() AND (SELECT up FROM settled) FOR UPDATE SKIP LOCKED)), \
+     WHERE lease_until < now() AND (SELECT up FROM settled) FOR UPDATE SKIP LOCKED) \
+     RETURNING listener), \
+     ended AS (SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a \
+     JOIN gone g ON a.application_name = g.listener \
+     WHERE starts_with(g.listener, $5) AND a.datname = current_database() \
+     AND a.pid <> pg_backend_pid() AND pg_has_role(a.usesysid, 'USAGE')), \
      doomed AS (SELECT r.id, coalesce(r.node, 'an unknown node') AS node, r.status, r.attempt, \
      r.max_attempts, r.cancel_requested_at IS NOT NULL AS cancel, \
      r.status = 'running' AND r.cancel_requested_at IS NULL \
@@ -336,7 +354,7 @@ const RESCUE: &str = "WITH settled AS (SELECT pg_postmaster_start_time() \
      || (d.attempt + 1) || ' of ' || d.max_attempts || ')' ELSE r.error_message END AS message), \
      h AS (INSERT INTO run_history (run, seq, status, at, message) \
      SELECT id, history_len - 1, status, $1, message FROM lost) \
-     SELECT count(*) FROM lost";
+     SELECT (SELECT count(*) FROM lost), (SELECT count(*) FROM ended)";
 
 /// Until [`NAMED`], in this transaction, changes are announced as no
 /// node's.
@@ -480,6 +498,8 @@ const COUNT_FINISHED: &str = concat!("SELECT count(*) FROM runs r WHERE ", clean
 /// where it hands the cancels other nodes asked of it.
 pub(super) struct Node {
     pub(super) id: String,
+    /// The application name of its listening session.
+    pub(super) listener: String,
     pub(super) lease: std::time::Duration,
     pub(super) cancels: std::sync::Arc<CancelSink>,
     /// The module versions it can run, as `<module>@<hash>`; `None` until
@@ -1278,9 +1298,15 @@ async fn send<'s>(
             // registry, changed them). Prepared statements, sent in order.
             let ((_, _, rescued, stranded), (_, pending)) = futures_util::future::try_join(
                 futures_util::future::try_join4(
-                    tx.execute(statement(RENEW), &[&node.id, lease, versions]),
+                    tx.execute(
+                        statement(RENEW),
+                        &[&node.id, lease, versions, &node.listener],
+                    ),
                     tx.execute(statement(ANONYMOUS), &[]),
-                    tx.query_one(statement(RESCUE), &[at, failed, lease, cancelled]),
+                    tx.query_one(
+                        statement(RESCUE),
+                        &[at, failed, lease, cancelled, &LISTENER_PREFIX],
+                    ),
                     tx.query_one(statement(STRANDED), &[at, failed, lease, versions]),
                 ),
                 futures_util::future::try_join(
@@ -1299,11 +1325,17 @@ async fn send<'s>(
             for row in pending {
                 node.cancels.send(row.get(0));
             }
-            let lost: i64 = rescued.get(0);
+            let (lost, ended): (i64, i64) = (rescued.get(0), rescued.get(1));
             if lost > 0 {
                 tracing::warn!(
                     runs = lost,
                     "settled the runs of nodes that stopped renewing their lease"
+                );
+            }
+            if ended > 0 {
+                tracing::warn!(
+                    sessions = ended,
+                    "ended the listening sessions of nodes that stopped renewing their lease"
                 );
             }
             Some(Outcome::Done)
