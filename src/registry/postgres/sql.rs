@@ -204,7 +204,8 @@ const PROGRESS_MANY: &str = "WITH u AS (UPDATE runs r SET progress_fraction = p.
      WHERE octet_length(text) < 7900";
 
 /// Renews this node's lease (`$2` milliseconds from now, server time),
-/// with the module versions it can run (`$3`, NULL while not known).
+/// with the module versions it can run (`$3`, NULL while not known) and
+/// the application name of its listening session (`$4`).
 const RENEW: &str = "INSERT INTO nodes \
      (node_id, started_at, heartbeat_at, lease_until, versions, listener) \
      VALUES ($1, now(), now(), now() + $2::bigint * interval '1 millisecond', $3, $4) \
@@ -315,9 +316,9 @@ pub(super) const SESSION_NODE: &str = "SELECT set_config('modrun.node', $1, fals
 /// node no longer reads its notifications, and the server would keep them
 /// all for it until its queue is full and no write can announce a change.
 /// Only a session of this database that this role may end, and named as
-/// listeners are (`$5`: [`LISTENER_PREFIX`]), whatever a node's row says. A node
-/// that comes back listens again, and reads what it missed from the
-/// history. The statement's second column is how many were ended.
+/// listeners are (`$5`: [`LISTENER_PREFIX`]), whatever a node's row says.
+/// A node that comes back listens again, and reads what it missed from
+/// the history. The statement's second column is how many were ended.
 const RESCUE: &str = "WITH settled AS (SELECT pg_postmaster_start_time() \
      < now() - $3::bigint * interval '1 millisecond' AS up), \
      gone AS (DELETE FROM nodes WHERE node_id IN (SELECT node_id FROM nodes \
