@@ -335,6 +335,51 @@ async fn the_log_stays_bounded_under_writes_that_never_pause() {
     assert_eq!(ended.len(), runs);
 }
 
+/// A reader still reading an older state of the file (a long query,
+/// another process) keeps the log from starting over, however it is
+/// checkpointed: the log grows meanwhile, writes go on, and once the
+/// reader is done the log starts over and its file is cut back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_starts_over_once_a_long_reader_is_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.db");
+    let log = dir.path().join("registry.db-wal");
+    let registry = open(&path);
+    let add_runs = async |count: usize| {
+        for _ in 0..count {
+            let run = Run::new("hello", "Hello");
+            registry.add_run(&run).await.unwrap();
+            registry
+                .transition(&Transition::cancelled(&run.run_id, "not needed"))
+                .await
+                .unwrap();
+        }
+    };
+    let reader = rusqlite::Connection::open(&path).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let seen: i64 = reader
+        .query_row("SELECT count(*) FROM runs", [], |row| row.get(0))
+        .unwrap();
+    add_runs(1_000).await;
+    let held = std::fs::metadata(&log).unwrap().len();
+    assert!(held > 16 << 20, "the log grew to {} MiB only", held >> 20);
+    let still: i64 = reader
+        .query_row("SELECT count(*) FROM runs", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(still, seen, "the reader reads the state it began with");
+
+    reader.execute_batch("COMMIT").unwrap();
+    add_runs(300).await;
+    let after = std::fs::metadata(&log).unwrap().len();
+    assert!(
+        after <= 16 << 20,
+        "the log file is still {} MiB",
+        after >> 20
+    );
+    let ended = registry.runs_by_status(RunStatus::Cancelled).await.unwrap();
+    assert_eq!(ended.len(), 1_300);
+}
+
 /// The environment variable that makes [`crash_child`] do its work.
 const CRASH_CHILD: &str = "MODRUN_TEST_CRASH_DB";
 

@@ -362,6 +362,13 @@ const LOG_FRAMES_STEP: i32 = 1_024;
 /// own checkpoint is short.
 const LOG_FRAMES_MAX: i32 = 3_072;
 
+/// How many more frames the writer appends before it checkpoints again,
+/// when its checkpoint left the log as it was: a reader still reading an
+/// older state of the file (a long query, another process) keeps the log
+/// from starting over, and a checkpoint per commit meanwhile would sync
+/// the files at every commit.
+const LOG_FRAMES_RETRY: i32 = 256;
+
 /// What the checkpoint thread is asked.
 enum Checkpoint {
     /// The log has grown: copy it now.
@@ -372,24 +379,26 @@ enum Checkpoint {
 
 /// Keeps the log of the writer's connection bounded: after each commit,
 /// wakes the checkpoint thread every [`LOG_FRAMES_STEP`] frames, and past
-/// [`LOG_FRAMES_MAX`] checkpoints on the spot, so that the next commit
-/// starts the log over.
+/// [`LOG_FRAMES_MAX`] checkpoints on the spot (every [`LOG_FRAMES_RETRY`]
+/// frames until it takes), so that the next commit starts the log over.
 fn watch_log(
     conn: &mut Connection,
     checkpoints: mpsc::SyncSender<Checkpoint>,
 ) -> rusqlite::Result<()> {
-    let mut told_at = 0;
+    // The log's length when the writer last woke the thread or checkpointed.
+    let mut acted_at = 0;
     conn.wal_hook(Some(move |log: &mut rusqlite::hooks::Wal, frames: i32| {
-        if frames >= LOG_FRAMES_MAX {
-            // Busy while the checkpoint thread is at it: the next commit
-            // tries again. An error here would fail a commit that happened.
-            let _ = log.checkpoint();
-            told_at = 0;
-        } else if frames < told_at {
+        if frames < acted_at {
             // The log started over.
-            told_at = 0;
-        } else if frames - told_at >= LOG_FRAMES_STEP {
-            told_at = frames;
+            acted_at = 0;
+        }
+        if frames >= LOG_FRAMES_MAX && frames - acted_at >= LOG_FRAMES_RETRY {
+            acted_at = frames;
+            // Busy while the checkpoint thread is at it: tried again later.
+            // An error here would fail a commit that happened.
+            let _ = log.checkpoint();
+        } else if frames - acted_at >= LOG_FRAMES_STEP {
+            acted_at = frames;
             // Full: a wake-up is on its way already.
             let _ = checkpoints.try_send(Checkpoint::Now);
         }
