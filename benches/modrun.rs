@@ -1010,21 +1010,16 @@ async fn wasm_figures(
         )
         .await?;
         let wasm_goal = ">= 0.6 x bare wasmtime (instantiate+call)";
-        rows.push(Row {
-            name: format!("hello runs/s, in-memory, {shape}"),
-            value: format!("{memory:.0}"),
-            baseline: format!("{bare:.0}"),
-            ratio: memory / bare,
-            goal: wasm_goal,
-        });
+        let row = |registry: &str, rate: f64, baseline: f64, goal| Row {
+            name: format!("hello runs/s, {registry}, {shape}"),
+            value: format!("{rate:.0}"),
+            baseline: format!("{baseline:.0}"),
+            ratio: rate / baseline,
+            goal,
+        };
+        rows.push(row("in-memory", memory, bare, wasm_goal));
         if !sequential {
-            rows.push(Row {
-                name: format!("hello runs/s, SQLite, {shape}"),
-                value: format!("{sqlite:.0}"),
-                baseline: format!("{bare:.0}"),
-                ratio: sqlite / bare,
-                goal: wasm_goal,
-            });
+            rows.push(row("SQLite", sqlite, bare, wasm_goal));
             continue;
         }
         // What no SQLite registry can beat one run at a time: the bare run
@@ -1034,13 +1029,12 @@ async fn wasm_figures(
         // against it.
         let commit = raw_commit_seconds(dir)?;
         let ceiling = 1.0 / (1.0 / bare + 2.0 * commit);
-        rows.push(Row {
-            name: format!("hello runs/s, SQLite, {shape}"),
-            value: format!("{sqlite:.0}"),
-            baseline: format!("{ceiling:.0}"),
-            ratio: sqlite / ceiling,
-            goal: ">= 0.8 x bare run + 2 raw SQLite commits",
-        });
+        rows.push(row(
+            "SQLite",
+            sqlite,
+            ceiling,
+            ">= 0.8 x bare run + 2 raw SQLite commits",
+        ));
         rows.push(Row {
             name: "  ceiling: bare run + 2 raw SQLite commits, runs/s".into(),
             value: format!("{ceiling:.0}"),

@@ -299,6 +299,25 @@ fn writing_a_run_builds_no_temporary_table() {
     }
 }
 
+/// Records `count` runs, each added and then cancelled: two commits each.
+async fn add_ended_runs(registry: &RunRegistry, count: usize) {
+    for _ in 0..count {
+        let run = Run::new("hello", "Hello");
+        registry.add_run(&run).await.unwrap();
+        registry
+            .transition(&Transition::cancelled(&run.run_id, "not needed"))
+            .await
+            .unwrap();
+    }
+}
+
+/// The size of the registry's log file, in bytes.
+fn log_size(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join("registry.db-wal"))
+        .unwrap()
+        .len()
+}
+
 /// Under writes that never pause, no checkpoint beside the writer can copy
 /// the whole log between two commits, and only then does the log start
 /// over: the writer sees to it, so the log file stays bounded (about 12 MiB
@@ -307,32 +326,21 @@ fn writing_a_run_builds_no_temporary_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_stays_bounded_under_writes_that_never_pause() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("registry.db");
-    let log = dir.path().join("registry.db-wal");
-    let registry = open(&path);
+    let registry = open(&dir.path().join("registry.db"));
     // Each commit appends at least the four pages a run and its history
     // touch: 4,000 of them append over 64 MiB of pages.
-    let runs = 2_000;
     let mut largest = 0;
-    for index in 0..runs {
-        let run = Run::new("hello", "Hello");
-        registry.add_run(&run).await.unwrap();
-        registry
-            .transition(&Transition::cancelled(&run.run_id, "not needed"))
-            .await
-            .unwrap();
-        if index % 100 == 0 {
-            largest = largest.max(std::fs::metadata(&log).unwrap().len());
-        }
+    for _ in 0..20 {
+        add_ended_runs(&registry, 100).await;
+        largest = largest.max(log_size(dir.path()));
     }
-    largest = largest.max(std::fs::metadata(&log).unwrap().len());
     assert!(
         largest <= 16 << 20,
         "the log file grew to {} MiB",
         largest >> 20
     );
     let ended = registry.runs_by_status(RunStatus::Cancelled).await.unwrap();
-    assert_eq!(ended.len(), runs);
+    assert_eq!(ended.len(), 2_000);
 }
 
 /// A reader still reading an older state of the file (a long query,
@@ -343,34 +351,27 @@ async fn the_log_stays_bounded_under_writes_that_never_pause() {
 async fn the_log_starts_over_once_a_long_reader_is_done() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.db");
-    let log = dir.path().join("registry.db-wal");
     let registry = open(&path);
-    let add_runs = async |count: usize| {
-        for _ in 0..count {
-            let run = Run::new("hello", "Hello");
-            registry.add_run(&run).await.unwrap();
-            registry
-                .transition(&Transition::cancelled(&run.run_id, "not needed"))
-                .await
-                .unwrap();
-        }
-    };
     let reader = rusqlite::Connection::open(&path).unwrap();
+    let count = |reader: &rusqlite::Connection| -> i64 {
+        reader
+            .query_row("SELECT count(*) FROM runs", [], |row| row.get(0))
+            .unwrap()
+    };
     reader.execute_batch("BEGIN").unwrap();
-    let seen: i64 = reader
-        .query_row("SELECT count(*) FROM runs", [], |row| row.get(0))
-        .unwrap();
-    add_runs(1_000).await;
-    let held = std::fs::metadata(&log).unwrap().len();
+    let seen = count(&reader);
+    add_ended_runs(&registry, 1_000).await;
+    let held = log_size(dir.path());
     assert!(held > 16 << 20, "the log grew to {} MiB only", held >> 20);
-    let still: i64 = reader
-        .query_row("SELECT count(*) FROM runs", [], |row| row.get(0))
-        .unwrap();
-    assert_eq!(still, seen, "the reader reads the state it began with");
+    assert_eq!(
+        count(&reader),
+        seen,
+        "the reader reads the state it began with"
+    );
 
     reader.execute_batch("COMMIT").unwrap();
-    add_runs(300).await;
-    let after = std::fs::metadata(&log).unwrap().len();
+    add_ended_runs(&registry, 300).await;
+    let after = log_size(dir.path());
     assert!(
         after <= 16 << 20,
         "the log file is still {} MiB",
