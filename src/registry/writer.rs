@@ -100,6 +100,12 @@ pub(super) enum Write {
     /// Removes the oldest runs (at most this many) a cleanup matches.
     Cleanup(Cleanup, usize, Reply<usize>),
     Flush(Reply<()>),
+    /// Copies the log into the database file once its batch is committed
+    /// (SQLite): asked by the store's watch on the log after a caller
+    /// committed its own write, so that the caller does not wait for the
+    /// copy. Counted, so that callers hand their writes to the writer
+    /// until it is done.
+    Checkpoint,
     /// Nothing to write: wakes the writer to find out what the checkpoint
     /// thread noticed (the file deleted or replaced).
     Check,
@@ -293,6 +299,7 @@ impl<B: Backend> Writer<B> {
     /// Runs until every sender is gone and nothing is held (or the held
     /// writes could not be committed in [`CLOSING_RETRIES_FOR`]).
     pub(super) fn run(mut self, queue: &mpsc::Receiver<Write>) {
+        ON_WRITER_THREAD.set(true);
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut held: Vec<Write> = Vec::new();
         // Cleanups, each committed alone once no other write waits: a
@@ -597,12 +604,45 @@ fn answer(write: Write, outcome: Outcome) {
                 _ => None,
             }));
         }
-        Write::Check | Write::Heartbeat => {}
+        Write::Check | Write::Heartbeat | Write::Checkpoint => {}
         Write::Log(.., None) | Write::ReportedProgress | Write::TakenProgress(_) => {
             if let Outcome::Failed(e) = outcome {
                 tracing::warn!(error = %e, "a run update nobody waited for was not recorded");
             }
         }
+    }
+}
+
+/// Hands `write` to the writer thread, counted in [`Shared::outstanding`]
+/// if it counts.
+fn hand_over(shared: &Shared, writes: &mpsc::Sender<Write>, write: Write) -> Result<()> {
+    if write.is_counted() {
+        shared.outstanding.fetch_add(1, Ordering::AcqRel);
+    }
+    writes.send(write).map_err(|_| Error::RegistryClosed)
+}
+
+std::thread_local! {
+    /// Whether this thread is a store's writer thread.
+    static ON_WRITER_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread is a store's writer thread (not a caller
+/// committing its own write).
+pub(super) fn on_writer_thread() -> bool {
+    ON_WRITER_THREAD.get()
+}
+
+/// Hands writes to a store's writer thread from outside the store's calls.
+pub(super) struct Handoff {
+    shared: Arc<Shared>,
+    writes: mpsc::Sender<Write>,
+}
+
+impl Handoff {
+    /// Hands `write` over, in order after every write handed over before.
+    pub(super) fn send(&self, write: Write) -> Result<()> {
+        hand_over(&self.shared, &self.writes, write)
     }
 }
 
@@ -673,6 +713,15 @@ impl Queue {
         self.writes.clone()
     }
 
+    /// A way in for writes from outside the store's calls (a hook of the
+    /// database), counted as the store's own are.
+    pub(super) fn handoff(&self) -> Option<Handoff> {
+        Some(Handoff {
+            shared: self.shared.clone(),
+            writes: self.writes.clone()?,
+        })
+    }
+
     /// Queues a write and waits for its commit.
     async fn write<T>(&self, make: impl FnOnce(Reply<T>) -> Write) -> Result<T> {
         let (reply, answer) = oneshot::channel();
@@ -723,10 +772,7 @@ impl Queue {
     /// Hands a write to the writer thread, in order with all the others.
     fn enqueue(&self, write: Write) -> Result<()> {
         let writes = self.writes.as_ref().ok_or(Error::RegistryClosed)?;
-        if write.is_counted() {
-            self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
-        }
-        writes.send(write).map_err(|_| Error::RegistryClosed)
+        hand_over(&self.shared, writes, write)
     }
 
     // The writes of `RunStore`, for the stores to forward.

@@ -328,10 +328,24 @@ async fn the_log_stays_bounded_under_writes_that_never_pause() {
     let dir = tempfile::tempdir().unwrap();
     let registry = open(&dir.path().join("registry.db"));
     // Each commit appends at least the four pages a run and its history
-    // touch: 4,000 of them append over 64 MiB of pages.
+    // touch: 4,000 of them append over 64 MiB of pages. One caller at a
+    // time commits its own writes; then, from 16 callers at once, the
+    // writer thread commits them.
     let mut largest = 0;
     for _ in 0..20 {
         add_ended_runs(&registry, 100).await;
+        largest = largest.max(log_size(dir.path()));
+    }
+    for _ in 0..5 {
+        let callers: Vec<_> = (0..16)
+            .map(|_| {
+                let registry = registry.clone();
+                tokio::spawn(async move { add_ended_runs(&registry, 25).await })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
         largest = largest.max(log_size(dir.path()));
     }
     assert!(
@@ -340,7 +354,7 @@ async fn the_log_stays_bounded_under_writes_that_never_pause() {
         largest >> 20
     );
     let ended = registry.runs_by_status(RunStatus::Cancelled).await.unwrap();
-    assert_eq!(ended.len(), 2_000);
+    assert_eq!(ended.len(), 4_000);
 }
 
 /// A reader still reading an older state of the file (a long query,

@@ -828,7 +828,9 @@ impl<'a> Sent<'a> {
             Write::RequestCancel(run_id, _) => {
                 Sent::RequestCancel(clean(run_id), nanos(Utc::now()), &node.id)
             }
-            Write::ReportedProgress | Write::Flush(_) | Write::Check => Sent::Nothing,
+            Write::ReportedProgress | Write::Flush(_) | Write::Check | Write::Checkpoint => {
+                Sent::Nothing
+            }
         })
     }
 }

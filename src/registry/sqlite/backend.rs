@@ -46,6 +46,16 @@ impl Backend for SqliteBackend {
             }
             tx.commit()
         })();
+        if committed.is_ok() && batch.iter().any(|write| matches!(write, Write::Checkpoint)) {
+            // Busy while the checkpoint thread is at it: the watch on the
+            // log asks again later.
+            if let Err(e) = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            {
+                tracing::debug!(error = %e, "run registry checkpoint failed; retrying later");
+            }
+        }
         match committed {
             Ok(()) => Ok(outcomes),
             Err(e) => Err(match unavailable_reason(&e) {
@@ -141,7 +151,8 @@ fn apply<'b>(
         Write::Cleanup(cleanup, limit, _) => {
             Outcome::Count(sql::remove_finished(tx, cleanup, *limit)?)
         }
-        Write::Flush(_) | Write::Check | Write::Heartbeat => Outcome::Done,
+        // Done once the batch is committed (see `commit`).
+        Write::Flush(_) | Write::Check | Write::Heartbeat | Write::Checkpoint => Outcome::Done,
         // One process holds the file: no other executes its runs.
         Write::RequestCancel(..) => Outcome::Applied(None),
     })

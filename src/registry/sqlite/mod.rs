@@ -50,7 +50,7 @@ use async_trait::async_trait;
 pub use reader::SqliteReader;
 use rusqlite::Connection;
 
-use super::writer::{Direct, Queue, Shared, Write};
+use super::writer::{Direct, Handoff, Queue, Shared, Write, on_writer_thread};
 use super::{
     Cleanup, Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth, Tally, Wanted,
 };
@@ -99,6 +99,10 @@ pub struct SqliteStore {
     writes: Queue,
     checkpoints: mpsc::SyncSender<Checkpoint>,
     checkpointer: Option<JoinHandle<()>>,
+    /// The writer's way in for the watch on the log ([`watch_log`]): let
+    /// go when the store closes, so that the writer thread sees its last
+    /// sender gone.
+    handoff: Arc<Mutex<Option<Handoff>>>,
     readers: Mutex<Vec<Connection>>,
     max_readers: usize,
     _lock: File,
@@ -133,7 +137,9 @@ impl SqliteStore {
         let mut conn = open_writer(&path, options.synchronous).map_err(fail)?;
         // One wake-up waiting is enough: the checkpoint copies all there is.
         let (checkpoints, asked) = mpsc::sync_channel(1);
-        watch_log(&mut conn, checkpoints.clone()).map_err(|e| fail(schema::describe(&e)))?;
+        let handoff = Arc::new(Mutex::new(None));
+        watch_log(&mut conn, checkpoints.clone(), handoff.clone())
+            .map_err(|e| fail(schema::describe(&e)))?;
 
         let shared = Arc::new(Shared::new(path.clone()));
         let backend = SqliteBackend::new(conn, path.clone());
@@ -145,6 +151,7 @@ impl SqliteStore {
             Direct::Allowed,
         )
         .map_err(|e| fail(format!("cannot start its writer thread: {e}")))?;
+        *handoff.lock_unpoisoned() = writes.handoff();
         let checkpoint_conn = Connection::open(&path).map_err(|e| {
             fail(format!(
                 "cannot open it for checkpoints: {}",
@@ -164,6 +171,7 @@ impl SqliteStore {
             writes,
             checkpoints,
             checkpointer: Some(checkpointer),
+            handoff,
             readers: Mutex::new(Vec::new()),
             max_readers: options.readers.max(1),
             _lock: lock,
@@ -206,13 +214,15 @@ impl SqliteStore {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        // The checkpoint thread can wake the writer: it ends first, then
-        // the writer (as `writes` is dropped) once it has committed what
-        // it holds, so the file is complete when we return.
+        // The checkpoint thread and the watch on the log can hand the
+        // writer work: they let go first, then the writer ends (as
+        // `writes` is dropped) once it has committed what it holds, so
+        // the file is complete when we return.
         let _ = self.checkpoints.send(Checkpoint::Stop);
         if let Some(thread) = self.checkpointer.take() {
             let _ = thread.join();
         }
+        self.handoff.lock_unpoisoned().take();
     }
 }
 
@@ -379,11 +389,15 @@ enum Checkpoint {
 
 /// Keeps the log of the writer's connection bounded: after each commit,
 /// wakes the checkpoint thread every [`LOG_FRAMES_STEP`] frames, and past
-/// [`LOG_FRAMES_MAX`] checkpoints on the spot (every [`LOG_FRAMES_RETRY`]
-/// frames until it takes), so that the next commit starts the log over.
+/// [`LOG_FRAMES_MAX`] has the writer thread checkpoint (every
+/// [`LOG_FRAMES_RETRY`] frames until it takes), so that the next commit
+/// starts the log over: on the spot when the writer thread committed, and
+/// handed to it ([`Write::Checkpoint`]) when a caller committed its own
+/// write, whose thread (an async runtime's, often) must not wait for it.
 fn watch_log(
     conn: &mut Connection,
     checkpoints: mpsc::SyncSender<Checkpoint>,
+    writer: Arc<Mutex<Option<Handoff>>>,
 ) -> rusqlite::Result<()> {
     // The log's length when the writer last woke the thread or checkpointed.
     let mut acted_at = 0;
@@ -394,9 +408,13 @@ fn watch_log(
         }
         if frames >= LOG_FRAMES_MAX && frames - acted_at >= LOG_FRAMES_RETRY {
             acted_at = frames;
-            // Busy while the checkpoint thread is at it: tried again later.
-            // An error here would fail a commit that happened.
-            let _ = log.checkpoint();
+            if on_writer_thread() {
+                // Busy while the checkpoint thread is at it: tried again
+                // later. An error here would fail a commit that happened.
+                let _ = log.checkpoint();
+            } else if let Some(writer) = &*writer.lock_unpoisoned() {
+                let _ = writer.send(Write::Checkpoint);
+            }
         } else if frames - acted_at >= LOG_FRAMES_STEP {
             acted_at = frames;
             // Full: a wake-up is on its way already.
