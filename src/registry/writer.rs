@@ -249,6 +249,12 @@ impl Shared {
                 tracing::error!(path = %self.path.display(), %reason, "run registry unavailable: holding run updates, refusing starts");
             }
             (Some(_), None) => {
+                // The writer retries every write it holds in the batch
+                // that commits first, and a caller may commit its own only
+                // while the writer holds no write anyone waits for: none is
+                // held any more. Said now, with the availability, so that
+                // health never reads writable with writes still held.
+                self.held.store(0, Ordering::Relaxed);
                 tracing::info!(path = %self.path.display(), "run registry writable again: held updates committed");
             }
             _ => {}
