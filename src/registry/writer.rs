@@ -101,10 +101,9 @@ pub(super) enum Write {
     Cleanup(Cleanup, usize, Reply<usize>),
     Flush(Reply<()>),
     /// Copies the log into the database file once its batch is committed
-    /// (SQLite): asked by the store's watch on the log after a caller
-    /// committed its own write, so that the caller does not wait for the
-    /// copy. Counted, so that callers hand their writes to the writer
-    /// until it is done.
+    /// (SQLite): asked by the store's watch on the log, so that a caller
+    /// that committed its own write does not wait for the copy. Counted,
+    /// so that callers hand their writes to the writer until it is done.
     Checkpoint,
     /// Nothing to write: wakes the writer to find out what the checkpoint
     /// thread noticed (the file deleted or replaced).
@@ -305,7 +304,6 @@ impl<B: Backend> Writer<B> {
     /// Runs until every sender is gone and nothing is held (or the held
     /// writes could not be committed in [`CLOSING_RETRIES_FOR`]).
     pub(super) fn run(mut self, queue: &mpsc::Receiver<Write>) {
-        ON_WRITER_THREAD.set(true);
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut held: Vec<Write> = Vec::new();
         // Cleanups, each committed alone once no other write waits: a
@@ -626,17 +624,6 @@ fn hand_over(shared: &Shared, writes: &mpsc::Sender<Write>, write: Write) -> Res
         shared.outstanding.fetch_add(1, Ordering::AcqRel);
     }
     writes.send(write).map_err(|_| Error::RegistryClosed)
-}
-
-std::thread_local! {
-    /// Whether this thread is a store's writer thread.
-    static ON_WRITER_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether the calling thread is a store's writer thread (not a caller
-/// committing its own write).
-pub(super) fn on_writer_thread() -> bool {
-    ON_WRITER_THREAD.get()
 }
 
 /// Hands writes to a store's writer thread from outside the store's calls.

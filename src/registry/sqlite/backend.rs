@@ -49,12 +49,7 @@ impl Backend for SqliteBackend {
         if committed.is_ok() && batch.iter().any(|write| matches!(write, Write::Checkpoint)) {
             // Busy while the checkpoint thread is at it: the watch on the
             // log asks again later.
-            if let Err(e) = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-            {
-                tracing::debug!(error = %e, "run registry checkpoint failed; retrying later");
-            }
+            checkpoint(&self.conn);
         }
         match committed {
             Ok(()) => Ok(outcomes),
@@ -156,6 +151,15 @@ fn apply<'b>(
         // One process holds the file: no other executes its runs.
         Write::RequestCancel(..) => Outcome::Applied(None),
     })
+}
+
+/// Copies what it can of the log into the database file, blocking
+/// neither the writer nor readers (a passive checkpoint): what it cannot
+/// copy now, a later one does.
+pub(super) fn checkpoint(conn: &Connection) {
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        tracing::debug!(error = %e, "run registry checkpoint failed; retrying later");
+    }
 }
 
 /// Records progress of an active run; returns its module id, `None` if the

@@ -50,7 +50,7 @@ use async_trait::async_trait;
 pub use reader::SqliteReader;
 use rusqlite::Connection;
 
-use super::writer::{Direct, Handoff, Queue, Shared, Write, on_writer_thread};
+use super::writer::{Direct, Handoff, Queue, Shared, Write};
 use super::{
     Cleanup, Existing, OnUnavailable, RunFilter, RunStore, RunSummary, StoreHealth, Tally, Wanted,
 };
@@ -389,11 +389,11 @@ enum Checkpoint {
 
 /// Keeps the log of the writer's connection bounded: after each commit,
 /// wakes the checkpoint thread every [`LOG_FRAMES_STEP`] frames, and past
-/// [`LOG_FRAMES_MAX`] has the writer thread checkpoint (every
-/// [`LOG_FRAMES_RETRY`] frames until it takes), so that the next commit
-/// starts the log over: on the spot when the writer thread committed, and
-/// handed to it ([`Write::Checkpoint`]) when a caller committed its own
-/// write, whose thread (an async runtime's, often) must not wait for it.
+/// [`LOG_FRAMES_MAX`] hands the writer thread a checkpoint
+/// ([`Write::Checkpoint`], every [`LOG_FRAMES_RETRY`] frames until it
+/// takes), so that the next commit starts the log over. Handed over
+/// whichever thread committed: a caller that committed its own write (on
+/// an async runtime's thread, often) must not wait for it.
 fn watch_log(
     conn: &mut Connection,
     checkpoints: mpsc::SyncSender<Checkpoint>,
@@ -401,18 +401,14 @@ fn watch_log(
 ) -> rusqlite::Result<()> {
     // The log's length when the writer last woke the thread or checkpointed.
     let mut acted_at = 0;
-    conn.wal_hook(Some(move |log: &mut rusqlite::hooks::Wal, frames: i32| {
+    conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, frames: i32| {
         if frames < acted_at {
             // The log started over.
             acted_at = 0;
         }
         if frames >= LOG_FRAMES_MAX && frames - acted_at >= LOG_FRAMES_RETRY {
             acted_at = frames;
-            if on_writer_thread() {
-                // Busy while the checkpoint thread is at it: tried again
-                // later. An error here would fail a commit that happened.
-                let _ = log.checkpoint();
-            } else if let Some(writer) = &*writer.lock_unpoisoned() {
+            if let Some(writer) = &*writer.lock_unpoisoned() {
                 let _ = writer.send(Write::Checkpoint);
             }
         } else if frames - acted_at >= LOG_FRAMES_STEP {
@@ -449,8 +445,6 @@ fn checkpoint_loop(
             let _ = writer.send(Write::Check);
             continue;
         }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %e, "run registry checkpoint failed; retrying later");
-        }
+        backend::checkpoint(conn);
     }
 }
