@@ -85,8 +85,6 @@ struct Row {
 }
 
 impl Row {
-    /// A row of a figure and its baseline, both measured in this run, shown
-    /// with `decimals` digits.
     /// A row of the p99 of `values` against that of `baseline`, in ms.
     fn p99_ms(
         name: &str,
@@ -101,6 +99,8 @@ impl Row {
         Row::measured(name, p99(values), p99(baseline), decimals, goal)
     }
 
+    /// A row of a figure and its baseline, both measured in this run, shown
+    /// with `decimals` digits.
     fn measured(name: &str, value: f64, baseline: f64, decimals: usize, goal: &'static str) -> Row {
         Row {
             name: name.to_owned(),
@@ -1010,12 +1010,14 @@ async fn wasm_figures(
         )
         .await?;
         let wasm_goal = ">= 0.6 x bare wasmtime (instantiate+call)";
-        let row = |registry: &str, rate: f64, baseline: f64, goal| Row {
-            name: format!("hello runs/s, {registry}, {shape}"),
-            value: format!("{rate:.0}"),
-            baseline: format!("{baseline:.0}"),
-            ratio: rate / baseline,
-            goal,
+        let row = |registry: &str, rate: f64, baseline: f64, goal| {
+            Row::measured(
+                &format!("hello runs/s, {registry}, {shape}"),
+                rate,
+                baseline,
+                0,
+                goal,
+            )
         };
         rows.push(row("in-memory", memory, bare, wasm_goal));
         if !sequential {
@@ -1035,13 +1037,13 @@ async fn wasm_figures(
             ceiling,
             ">= 0.8 x bare run + 2 raw SQLite commits",
         ));
-        rows.push(Row {
-            name: "  ceiling: bare run + 2 raw SQLite commits, runs/s".into(),
-            value: format!("{ceiling:.0}"),
-            baseline: format!("{bare:.0}"),
-            ratio: ceiling / bare,
-            goal: "(reported: the most a durable SQLite run can reach)",
-        });
+        rows.push(Row::measured(
+            "  ceiling: bare run + 2 raw SQLite commits, runs/s",
+            ceiling,
+            bare,
+            0,
+            "(reported: the most a durable SQLite run can reach)",
+        ));
         rows.push(Row::measured(
             "  one raw SQLite commit (run + history rows), us",
             commit * 1e6,
