@@ -362,27 +362,30 @@ async fn a_cleanup_removes_the_history_of_the_runs_it_removes() {
     assert_eq!(a.history(&kept.run_id).await.unwrap().len(), 3);
 }
 
-/// Runs SQL on the test server as its administrator.
-async fn admin(url: &str, sql: &str) {
+/// Runs `query` on a connection of its own to the test server, closed
+/// once it has answered.
+async fn on_server<T>(url: &str, query: impl AsyncFnOnce(&tokio_postgres::Client) -> T) -> T {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .unwrap();
     let driver = tokio::spawn(connection);
-    client.batch_execute(sql).await.unwrap();
+    let answer = query(&client).await;
     drop(client);
     let _ = driver.await;
+    answer
+}
+
+/// Runs SQL on the test server as its administrator.
+async fn admin(url: &str, sql: &str) {
+    on_server(url, async |client| client.batch_execute(sql).await.unwrap()).await;
 }
 
 /// The first column of the first row of a query on the test server.
 async fn scalar(url: &str, sql: &str) -> i64 {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let driver = tokio::spawn(connection);
-    let value = client.query_one(sql, &[]).await.unwrap().get(0);
-    drop(client);
-    let _ = driver.await;
-    value
+    on_server(url, async |client| {
+        client.query_one(sql, &[]).await.unwrap().get(0)
+    })
+    .await
 }
 
 /// `url` with another user.
@@ -459,18 +462,15 @@ async fn a_node_whose_listener_lost_its_connection_reads_what_it_missed() {
     drop(a);
     let _ = tokio::time::timeout(DEADLINE, async {
         loop {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            let driver = tokio::spawn(connection);
-            let dropped = client
-                .batch_execute(&format!(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
-                     DROP ROLE {role}"
-                ))
-                .await;
-            drop(client);
-            let _ = driver.await;
+            let dropped = on_server(&url, async |client| {
+                client
+                    .batch_execute(&format!(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'; \
+                         DROP ROLE {role}"
+                    ))
+                    .await
+            })
+            .await;
             if dropped.is_ok() {
                 return;
             }
@@ -946,28 +946,24 @@ async fn a_node_frozen_past_its_lease_finds_its_run_rerun_elsewhere_and_cannot_o
 /// The application name of `node`'s listening session, as its lease row
 /// has it (`modrun serve` nodes, schema `modrun`), once it has one.
 async fn listener_of(url: &str, node: &str) -> String {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let driver = tokio::spawn(connection);
-    let start = Instant::now();
-    let listener = loop {
-        let row = client
-            .query_opt(
-                "SELECT listener FROM modrun.nodes WHERE node_id = $1 AND listener IS NOT NULL",
-                &[&node],
-            )
-            .await
-            .unwrap();
-        if let Some(row) = row {
-            break row.get(0);
+    on_server(url, async |client| {
+        let start = Instant::now();
+        loop {
+            let row = client
+                .query_opt(
+                    "SELECT listener FROM modrun.nodes WHERE node_id = $1 AND listener IS NOT NULL",
+                    &[&node],
+                )
+                .await
+                .unwrap();
+            if let Some(row) = row {
+                return row.get(0);
+            }
+            assert!(start.elapsed() < DEADLINE, "node {node} has no lease row");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(start.elapsed() < DEADLINE, "node {node} has no lease row");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    drop(client);
-    let _ = driver.await;
-    listener
+    })
+    .await
 }
 
 /// How many sessions of the test server are named `application`.
