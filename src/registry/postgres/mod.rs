@@ -67,6 +67,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0011_grouped_notify.sql"),
     include_str!("migrations/0012_history_unchecked.sql"),
     include_str!("migrations/0013_node_listener.sql"),
+    include_str!("migrations/0014_notify_by_index.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says
