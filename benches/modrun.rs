@@ -70,6 +70,8 @@ struct Sizes {
     /// of them (the oldest) their cleanup removes.
     retained: usize,
     cleaned: usize,
+    /// Runs a PostgreSQL node ended before the stored-runs row measures it.
+    ended_on_node: usize,
     /// Distinct modules of the cold-start row.
     cold_modules: usize,
     /// The node lease of the lost-node row (the default in a full run).
@@ -125,6 +127,7 @@ fn main() -> anyhow::Result<()> {
             // 0.1% of them failed: the failed-runs row lists 100.
             retained: 100_000,
             cleaned: 30_000,
+            ended_on_node: 50_000,
             cold_modules: 20,
             lease: Duration::from_secs(2),
         }
@@ -138,6 +141,7 @@ fn main() -> anyhow::Result<()> {
             in_flight: 100_000,
             retained: 1_000_000,
             cleaned: 1_000_000,
+            ended_on_node: 200_000,
             cold_modules: 50,
             lease: modrun::registry::DEFAULT_LEASE,
         }
@@ -1612,7 +1616,8 @@ async fn postgres_figures(sizes: &Sizes, rows: &mut Vec<Row>) -> anyhow::Result<
     client
         .batch_execute(&format!(
             "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {raw_schema} CASCADE; \
-             DROP SCHEMA IF EXISTS {schema}_burst CASCADE"
+             DROP SCHEMA IF EXISTS {schema}_burst CASCADE; \
+             DROP SCHEMA IF EXISTS {schema}_stored CASCADE"
         ))
         .await?;
     measured
@@ -1630,12 +1635,16 @@ async fn postgres_figures_in(
     let plugins = bench_plugins()?;
     let calls = sizes.wasm_calls;
     let ceiling = raw_postgres_runs_per_second(url, raw_schema, calls.max(5_000)).await?;
+    let mut one_node = 0.0;
     for nodes in [1, 2] {
         let mut registries = Vec::new();
         for index in 0..nodes {
             registries.push(postgres_registry(url, schema, &format!("bench-{index}")).await?);
         }
         let rate = modrun_runs_per_second(&plugins, registries, calls, PRODUCERS).await?;
+        if nodes == 1 {
+            one_node = rate;
+        }
         rows.push(Row::measured(
             &format!("hello runs/s, PostgreSQL, all cores, {nodes} node(s)"),
             rate,
@@ -1644,6 +1653,20 @@ async fn postgres_figures_in(
             ">= 0.5 x raw SQL ceiling (insert+claim+complete, 50/statement)",
         ));
     }
+    let stored = &format!("{schema}_stored");
+    let registry = postgres_registry(url, stored, "bench-stored").await?;
+    add_ended_runs(url, stored, "bench-stored", sizes.ended_on_node).await?;
+    let rate = modrun_runs_per_second(&plugins, vec![registry], calls, PRODUCERS).await?;
+    rows.push(Row::measured(
+        &format!(
+            "  the same, the node having ended {}k runs before",
+            sizes.ended_on_node / 1000
+        ),
+        rate,
+        one_node,
+        0,
+        ">= 0.8 x (baseline: fresh tables, the row above)",
+    ));
     // A burst on fresh tables: many more callers than the node records
     // as they come, so that runs wait queued and each claim finds
     // thousands of them, planned while the table was still empty.
@@ -1694,6 +1717,37 @@ async fn postgres_figures_in(
     claim_latency(url, schema, &plugins, rows).await?;
     cross_node_cancel(url, schema, &plugins, rows).await?;
     lost_node_settled(url, schema, sizes.lease, rows).await
+}
+
+/// Records `count` runs that node `node` executed and ended, in the
+/// schema `schema`, as the node's own statements leave them until the
+/// table is next vacuumed: each started as `Running` for the node, then
+/// updated to `Completed` (the ended versions beside the dead ones).
+async fn add_ended_runs(url: &str, schema: &str, node: &str, count: usize) -> anyhow::Result<()> {
+    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("SET search_path = {schema}"))
+        .await?;
+    let count = i64::try_from(count)?;
+    // One transaction: the node never sees runs it holds and does not know.
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
+             parameters, history_len, node, attempt) \
+             SELECT gen_random_uuid()::text, 'hello', 'Hello', 'running', g, g, '{}', 2, $1, 1 \
+             FROM generate_series(1, $2::bigint) g",
+        &[&node, &count],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE runs SET status = 'completed', completed_at = created_at + 1, \
+         history_len = 3 WHERE node = $1",
+        &[&node],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// How long after a node dies (no goodbye: its heartbeats just stop) its
