@@ -1161,38 +1161,27 @@ async fn listen_once(
     }
 }
 
-/// What a node announces: progress of its runs (one notification per
-/// batch the writer commits) or its status changes (one notification per
-/// statement that records them, `0011_grouped_notify.sql`).
+/// What a node announces, one kind per notification: its status changes
+/// (one notification per statement that records them,
+/// `0011_grouped_notify.sql`), or the progress or log lines of its runs
+/// (one per batch the writer commits). Read in one pass.
 #[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum Notice {
-    Log {
-        node: Option<String>,
-        /// (run id, module id, entry)
-        log: Vec<(String, String, LogEntry)>,
-    },
-    Progress {
-        node: Option<String>,
-        /// (run id, module id, fraction, message)
-        progress: Vec<(String, String, f64, String)>,
-    },
-    Statuses {
-        node: Option<String>,
-        /// In the order they were recorded.
-        statuses: Vec<Announced>,
-    },
+struct Notice {
+    /// In the order they were recorded.
+    statuses: Option<Vec<Announced>>,
+    /// (run id, module id, fraction, message)
+    progress: Option<Vec<(String, String, f64, String)>>,
+    /// (run id, module id, entry)
+    log: Option<Vec<(String, String, LogEntry)>>,
 }
 
-impl Notice {
-    /// The node that announced it.
-    fn node(&self) -> Option<&str> {
-        match self {
-            Notice::Log { node, .. }
-            | Notice::Progress { node, .. }
-            | Notice::Statuses { node, .. } => node.as_deref(),
-        }
-    }
+/// The node that announced a notification, read without the rest of it
+/// (nothing else is kept): a node skips its own announcements, which are
+/// most of what it hears.
+#[derive(serde::Deserialize)]
+struct Announcer<'a> {
+    #[serde(borrow)]
+    node: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// A status change as a node announces it: a JSON array of these fields,
@@ -1232,55 +1221,62 @@ impl Listener {
             }
             return;
         }
+        let announcer = match serde_json::from_str::<Announcer>(payload) {
+            Ok(announcer) => announcer,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignored a status notification that does not parse");
+                return;
+            }
+        };
+        if announcer.node.as_deref() == Some(self.node.as_str()) {
+            return; // This node published it already.
+        }
         let notice = match serde_json::from_str::<Notice>(payload) {
+            Ok(Notice {
+                statuses: None,
+                progress: None,
+                log: None,
+            }) => {
+                tracing::warn!("ignored a status notification that announces nothing");
+                return;
+            }
             Ok(notice) => notice,
             Err(e) => {
                 tracing::warn!(error = %e, "ignored a status notification that does not parse");
                 return;
             }
         };
-        if notice.node() == Some(self.node.as_str()) {
-            return; // This node published it already.
+        for announced in notice.statuses.into_iter().flatten() {
+            let Ok(status) = announced.status.parse() else {
+                tracing::warn!(status = %announced.status, "ignored a status notification with an unknown status");
+                continue;
+            };
+            if announced.claimable {
+                self.queued.notify_one();
+            }
+            self.publish(RunEvent::Status {
+                run_id: announced.run_id,
+                module_id: announced.module_id,
+                change: crate::run::StatusChange {
+                    status,
+                    at: DateTime::from_timestamp_nanos(announced.at),
+                    message: announced.message,
+                },
+            });
         }
-        match notice {
-            Notice::Statuses { statuses, .. } => {
-                for announced in statuses {
-                    let Ok(status) = announced.status.parse() else {
-                        tracing::warn!(status = %announced.status, "ignored a status notification with an unknown status");
-                        continue;
-                    };
-                    if announced.claimable {
-                        self.queued.notify_one();
-                    }
-                    self.publish(RunEvent::Status {
-                        run_id: announced.run_id,
-                        module_id: announced.module_id,
-                        change: crate::run::StatusChange {
-                            status,
-                            at: DateTime::from_timestamp_nanos(announced.at),
-                            message: announced.message,
-                        },
-                    });
-                }
-            }
-            Notice::Log { log, .. } => {
-                for (run_id, module_id, entry) in log {
-                    self.publish(RunEvent::Log {
-                        run_id,
-                        module_id,
-                        entry,
-                    });
-                }
-            }
-            Notice::Progress { progress, .. } => {
-                for (run_id, module_id, fraction, message) in progress {
-                    self.publish(RunEvent::Progress {
-                        run_id,
-                        module_id,
-                        progress: crate::run::Progress { fraction, message },
-                    });
-                }
-            }
+        for (run_id, module_id, entry) in notice.log.into_iter().flatten() {
+            self.publish(RunEvent::Log {
+                run_id,
+                module_id,
+                entry,
+            });
+        }
+        for (run_id, module_id, fraction, message) in notice.progress.into_iter().flatten() {
+            self.publish(RunEvent::Progress {
+                run_id,
+                module_id,
+                progress: crate::run::Progress { fraction, message },
+            });
         }
     }
 
