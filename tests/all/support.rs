@@ -33,19 +33,20 @@ pub fn database_url() -> Option<String> {
     match std::env::var("DATABASE_URL") {
         Ok(url) if !url.is_empty() => {
             static SWEPT: std::sync::Once = std::sync::Once::new();
-            SWEPT.call_once(|| drop_old_schemas(&url));
+            SWEPT.call_once(|| drop_old_test_data(&url));
             Some(url)
         }
         _ => require_or_skip("a PostgreSQL server: set DATABASE_URL=postgres://user@host:port/db"),
     }
 }
 
-/// Drops the schemas earlier test runs left on the server (each test
-/// makes its own, [`fresh_schema`], and leaves it for whoever looks into
-/// a failure): those made over an hour ago, by the time in their name, so
-/// that a run going on beside this one keeps its own. Once per process,
-/// on a thread of its own, whatever runtime the caller is on.
-fn drop_old_schemas(url: &str) {
+/// Drops the schemas and databases earlier test runs left on the server
+/// (each test makes its own, [`fresh_schema`] or [`fresh_database`], and
+/// leaves it for whoever looks into a failure): those made over an hour
+/// ago, by the time in their name, so that a run going on beside this one
+/// keeps its own. Once per process, on a thread of its own, whatever
+/// runtime the caller is on.
+fn drop_old_test_data(url: &str) {
     let url = url.to_owned();
     let swept = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -55,19 +56,22 @@ fn drop_old_schemas(url: &str) {
             let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
             let hour_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
-            let rows = client
-                .query(
+            for (list, drop) in [
+                (
                     "SELECT nspname FROM pg_namespace WHERE nspname ~ '^test_[0-9a-f]{32}$'",
-                    &[],
-                )
-                .await?;
-            for row in rows {
-                let schema: String = row.get(0);
-                let made = i64::from_str_radix(&schema[5..17], 16).unwrap_or(i64::MAX);
-                if made < hour_ago {
-                    client
-                        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                        .await?;
+                    "DROP SCHEMA IF EXISTS {} CASCADE",
+                ),
+                (
+                    "SELECT datname FROM pg_database WHERE datname ~ '^test_[0-9a-f]{32}$'",
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                ),
+            ] {
+                for row in client.query(list, &[]).await? {
+                    let name: String = row.get(0);
+                    let made = i64::from_str_radix(&name[5..17], 16).unwrap_or(i64::MAX);
+                    if made < hour_ago {
+                        client.batch_execute(&drop.replace("{}", &name)).await?;
+                    }
                 }
             }
             Ok::<_, anyhow::Error>(())
@@ -75,8 +79,8 @@ fn drop_old_schemas(url: &str) {
     });
     match swept.join() {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("old test schemas were not dropped: {e}"),
-        Err(_) => eprintln!("old test schemas were not dropped: the sweep panicked"),
+        Ok(Err(e)) => eprintln!("old test schemas and databases were not dropped: {e}"),
+        Err(_) => eprintln!("old test schemas and databases were not dropped: the sweep panicked"),
     }
 }
 
