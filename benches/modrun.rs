@@ -1734,9 +1734,9 @@ async fn add_ended_runs(url: &str, schema: &str, node: &str, count: usize) -> an
     let tx = client.transaction().await?;
     tx.execute(
         "INSERT INTO runs (run_id, module_id, module_name, status, created_at, started_at, \
-             parameters, history_len, node, attempt) \
-             SELECT gen_random_uuid()::text, 'hello', 'Hello', 'running', g, g, '{}', 2, $1, 1 \
-             FROM generate_series(1, $2::bigint) g",
+         parameters, history_len, node, attempt) \
+         SELECT gen_random_uuid()::text, 'hello', 'Hello', 'running', g, g, '{}', 2, $1, 1 \
+         FROM generate_series(1, $2::bigint) g",
         &[&node, &count],
     )
     .await?;
