@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::RecursiveMode;
@@ -13,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::loader::ModuleHost;
 use crate::error::{Error, Result};
+use crate::sync::LockUnpoisoned;
 
 /// How long a changed file must be quiet before it is reloaded: long enough
 /// for a build tool or an editor to finish writing, short enough to feel live.
@@ -20,9 +22,13 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// Watches a plugins directory for as long as it lives.
 pub struct Reloader {
-    _debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
+    _watcher: Watcher,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// The watcher of a plugins directory, shared with the task that watches
+/// the folders made in a watched tree.
+type Watcher = Arc<Mutex<Debouncer<notify::RecommendedWatcher, RecommendedCache>>>;
 
 impl std::fmt::Debug for Reloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -46,11 +52,16 @@ impl ModuleHost {
         self.watch_with(dir, debounce, None)
     }
 
-    /// [`watch`](Self::watch), watching the whole tree under `dir` with the
-    /// same one watcher: changes to anything but the modules' components
-    /// and manifests (plugin sources, say) are handed to `others`, a batch
-    /// of paths at a time, on the watcher's task (so it must not block).
-    /// What `modrun dev` builds on.
+    /// [`watch`](Self::watch), watching the tree under `dir` with the same
+    /// one watcher: changes to anything but the modules' components and
+    /// manifests (plugin sources, say) are handed to `others`, a batch of
+    /// paths at a time, on the watcher's task (so it must not block); a
+    /// folder made in the tree is watched too, and its files handed over.
+    /// Build output (`target`), installed packages and toolchains
+    /// (`node_modules`, `.venv`), caches and hidden folders are not
+    /// watched: the system allows each user a limited number of watched
+    /// folders, a `node_modules` alone can have thousands, and a build
+    /// writes thousands of files. What `modrun dev` builds on.
     pub fn watch_tree(
         &self,
         dir: &Path,
@@ -74,19 +85,27 @@ impl ModuleHost {
         // thread waits for it (never a runtime thread: `blocking_send` is
         // safe there), and nothing is dropped.
         let (sender, events) = mpsc::channel(RELOAD_BATCHES);
-        let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
+        let debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
             let _ = sender.blocking_send(result);
         })
         .map_err(fail)?;
-        let mode = if others.is_some() {
-            RecursiveMode::Recursive
-        } else {
-            RecursiveMode::NonRecursive
+        let watcher: Watcher = Arc::new(Mutex::new(debouncer));
+        let tree = match others {
+            Some(others) => {
+                watch_folders(&watcher, dir).map_err(fail)?;
+                Some((others, watcher.clone()))
+            }
+            None => {
+                watcher
+                    .lock_unpoisoned()
+                    .watch(dir, RecursiveMode::NonRecursive)
+                    .map_err(fail)?;
+                None
+            }
         };
-        debouncer.watch(dir, mode).map_err(fail)?;
-        let task = tokio::spawn(reload_loop(self.clone(), dir.to_path_buf(), events, others));
+        let task = tokio::spawn(reload_loop(self.clone(), dir.to_path_buf(), events, tree));
         Ok(Reloader {
-            _debouncer: debouncer,
+            _watcher: watcher,
             task,
         })
     }
@@ -98,11 +117,69 @@ const RELOAD_BATCHES: usize = 64;
 /// Where changes to files that are not modules' go, when anyone wants them.
 type OtherChanges = Box<dyn Fn(Vec<PathBuf>) + Send + Sync>;
 
+/// Watches `folder` and every folder under it that is not build output,
+/// a toolchain, a cache or hidden, each on its own; answers the files
+/// found in them.
+fn watch_folders(watcher: &Watcher, folder: &Path) -> notify::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![folder.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        watcher
+            .lock_unpoisoned()
+            .watch(&folder, RecursiveMode::NonRecursive)?;
+        for entry in std::fs::read_dir(&folder)
+            .into_iter()
+            .flatten()
+            .filter_map(std::result::Result::ok)
+        {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() && !is_ignored_folder(&path) => pending.push(path),
+                Ok(kind) if kind.is_file() => files.push(path),
+                _ => {}
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Whether `path` is a folder a tree watch leaves out (see
+/// [`ModuleHost::watch_tree`]), by its name.
+fn is_ignored_folder(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|name| name.to_str())
+        .is_none_or(super::build::is_ignored)
+}
+
+/// Starts watching a folder made in a watched tree (`root`) and answers
+/// its files, which may have been written before the watch began. Not a
+/// folder, one left out, or one under a folder left out: nothing.
+fn watch_new_folder(watcher: &Watcher, root: &Path, path: &Path) -> Vec<PathBuf> {
+    let Ok(relative) = path.strip_prefix(root) else {
+        return Vec::new();
+    };
+    let left_out = relative.components().any(|part| {
+        part.as_os_str()
+            .to_str()
+            .is_none_or(super::build::is_ignored)
+    });
+    if left_out || relative.as_os_str().is_empty() || !path.is_dir() {
+        return Vec::new();
+    }
+    match watch_folders(watcher, path) {
+        Ok(files) => files,
+        Err(error) => {
+            tracing::warn!(folder = %path.display(), %error, "cannot watch a new plugin folder; restart to watch it");
+            Vec::new()
+        }
+    }
+}
+
 async fn reload_loop(
     host: ModuleHost,
     dir: PathBuf,
     mut events: mpsc::Receiver<DebounceEventResult>,
-    others: Option<OtherChanges>,
+    tree: Option<(OtherChanges, Watcher)>,
 ) {
     while let Some(first) = events.recv().await {
         // Take everything already waiting: one pass serves them all.
@@ -128,6 +205,9 @@ async fn reload_loop(
                                 }
                                 None => other_paths.push(path.clone()),
                             }
+                            if let Some((_, watcher)) = &tree {
+                                other_paths.extend(watch_new_folder(watcher, &dir, path));
+                            }
                         }
                     }
                 }
@@ -142,6 +222,14 @@ async fn reload_loop(
         if rescan {
             // Events were lost: look at everything there is, and was.
             tracing::info!(dir = %dir.display(), "rescanning plugins");
+            if let Some((_, watcher)) = &tree {
+                match watch_folders(watcher, &dir) {
+                    Ok(files) => other_paths.extend(files),
+                    Err(error) => {
+                        tracing::warn!(dir = %dir.display(), %error, "watching plugins");
+                    }
+                }
+            }
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 ids.extend(entries.filter_map(|e| e.ok().and_then(|e| module_file_id(&e.path()))));
             }
@@ -155,7 +243,7 @@ async fn reload_loop(
         for id in ids {
             host.refresh(&dir, &id).await;
         }
-        if let Some(others) = &others
+        if let Some((others, _)) = &tree
             && !other_paths.is_empty()
         {
             others(other_paths);

@@ -294,3 +294,74 @@ async fn a_cache_inside_the_plugins_directory_is_refused() {
         "{refused}"
     );
 }
+
+/// Waits until a path ending with `name` is heard, and answers everything
+/// heard until then.
+async fn heard_until(
+    heard: &mut tokio::sync::mpsc::UnboundedReceiver<std::path::PathBuf>,
+    name: &str,
+) -> Vec<std::path::PathBuf> {
+    tokio::time::timeout(DEADLINE, async {
+        let mut paths = Vec::new();
+        loop {
+            let path = heard.recv().await.expect("the watch goes on");
+            let last = path.ends_with(name);
+            paths.push(path);
+            if last {
+                return paths;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{name} was not heard within {DEADLINE:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_watch_leaves_out_build_output_and_packages_and_follows_new_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().canonicalize().unwrap();
+    for folder in [
+        "tool/src",
+        "tool/node_modules/pkg/lib",
+        "tool/.venv/lib",
+        "target/debug",
+    ] {
+        std::fs::create_dir_all(plugins.join(folder)).unwrap();
+    }
+    let host = ModuleHost::new(test_host_config()).unwrap();
+    let (heard_path, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let _watch = host
+        .watch_tree(&plugins, DEBOUNCE, move |paths| {
+            for path in paths {
+                let _ = heard_path.send(path);
+            }
+        })
+        .unwrap();
+
+    // Written together: what a watch of the whole tree hears in one batch.
+    for left_out in [
+        "tool/node_modules/pkg/lib/index.js",
+        "tool/.venv/lib/site.py",
+        "target/debug/out.o",
+    ] {
+        std::fs::write(plugins.join(left_out), "x").unwrap();
+    }
+    std::fs::write(plugins.join("tool/src/main.js"), "x").unwrap();
+    let paths = heard_until(&mut heard, "main.js").await;
+    for path in &paths {
+        let relative = path.strip_prefix(&plugins).unwrap();
+        assert!(
+            relative.starts_with("tool/src"),
+            "heard a change in a folder left out: {}",
+            relative.display()
+        );
+    }
+
+    // A folder made after the watch began: the files already in it are
+    // heard, and so are the ones written later.
+    std::fs::create_dir_all(plugins.join("tool/src/deep/er")).unwrap();
+    std::fs::write(plugins.join("tool/src/deep/er/early.js"), "x").unwrap();
+    heard_until(&mut heard, "early.js").await;
+    std::fs::write(plugins.join("tool/src/deep/er/later.js"), "x").unwrap();
+    heard_until(&mut heard, "later.js").await;
+}

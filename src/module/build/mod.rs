@@ -161,7 +161,7 @@ fn detect(dir: &Path) -> Option<Language> {
 /// What is never source: build output, installed toolchains and packages,
 /// caches, anything hidden, and documentation (`*.md`: a changed README
 /// builds nothing).
-fn is_ignored(name: &str) -> bool {
+pub(crate) fn is_ignored(name: &str) -> bool {
     name.starts_with('.')
         || name.ends_with(".md")
         || ["target", "node_modules", "__pycache__"].contains(&name)
