@@ -119,11 +119,16 @@ type OtherChanges = Box<dyn Fn(Vec<PathBuf>) + Send + Sync>;
 
 /// Watches `folder` and every folder under it that is not build output,
 /// a toolchain, a cache or hidden, each on its own; answers the files
-/// found in them.
+/// found in them. Links to folders are followed (a plugin folder may be
+/// one), each folder watched once however many links lead to it.
 fn watch_folders(watcher: &Watcher, folder: &Path) -> notify::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut pending = vec![folder.to_path_buf()];
     while let Some(folder) = pending.pop() {
+        if !seen.insert(folder.canonicalize().unwrap_or_else(|_| folder.clone())) {
+            continue;
+        }
         watcher
             .lock_unpoisoned()
             .watch(&folder, RecursiveMode::NonRecursive)?;
@@ -133,10 +138,18 @@ fn watch_folders(watcher: &Watcher, folder: &Path) -> notify::Result<Vec<PathBuf
             .filter_map(std::result::Result::ok)
         {
             let path = entry.path();
-            match entry.file_type() {
-                Ok(kind) if kind.is_dir() && !is_ignored_folder(&path) => pending.push(path),
-                Ok(kind) if kind.is_file() => files.push(path),
-                _ => {}
+            // A link is what it leads to.
+            let is_dir = match entry.file_type() {
+                Ok(kind) if kind.is_symlink() => path.is_dir(),
+                Ok(kind) => kind.is_dir(),
+                Err(_) => continue,
+            };
+            if is_dir {
+                if !is_ignored_folder(&path) {
+                    pending.push(path);
+                }
+            } else if path.is_file() {
+                files.push(path);
             }
         }
     }

@@ -317,7 +317,7 @@ async fn heard_until(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tree_watch_leaves_out_build_output_and_packages_and_follows_new_folders() {
+async fn a_tree_watch_leaves_out_build_output_and_packages_and_follows_new_and_linked_folders() {
     let dir = tempfile::tempdir().unwrap();
     let plugins = dir.path().canonicalize().unwrap();
     for folder in [
@@ -328,6 +328,9 @@ async fn a_tree_watch_leaves_out_build_output_and_packages_and_follows_new_folde
     ] {
         std::fs::create_dir_all(plugins.join(folder)).unwrap();
     }
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(elsewhere.path().join("src")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), plugins.join("linked")).unwrap();
     let host = ModuleHost::new(test_host_config()).unwrap();
     let (heard_path, mut heard) = tokio::sync::mpsc::unbounded_channel();
     let _watch = host
@@ -364,4 +367,9 @@ async fn a_tree_watch_leaves_out_build_output_and_packages_and_follows_new_folde
     heard_until(&mut heard, "early.js").await;
     std::fs::write(plugins.join("tool/src/deep/er/later.js"), "x").unwrap();
     heard_until(&mut heard, "later.js").await;
+
+    // A plugin folder that is a link to one elsewhere is watched through
+    // the link, as a watch of the whole tree followed links.
+    std::fs::write(elsewhere.path().join("src/lib.js"), "x").unwrap();
+    heard_until(&mut heard, "lib.js").await;
 }
