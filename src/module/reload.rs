@@ -145,7 +145,7 @@ fn watch_folders(watcher: &Watcher, folder: &Path) -> notify::Result<Vec<PathBuf
                 Err(_) => continue,
             };
             if is_dir {
-                if !is_ignored_folder(&path) {
+                if !left_out(Path::new(&entry.file_name())) {
                     pending.push(path);
                 }
             } else if path.is_file() {
@@ -156,12 +156,15 @@ fn watch_folders(watcher: &Watcher, folder: &Path) -> notify::Result<Vec<PathBuf
     Ok(files)
 }
 
-/// Whether `path` is a folder a tree watch leaves out (see
-/// [`ModuleHost::watch_tree`]), by its name.
-fn is_ignored_folder(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|name| name.to_str())
-        .is_none_or(super::build::is_ignored)
+/// Whether a tree watch leaves out what is at `relative` (a path under
+/// the watched folder, or a name in it): it is, or is in, build output, a
+/// toolchain, a cache or a hidden folder (see [`ModuleHost::watch_tree`]).
+fn left_out(relative: &Path) -> bool {
+    relative.components().any(|part| {
+        part.as_os_str()
+            .to_str()
+            .is_none_or(super::build::is_ignored)
+    })
 }
 
 /// Starts watching a folder made in a watched tree (`root`) and answers
@@ -171,12 +174,7 @@ fn watch_new_folder(watcher: &Watcher, root: &Path, path: &Path) -> Vec<PathBuf>
     let Ok(relative) = path.strip_prefix(root) else {
         return Vec::new();
     };
-    let left_out = relative.components().any(|part| {
-        part.as_os_str()
-            .to_str()
-            .is_none_or(super::build::is_ignored)
-    });
-    if left_out || relative.as_os_str().is_empty() || !path.is_dir() {
+    if left_out(relative) || relative.as_os_str().is_empty() || !path.is_dir() {
         return Vec::new();
     }
     match watch_folders(watcher, path) {
