@@ -7,7 +7,9 @@ use serde_json::{Value, json};
 
 use crate::modules::runner_with;
 use crate::server::Server;
-use crate::support::{DEADLINE, built_plugins, plugins_dir, test_host_config, wait_for_end};
+use crate::support::{
+    DEADLINE, built_plugins, plugins_dir, require_or_skip, test_host_config, wait_for_end,
+};
 
 /// Runs `abuse` once with `parameters` and returns the finished run.
 async fn abuse(runner: &ModuleRunner, parameters: Value) -> modrun::Run {
@@ -417,5 +419,112 @@ fn a_log_flood_is_kept_in_the_run_and_sampled_in_the_servers_log() {
     assert!(
         echoed.contains("not echoed"),
         "no word of the lines not echoed"
+    );
+}
+
+/// A core module whose memory a test writes and reads directly: one data
+/// segment (so the memory has an image to be restored) on its second page.
+const MEMORY_MODULE: &str = r#"
+    (module
+      (memory (export "memory") 3)
+      (data (i32.const 65536) "the module's own data")
+      (func (export "write") (param i32 i32) (i32.store (local.get 0) (local.get 1)))
+      (func (export "read") (param i32) (result i32) (i32.load (local.get 0))))
+"#;
+
+/// Whether the kernel has a swap device or file in use (`/proc/swaps`
+/// lists one under its header).
+fn swap_is_on() -> bool {
+    std::fs::read_to_string("/proc/swaps").is_ok_and(|swaps| swaps.lines().count() > 1)
+}
+
+/// The host's page size, in bytes.
+fn page_size() -> usize {
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// Whether the page at `address` of this process is swapped out, as
+/// `/proc/self/pagemap` tells (bit 62 of its entry).
+fn swapped_out(address: usize) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+    pagemap
+        .seek(SeekFrom::Start((address / page_size() * 8) as u64))
+        .unwrap();
+    let mut entry = [0; 8];
+    pagemap.read_exact(&mut entry).unwrap();
+    u64::from_le_bytes(entry) >> 62 & 1 == 1
+}
+
+/// The engine wipes a finished instance's slot before the next instance
+/// takes it, also the pages the kernel swapped out in between: a fresh
+/// instance reads only zeros and its own data, never what the last one in
+/// its slot wrote. (Wasmtime's `PAGEMAP_SCAN` wipe skips such pages.)
+#[test]
+fn a_fresh_instance_never_reads_what_the_last_one_in_its_slot_wrote_before_a_swap() {
+    if !swap_is_on() {
+        require_or_skip::<()>("swap in use (`swapon`), to page a guest's memory out");
+        return;
+    }
+    // Few slots (one for runs, the loading ones), so that the rounds below
+    // come back to a slot once `WARM_SLOTS` of them are warm.
+    let config = HostConfig {
+        max_instances: 1,
+        ..HostConfig::default()
+    };
+    let engine = wasmtime::Engine::new(&config.wasmtime_config()).unwrap();
+    let module = wasmtime::Module::new(&engine, wat::parse_str(MEMORY_MODULE).unwrap()).unwrap();
+    // In the image's page, and on a page of zeros after it.
+    let addresses = [65536 + 1024, 2 * 65536 + 1024];
+    let image_word = u32::from_le_bytes(*b"the ") as i32;
+    let mut bases = std::collections::HashSet::new();
+    let (mut reused_after_swap, mut paged_out) = (0, 0);
+    let mut last_swapped = None;
+    for round in 0..4 * modrun::module::WARM_SLOTS as i32 {
+        let mut store = wasmtime::Store::new(&engine, ());
+        store.set_epoch_deadline(u64::MAX / 2);
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let write = instance
+            .get_typed_func::<(i32, i32), ()>(&mut store, "write")
+            .unwrap();
+        let read = instance
+            .get_typed_func::<i32, i32>(&mut store, "read")
+            .unwrap();
+        let memory = instance.get_memory(&mut store, "memory").unwrap();
+        let base = memory.data_ptr(&store) as usize;
+        if last_swapped == Some(base) {
+            reused_after_swap += 1;
+        }
+        let image = read.call(&mut store, 65536).unwrap();
+        assert_eq!(image, image_word, "round {round}: the image's data");
+        for address in addresses {
+            let seen = read.call(&mut store, address).unwrap();
+            assert_eq!(
+                seen, 0,
+                "round {round}: a fresh instance read {seen:#x} at {address}, which an earlier \
+                 instance in its slot wrote"
+            );
+        }
+        for address in addresses {
+            write.call(&mut store, (address, 0x5ec2e7 + round)).unwrap();
+            // The kernel pages it out at once: the instance has written
+            // it, and its slot has not been wiped yet.
+            let page = (base + address as usize) / page_size() * page_size();
+            unsafe { libc::madvise(page as *mut _, page_size(), libc::MADV_PAGEOUT) };
+        }
+        last_swapped = addresses
+            .iter()
+            .all(|&address| swapped_out(base + address as usize))
+            .then_some(base);
+        paged_out += usize::from(last_swapped.is_some());
+        bases.insert(base);
+        drop(store);
+    }
+    // Otherwise the test would have shown nothing.
+    assert!(
+        reused_after_swap > 0,
+        "no slot was reused after its pages were swapped out ({paged_out} rounds paged \
+         out, {} slots used)",
+        bases.len()
     );
 }
