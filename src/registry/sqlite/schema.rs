@@ -100,11 +100,18 @@ fn prepare_writer(conn: &mut Connection, synchronous: Synchronous) -> Result<(),
         },
     )
     .map_err(|e| describe(&e))?;
-    // A 64 MiB page cache. Checkpoints (copying the log into the database
-    // file) are mostly the checkpoint thread's job: the store replaces
-    // SQLite's own automatic checkpoints with its watch on the log (see
-    // `watch_log`). When the log starts over, its file is cut back to 16 MiB.
-    conn.pragma_update(None, "cache_size", -65536)
+    // An 8 MiB page cache: what the writer touches is the tails of the
+    // tables and indexes it appends to. Not more: SQLite walks its whole
+    // cache at the end of every transaction in which a b-tree page split
+    // (it numbers a page past the end of the file for a moment, then drops
+    // cached pages past the end). With 64 MiB, once the file filled it,
+    // that walk took 9 % of all CPU at 150,000 runs from 64 callers; now
+    // 1.5 %, with no more reads of the file.
+    // Checkpoints (copying the log into the database file) are mostly the
+    // checkpoint thread's job: the store replaces SQLite's own automatic
+    // checkpoints with its watch on the log (see `watch_log`). When the log
+    // starts over, its file is cut back to 16 MiB.
+    conn.pragma_update(None, "cache_size", -8192)
         .and_then(|()| conn.pragma_update(None, "journal_size_limit", 16 << 20))
         .map_err(|e| describe(&e))?;
     conn.set_prepared_statement_cache_capacity(64);
