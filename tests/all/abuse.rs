@@ -426,7 +426,7 @@ fn a_log_flood_is_kept_in_the_run_and_sampled_in_the_servers_log() {
 /// segment (so the memory has an image to be restored) on its second page.
 const MEMORY_MODULE: &str = r#"
     (module
-      (memory (export "memory") 3)
+      (memory (export "memory") 48)
       (data (i32.const 65536) "the module's own data")
       (func (export "write") (param i32 i32) (i32.store (local.get 0) (local.get 1)))
       (func (export "read") (param i32) (result i32) (i32.load (local.get 0))))
@@ -474,8 +474,9 @@ fn a_fresh_instance_never_reads_what_the_last_one_in_its_slot_wrote_before_a_swa
     };
     let engine = wasmtime::Engine::new(&config.wasmtime_config()).unwrap();
     let module = wasmtime::Module::new(&engine, wat::parse_str(MEMORY_MODULE).unwrap()).unwrap();
-    // In the image's page, and on a page of zeros after it.
-    let addresses = [65536 + 1024, 2 * 65536 + 1024];
+    // In the image's page, on a page of zeros after it (both wiped in
+    // place), and 2 MiB in (handed back to the kernel).
+    let addresses = [65536 + 1024, 2 * 65536 + 1024, (2 << 20) + 1024];
     let image_word = u32::from_le_bytes(*b"the ") as i32;
     let mut bases = std::collections::HashSet::new();
     let (mut reused_after_swap, mut paged_out) = (0, 0);
