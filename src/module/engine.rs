@@ -123,8 +123,9 @@ impl HostConfig {
             // resets only the written pages that are in memory: a page the
             // kernel swapped out meanwhile keeps the last run's data for the
             // next run in the slot (seen: a fresh instance read what the
-            // last one wrote). Said explicitly, so that a change of
-            // wasmtime's default does not turn it on.
+            // last one wrote; the swap test in `tests/all/abuse.rs` checks
+            // it). Said explicitly, so that a change of wasmtime's default
+            // does not turn it on.
             .pagemap_scan(wasmtime::Enabled::No);
         // Reserve address space for the largest memory a run may have, not the
         // default 4 GiB per slot: thousands of slots then fit comfortably.
