@@ -303,7 +303,7 @@ async fn the_cancel_button_cancels_a_running_countdown() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_started_from_the_form_with_a_priority_and_a_delay_shows_both() {
+async fn a_run_with_a_priority_and_a_delay_shows_both_and_runs_again_now_at_that_priority() {
     let Some(browser) = Browser::open("scheduled").await else {
         return;
     };
@@ -332,6 +332,18 @@ async fn a_run_started_from_the_form_with_a_priority_and_a_delay_shows_both() {
     let (_, found) = server.get(&format!("/runs/{run_id}"));
     assert_eq!(found["run"]["priority"], 4, "{found}");
     assert_eq!(found["run"]["parameters"]["name"], "Later", "{found}");
+
+    // Run again: the same parameters and priority, but now, not in an
+    // hour (the first run stays queued: only the new one can complete).
+    browser.click("#run-again").await;
+    browser.wait_for_text("#run-status", "completed").await;
+    let again = browser.url().await.rsplit('/').next().unwrap().to_owned();
+    assert_ne!(again, run_id);
+    let (_, found) = server.get(&format!("/runs/{again}"));
+    assert_eq!(found["run"]["priority"], 4, "{found}");
+    assert_eq!(found["run"]["parameters"]["name"], "Later", "{found}");
+    assert!(found["run"]["not_before"].is_null(), "{found}");
+    browser.shot("run-again").await;
     page.goto(&format!("{}/ui/runs", server.base))
         .await
         .unwrap();

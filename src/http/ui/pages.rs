@@ -409,7 +409,7 @@ pub(super) fn run(run: &Run, history: &[StatusChange]) -> Markup {
         &format!("Run {}", &run.run_id[..8.min(run.run_id.len())]),
         "/ui/runs",
         html! {
-            article.run data-run-id=(run.run_id) data-module=(run.module_id) data-parameters=(parameters.to_string()) {
+            article.run data-run-id=(run.run_id) data-module=(run.module_id) data-parameters=(parameters.to_string()) data-priority=(run.priority) {
                 h1 { "Run " code { (run.run_id) } }
                 p.summary {
                     span #run-status { (badge(run.status)) }

@@ -202,9 +202,13 @@ function runPage(article) {
     if (!response.ok) problem.textContent = (await apiError(response)).message;
   });
 
+  // The same parameters and priority; a delay the first run had is not
+  // carried: run again means now.
   again.addEventListener('click', async () => {
     problem.textContent = '';
-    const started = await startRun(module, JSON.parse(article.dataset.parameters));
+    const { priority } = article.dataset;
+    const options = priority && priority !== '0' ? { priority } : {};
+    const started = await startRun(module, JSON.parse(article.dataset.parameters), options);
     if (started.runId) window.location.assign(`/ui/runs/${encodeURIComponent(started.runId)}`);
     else problem.textContent = started.error.message;
   });
