@@ -179,14 +179,23 @@ struct Inner {
     /// `max_concurrent` is set: taken by priority, then first come.
     slots: Option<Arc<Line>>,
     state: Mutex<State>,
-    /// Spawned tasks whose future has not ended yet (cancelled ones included
-    /// until they stop), and a wake-up for `wait_all` when it reaches zero.
-    tasks: AtomicUsize,
-    idle: Notify,
+    live: Arc<Live>,
     /// Told whenever a task ends: room for another may be free.
     ended: Notify,
     next_task: AtomicU64,
     shutting_down: AtomicBool,
+}
+
+/// Spawned tasks whose future has not ended yet (cancelled ones included
+/// until they stop), and a wake-up for `wait_all` when none is left. Kept
+/// apart from [`Inner`]: a task lets go of the manager, and with it of the
+/// registry, before it counts itself out, so that once `wait_all` (or
+/// `shutdown`) returns no task holds the registry any longer (a SQLite
+/// file can be opened again at once).
+#[derive(Default)]
+struct Live {
+    tasks: AtomicUsize,
+    idle: Notify,
 }
 
 #[derive(Default)]
@@ -234,8 +243,7 @@ impl BackgroundTaskManager {
                 limits,
                 slots: limits.max_concurrent.map(|max| Arc::new(Line::new(max))),
                 state: Mutex::new(State::default()),
-                tasks: AtomicUsize::new(0),
-                idle: Notify::new(),
+                live: Arc::default(),
                 ended: Notify::new(),
                 next_task: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
@@ -563,8 +571,8 @@ impl BackgroundTaskManager {
     /// the registry.
     pub async fn wait_all(&self) {
         loop {
-            let idle = self.inner.idle.notified();
-            if self.inner.tasks.load(Ordering::Acquire) == 0 {
+            let idle = self.inner.live.idle.notified();
+            if self.inner.live.tasks.load(Ordering::Acquire) == 0 {
                 return;
             }
             idle.await;
@@ -614,7 +622,7 @@ impl BackgroundTaskManager {
                 self.wait_all().await;
             };
             if tokio::time::timeout(STOP_WAIT, cancels).await.is_err() {
-                report.still_running = self.inner.tasks.load(Ordering::Acquire);
+                report.still_running = self.inner.live.tasks.load(Ordering::Acquire);
             }
         }
         match tokio::time::timeout(STOP_WAIT, self.inner.registry.flush()).await {
@@ -696,9 +704,9 @@ impl Inner {
                 parkable: false,
             },
         );
-        self.tasks.fetch_add(1, Ordering::AcqRel);
+        self.live.tasks.fetch_add(1, Ordering::AcqRel);
         TaskEnd {
-            inner: self.clone(),
+            inner: Some(self.clone()),
             run_id: key,
             token,
             task,
@@ -878,18 +886,33 @@ enum Pending {
 /// A task's hold on its run id and on the live task count, released when
 /// the task's future ends, however it ends.
 struct TaskEnd {
-    inner: Arc<Inner>,
+    /// Always `Some` until the task ends (see [`Live`]).
+    inner: Option<Arc<Inner>>,
     run_id: Arc<str>,
     token: CancellationToken,
     task: u64,
 }
 
+impl TaskEnd {
+    fn inner(&self) -> &Arc<Inner> {
+        self.inner
+            .as_ref()
+            .expect("a task holds its manager until it ends")
+    }
+}
+
 impl Drop for TaskEnd {
     fn drop(&mut self) {
-        self.inner.forget(&self.run_id, self.task);
-        self.inner.ended.notify_one();
-        if self.inner.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.idle.notify_waiters();
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        inner.forget(&self.run_id, self.task);
+        inner.ended.notify_one();
+        let live = inner.live.clone();
+        // Let go first: whoever `wait_all` wakes finds the task gone.
+        drop(inner);
+        if live.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            live.idle.notify_waiters();
         }
     }
 }
@@ -910,7 +933,7 @@ async fn execute<F>(
     F: Future + Send + 'static,
     F::Output: TaskOutput,
 {
-    let (inner, run_id, token) = (&end.inner, &*end.run_id, &end.token);
+    let (inner, run_id, token) = (end.inner(), &*end.run_id, &end.token);
     if let Some(mut new) = run {
         let inserted = match new.record {
             Record::Adopt => {
@@ -1116,7 +1139,7 @@ async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) ->
 /// A slot for a run that queued, in turn at `priority` (none needed where
 /// slots are not bounded). `None` if it was cancelled meanwhile.
 async fn take_slot(end: &TaskEnd, priority: i16) -> Option<Option<Permit>> {
-    match &end.inner.slots {
+    match &end.inner().slots {
         None => Some(None),
         Some(slots) => in_turn(end, slots.join(priority)).await.map(Some),
     }
@@ -1126,7 +1149,7 @@ async fn take_slot(end: &TaskEnd, priority: i16) -> Option<Option<Permit>> {
 /// longer counts among the queued. `None` if it was cancelled meanwhile.
 async fn in_turn(end: &TaskEnd, place: InLine) -> Option<Permit> {
     let slot = place.turn(&end.token).await?;
-    end.inner.dequeue(&end.run_id, end.task);
+    end.inner().dequeue(&end.run_id, end.task);
     Some(slot)
 }
 
