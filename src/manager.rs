@@ -704,12 +704,12 @@ impl Inner {
                 parkable: false,
             },
         );
-        self.live.tasks.fetch_add(1, Ordering::AcqRel);
         TaskEnd {
-            inner: Some(self.clone()),
+            inner: self.clone(),
             run_id: key,
             token,
             task,
+            _counted: Counted::new(&self.live),
         }
     }
 
@@ -886,33 +886,38 @@ enum Pending {
 /// A task's hold on its run id and on the live task count, released when
 /// the task's future ends, however it ends.
 struct TaskEnd {
-    /// Always `Some` until the task ends (see [`Live`]).
-    inner: Option<Arc<Inner>>,
+    inner: Arc<Inner>,
     run_id: Arc<str>,
     token: CancellationToken,
     task: u64,
-}
-
-impl TaskEnd {
-    fn inner(&self) -> &Arc<Inner> {
-        self.inner
-            .as_ref()
-            .expect("a task holds its manager until it ends")
-    }
+    /// Last, so dropped last (fields are dropped in order, after `drop`):
+    /// the task counts itself out once it has let go of the manager (see
+    /// [`Live`]).
+    _counted: Counted,
 }
 
 impl Drop for TaskEnd {
     fn drop(&mut self) {
-        let Some(inner) = self.inner.take() else {
-            return;
-        };
-        inner.forget(&self.run_id, self.task);
-        inner.ended.notify_one();
-        let live = inner.live.clone();
-        // Let go first: whoever `wait_all` wakes finds the task gone.
-        drop(inner);
-        if live.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
-            live.idle.notify_waiters();
+        self.inner.forget(&self.run_id, self.task);
+        self.inner.ended.notify_one();
+    }
+}
+
+/// A task's place in the [`Live`] count: taken when made, given back
+/// (waking `wait_all` when none is left) when dropped.
+struct Counted(Arc<Live>);
+
+impl Counted {
+    fn new(live: &Arc<Live>) -> Counted {
+        live.tasks.fetch_add(1, Ordering::AcqRel);
+        Counted(live.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self.0.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
         }
     }
 }
@@ -933,7 +938,7 @@ async fn execute<F>(
     F: Future + Send + 'static,
     F::Output: TaskOutput,
 {
-    let (inner, run_id, token) = (end.inner(), &*end.run_id, &end.token);
+    let (inner, run_id, token) = (&end.inner, &*end.run_id, &end.token);
     if let Some(mut new) = run {
         let inserted = match new.record {
             Record::Adopt => {
@@ -1139,7 +1144,7 @@ async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) ->
 /// A slot for a run that queued, in turn at `priority` (none needed where
 /// slots are not bounded). `None` if it was cancelled meanwhile.
 async fn take_slot(end: &TaskEnd, priority: i16) -> Option<Option<Permit>> {
-    match &end.inner().slots {
+    match &end.inner.slots {
         None => Some(None),
         Some(slots) => in_turn(end, slots.join(priority)).await.map(Some),
     }
@@ -1149,7 +1154,7 @@ async fn take_slot(end: &TaskEnd, priority: i16) -> Option<Option<Permit>> {
 /// longer counts among the queued. `None` if it was cancelled meanwhile.
 async fn in_turn(end: &TaskEnd, place: InLine) -> Option<Permit> {
     let slot = place.turn(&end.token).await?;
-    end.inner().dequeue(&end.run_id, end.task);
+    end.inner.dequeue(&end.run_id, end.task);
     Some(slot)
 }
 
