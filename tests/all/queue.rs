@@ -163,9 +163,16 @@ async fn a_module_limit_is_applied_at_claim_and_starves_no_other_module() {
     for run_id in &countdowns[..4] {
         wait_for_status(runner.registry(), run_id, RunStatus::Running).await;
     }
-    // 60 slots are still free: another module runs at once.
-    let hello = runner.start("hello", json!({"name": "Ada"})).await.unwrap();
-    let hello = wait_for_end(runner.registry(), &hello).await;
+    // 60 slots are still free: another module runs at once. (Awaited
+    // through its handle: that returns once its task is gone too, which
+    // the count of active tasks below relies on.)
+    let hello = runner
+        .start("hello", json!({"name": "Ada"}))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
     assert_eq!(
         hello.status,
         RunStatus::Completed,
