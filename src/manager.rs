@@ -275,7 +275,7 @@ impl BackgroundTaskManager {
         F::Output: TaskOutput,
     {
         let run_id = self
-            .start_gated_task(run.requeued(), None, None, Record::Adopt, work)
+            .start_gated_task(run.requeued(), None, None, work)
             .await?;
         Ok(RunHandle::for_task(run_id, self))
     }
@@ -294,7 +294,6 @@ impl BackgroundTaskManager {
         run: Run,
         key: Option<Box<str>>,
         gate: Option<Arc<Gate>>,
-        record: Record,
         work: F,
     ) -> Result<String>
     where
@@ -305,28 +304,25 @@ impl BackgroundTaskManager {
             return Err(Error::ShuttingDown);
         }
         let (task, slot) = self.admit(&run, gate.as_deref())?;
-        let (slot, record) = match record {
-            Record::Fresh => ready_now(slot, gate.as_deref()),
-            Record::Adopt => (slot, Record::Adopt),
-        };
+        let slot = ready_now(slot, gate.as_deref());
         let span = tracing::info_span!("run", run_id = %run.run_id, module_id = %run.module_id);
         let run_id = run.run_id.clone();
         // The task records the run itself, so that once a start has begun it
         // completes even if our caller stops waiting: no run is left `Queued`
         // with nothing to start it.
-        let (recorded, on_recorded) = oneshot::channel();
+        let (on_recorded, recorded) = oneshot::channel();
         // Boxed: the task's future then holds a pointer, not the whole record,
         // for as long as the work runs.
         let execute = execute(
             task,
             slot,
             gate,
-            Some(Box::new(NewRun { run, key, record })),
-            Some(recorded),
+            Some(Box::new(NewRun { run, key })),
+            Some(on_recorded),
             work,
         );
         tokio::spawn(execute.instrument(span));
-        on_recorded.await.map_err(|_| Error::RegistryClosed)??;
+        recorded.await.map_err(|_| Error::RegistryClosed)??;
         Ok(run_id)
     }
 
@@ -879,8 +875,12 @@ enum Pending {
     Delayed { until: DateTime<Utc>, priority: i16 },
     /// Counted among the queued, and in turn for a slot since admitted.
     Waiting(InLine),
-    /// Claimed from a shared queue, with the room its claimer took.
+    /// Claimed from a shared queue, with the room its claimer took; or a
+    /// new run that took all its room when admitted.
     Claimed(Box<Held>),
+    /// A new run that needs no room at all (no bound, no gate's permits):
+    /// it starts at once, as a claimed run does, holding nothing.
+    Free,
 }
 
 /// A task's hold on its run id and on the live task count, released when
@@ -922,57 +922,56 @@ impl Drop for Counted {
     }
 }
 
-/// Runs a task: records its run `Queued` (`run`, telling `recorded`),
+/// Runs a task: records its run `Queued` (`run`, telling `on_recorded`),
 /// waits for its turn (`slot`, then `gate`), records it `Running`, does the
-/// work and records how it ended. A run claimed from a shared queue
-/// (`Pending::Claimed`) is recorded `Running` already: none of that but
-/// the work and its end.
+/// work and records how it ended. A new run that holds its room already
+/// (`Pending::Claimed`, or needs none: `Pending::Free`) is recorded queued
+/// and running in one write; a
+/// run claimed from a shared queue (`run` is `None`) is recorded
+/// `Running` already: none of that but the work and its end.
 async fn execute<F>(
     end: TaskEnd,
     slot: Pending,
     gate: Option<Arc<Gate>>,
     run: Option<Box<NewRun>>,
-    recorded: Option<oneshot::Sender<Result<()>>>,
+    on_recorded: Option<oneshot::Sender<Result<()>>>,
     work: F,
 ) where
     F: Future + Send + 'static,
     F::Output: TaskOutput,
 {
     let (inner, run_id, token) = (&end.inner, &*end.run_id, &end.token);
+    let claimed = matches!(slot, Pending::Claimed(_) | Pending::Free);
     if let Some(mut new) = run {
-        let inserted = match new.record {
-            Record::Adopt => {
-                inner
-                    .registry
-                    .insert_keyed(&new.run, Existing::AdoptQueued, new.key.as_deref())
-                    .await
-            }
-            Record::Fresh => {
-                // Marked before the registry is, as below.
-                let _ = inner.mark_started(run_id);
-                new.run.status = RunStatus::Running;
-                new.run.started_at = Some(chrono::Utc::now());
-                inner
-                    .registry
-                    .enqueue(&new.run, 1, new.key.as_deref())
-                    .await
-            }
+        let recorded = if claimed {
+            // Marked before the registry is, as below.
+            let _ = inner.mark_started(run_id);
+            new.run.status = RunStatus::Running;
+            new.run.started_at = Some(chrono::Utc::now());
+            inner
+                .registry
+                .enqueue(&new.run, 1, new.key.as_deref())
+                .await
+        } else {
+            inner
+                .registry
+                .insert_keyed(&new.run, Existing::AdoptQueued, new.key.as_deref())
+                .await
         };
         drop(new);
-        let failed = inserted.is_err();
-        if let Some(recorded) = recorded {
-            let _ = recorded.send(inserted);
+        let failed = recorded.is_err();
+        if let Some(on_recorded) = on_recorded {
+            let _ = on_recorded.send(recorded);
         }
         if failed {
             return;
         }
     }
-    let claimed = matches!(slot, Pending::Claimed(_));
     // Waiting is boxed: its state then takes no room in the future of a
     // run that never waits (no limits), and none once the work is going.
     let _held = match (slot, gate) {
         (Pending::Claimed(held), _) => Some(held),
-        (Pending::Unlimited(None), None) => None,
+        (Pending::Free, _) => None,
         (slot, gate) => match Box::pin(wait_to_start(&end, slot, gate)).await {
             Some(held) => Some(held),
             None => return,
@@ -1040,15 +1039,15 @@ async fn execute<F>(
     }
 }
 
-/// A fresh run's room, when everything it needs to start is free now:
+/// A new run's room, when everything it needs to start is free now:
 /// then it holds it all (as a run claimed from a queue does) and is
 /// recorded queued and running in one write, one commit fewer before its
 /// work begins. Otherwise it waits as any run does, recorded `Queued`.
-fn ready_now(slot: Pending, gate: Option<&Gate>) -> (Pending, Record) {
+fn ready_now(slot: Pending, gate: Option<&Gate>) -> Pending {
     let (slot, first) = match slot {
         Pending::Ready(slot, first) => (Some(slot), first),
         Pending::Unlimited(None) => (None, None),
-        slot => return (slot, Record::Adopt),
+        slot => return slot,
     };
     let then = match gate.and_then(|gate| gate.then.clone()) {
         None => None,
@@ -1056,40 +1055,32 @@ fn ready_now(slot: Pending, gate: Option<&Gate>) -> (Pending, Record) {
             Ok(permit) => Some(permit),
             // Given back as they were: the run waits for its turn.
             Err(_) => {
-                let slot = match slot {
+                return match slot {
                     Some(slot) => Pending::Ready(slot, first),
                     None => Pending::Unlimited(None),
                 };
-                return (slot, Record::Adopt);
             }
         },
     };
+    if slot.is_none() && first.is_none() && then.is_none() {
+        // Nothing to hold: no allocation for it either.
+        return Pending::Free;
+    }
     let held = Held {
         _slot: slot,
         _first: first,
         _then: then,
         attempt: None,
     };
-    (Pending::Claimed(Box::new(held)), Record::Fresh)
+    Pending::Claimed(Box::new(held))
 }
 
-/// A run its task records as it starts: the record, its idempotency key,
-/// and how.
+/// A run its task records as it starts, and its idempotency key. A run
+/// its caller added `Queued` already (the guide's way), or one resumed
+/// from its record, is adopted.
 struct NewRun {
     run: Run,
     key: Option<Box<str>>,
-    record: Record,
-}
-
-/// How a task's run is recorded as it starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Record {
-    /// A run no one has recorded (a new module run): when it can start at
-    /// once, it is recorded queued and running in one write.
-    Fresh,
-    /// A run its caller may have added `Queued` already (the guide's way),
-    /// or one resumed from its record: adopted, then marked running.
-    Adopt,
 }
 
 /// What a started run holds until it ends: its slot and its gate's permits.
@@ -1109,7 +1100,7 @@ async fn wait_to_start(end: &TaskEnd, slot: Pending, gate: Option<Arc<Gate>>) ->
     let (slot, first) = match slot {
         // Holds its room already.
         Pending::Claimed(held) => return Some(held),
-        Pending::Unlimited(None) => (None, None),
+        Pending::Free | Pending::Unlimited(None) => (None, None),
         Pending::Unlimited(Some(in_line)) => (None, Some(in_line.turn(token).await?)),
         Pending::Ready(slot, first) => (Some(slot), first),
         Pending::Waiting(in_line) => (Some(in_turn(end, in_line).await?), None),

@@ -18,7 +18,7 @@ use crate::cluster::{Claimer, Versions};
 use crate::error::{Error, Result};
 use crate::handle::RunHandle;
 use crate::line::Line;
-use crate::manager::{BackgroundTaskManager, Failure, Gate, Permits, Record, Room, TaskOutput};
+use crate::manager::{BackgroundTaskManager, Failure, Gate, Permits, Room, TaskOutput};
 use crate::registry::{Cleanup, Override, RunRegistry, ago};
 use crate::run::{
     EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, StartOptions,
@@ -253,7 +253,7 @@ impl ModuleRunner {
         if let Some(versions) = self.queue.get() {
             return self.enqueue(versions, &module, run, key).await;
         }
-        self.launch(&module, run, key, Record::Fresh).await
+        self.launch(&module, run, key).await
     }
 
     /// Records a run in the shared queue. With room here for it now, it is
@@ -389,7 +389,6 @@ impl ModuleRunner {
         module: &Arc<LoadedModule>,
         run: Run,
         key: Option<&str>,
-        record: Record,
     ) -> Result<String> {
         let gate = self.gate(
             &run.module_id,
@@ -397,7 +396,7 @@ impl ModuleRunner {
         );
         let work = self.work(module, &run);
         self.manager
-            .start_gated_task(run, key.map(Box::from), Some(gate), record, work)
+            .start_gated_task(run, key.map(Box::from), Some(gate), work)
             .await
     }
 
@@ -445,12 +444,10 @@ impl ModuleRunner {
                         .transition(&Transition::failed(&run_id, EXIT_FAILURE, reason))
                         .await?;
                 }
-                (None, Some(module)) => {
-                    match self.launch(&module, run, None, Record::Adopt).await {
-                        Ok(_) => resumed += 1,
-                        Err(e) => tracing::warn!(run_id, error = %e, "cannot resume a queued run"),
-                    }
-                }
+                (None, Some(module)) => match self.launch(&module, run, None).await {
+                    Ok(_) => resumed += 1,
+                    Err(e) => tracing::warn!(run_id, error = %e, "cannot resume a queued run"),
+                },
                 (None, None) => unreachable!("a refusal is given when the module is missing"),
             }
         }

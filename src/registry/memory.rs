@@ -130,16 +130,16 @@ impl MemoryStore {
         self.claimable.lock_unpoisoned()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Runs> {
-        // A panic while holding the lock cannot leave an entry half-written
-        // (every mutation is a single assignment or push), so poisoning is ignored.
-        self.runs.lock_unpoisoned()
-    }
-}
-
-#[async_trait]
-impl RunStore for MemoryStore {
-    async fn insert(&self, run: &Run, existing: Existing, key: Option<&str>) -> Result<()> {
+    /// Records `run` as [`RunStore::insert`] does; with `running_at`, as
+    /// a run claimed as it is queued: queued at its creation, then running
+    /// (a run taken over keeps its history and gains the second entry).
+    fn record(
+        &self,
+        run: &Run,
+        existing: Existing,
+        key: Option<&str>,
+        running_at: Option<DateTime<Utc>>,
+    ) -> Result<()> {
         let mut runs = self.lock();
         let mut keys = self.keys.lock_unpoisoned();
         if let Some(key) = key
@@ -150,14 +150,24 @@ impl RunStore for MemoryStore {
                 run_id: holder.clone(),
             });
         }
+        let running = running_at.map(|at| StatusChange {
+            status: RunStatus::Running,
+            at,
+            message: None,
+        });
         // Room for the usual life of a run (queued, running, an end) and no
         // more: growing a Vec by doubling would reserve four.
         let mut first = Vec::with_capacity(3);
         first.push(StatusChange {
-            status: run.status,
+            status: if running.is_some() {
+                RunStatus::Queued
+            } else {
+                run.status
+            },
             at: run.created_at,
             message: None,
         });
+        first.extend(running.clone());
         match runs.get_mut(&run.run_id) {
             None => runs.insert(Entry {
                 run: run.clone(),
@@ -170,7 +180,10 @@ impl RunStore for MemoryStore {
                         history: first,
                     };
                 }
-                Taken::Adopt => entry.run = run.clone(),
+                Taken::Adopt => {
+                    entry.run = run.clone();
+                    entry.history.extend(running);
+                }
             },
         }
         if let Some(key) = key {
@@ -179,27 +192,27 @@ impl RunStore for MemoryStore {
         Ok(())
     }
 
+    fn lock(&self) -> MutexGuard<'_, Runs> {
+        // A panic while holding the lock cannot leave an entry half-written
+        // (every mutation is a single assignment or push), so poisoning is ignored.
+        self.runs.lock_unpoisoned()
+    }
+}
+
+#[async_trait]
+impl RunStore for MemoryStore {
+    async fn insert(&self, run: &Run, existing: Existing, key: Option<&str>) -> Result<()> {
+        self.record(run, existing, key, None)
+    }
+
     async fn enqueue(&self, run: &Run, max_attempts: u32, key: Option<&str>) -> Result<()> {
         let _ = max_attempts;
-        let existing = Existing::ReplaceFinished;
+        let existing = Existing::on_enqueue(run);
         match (run.status, run.started_at) {
             // Claimed as it is queued: two history entries, as on a shared store.
-            (RunStatus::Running, Some(at)) => {
-                let mut queued = run.clone();
-                queued.status = RunStatus::Queued;
-                queued.started_at = None;
-                self.insert(&queued, existing, key).await?;
-                let mut runs = self.lock();
-                let entry = runs.get_mut(&run.run_id).ok_or(Error::RegistryClosed)?;
-                entry.run = run.clone();
-                entry.history.push(StatusChange {
-                    status: RunStatus::Running,
-                    at,
-                    message: None,
-                });
-            }
+            (RunStatus::Running, Some(at)) => self.record(run, existing, key, Some(at))?,
             _ => {
-                self.insert(run, existing, key).await?;
+                self.record(run, existing, key, None)?;
                 let _runs = self.lock();
                 self.queue().push_back(run.run_id.clone());
             }
@@ -298,7 +311,12 @@ impl RunStore for MemoryStore {
         let queued: HashSet<&str> = queue.iter().map(String::as_str).collect();
         Ok(runs
             .values()
-            .filter(|e| e.run.status.is_active() && !queued.contains(e.run.run_id.as_str()))
+            .filter(|e| {
+                // Running here, or queued for this process alone; a run
+                // taken over as it ran may still be in the queue's list.
+                e.run.status == RunStatus::Running
+                    || (e.run.status.is_active() && !queued.contains(e.run.run_id.as_str()))
+            })
             .map(|e| e.run.run_id.clone())
             .collect())
     }

@@ -392,6 +392,19 @@ pub enum Existing {
     AdoptQueued,
 }
 
+impl Existing {
+    /// How [`RunStore::enqueue`] treats an id already recorded: a run
+    /// claimed as it is recorded (`Running`) takes over a queued one.
+    #[must_use]
+    pub fn on_enqueue(run: &Run) -> Existing {
+        if run.status == RunStatus::Running {
+            Existing::AdoptQueued
+        } else {
+            Existing::ReplaceFinished
+        }
+    }
+}
+
 /// What an insert does with an id already recorded, as every backend
 /// decides it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -580,9 +593,14 @@ pub trait RunStore: Send + Sync + 'static {
     /// (its history: queued at `created_at`, running at `started_at`).
     /// A run whose process is lost is queued again while it has taken
     /// fewer than `max_attempts` attempts. By default, as an insert.
+    ///
+    /// An id already recorded is treated as [`insert`](Self::insert) treats
+    /// it: a finished run is replaced. A `Queued` one is taken over
+    /// ([`Existing::AdoptQueued`]) only by a run claimed as it is recorded:
+    /// that is a task manager starting a run its caller added first.
     async fn enqueue(&self, run: &Run, max_attempts: u32, key: Option<&str>) -> Result<()> {
         let _ = max_attempts;
-        self.insert(run, Existing::ReplaceFinished, key).await
+        self.insert(run, Existing::on_enqueue(run), key).await
     }
 
     /// Keeps the component bytes of a module version (`hash`, as runs

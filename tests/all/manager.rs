@@ -42,6 +42,7 @@ both_backends!(
     running_is_recorded_when_the_work_really_starts,
     an_error_fails_the_run_with_its_message,
     the_guides_way_to_reuse_a_run_id_runs_it_again,
+    a_run_added_first_is_adopted_and_one_not_added_is_recorded,
     a_panic_fails_the_run_and_the_manager_keeps_working,
     a_task_that_never_awaits_still_completes,
     cancel_stops_a_running_task,
@@ -328,10 +329,7 @@ async fn wait_all_returns_even_when_tasks_fail(registry: RunRegistry) {
     assert_eq!(manager.active_task_count(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_added_first_is_adopted_and_one_not_added_is_recorded() {
-    let backend = memory_registry();
-    let registry = backend.registry.clone();
+async fn a_run_added_first_is_adopted_and_one_not_added_is_recorded(registry: RunRegistry) {
     let manager = BackgroundTaskManager::new(registry.clone());
 
     // The guide's way: add the run, then start it.

@@ -94,6 +94,7 @@ queue_contract!(
     queued_runs_are_claimed_by_priority_then_as_they_became_due,
     a_run_given_back_is_claimed_again_as_its_next_attempt,
     a_run_claimed_as_it_is_queued_has_both_entries_and_its_first_attempt,
+    a_run_claimed_as_it_is_recorded_takes_over_its_queued_record_or_a_finished_id,
 );
 
 contract!(
@@ -1224,5 +1225,85 @@ async fn a_run_claimed_as_it_is_queued_has_both_entries_and_its_first_attempt(
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+/// A task manager records a run it starts at once queued and running in
+/// one write: over a run its caller added `Queued` first (the guide's
+/// way), or one resumed from its record, that write takes the record
+/// over and keeps its history; a finished run with the id is replaced;
+/// an active one is refused.
+async fn a_run_claimed_as_it_is_recorded_takes_over_its_queued_record_or_a_finished_id(
+    store: &impl RunStore,
+) {
+    let running = |run: &Run| {
+        let mut run = run.clone();
+        run.status = RunStatus::Running;
+        run.started_at = Some(run.created_at + chrono::Duration::milliseconds(1));
+        run.attempt = Some(1);
+        run
+    };
+    let statuses = |run_id: String| async move {
+        let history = store.history(&run_id).await.unwrap();
+        history.iter().map(|c| c.status).collect::<Vec<_>>()
+    };
+    use modrun::registry::Existing;
+
+    // Added queued by its caller, then started: one record, two entries.
+    let added = queued("hello", "sha256:one").with_parameters(json!({"n": 1}));
+    store
+        .insert(&added, Existing::ReplaceFinished, None)
+        .await
+        .unwrap();
+    store.enqueue(&running(&added), 1, None).await.unwrap();
+    let stored = store.get(&added.run_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Running);
+    assert_eq!(stored.parameters, added.parameters);
+    assert_eq!(stored.started_at, running(&added).started_at);
+    assert_eq!(stored.attempt, Some(1));
+    assert_eq!(
+        statuses(added.run_id.clone()).await,
+        [RunStatus::Queued, RunStatus::Running]
+    );
+    assert!(store.claimed().await.unwrap().contains(&added.run_id));
+
+    // Running now: starting it again is refused, and changes nothing.
+    let again = store.enqueue(&running(&added), 1, None).await;
+    assert!(
+        matches!(
+            again,
+            Err(Error::RunActive {
+                status: RunStatus::Running,
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    // Queued for any process, an id taken is never taken over.
+    let taken = store.enqueue(&added, 1, None).await;
+    assert!(matches!(taken, Err(Error::RunActive { .. })), "{taken:?}");
+    assert_eq!(
+        statuses(added.run_id.clone()).await,
+        [RunStatus::Queued, RunStatus::Running]
+    );
+
+    // Finished: started again under its id, it is a fresh record.
+    store
+        .transition(
+            &Transition::completed(&added.run_id, json!("done")),
+            modrun::registry::OnUnavailable::Refuse,
+        )
+        .await
+        .unwrap();
+    let mut rerun = queued("hello", "sha256:one");
+    rerun.run_id = added.run_id.clone();
+    store.enqueue(&running(&rerun), 1, None).await.unwrap();
+    let stored = store.get(&rerun.run_id).await.unwrap().unwrap();
+    assert_eq!(stored.status, RunStatus::Running);
+    assert_eq!(stored.output, None);
+    assert_eq!(stored.created_at, rerun.created_at);
+    assert_eq!(
+        statuses(rerun.run_id.clone()).await,
+        [RunStatus::Queued, RunStatus::Running]
     );
 }

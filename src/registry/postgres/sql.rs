@@ -643,6 +643,9 @@ async fn apply_unkeyed(
             };
             insert(tx, prepared, owner, run, Existing::ReplaceFinished).await
         }
+        Write::Enqueue(run, attempts, ..) if run.status == RunStatus::Running => {
+            claimed_start(tx, prepared, node, run, *attempts).await
+        }
         Write::Replace(run, change, _) => replace(tx, prepared, run, change.as_ref()).await,
         Write::Claim(..) | Write::Release(..) => Ok(Outcome::Failed(Error::Database {
             path: std::path::PathBuf::from("(PostgreSQL writer)"),
@@ -1533,6 +1536,54 @@ async fn insert(
         }
         Err(e) => Ok(Outcome::Failed(e)),
     }
+}
+
+/// A run this node claims as it records it (`Running`, attempt 1). An id
+/// already taken is treated as [`Existing::on_enqueue`] says (a finished
+/// run replaced, a queued one its caller added first adopted), then the
+/// run becomes `Running` here, all in the write's transaction.
+async fn claimed_start(
+    tx: &Transaction<'_>,
+    prepared: &mut Prepared,
+    node: &Node,
+    run: &Run,
+    max_attempts: u32,
+) -> Result<Outcome, tokio_postgres::Error> {
+    let claimed = Sent::Claimed(RunValues::new(run, 2).with_attempts(max_attempts), &node.id);
+    let statement = prepared.get(tx, INSERT_CLAIMED).await?;
+    if let Some(outcome) = send(tx, &|_| &statement, &claimed).await? {
+        return Ok(outcome);
+    }
+    let mut queued = run.clone();
+    queued.status = RunStatus::Queued;
+    queued.started_at = None;
+    let owner = Owner {
+        node: Some(&node.id),
+        max_attempts,
+    };
+    let outcome = insert(tx, prepared, owner, &queued, Existing::on_enqueue(run)).await?;
+    if !matches!(outcome, Outcome::Done) {
+        return Ok(outcome);
+    }
+    let moved = Sent::Move {
+        run_id: clean(&run.run_id),
+        to: RunStatus::Running.as_str(),
+        at: nanos(run.started_at.unwrap_or(run.created_at)),
+        allowed: allowed_from(RunStatus::Running),
+        message: None,
+        fence: Fence {
+            attempt: None,
+            node: &node.id,
+        },
+    };
+    let statement = prepared.get(tx, MOVE_MANY).await?;
+    send(tx, &|_| &statement, &moved).await?;
+    tx.execute(
+        "UPDATE runs SET attempt = 1 WHERE run_id = $1",
+        &[&clean(&run.run_id)],
+    )
+    .await?;
+    Ok(outcome)
 }
 
 async fn replace(

@@ -70,7 +70,7 @@ pub(super) fn enqueue(tx: &rusqlite::Transaction<'_>, run: &Run) -> rusqlite::Re
         return Ok(Outcome::Done);
     }
     let queued = queued_part(run);
-    let outcome = insert(tx, &queued, Existing::ReplaceFinished)?;
+    let outcome = insert(tx, &queued, Existing::on_enqueue(run))?;
     if matches!(outcome, Outcome::Done) {
         let mut running = Transition::running(&run.run_id);
         running.at = started_at;
