@@ -1287,6 +1287,20 @@ async fn a_run_claimed_as_it_is_recorded_takes_over_its_queued_record_or_a_finis
         [RunStatus::Queued, RunStatus::Running]
     );
 
+    // Queued for any claimer, then started here: taken over, and no
+    // claim takes it again.
+    let shared = queued("hello", "sha256:one");
+    store.enqueue(&shared, 1, None).await.unwrap();
+    store.enqueue(&running(&shared), 1, None).await.unwrap();
+    assert_eq!(
+        statuses(shared.run_id.clone()).await,
+        [RunStatus::Queued, RunStatus::Running]
+    );
+    assert!(store.claimed().await.unwrap().contains(&shared.run_id));
+    let want = [wanted("hello", "sha256:one", 5)];
+    assert!(store.claim(&want, 5).await.unwrap().is_empty());
+    assert!(store.queued_versions().await.unwrap().is_empty());
+
     // Finished: started again under its id, it is a fresh record.
     store
         .transition(

@@ -75,7 +75,9 @@ pub(super) fn enqueue(tx: &rusqlite::Transaction<'_>, run: &Run) -> rusqlite::Re
         let mut running = Transition::running(&run.run_id);
         running.at = started_at;
         apply_transition(tx, &running)?;
-        tx.prepare_cached("UPDATE runs SET attempt = 1 WHERE run_id = ?1")?
+        // Claimed here, as a claim marks it (a run taken over may have
+        // been queued for any claimer).
+        tx.prepare_cached("UPDATE runs SET attempt = 1, claimable = NULL WHERE run_id = ?1")?
             .execute([&run.run_id])?;
     }
     Ok(outcome)
