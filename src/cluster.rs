@@ -18,8 +18,8 @@
 //! announced since a claim last found nothing more of it to take), so that
 //! a start never overtakes the runs queued before it. Otherwise the claimer wakes when a
 //! run is queued (on any node: the database announces it), when one of
-//! its runs ends, when a module reloads, and once a second in case a
-//! notification was lost.
+//! its runs ends, when a module reloads, when a run queued for later (on
+//! any node) is due, and once a second in case a notification was lost.
 //!
 //! Every module version a node loads is stored in the database by its
 //! content hash. A node asked to run a version it did not load (the run
@@ -43,6 +43,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -50,7 +51,7 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::ModuleRunner;
 use crate::line::Permit;
 use crate::module::LoadedModule;
-use crate::registry::Wanted;
+use crate::registry::{NextDue, Wanted};
 use crate::run::Run;
 use crate::sync::LockUnpoisoned;
 
@@ -338,6 +339,8 @@ pub(crate) struct Versions {
     changed: AtomicBool,
     /// Told when this node queues a run for any node.
     queued_here: tokio::sync::Notify,
+    /// Offered when this node queues a run for later.
+    due_here: NextDue,
     /// Which modules' runs may wait in the queue.
     order: Mutex<Order>,
 }
@@ -415,6 +418,12 @@ impl Versions {
         self.queued_here.notify_one();
     }
 
+    /// Notes that this node queued a run not due before `at` (its write
+    /// committed): the claimer wakes then, not at its next poll.
+    pub(crate) fn due_here(&self, at: DateTime<Utc>) {
+        self.due_here.offer(at);
+    }
+
     /// The counts as a claim begins, for [`found_drained`](Self::found_drained).
     fn claiming(&self) -> Counts {
         self.order.lock_unpoisoned().counts.clone()
@@ -477,6 +486,13 @@ fn key_of(module: &LoadedModule) -> String {
 async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: CancellationToken) {
     let registry = runner.registry().clone();
     let elsewhere = registry.queued_elsewhere();
+    let due_elsewhere = registry.due_elsewhere();
+    // When the earliest run known to be queued for later is due: the
+    // claimer wakes then. Learnt from this node's starts, other nodes'
+    // announcements, and the store (after each such wake, and at each
+    // poll, for what an announcement lost or a restart missed).
+    let mut next_due: Option<DateTime<Utc>> = None;
+    let mut last_due_check: Option<Instant> = None;
     let mut reloads = runner.host().subscribe();
     let mut last_prune = Instant::now();
     let mut last_fetch = Instant::now();
@@ -521,6 +537,22 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
                 () = tokio::time::sleep(CLAIM_POLL / 10) => continue,
             }
         }
+        let offered = [
+            versions.due_here.take(),
+            due_elsewhere.as_deref().and_then(NextDue::take),
+        ];
+        for at in offered.into_iter().flatten() {
+            next_due = Some(next_due.map_or(at, |due| due.min(at)));
+        }
+        let now = Utc::now();
+        let due_now = next_due.is_some_and(|at| at <= now);
+        if due_now {
+            // Runs became claimable: starts here queue behind them until a
+            // claim finds their module drained, as for runs just queued.
+            next_due = None;
+            versions.may_be_queued();
+            maybe_queued = true;
+        }
         let mut failed = None;
         if last_check.elapsed() >= CLAIM_POLL {
             last_check = Instant::now();
@@ -564,6 +596,14 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
                 failed_versions.clone(),
             ))));
         }
+        if due_now || last_due_check.is_none_or(|at| at.elapsed() >= CLAIM_POLL) {
+            last_due_check = Some(Instant::now());
+            match registry.next_due(now).await {
+                Ok(Some(at)) => next_due = Some(next_due.map_or(at, |due| due.min(at))),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "cannot read when queued runs are due"),
+            }
+        }
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();
             match registry.queued_versions().await {
@@ -573,6 +613,12 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
         }
         // A notice that comes while a claim is under way is kept (a
         // `Notify` permit) and wakes the next turn at once.
+        let wait = next_due.map_or(CLAIM_POLL, |at| {
+            (at - Utc::now())
+                .to_std()
+                .unwrap_or_default()
+                .min(CLAIM_POLL)
+        });
         tokio::select! {
             () = stop.cancelled() => return,
             () = runner.manager().task_ended() => {}
@@ -588,8 +634,19 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
                     maybe_queued = true;
                 }
             }
-            () = tokio::time::sleep(CLAIM_POLL) => maybe_queued = true,
+            // A time offered: the next turn takes it into account.
+            () = versions.due_here.told() => {}
+            () = told(due_elsewhere.as_deref()) => {}
+            () = tokio::time::sleep(wait) => maybe_queued = true,
         }
+    }
+}
+
+/// Resolves when `due` is offered a time; never without one.
+async fn told(due: Option<&NextDue>) {
+    match due {
+        Some(due) => due.told().await,
+        None => std::future::pending().await,
     }
 }
 

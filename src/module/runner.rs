@@ -282,10 +282,11 @@ impl ModuleRunner {
         };
         let Some((room, permits)) = room else {
             self.registry().enqueue(&run, attempts, key).await?;
-            // A run not due yet is for a later claim (the claimer's poll),
-            // and holds up no start before then.
-            if due {
-                versions.queued_here(&run.module_id);
+            // A run not due yet is for a claim when it is due, and holds
+            // up no start before then.
+            match run.not_before {
+                None => versions.queued_here(&run.module_id),
+                Some(at) => versions.due_here(at),
             }
             return Ok(run_id);
         };

@@ -321,6 +321,17 @@ impl RunStore for MemoryStore {
             .collect())
     }
 
+    async fn next_due(&self, after: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
+        let runs = self.lock();
+        let queue = self.queue();
+        Ok(queue
+            .iter()
+            .filter_map(|run_id| runs.get(run_id))
+            .filter(|e| e.run.status == RunStatus::Queued)
+            .filter_map(|e| e.run.not_before.filter(|&at| at > after))
+            .min())
+    }
+
     async fn queued_versions(&self) -> Result<Vec<String>> {
         let runs = self.lock();
         let queue = self.queue();

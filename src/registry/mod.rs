@@ -382,6 +382,37 @@ impl RunEvent {
     }
 }
 
+/// The earliest of the times offered to it since it was last taken, and
+/// a notice for each offer: when a claimer should look again for runs
+/// queued for later.
+#[derive(Debug, Default)]
+pub struct NextDue {
+    at: std::sync::Mutex<Option<DateTime<Utc>>>,
+    told: tokio::sync::Notify,
+}
+
+impl NextDue {
+    /// Keeps `at` if it is the earliest offered, and tells the waiter.
+    pub fn offer(&self, at: DateTime<Utc>) {
+        let mut earliest = self.at.lock_unpoisoned();
+        if earliest.is_none_or(|earliest| at < earliest) {
+            *earliest = Some(at);
+        }
+        drop(earliest);
+        self.told.notify_one();
+    }
+
+    /// The earliest time offered since the last take, if any.
+    pub fn take(&self) -> Option<DateTime<Utc>> {
+        self.at.lock_unpoisoned().take()
+    }
+
+    /// Resolves at the next offer (or at once for one not waited for yet).
+    pub async fn told(&self) {
+        self.told.notified().await;
+    }
+}
+
 /// How an insert treats a run id that is already recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Existing {
@@ -652,6 +683,21 @@ pub trait RunStore: Send + Sync + 'static {
     /// back), for this one's claimer to wake (`None` by default).
     fn queued_elsewhere(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
+    }
+
+    /// The earliest not-before time another process announced of the
+    /// runs it queued for later, for this one's claimer to wake then
+    /// (`None` by default).
+    fn due_elsewhere(&self) -> Option<Arc<NextDue>> {
+        None
+    }
+
+    /// The earliest not-before time later than `after` of the runs queued
+    /// for any process to claim: when a claimer should look for runs
+    /// again. (None by default, as a store that queues nothing.)
+    async fn next_due(&self, after: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
+        let _ = after;
+        Ok(None)
     }
 
     /// Claims queued runs for this process: of each [`Wanted`] module
@@ -1012,6 +1058,16 @@ impl RunRegistry {
     /// ([`RunStore::queued_elsewhere`]).
     pub(crate) fn queued_elsewhere(&self) -> Option<Arc<tokio::sync::Notify>> {
         self.store.queued_elsewhere()
+    }
+
+    /// See [`RunStore::due_elsewhere`].
+    pub(crate) fn due_elsewhere(&self) -> Option<Arc<NextDue>> {
+        self.store.due_elsewhere()
+    }
+
+    /// See [`RunStore::next_due`].
+    pub(crate) async fn next_due(&self, after: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
+        self.store.next_due(after).await
     }
 
     /// Claims queued runs for this process ([`RunStore::claim`]), and

@@ -360,6 +360,52 @@ async fn an_urgent_run_is_claimed_before_earlier_ones_and_a_run_not_due_waits() 
         .unwrap();
 }
 
+/// A run queued for later starts when it is due, not at a claimer's next
+/// poll (a second apart): the node that queued it wakes for it, and so
+/// does every other node, told by the database. Four runs, due at
+/// different times, each started within 400 ms of its time: with claims
+/// at each poll only, all four would be that prompt about one time in 40.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_queued_for_later_start_when_due_on_the_node_that_queued_them_or_another() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let dir = plugins_dir(&["countdown", "hello"]);
+    let a = node(&url, &schema, "a", dir.path(), 1).await;
+    let b = node(&url, &schema, "b", dir.path(), 4).await;
+    let a_claimer = a.claim_from_queue().unwrap();
+    let b_claimer = b.claim_from_queue().unwrap();
+    // Node a's one place is taken: b runs every run, those a queued too.
+    let long = a.start("countdown", LONG_COUNTDOWN.clone()).await.unwrap();
+    let running = wait_for_status(a.registry(), &long, RunStatus::Running).await;
+    assert_eq!(running.node.as_deref(), Some("a"));
+
+    let mut later = Vec::new();
+    for (node, ms) in [(&a, 700), (&b, 1200), (&a, 1700), (&b, 2300)] {
+        let at = Utc::now() + chrono::TimeDelta::milliseconds(ms);
+        let options = StartOptions::new().not_before(at);
+        let handle = node
+            .start_with("hello", json!({"name": "later"}), &options)
+            .await
+            .unwrap();
+        later.push((handle.id().to_owned(), at));
+    }
+    for (run_id, at) in later {
+        let run = wait_for_end(a.registry(), &run_id).await;
+        assert_eq!(run.status, RunStatus::Completed, "{:?}", run.error_message);
+        assert_eq!(run.node.as_deref(), Some("b"));
+        let late = run.started_at.unwrap() - at;
+        assert!(
+            late >= chrono::TimeDelta::zero() && late < chrono::TimeDelta::milliseconds(400),
+            "run {run_id} started {} ms after its not-before time",
+            late.num_milliseconds()
+        );
+    }
+
+    assert!(a.cancel(&long).await.unwrap());
+    a_claimer.stop().await;
+    b_claimer.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_started_on_a_busy_node_runs_on_one_with_room() {
     let Some(url) = database_url() else { return };

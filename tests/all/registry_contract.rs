@@ -95,6 +95,7 @@ queue_contract!(
     a_run_given_back_is_claimed_again_as_its_next_attempt,
     a_run_claimed_as_it_is_queued_has_both_entries_and_its_first_attempt,
     a_run_claimed_as_it_is_recorded_takes_over_its_queued_record_or_a_finished_id,
+    the_next_due_time_is_the_earliest_not_before_time_to_come_of_runs_any_claimer_may_take,
 );
 
 contract!(
@@ -1320,4 +1321,39 @@ async fn a_run_claimed_as_it_is_recorded_takes_over_its_queued_record_or_a_finis
         statuses(rerun.run_id.clone()).await,
         [RunStatus::Queued, RunStatus::Running]
     );
+}
+
+/// When a claimer should look again: the earliest not-before time still
+/// to come of the runs queued for any claimer; not of runs due already,
+/// claimed, or kept for one process.
+async fn the_next_due_time_is_the_earliest_not_before_time_to_come_of_runs_any_claimer_may_take(
+    store: &impl RunStore,
+) {
+    let now = chrono::Utc::now();
+    let hours = |n: i64| now + chrono::TimeDelta::hours(n);
+    assert_eq!(store.next_due(now).await.unwrap(), None);
+    let mut due = Vec::new();
+    for at in [Some(hours(2)), None, Some(hours(1)), Some(hours(-1))] {
+        let mut run = queued("hello", "sha256:one");
+        run.not_before = at;
+        store.enqueue(&run, 1, None).await.unwrap();
+        due.push(store.get(&run.run_id).await.unwrap().unwrap().not_before);
+    }
+    // Earlier, but not for any claimer: kept for this process, or running.
+    let mut kept =
+        queued("hello", "sha256:one").with_not_before(now + chrono::TimeDelta::minutes(5));
+    store
+        .insert(&kept, modrun::registry::Existing::ReplaceFinished, None)
+        .await
+        .unwrap();
+    kept.run_id = uuid::Uuid::now_v7().to_string();
+    kept.status = RunStatus::Running;
+    kept.started_at = Some(now);
+    store.enqueue(&kept, 1, None).await.unwrap();
+
+    let (in_two, in_one) = (due[0], due[2]);
+    assert!(in_one.is_some() && in_two.is_some());
+    assert_eq!(store.next_due(now).await.unwrap(), in_one);
+    assert_eq!(store.next_due(in_one.unwrap()).await.unwrap(), in_two);
+    assert_eq!(store.next_due(in_two.unwrap()).await.unwrap(), None);
 }

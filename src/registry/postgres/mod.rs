@@ -44,8 +44,8 @@ use tokio_util::sync::CancellationToken;
 use super::retention::nanos_clamped;
 use super::writer::{Backend, Direct, NotCommitted, Outcome, Queue, Shared, Write};
 use super::{
-    Cleanup, EventFeed, Existing, OnUnavailable, RunEvent, RunFilter, RunStore, RunSummary,
-    StoreHealth, Wanted,
+    Cleanup, EventFeed, Existing, NextDue, OnUnavailable, RunEvent, RunFilter, RunStore,
+    RunSummary, StoreHealth, Wanted,
 };
 use crate::error::{Error, Result};
 use crate::run::{LogEntry, Progress, Run, StatusChange, Transition};
@@ -68,6 +68,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0012_history_unchecked.sql"),
     include_str!("migrations/0013_node_listener.sql"),
     include_str!("migrations/0014_notify_by_index.sql"),
+    include_str!("migrations/0015_notify_due.sql"),
 ];
 
 /// How long a node's lease lasts unless [`PostgresOptions::lease`] says
@@ -137,6 +138,8 @@ pub struct PostgresStore {
     versions: Arc<std::sync::Mutex<Option<Vec<String>>>>,
     /// Told when another node queues a run.
     queued: Arc<tokio::sync::Notify>,
+    /// Offered when another node queues runs for later.
+    due: Arc<NextDue>,
     /// When this node's last committed renewal began, and its lease.
     renewed: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     lease: Duration,
@@ -298,6 +301,7 @@ impl PostgresStore {
             .map_err(|e| fail(format!("cannot start its heartbeat thread: {e}")))?;
         let events = Arc::new(OnceLock::new());
         let queued = Arc::new(tokio::sync::Notify::new());
+        let due = Arc::new(NextDue::default());
         let stop_listening = CancellationToken::new();
         let logs = Arc::new(Outbox::default());
         tokio::spawn(listen(
@@ -308,6 +312,7 @@ impl PostgresStore {
                 events: events.clone(),
                 cancels: cancels.clone(),
                 queued: queued.clone(),
+                due: due.clone(),
                 logs: logs.clone(),
             },
             stop_listening.clone(),
@@ -317,6 +322,7 @@ impl PostgresStore {
             node: options.node.clone(),
             versions,
             queued,
+            due,
             renewed,
             lease: options.lease,
             pool,
@@ -573,6 +579,20 @@ impl RunStore for PostgresStore {
 
     fn queued_elsewhere(&self) -> Option<Arc<tokio::sync::Notify>> {
         Some(self.queued.clone())
+    }
+
+    fn due_elsewhere(&self) -> Option<Arc<NextDue>> {
+        Some(self.due.clone())
+    }
+
+    async fn next_due(&self, after: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
+        let after = sql::nanos(after);
+        self.read(async |client| {
+            let statement = client.prepare_cached(sql::NEXT_DUE).await?;
+            let row = client.query_opt(&statement, &[&after]).await?;
+            Ok(row.map(|row| DateTime::from_timestamp_nanos(row.get(0))))
+        })
+        .await
     }
 
     async fn enqueue(&self, run: &Run, max_attempts: u32, key: Option<&str>) -> Result<()> {
@@ -988,6 +1008,9 @@ struct Listener {
     cancels: Arc<CancelSink>,
     /// Told when another node queues a run (or gives one back).
     queued: Arc<tokio::sync::Notify>,
+    /// Offered the earliest not-before time another node announces of
+    /// the runs it queued for later.
+    due: Arc<NextDue>,
     /// Log lines of this node's runs, announced every [`LOG_EVERY`].
     logs: Arc<Outbox>,
 }
@@ -1185,6 +1208,9 @@ struct Notice {
     progress: Option<Vec<(String, String, f64, String)>>,
     /// (run id, module id, entry)
     log: Option<Vec<(String, String, LogEntry)>>,
+    /// The earliest not-before time (nanoseconds) of the runs these
+    /// changes queued for later, if any.
+    due: Option<i64>,
 }
 
 /// The node that announced a notification, read without the rest of it
@@ -1248,6 +1274,7 @@ impl Listener {
                 statuses: None,
                 progress: None,
                 log: None,
+                ..
             }) => {
                 tracing::warn!("ignored a status notification that announces nothing");
                 return;
@@ -1258,6 +1285,9 @@ impl Listener {
                 return;
             }
         };
+        if let Some(due) = notice.due {
+            self.due.offer(DateTime::from_timestamp_nanos(due));
+        }
         for announced in notice.statuses.into_iter().flatten() {
             let Ok(status) = announced.status.parse() else {
                 tracing::warn!(status = %announced.status, "ignored a status notification with an unknown status");

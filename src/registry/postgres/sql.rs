@@ -301,6 +301,13 @@ pub(super) const CLAIMED: &str =
 pub(super) const QUEUED_VERSIONS: &str = "SELECT DISTINCT module_id || '@' || module_version \
      FROM runs WHERE status = 'queued' AND node IS NULL AND module_version IS NOT NULL";
 
+/// The earliest not-before time later than `$1` of the runs queued for
+/// any node: the first entry of an index of only those runs. (Not
+/// `min()`, which the server answers by reading every later one.)
+pub(super) const NEXT_DUE: &str = "SELECT not_before FROM runs \
+     WHERE status = 'queued' AND node IS NULL AND not_before IS NOT NULL AND not_before > $1 \
+     ORDER BY not_before LIMIT 1";
+
 /// Names the session's node in the status changes it announces.
 pub(super) const SESSION_NODE: &str = "SELECT set_config('modrun.node', $1, false)";
 

@@ -258,6 +258,10 @@ impl RunStore for SqliteStore {
         self.read(sql::queued_versions).await
     }
 
+    async fn next_due(&self, after: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
+        self.read(move |conn| sql::next_due(conn, after)).await
+    }
+
     async fn run_by_key(&self, key: &str) -> Result<Option<Run>> {
         let key = key.to_owned();
         self.read(move |conn| sql::select_run_by_key(conn, &key))

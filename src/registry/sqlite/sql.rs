@@ -189,6 +189,21 @@ pub(super) fn claimed(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     rows.collect()
 }
 
+/// The earliest not-before time later than `after` of the runs queued
+/// for a claimer.
+pub(super) fn next_due(
+    conn: &Connection,
+    after: DateTime<Utc>,
+) -> rusqlite::Result<Option<DateTime<Utc>>> {
+    let after = nanos(after)?;
+    let mut statement = conn.prepare_cached(
+        "SELECT min(not_before) FROM runs \
+         WHERE claimable = 1 AND status = 'queued' AND not_before > ?1",
+    )?;
+    let at: Option<i64> = statement.query_row([after], |row| row.get(0))?;
+    Ok(at.map(DateTime::from_timestamp_nanos))
+}
+
 /// The versions queued runs wait to be claimed on.
 pub(super) fn queued_versions(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     let mut statement = conn.prepare_cached(
