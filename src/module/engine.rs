@@ -1,6 +1,8 @@
 //! The WebAssembly engine: one per host, configured for sandboxed runs, with
 //! the epoch ticker that lets every running module yield and time out.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -142,29 +144,111 @@ pub const WARM_SLOTS: u32 = 16;
 const LOADING_SLOTS: u32 = 16;
 
 /// Builds the engine and starts its epoch ticker.
-pub(crate) fn new_engine(config: &HostConfig) -> Result<Engine> {
+pub(crate) fn new_engine(config: &HostConfig) -> Result<(Engine, Ticker)> {
     let wasm = config.wasmtime_config();
     let engine = Engine::new(&wasm)
         .map_err(|e| Error::Engine(format!("cannot create the engine: {e:#}")))?;
-    start_ticker(&engine, config.epoch_tick)?;
-    Ok(engine)
+    let ticker = Ticker::start(&engine, config.epoch_tick)?;
+    Ok((engine, ticker))
 }
 
-/// Increments the engine's epoch every `tick` until the engine is dropped:
-/// the thread holds only a weak handle.
-fn start_ticker(engine: &Engine, tick: Duration) -> Result<()> {
-    let weak = engine.weak();
-    std::thread::Builder::new()
-        .name("modrun-epoch".into())
-        .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(tick);
-            }
+/// How many ticks in a row the ticker makes with no guest in a store
+/// before it stops ticking until one is.
+const IDLE_TICKS: u32 = 100;
+
+/// The engine's epoch ticker: a thread that increments the epoch every
+/// tick while any guest code may run (a [`Ticking`] is held), so that every
+/// running module yields, and is timed out and cancelled, even while it
+/// spins. With none for [`IDLE_TICKS`] ticks, it sleeps until one is: an
+/// idle host takes no wake-ups (it took a thousand a second). It ends
+/// when this handle is dropped, or when the engine is.
+pub(crate) struct Ticker {
+    shared: Arc<TickerShared>,
+    thread: std::thread::Thread,
+}
+
+#[derive(Default)]
+struct TickerShared {
+    /// Stores whose guest code may run now.
+    active: AtomicUsize,
+    /// The thread is asleep until a store is made, or the ticker ends.
+    parked: AtomicBool,
+    stopped: AtomicBool,
+}
+
+impl Ticker {
+    fn start(engine: &Engine, tick: Duration) -> Result<Ticker> {
+        let weak = engine.weak();
+        let shared = Arc::new(TickerShared::default());
+        let ticking = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("modrun-epoch".into())
+            .spawn(move || {
+                let mut idle = 0;
+                while !ticking.stopped.load(Ordering::SeqCst) {
+                    let Some(engine) = weak.upgrade() else { return };
+                    engine.increment_epoch();
+                    drop(engine);
+                    idle = if ticking.active.load(Ordering::SeqCst) == 0 {
+                        idle + 1
+                    } else {
+                        0
+                    };
+                    if idle >= IDLE_TICKS {
+                        // Parked is said before active is read again, and
+                        // a store is counted before parked is read: one
+                        // of the two sees the other (all sequentially
+                        // consistent), so no store waits on a sleeping
+                        // ticker.
+                        ticking.parked.store(true, Ordering::SeqCst);
+                        if ticking.active.load(Ordering::SeqCst) == 0
+                            && !ticking.stopped.load(Ordering::SeqCst)
+                        {
+                            std::thread::park();
+                        }
+                        ticking.parked.store(false, Ordering::SeqCst);
+                        idle = 0;
+                        continue;
+                    }
+                    std::thread::sleep(tick);
+                }
+            })
+            .map_err(|e| Error::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        Ok(Ticker {
+            shared,
+            thread: handle.thread().clone(),
         })
-        .map(drop)
-        .map_err(|e| Error::Engine(format!("cannot start the epoch ticker: {e}")))
+    }
+
+    /// Keeps the epoch ticking while the returned guard lives: held by
+    /// every store in which guest code runs.
+    pub(crate) fn ticking(&self) -> Ticking {
+        self.shared.active.fetch_add(1, Ordering::SeqCst);
+        if self.shared.parked.load(Ordering::SeqCst) {
+            self.thread.unpark();
+        }
+        Ticking {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::SeqCst);
+        self.thread.unpark();
+    }
+}
+
+/// A store in which guest code may run: the epoch ticks while one lives.
+pub(crate) struct Ticking {
+    shared: Arc<TickerShared>,
+}
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        self.shared.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Where the commands keep compiled components for the registry at `db`:

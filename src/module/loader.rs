@@ -18,7 +18,7 @@ use wasmtime::{Engine, Store};
 use wasmtime_wasi::WasiCtx;
 
 use super::bindings::{Module, ModulePre};
-use super::engine::{HostConfig, new_engine};
+use super::engine::{HostConfig, Ticker, Ticking, new_engine};
 use super::host::HostState;
 use super::host_functions::{HostFunctions, is_modruns_own};
 use super::manifest::Manifest;
@@ -154,6 +154,8 @@ pub struct ModuleHost {
 
 struct HostInner {
     engine: Engine,
+    /// Ticks the engine's epoch while guest code may run.
+    ticker: Ticker,
     /// Ties cached machine code to this engine's settings and this modrun.
     engine_key: String,
     linker: Linker<HostState>,
@@ -191,7 +193,7 @@ impl ModuleHost {
         config: HostConfig,
         functions: &HostFunctions,
     ) -> Result<ModuleHost> {
-        let engine = new_engine(&config)?;
+        let (engine, ticker) = new_engine(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| super::filesystem::guard(&mut linker))
@@ -211,6 +213,7 @@ impl ModuleHost {
         Ok(ModuleHost {
             inner: Arc::new(HostInner {
                 engine,
+                ticker,
                 engine_key,
                 linker,
                 linked: functions.interfaces().map(str::to_owned).collect(),
@@ -253,6 +256,12 @@ impl ModuleHost {
 
     pub(crate) fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// Keeps the epoch ticking while the guard lives: every store in
+    /// which guest code runs holds one.
+    pub(crate) fn ticking(&self) -> Ticking {
+        self.inner.ticker.ticking()
     }
 
     /// The permits of the engine's instance pool: a run holds one while it
@@ -639,6 +648,7 @@ impl ModuleHost {
             manifest.limits.memory_bytes,
             None,
         );
+        let _ticking = self.inner.ticker.ticking();
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_callback(|_| Ok(wasmtime::UpdateDeadline::Yield(1)));

@@ -667,6 +667,7 @@ async fn execute(
     };
     let mut state = HostState::new(wasi, limits.memory_bytes, Some(context));
     state.symlinks_allowed = module.summary.manifest.grants.symlinks;
+    let _ticking = host.ticking();
     let mut store = Store::new(host.engine(), state);
     store.limiter(|state| &mut state.limiter);
     // Yield to tokio at every epoch tick: the timeout below and a cancel can

@@ -717,3 +717,70 @@ fn runs_and_show_read_the_registry_while_a_server_holds_it() {
     let after = modrun(&["show", &running]);
     assert_eq!(after["run"]["status"], "cancelled", "{after}");
 }
+
+/// The wake-ups so far of the epoch ticker of process `pid`.
+#[cfg(target_os = "linux")]
+fn ticker_wakeups(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let ticker = tasks
+        .filter_map(Result::ok)
+        .find(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.trim() == "modrun-epoch")
+        })
+        .expect("the server has an epoch ticker");
+    let status = std::fs::read_to_string(ticker.path().join("status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|count| count.trim().parse().ok())
+        .expect("the ticker's wake-ups")
+}
+
+/// Waits until a quarter of a second (250 ticks of the default 1 ms)
+/// passes without a wake-up of the server's epoch ticker.
+#[cfg(target_os = "linux")]
+fn wait_for_quiet_ticker(server: &Server) {
+    let start = Instant::now();
+    loop {
+        let before = ticker_wakeups(server.child.id());
+        std::thread::sleep(Duration::from_millis(250));
+        if ticker_wakeups(server.child.id()) == before {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the epoch ticker of an idle server kept waking up"
+        );
+    }
+}
+
+/// An idle server takes no wake-ups: its epoch ticker (which lets every
+/// running module yield, time out and be cancelled) sleeps while no
+/// module runs, and wakes for the next run, which still times out.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_idle_server_stops_ticking_and_a_spinning_run_still_times_out() {
+    let plugins = plugins_dir(&["hello", "spin"]);
+    std::fs::write(
+        plugins.path().join("spin.toml"),
+        "[limits]\ntimeout_secs = 0.5\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(plugins.path(), &data.path().join("registry.db"), &[]);
+    wait_for_quiet_ticker(&server);
+
+    let before = ticker_wakeups(server.child.id());
+    let spin = server.start_run("spin", json!({}));
+    server.wait_status(&spin, "failed");
+    let (_, body) = server.get(&format!("/runs/{spin}"));
+    let message = body["run"]["error_message"].as_str().unwrap_or_default();
+    assert!(message.contains("timed out after 0.5s"), "{body}");
+    let woken = ticker_wakeups(server.child.id()) - before;
+    assert!(woken >= 50, "the ticker woke {woken} times while spin ran");
+
+    let hello = server.start_run("hello", json!({"name": "Ada"}));
+    server.wait_status(&hello, "completed");
+    wait_for_quiet_ticker(&server);
+}
