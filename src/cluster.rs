@@ -66,6 +66,12 @@ pub const CLAIM_POLL: Duration = Duration::from_secs(1);
 /// any more.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
+/// How often the claimer asks the store when the next run queued for
+/// later is due, besides after each such time: for what it was not told
+/// (an announcement lost). Such a run is claimed at a poll regardless, so
+/// this only makes it prompt, and costs an idle node no query a second.
+const DUE_CHECK_EVERY: Duration = Duration::from_secs(10);
+
 /// How long a node waits before it tries again to fetch a module version
 /// it could not fetch or compile, or to store one it could not store.
 const VERSION_RETRY: Duration = Duration::from_secs(60);
@@ -489,8 +495,8 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
     let due_elsewhere = registry.due_elsewhere();
     // When the earliest run known to be queued for later is due: the
     // claimer wakes then. Learnt from this node's starts, other nodes'
-    // announcements, and the store (after each such wake, and at each
-    // poll, for what an announcement lost or a restart missed).
+    // announcements, and the store (as the claimer starts, after each
+    // such wake, and every [`DUE_CHECK_EVERY`]).
     let mut next_due: Option<DateTime<Utc>> = None;
     let mut last_due_check: Option<Instant> = None;
     let mut reloads = runner.host().subscribe();
@@ -596,7 +602,7 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
                 failed_versions.clone(),
             ))));
         }
-        if due_now || last_due_check.is_none_or(|at| at.elapsed() >= CLAIM_POLL) {
+        if due_now || last_due_check.is_none_or(|at| at.elapsed() >= DUE_CHECK_EVERY) {
             last_due_check = Some(Instant::now());
             match registry.next_due(now).await {
                 Ok(Some(at)) => next_due = Some(next_due.map_or(at, |due| due.min(at))),
