@@ -1878,7 +1878,15 @@ async fn claim_latency(
         &mut later,
         &mut claims,
         2,
-        "<= 5 ms (baseline: the claim latency above)",
+        "<= 10 ms (baseline: the claim latency above)",
+    ));
+    let p50 = |sorted: &[Duration]| percentile(sorted, 0.5).as_secs_f64() * 1e3;
+    rows.push(Row::measured(
+        "  p50 ms",
+        p50(&later),
+        p50(&claims),
+        2,
+        "(reported; with a claimer's poll alone, up to 1,000 ms)",
     ));
     Ok(())
 }
