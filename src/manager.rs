@@ -926,9 +926,9 @@ impl Drop for Counted {
 /// waits for its turn (`slot`, then `gate`), records it `Running`, does the
 /// work and records how it ended. A new run that holds its room already
 /// (`Pending::Claimed`, or needs none: `Pending::Free`) is recorded queued
-/// and running in one write; a
-/// run claimed from a shared queue (`run` is `None`) is recorded
-/// `Running` already: none of that but the work and its end.
+/// and running in one write; a run claimed from a shared queue (`run` is
+/// `None`) is recorded `Running` already: none of that but the work and
+/// its end.
 async fn execute<F>(
     end: TaskEnd,
     slot: Pending,
