@@ -1368,6 +1368,12 @@ impl Listener {
             "read again the status changes announced while not listening"
         );
         self.queued.notify_one();
+        // Runs queued for later meanwhile were announced with their time:
+        // the claimer is told the next one, as it would have been.
+        let now = sql::nanos(Utc::now());
+        if let Some(row) = client.query_opt(sql::NEXT_DUE, &[&now]).await? {
+            self.due.offer(DateTime::from_timestamp_nanos(row.get(0)));
+        }
         Ok(())
     }
 
