@@ -9,6 +9,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{Host, Level};
+use super::engine::Ticking;
 use super::output::CappedOutput;
 use crate::registry::RunRegistry;
 use crate::run::{LogEntry, LogLevel, LogSource, Progress, cut_to};
@@ -29,6 +30,9 @@ pub struct HostState {
     pub(crate) symlinks_allowed: bool,
     /// Present during a run; `describe` at load time has no run to report to.
     pub(crate) run: Option<RunContext>,
+    /// Keeps the engine's epoch ticking for as long as the store lives
+    /// (set by [`ModuleHost::store`](super::loader::ModuleHost::store)).
+    pub(crate) ticking: Option<Ticking>,
 }
 
 impl HostState {
@@ -42,6 +46,7 @@ impl HostState {
             },
             symlinks_allowed: false,
             run,
+            ticking: None,
         }
     }
 }

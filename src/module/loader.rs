@@ -18,7 +18,7 @@ use wasmtime::{Engine, Store};
 use wasmtime_wasi::WasiCtx;
 
 use super::bindings::{Module, ModulePre};
-use super::engine::{HostConfig, Ticker, Ticking, new_engine};
+use super::engine::{HostConfig, Ticker, new_engine};
 use super::host::HostState;
 use super::host_functions::{HostFunctions, is_modruns_own};
 use super::manifest::Manifest;
@@ -258,10 +258,17 @@ impl ModuleHost {
         &self.inner.engine
     }
 
-    /// Keeps the epoch ticking while the guard lives: every store in
-    /// which guest code runs holds one.
-    pub(crate) fn ticking(&self) -> Ticking {
-        self.inner.ticker.ticking()
+    /// A fresh store for guest code, over `state`: held to its memory
+    /// limit, yielding at every epoch tick (so that a timeout and a cancel
+    /// act even while the guest spins without calling the host), and
+    /// keeping the epoch ticking for as long as it lives.
+    pub(crate) fn store(&self, mut state: HostState) -> Store<HostState> {
+        state.ticking = Some(self.inner.ticker.ticking());
+        let mut store = Store::new(&self.inner.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_callback(|_| Ok(wasmtime::UpdateDeadline::Yield(1)));
+        store.set_epoch_deadline(1);
+        store
     }
 
     /// The permits of the engine's instance pool: a run holds one while it
@@ -648,11 +655,7 @@ impl ModuleHost {
             manifest.limits.memory_bytes,
             None,
         );
-        let _ticking = self.inner.ticker.ticking();
-        let mut store = Store::new(&self.inner.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_callback(|_| Ok(wasmtime::UpdateDeadline::Yield(1)));
-        store.set_epoch_deadline(1);
+        let mut store = self.store(state);
         let call = async {
             let module = pre.instantiate_async(&mut store).await?;
             module

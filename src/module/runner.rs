@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{Map, Value};
-use wasmtime::Store;
 use wasmtime::Trap;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx};
 
@@ -667,13 +666,7 @@ async fn execute(
     };
     let mut state = HostState::new(wasi, limits.memory_bytes, Some(context));
     state.symlinks_allowed = module.summary.manifest.grants.symlinks;
-    let _ticking = host.ticking();
-    let mut store = Store::new(host.engine(), state);
-    store.limiter(|state| &mut state.limiter);
-    // Yield to tokio at every epoch tick: the timeout below and a cancel can
-    // then act even while the module spins without calling the host.
-    store.epoch_deadline_callback(|_| Ok(wasmtime::UpdateDeadline::Yield(1)));
-    store.set_epoch_deadline(1);
+    let mut store = host.store(state);
 
     let finished = {
         let call = async {
