@@ -543,13 +543,14 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
                 () = tokio::time::sleep(CLAIM_POLL / 10) => continue,
             }
         }
-        let offered = [
+        next_due = [
+            next_due,
             versions.due_here.take(),
             due_elsewhere.as_deref().and_then(NextDue::take),
-        ];
-        for at in offered.into_iter().flatten() {
-            next_due = Some(next_due.map_or(at, |due| due.min(at)));
-        }
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let now = Utc::now();
         let due_now = next_due.is_some_and(|at| at <= now);
         if due_now {
@@ -605,8 +606,7 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
         if due_now || last_due_check.is_none_or(|at| at.elapsed() >= DUE_CHECK_EVERY) {
             last_due_check = Some(Instant::now());
             match registry.next_due(now).await {
-                Ok(Some(at)) => next_due = Some(next_due.map_or(at, |due| due.min(at))),
-                Ok(None) => {}
+                Ok(at) => next_due = next_due.into_iter().chain(at).min(),
                 Err(e) => tracing::debug!(error = %e, "cannot read when queued runs are due"),
             }
         }
@@ -641,18 +641,10 @@ async fn claim_loop(runner: ModuleRunner, versions: Arc<Versions>, stop: Cancell
                 }
             }
             // A time offered: the next turn takes it into account.
-            () = versions.due_here.told() => {}
-            () = told(due_elsewhere.as_deref()) => {}
+            () = versions.due_here.notice().notified() => {}
+            () = notified(due_elsewhere.as_deref().map(NextDue::notice)) => {}
             () = tokio::time::sleep(wait) => maybe_queued = true,
         }
-    }
-}
-
-/// Resolves when `due` is offered a time; never without one.
-async fn told(due: Option<&NextDue>) {
-    match due {
-        Some(due) => due.told().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -407,9 +407,9 @@ impl NextDue {
         self.at.lock_unpoisoned().take()
     }
 
-    /// Resolves at the next offer (or at once for one not waited for yet).
-    pub async fn told(&self) {
-        self.told.notified().await;
+    /// Told at each offer (a permit is kept for an offer not waited for).
+    pub fn notice(&self) -> &tokio::sync::Notify {
+        &self.told
     }
 }
 

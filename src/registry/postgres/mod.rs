@@ -586,13 +586,8 @@ impl RunStore for PostgresStore {
     }
 
     async fn next_due(&self, after: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
-        let after = sql::nanos(after);
-        self.read(async |client| {
-            let statement = client.prepare_cached(sql::NEXT_DUE).await?;
-            let row = client.query_opt(&statement, &[&after]).await?;
-            Ok(row.map(|row| DateTime::from_timestamp_nanos(row.get(0))))
-        })
-        .await
+        self.read(async |client| Ok(sql::next_due(client, after).await?))
+            .await
     }
 
     async fn enqueue(&self, run: &Run, max_attempts: u32, key: Option<&str>) -> Result<()> {
@@ -1370,9 +1365,8 @@ impl Listener {
         self.queued.notify_one();
         // Runs queued for later meanwhile were announced with their time:
         // the claimer is told the next one, as it would have been.
-        let now = sql::nanos(Utc::now());
-        if let Some(row) = client.query_opt(sql::NEXT_DUE, &[&now]).await? {
-            self.due.offer(DateTime::from_timestamp_nanos(row.get(0)));
+        if let Some(at) = sql::next_due(client, Utc::now()).await? {
+            self.due.offer(at);
         }
         Ok(())
     }

@@ -304,9 +304,19 @@ pub(super) const QUEUED_VERSIONS: &str = "SELECT DISTINCT module_id || '@' || mo
 /// The earliest not-before time later than `$1` of the runs queued for
 /// any node: the first entry of an index of only those runs. (Not
 /// `min()`, which the server answers by reading every later one.)
-pub(super) const NEXT_DUE: &str = "SELECT not_before FROM runs \
+const NEXT_DUE: &str = "SELECT not_before FROM runs \
      WHERE status = 'queued' AND node IS NULL AND not_before IS NOT NULL AND not_before > $1 \
      ORDER BY not_before LIMIT 1";
+
+/// The earliest not-before time later than `after` of the runs queued
+/// for any node ([`NEXT_DUE`]).
+pub(super) async fn next_due(
+    client: &Client,
+    after: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, tokio_postgres::Error> {
+    let row = client.query_opt(NEXT_DUE, &[&nanos(after)]).await?;
+    Ok(row.map(|row| DateTime::from_timestamp_nanos(row.get(0))))
+}
 
 /// Names the session's node in the status changes it announces.
 pub(super) const SESSION_NODE: &str = "SELECT set_config('modrun.node', $1, false)";
