@@ -373,11 +373,12 @@ async fn runs_queued_for_later_start_when_due_on_the_node_that_queued_them_or_an
     let a = node(&url, &schema, "a", dir.path(), 1).await;
     let b = node(&url, &schema, "b", dir.path(), 4).await;
     let a_claimer = a.claim_from_queue().unwrap();
-    let b_claimer = b.claim_from_queue().unwrap();
-    // Node a's one place is taken: b runs every run, those a queued too.
+    // Node a's one place is taken (before b claims: a start a queues
+    // could otherwise be b's): b runs every run, those a queued too.
     let long = a.start("countdown", LONG_COUNTDOWN.clone()).await.unwrap();
     let running = wait_for_status(a.registry(), &long, RunStatus::Running).await;
     assert_eq!(running.node.as_deref(), Some("a"));
+    let b_claimer = b.claim_from_queue().unwrap();
 
     let mut later = Vec::new();
     for (node, ms) in [(&a, 700), (&b, 1200), (&a, 1700), (&b, 2300)] {
