@@ -25,6 +25,11 @@ pub const EXIT_PANIC: i32 = 101;
 /// The exit code recorded for a cancelled run (as a shell reports Ctrl-C).
 pub const EXIT_CANCELLED: i32 = 130;
 
+/// The largest parameters a module run takes, as JSON text: a start with
+/// larger ones is refused, and a node never reads larger ones from a
+/// queue other nodes write (such a run is recorded `Failed`, saying so).
+pub const MAX_PARAMETERS_BYTES: usize = 16 << 20;
+
 /// `text` cut to at most `max` bytes (on a character boundary), marked
 /// " [cut]" when it was: how every message a run records is bounded.
 #[must_use]

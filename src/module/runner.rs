@@ -20,8 +20,8 @@ use crate::line::Line;
 use crate::manager::{BackgroundTaskManager, Failure, Gate, Permits, Room, TaskOutput};
 use crate::registry::{Cleanup, Override, RunRegistry, ago};
 use crate::run::{
-    EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, Run, RunStatus, StartOptions,
-    Transition, check_time, cut_to,
+    EXIT_FAILURE, EXIT_PANIC, EXIT_TIMEOUT, LogEntry, LogLevel, MAX_PARAMETERS_BYTES, Run,
+    RunStatus, StartOptions, Transition, check_time, cut_to,
 };
 use crate::sync::LockUnpoisoned;
 
@@ -219,6 +219,15 @@ impl ModuleRunner {
                 });
             }
         };
+        if longer_than(&parameters, MAX_PARAMETERS_BYTES) {
+            return Err(Error::InvalidParameters {
+                module_id: module_id.to_owned(),
+                problems: vec![format!(
+                    "parameters: more than {} of JSON, the most a run takes",
+                    size_in_words(MAX_PARAMETERS_BYTES)
+                )],
+            });
+        }
         let as_value = Value::Object(parameters);
         let problems: Vec<String> = module
             .validator
@@ -230,7 +239,8 @@ impl ModuleRunner {
                 } else {
                     path
                 };
-                format!("{field}: {error}")
+                // The schema's message quotes the value, whatever its size.
+                cut_middle(format!("{field}: {error}"), MAX_PROBLEM)
             })
             .collect();
         if !problems.is_empty() {
@@ -841,6 +851,44 @@ fn panic_message(stderr: &str) -> String {
         .take_while(|line| !line.starts_with("note: "))
         .collect();
     format!("{} (at {place})", message.join("\n").trim())
+}
+
+/// The most bytes of one problem a start's parameters have, as reported.
+const MAX_PROBLEM: usize = 1000;
+
+/// `text` cut to about `max` bytes by leaving out its middle, marked
+/// " [cut] ": a message keeps its start (which field) and its end (what
+/// is wrong), however long the value it quotes.
+fn cut_middle(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut head = max / 2;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - max / 2;
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{} [cut] {}", &text[..head], &text[tail..])
+}
+
+/// Whether `parameters`, as JSON text, are longer than `max` bytes; the
+/// count stops there.
+fn longer_than(parameters: &Map<String, Value>, max: usize) -> bool {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 = (self.0.checked_sub(bytes.len()))
+                .ok_or_else(|| std::io::Error::other("over the limit"))?;
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    serde_json::to_writer(Count(max), parameters).is_err()
 }
 
 fn size_in_words(bytes: usize) -> String {

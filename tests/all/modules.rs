@@ -114,6 +114,37 @@ async fn bad_start_requests_are_refused_and_record_no_run() {
             "{unsafe_id:?}: {refused:?}"
         );
     }
+    // `{"name":"…"}`: 11 bytes of JSON around the name.
+    let at_most = modrun::run::MAX_PARAMETERS_BYTES - 11;
+    let refused = runner
+        .start("hello", json!({"name": "a".repeat(at_most + 1)}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, Error::InvalidParameters { .. })
+            && refused
+                .to_string()
+                .contains("parameters: more than 16 MiB of JSON, the most a run takes"),
+        "{refused}"
+    );
+    // At the most a run takes, the size passes, and the schema decides
+    // (hello's names are short); its problem quotes the value cut.
+    let refused = runner
+        .start("hello", json!({"name": "a".repeat(at_most)}))
+        .await
+        .unwrap_err();
+    let Error::InvalidParameters { problems, .. } = &refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(problems.len(), 1);
+    assert!(
+        problems[0].starts_with("/name: \"aaa")
+            && problems[0].ends_with("aaa\" is longer than 200 characters")
+            && problems[0].contains(" [cut] ")
+            && problems[0].len() < 1200,
+        "{}",
+        &problems[0][..problems[0].len().min(2000)]
+    );
     assert!(runner.registry().recent_runs(10).await.unwrap().is_empty());
 }
 
