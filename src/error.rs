@@ -276,6 +276,19 @@ pub enum LoadError {
         file: String,
     },
 
+    /// Its `describe` returned a field longer than a module's may be: the
+    /// host keeps them with every run.
+    #[error("describe() returned {field} of {bytes} bytes; a module's may have at most {max}")]
+    DescribedTooLong {
+        /// Which field: "an id", "a name", "a version", "a description" or
+        /// "a parameters schema".
+        field: &'static str,
+        /// How long it was.
+        bytes: usize,
+        /// The most it may be.
+        max: usize,
+    },
+
     /// Its parameters schema is not JSON, or not a valid JSON Schema.
     #[error("its parameters schema {0}")]
     Schema(String),

@@ -404,6 +404,7 @@ impl ModuleHost {
             .map_err(|e| unlinked(e, &self.inner.linked))?;
         let pre = ModulePre::new(pre).map_err(LoadError::NotAModule)?;
         let info = self.describe(&pre, &manifest).await?;
+        check_lengths(&info)?;
         if info.id != id {
             return Err(LoadError::IdMismatch {
                 described: info.id,
@@ -851,4 +852,32 @@ pub fn component_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// The most bytes of each field a module describes: what every run of it
+/// records, and every listing of modules shows.
+const DESCRIBED_MAX: [(&str, usize); 5] = [
+    ("an id", 64),
+    ("a name", 200),
+    ("a version", 100),
+    ("a description", 4 << 10),
+    ("a parameters schema", 256 << 10),
+];
+
+/// Refuses a module whose `describe` returned a field longer than
+/// [`DESCRIBED_MAX`] allows.
+fn check_lengths(info: &super::bindings::Info) -> std::result::Result<(), LoadError> {
+    let lengths = [
+        info.id.len(),
+        info.name.len(),
+        info.version.len(),
+        info.description.len(),
+        info.parameters_schema.len(),
+    ];
+    for ((field, max), bytes) in DESCRIBED_MAX.into_iter().zip(lengths) {
+        if bytes > max {
+            return Err(LoadError::DescribedTooLong { field, bytes, max });
+        }
+    }
+    Ok(())
 }

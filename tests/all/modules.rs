@@ -359,7 +359,7 @@ async fn the_sandbox_denies_files_and_environment_unless_granted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_plugin_file_is_reported_and_the_good_ones_load() {
-    let dir = plugins_dir(&["countdown", "liar"]);
+    let dir = plugins_dir(&["countdown", "liar", "boaster"]);
     let hello = std::fs::read(built_plugins().join("hello.wasm")).unwrap();
     let put = |name: &str, bytes: &[u8]| std::fs::write(dir.path().join(name), bytes).unwrap();
     put("garbage.wasm", b"\x7fELF this is not wasm at all");
@@ -405,8 +405,12 @@ async fn every_bad_plugin_file_is_reported_and_the_good_ones_load() {
     expect("huge.wasm", "over the limit of 2097152 bytes");
     expect("hello.wasm", "manifest");
     expect("liar.wasm", "not a valid JSON Schema");
-    assert_eq!(reasons.len(), 9, "{reasons:?}");
-    assert_eq!(host.failures().len(), 9);
+    expect(
+        "boaster.wasm",
+        "describe() returned a name of 1048576 bytes; a module's may have at most 200",
+    );
+    assert_eq!(reasons.len(), 10, "{reasons:?}");
+    assert_eq!(host.failures().len(), 10);
     assert_eq!(host.module_ids(), ["countdown"]);
 }
 

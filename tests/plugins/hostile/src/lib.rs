@@ -5,16 +5,28 @@
 //! ```ignore
 //! hostile::plugin!(|parameters| { Err(parameters) });
 //! hostile::plugin!(schema: r#"{"type": "object"}"#, |parameters| { Ok(parameters) });
+//! hostile::plugin!(name: "Another name", |parameters| { Ok(parameters) });
 //! ```
 
 /// Defines the plugin: `run` is the body given, with the parameters (a JSON
-/// string) bound to the name given. The schema defaults to any object.
+/// string) bound to the name given. The schema defaults to any object, the
+/// name it describes to the crate's.
 #[macro_export]
 macro_rules! plugin {
     (|$parameters:ident| $body:block) => {
         $crate::plugin!(schema: r#"{"type": "object"}"#, |$parameters| $body);
     };
     (schema: $schema:literal, |$parameters:ident| $body:block) => {
+        $crate::plugin!(
+            name: env!("CARGO_PKG_NAME"),
+            schema: $schema,
+            |$parameters| $body
+        );
+    };
+    (name: $name:expr, |$parameters:ident| $body:block) => {
+        $crate::plugin!(name: $name, schema: r#"{"type": "object"}"#, |$parameters| $body);
+    };
+    (name: $name:expr, schema: $schema:literal, |$parameters:ident| $body:block) => {
         wit_bindgen::generate!({ path: "../../../wit", world: "module" });
 
         struct Plugin;
@@ -23,7 +35,7 @@ macro_rules! plugin {
             fn describe() -> exports::modrun::plugin::plugin::Info {
                 exports::modrun::plugin::plugin::Info {
                     id: env!("CARGO_PKG_NAME").into(),
-                    name: env!("CARGO_PKG_NAME").into(),
+                    name: $name.into(),
                     version: env!("CARGO_PKG_VERSION").into(),
                     description: env!("CARGO_PKG_DESCRIPTION").into(),
                     parameters_schema: $schema.into(),
