@@ -324,7 +324,7 @@ async fn fetch(runner: &ModuleRunner, module_id: &str, hash: &str) -> crate::Res
     };
     let (stored_as, bytes) = runner
         .registry()
-        .module_bytes(hash)
+        .module_bytes(hash, runner.host().config().max_module_bytes)
         .await?
         .ok_or_else(|| unfetched("no node stored its bytes"))?;
     if stored_as != module_id {

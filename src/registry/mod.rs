@@ -652,9 +652,10 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// The module id and component bytes kept for version `hash`, if any
     /// (`None` by default). They come from another process: whoever runs
-    /// them checks them against the hash first.
-    async fn module_bytes(&self, hash: &str) -> Result<Option<(String, Vec<u8>)>> {
-        let _ = hash;
+    /// them checks them against the hash first. Bytes longer than
+    /// `max_bytes` are not read: [`Error::Corrupt`] says how long they are.
+    async fn module_bytes(&self, hash: &str, max_bytes: u64) -> Result<Option<(String, Vec<u8>)>> {
+        let _ = (hash, max_bytes);
         Ok(None)
     }
 
@@ -704,6 +705,13 @@ pub trait RunStore: Send + Sync + 'static {
     /// version at most its count, and `limit` in all, oldest first. They
     /// are recorded `Running`, for this process, before they come back:
     /// no other process can claim them. (Nothing to claim by default.)
+    ///
+    /// A claimed run comes back with what starting it needs; a store may
+    /// leave out what an earlier attempt left (its output, log, error and
+    /// progress), since the run starts afresh. A store that other
+    /// processes write records a run whose parameters are over
+    /// [`MAX_PARAMETERS_BYTES`](crate::run::MAX_PARAMETERS_BYTES) `Failed`,
+    /// saying so, rather than read them.
     async fn claim(&self, wanted: &[Wanted], limit: usize) -> Result<Vec<Run>> {
         let _ = (wanted, limit);
         Ok(Vec::new())
@@ -1050,8 +1058,12 @@ impl RunRegistry {
     }
 
     /// See [`RunStore::module_bytes`].
-    pub(crate) async fn module_bytes(&self, hash: &str) -> Result<Option<(String, Vec<u8>)>> {
-        self.store.module_bytes(hash).await
+    pub(crate) async fn module_bytes(
+        &self,
+        hash: &str,
+        max_bytes: u64,
+    ) -> Result<Option<(String, Vec<u8>)>> {
+        self.store.module_bytes(hash, max_bytes).await
     }
 
     /// What tells this process that another queued a run it may claim

@@ -105,6 +105,142 @@ async fn claimed_runs_are_running_for_their_node_and_can_be_given_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reads_no_oversized_value_another_node_wrote() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let store = store(&url, &schema, "claimer").await;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("SET search_path TO {schema}"))
+        .await
+        .unwrap();
+    let mut huge = Run::new("hello", "Hello");
+    huge.module_version = Some("v1".into());
+    store.enqueue(&huge, 1, None).await.unwrap();
+    let mut retried = Run::new("hello", "Hello");
+    retried.module_version = Some("v1".into());
+    store.enqueue(&retried, 1, None).await.unwrap();
+    // Parameters over the bound, which no node writes; and large leavings
+    // of an earlier attempt, which a claim need not read.
+    let over = i32::try_from(modrun::run::MAX_PARAMETERS_BYTES).unwrap() + 1;
+    client
+        .execute(
+            "UPDATE runs SET parameters = '{\"x\":\"' || repeat('a', $2 - 8) || '\"}' \
+             WHERE run_id = $1",
+            &[&huge.run_id, &over],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE runs SET output = repeat('b', 10000000), log = repeat('c', 10000000), \
+             error_message = repeat('d', 10000000), progress_fraction = 0.5, \
+             progress_message = repeat('e', 10000000), module_name = repeat('f', 10000000) \
+             WHERE run_id = $1",
+            &[&retried.run_id],
+        )
+        .await
+        .unwrap();
+
+    let wanted = Wanted {
+        module_id: "hello".into(),
+        version: "v1".into(),
+        count: 10,
+    };
+    let claimed = store.claim(&[wanted], 10).await.unwrap();
+    assert_eq!(
+        claimed.len(),
+        1,
+        "the run with huge parameters is not answered"
+    );
+    let run = &claimed[0];
+    assert_eq!(run.run_id, retried.run_id);
+    assert_eq!(run.status, RunStatus::Running);
+    assert_eq!(run.module_name.len(), 1000, "a module name is read cut");
+    assert_eq!(
+        (
+            &run.output,
+            run.log.len(),
+            &run.error_message,
+            &run.progress
+        ),
+        (&None, 0, &None, &None),
+        "an earlier attempt's leavings are not read"
+    );
+
+    let registry = RunRegistry::new(store);
+    let failed = registry.get_run(&huge.run_id).await.unwrap().unwrap();
+    assert_eq!(failed.status, RunStatus::Failed);
+    assert_eq!(failed.exit_code, Some(modrun::run::EXIT_FAILURE));
+    assert_eq!(failed.started_at, None, "it never started");
+    let message = failed.error_message.unwrap();
+    assert_eq!(
+        message,
+        format!(
+            "its parameters are {over} bytes of JSON, more than the {} a run takes: \
+             no node reads them",
+            modrun::run::MAX_PARAMETERS_BYTES
+        )
+    );
+    let history = registry.history(&huge.run_id).await.unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .map(|change| (change.status, change.message.as_deref()))
+            .collect::<Vec<_>>(),
+        [
+            (RunStatus::Queued, None),
+            (RunStatus::Failed, Some(message.as_str()))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_fetches_no_module_version_over_its_size_limit() {
+    let Some(url) = database_url() else { return };
+    let schema = fresh_schema();
+    let store = store(&url, &schema, "fetcher").await;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.module_versions (hash, module_id, bytes, stored_at) \
+                 VALUES ('sha256:big', 'hello', decode(repeat('00', 5000), 'hex'), 0)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (module, bytes) = store
+        .module_bytes("sha256:big", 5000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((module.as_str(), bytes.len()), ("hello", 5000));
+    let refused = store.module_bytes("sha256:big", 4999).await.unwrap_err();
+    assert!(
+        refused.to_string().contains(
+            "the component stored for module version sha256:big is 5000 bytes, more than the \
+             4999 a module may have: it was not read"
+        ),
+        "{refused}"
+    );
+    assert!(
+        store
+            .module_bytes("sha256:none", 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_run_no_live_node_can_run_is_failed_saying_why() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();

@@ -410,12 +410,20 @@ impl RunStore for PostgresStore {
             .await
     }
 
-    async fn module_bytes(&self, hash: &str) -> Result<Option<(String, Vec<u8>)>> {
+    async fn module_bytes(&self, hash: &str, max_bytes: u64) -> Result<Option<(String, Vec<u8>)>> {
+        let max = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         self.read(async |client| {
-            Ok(client
-                .query_opt(sql::MODULE_BYTES, &[&hash])
-                .await?
-                .map(|row| (row.get(0), row.get(1))))
+            let Some(row) = client.query_opt(sql::MODULE_BYTES, &[&hash, &max]).await? else {
+                return Ok(None);
+            };
+            match row.get::<_, Option<Vec<u8>>>(1) {
+                Some(bytes) => Ok(Some((row.get(0), bytes))),
+                None => Err(ReadError::Corrupt(Error::Corrupt(format!(
+                    "the component stored for module version {hash} is {} bytes, more than \
+                     the {max_bytes} a module may have: it was not read",
+                    row.get::<_, i32>(2)
+                )))),
+            }
         })
         .await
     }

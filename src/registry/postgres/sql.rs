@@ -22,7 +22,9 @@ use crate::registry::{
     Cleanup, Ended, Existing, NodeStatus, RunCursor, RunFilter, RunSummary, SUMMARY_COLUMNS, Taken,
     Tally, Wanted, check_replace, listing_sql, mark_cut, on_taken, run_columns,
 };
-use crate::run::{LogEntry, Progress, Run, RunStatus, StatusChange};
+use crate::run::{
+    EXIT_FAILURE, LogEntry, MAX_PARAMETERS_BYTES, Progress, Run, RunStatus, StatusChange,
+};
 use crate::sync::LockUnpoisoned;
 
 /// A run's columns as this backend reads them: the shared ones, then the
@@ -257,30 +259,46 @@ const STRANDED: &str = "WITH c AS (SELECT r.id FROM runs r \
 /// are claiming. Marks them `Running` for this node, counts the attempt,
 /// writes their history, and answers them.
 ///
+/// A picked run whose parameters are longer than `$7` bytes (no modrun
+/// node starts one: the row is another program's, or a hostile node's)
+/// is recorded `Failed` instead, with exit code `$8`, and not answered:
+/// the node reads no parameters over that bound. Nor
+/// does it read what an earlier attempt left (output, log, error,
+/// progress: the run starts afresh), and it reads at most 1,000
+/// characters of a module name.
+///
 /// The update finds the picked rows by id alone. They are locked, so they
 /// are still queued for no node; restating that would let the planner,
 /// with statistics from when the table was small, join by a scan of every
 /// queued run for each picked one (a claim of 128 runs among 10,000
 /// queued took 250 ms so, and a burst of starts fell to a sixth of its
 /// speed).
-pub(super) const CLAIM: &str = concat!(
-    "WITH w AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) \
-     AS w(module_id, version, n)), \
-     picked AS (SELECT p.id FROM w CROSS JOIN LATERAL (SELECT r.id, r.priority, \
-     coalesce(r.not_before, r.created_at) AS due FROM runs r \
+pub(super) const CLAIM: &str = "WITH w AS \
+     (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) AS w(module_id, version, n)), \
+     picked AS (SELECT p.id, p.size > $7::int8 AS big, p.size FROM w CROSS JOIN LATERAL \
+     (SELECT r.id, r.priority, coalesce(r.not_before, r.created_at) AS due, \
+     octet_length(r.parameters) AS size FROM runs r \
      WHERE r.status = 'queued' AND r.node IS NULL AND r.module_id = w.module_id \
      AND r.module_version = w.version AND (r.not_before IS NULL OR r.not_before <= $6) \
      ORDER BY r.priority DESC, coalesce(r.not_before, r.created_at), r.id LIMIT w.n \
      FOR UPDATE SKIP LOCKED) p ORDER BY p.priority DESC, p.due, p.id LIMIT $4), \
-     u AS (UPDATE runs r SET status = 'running', started_at = $6, node = $5, \
-     attempt = r.attempt + 1, history_len = r.history_len + 1 FROM picked \
-     WHERE r.id = picked.id RETURNING r.*), \
-     h AS (INSERT INTO run_history (run, seq, status, at) \
-     SELECT id, history_len - 1, 'running', $6 FROM u) \
-     SELECT ",
-    run_columns!(),
-    ", node, attempt FROM u ORDER BY priority DESC, coalesce(not_before, created_at), id"
-);
+     u AS (UPDATE runs r SET status = CASE WHEN big THEN 'failed' ELSE 'running' END, \
+     started_at = CASE WHEN big THEN NULL ELSE $6 END, node = $5, \
+     attempt = r.attempt + 1, history_len = r.history_len + 1, \
+     completed_at = CASE WHEN big THEN $6 ELSE r.completed_at END, \
+     exit_code = CASE WHEN big THEN $8::int4 ELSE r.exit_code END, \
+     error_message = CASE WHEN big THEN 'its parameters are ' || size \
+     || ' bytes of JSON, more than the ' || $7::int8 || ' a run takes: no node reads them' \
+     ELSE r.error_message END \
+     FROM picked WHERE r.id = picked.id RETURNING r.*), \
+     h AS (INSERT INTO run_history (run, seq, status, at, message) \
+     SELECT id, history_len - 1, status, $6, \
+     CASE WHEN status = 'failed' THEN error_message END FROM u) \
+     SELECT run_id, module_id, left(module_name, 1000), status, created_at, started_at, \
+     completed_at, parameters, exit_code, NULL::text, NULL::text, NULL::float8, NULL::text, \
+     module_version, NULL::text, priority, not_before, node, attempt FROM u \
+     WHERE status = 'running' \
+     ORDER BY priority DESC, coalesce(not_before, created_at), id";
 
 /// Gives runs node `$2` claimed but did not start back to the queue,
 /// `Queued` again for any node, with `$4` in their history at `$3`.
@@ -298,7 +316,8 @@ pub(super) const CLAIMED: &str =
     "SELECT run_id FROM runs WHERE node = $1 AND status IN ('queued', 'running')";
 
 /// The module versions unclaimed queued runs were started on.
-pub(super) const QUEUED_VERSIONS: &str = "SELECT DISTINCT module_id || '@' || module_version \
+pub(super) const QUEUED_VERSIONS: &str = "SELECT DISTINCT \
+     left(module_id || '@' || module_version, 1000) \
      FROM runs WHERE status = 'queued' AND node IS NULL AND module_version IS NOT NULL";
 
 /// The earliest not-before time later than `$1` of the runs queued for
@@ -418,8 +437,9 @@ pub(super) const STORE_MODULE: &str = "INSERT INTO module_versions (hash, module
 
 pub(super) const HAS_MODULE: &str = "SELECT 1 FROM module_versions WHERE hash = $1";
 
-pub(super) const MODULE_BYTES: &str =
-    "SELECT module_id, bytes FROM module_versions WHERE hash = $1";
+pub(super) const MODULE_BYTES: &str = "SELECT left(module_id, 1000), \
+     CASE WHEN octet_length(bytes) <= $2::int8 THEN bytes END, octet_length(bytes) \
+     FROM module_versions WHERE hash = $1";
 
 /// Publishes version `$2` of module `$1`, from a file modified at `$3`, as
 /// the one every node runs, unless the version published is the same or
@@ -430,7 +450,12 @@ pub(super) const PUBLISH_HEAD: &str = "INSERT INTO module_heads AS h (module_id,
      published_at = EXCLUDED.published_at \
      WHERE h.hash <> EXCLUDED.hash AND h.modified < EXCLUDED.modified";
 
-pub(super) const HEADS: &str = "SELECT module_id, hash, modified, node FROM module_heads";
+/// Every module's head. Text another node wrote is read cut (here and in
+/// the queries below): a value over the cut is no id, hash or name modrun
+/// writes, so it matches none, and a hostile row cannot make a node read
+/// more than that.
+pub(super) const HEADS: &str = "SELECT left(module_id, 1000), left(hash, 1000), modified, \
+     left(node, 1000) FROM module_heads";
 
 /// Announces payloads (`$1`) to the nodes, in order: log lines a node's
 /// runs wrote.
@@ -440,8 +465,10 @@ pub(super) const ANNOUNCE: &str =
 /// The status changes recorded since `$1` (nanoseconds), oldest first, at
 /// most `$2`: what a listener that lost notifications reads again. Only
 /// active runs and runs finished since then can have changed (both
-/// indexed), and only their history from then on is read.
-pub(super) const CHANGED_SINCE: &str = "SELECT r.run_id, r.module_id, h.status, h.at, h.message \
+/// indexed), and only their history from then on is read. A message is
+/// read cut a little over the longest a node records (16 KiB and a mark).
+pub(super) const CHANGED_SINCE: &str = "SELECT r.run_id, left(r.module_id, 1000), h.status, \
+     h.at, left(h.message, 17000) \
      FROM runs r JOIN run_history h ON h.run = r.id \
      WHERE (r.status IN ('queued', 'running') OR r.completed_at >= $1) AND h.at >= $1 \
      ORDER BY h.at, h.run, h.seq LIMIT $2";
@@ -1764,7 +1791,19 @@ pub(super) async fn claim(
     let at = nanos(Utc::now());
     let (_, rows) = futures_util::future::try_join(
         client.execute(&named, &[&node]),
-        client.query(&claim, &[&modules, &versions, &counts, &limit, &node, &at]),
+        client.query(
+            &claim,
+            &[
+                &modules,
+                &versions,
+                &counts,
+                &limit,
+                &node,
+                &at,
+                &MAX_PARAMETERS,
+                &EXIT_FAILURE,
+            ],
+        ),
     )
     .await?;
     rows.iter()
@@ -1772,6 +1811,9 @@ pub(super) async fn claim(
         .collect::<Result<Vec<Run>, Error>>()
         .map_err(ReadError::Corrupt)
 }
+
+/// [`MAX_PARAMETERS_BYTES`] as the claim compares it.
+const MAX_PARAMETERS: i64 = MAX_PARAMETERS_BYTES as i64;
 
 /// Gives runs `node` claimed back to the queue ([`RELEASE`]).
 pub(super) async fn release(
