@@ -178,6 +178,8 @@ async fn each_node_hears_the_others_status_changes_and_progress_in_order() {
     let mut their_statuses = Vec::new();
     let mut their_progress = Vec::new();
     let mut their_log = Vec::new();
+    // B's status changes and progress, in the order a heard them.
+    let mut their_order = Vec::new();
     while their_statuses.len() < 3 || their_log.is_empty() {
         let event = tokio::time::timeout(DEADLINE, heard.recv())
             .await
@@ -188,6 +190,7 @@ async fn each_node_hears_the_others_status_changes_and_progress_in_order() {
             modrun::RunEvent::Progress {
                 run_id, progress, ..
             } if run_id == theirs.run_id => {
+                their_order.push(format!("progress {}", progress.fraction));
                 their_progress.push(progress);
                 continue;
             }
@@ -200,6 +203,7 @@ async fn each_node_hears_the_others_status_changes_and_progress_in_order() {
         if run_id == own.run_id {
             own_events += 1;
         } else if run_id == theirs.run_id {
+            their_order.push(change.status.to_string());
             their_statuses.push(change.status);
         }
     }
@@ -211,6 +215,10 @@ async fn each_node_hears_the_others_status_changes_and_progress_in_order() {
         their_progress,
         [half],
         "progress is announced with its batch, before the end"
+    );
+    assert_eq!(
+        their_order,
+        ["queued", "running", "progress 0.5", "completed"]
     );
     // Log lines are announced too, in a batch every 100 ms.
     assert_eq!(their_log, [line]);
