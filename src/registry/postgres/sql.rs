@@ -266,10 +266,11 @@ const STRANDED: &str = "WITH c AS (SELECT r.id FROM runs r \
 /// A picked run whose parameters are longer than `$7` bytes (no modrun
 /// node starts one: the row is another program's, or a hostile node's)
 /// is recorded `Failed` instead, with exit code `$8`, and not answered:
-/// the node reads no parameters over that bound. Nor
-/// does it read what an earlier attempt left (output, log, error,
-/// progress: the run starts afresh), and it reads at most 1,000
-/// characters of a module name.
+/// the node reads no parameters over that bound. (The claimer, answered
+/// fewer runs than it asked for, takes the module for drained until the
+/// next notice or poll.) Nor does the claim read what an earlier attempt
+/// left (output, log, error, progress: the run starts afresh), and it
+/// reads at most 1,000 characters of a module name.
 ///
 /// The update finds the picked rows by id alone. They are locked, so they
 /// are still queued for no node; restating that would let the planner,
