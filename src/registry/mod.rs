@@ -653,7 +653,8 @@ pub trait RunStore: Send + Sync + 'static {
     /// The module id and component bytes kept for version `hash`, if any
     /// (`None` by default). They come from another process: whoever runs
     /// them checks them against the hash first. Bytes longer than
-    /// `max_bytes` are not read: [`Error::Corrupt`] says how long they are.
+    /// `max_bytes` are not read: [`Error::Corrupt`](crate::Error::Corrupt)
+    /// says how long they are.
     async fn module_bytes(&self, hash: &str, max_bytes: u64) -> Result<Option<(String, Vec<u8>)>> {
         let _ = (hash, max_bytes);
         Ok(None)
