@@ -33,6 +33,20 @@ async fn store_leased(url: &str, schema: &str, node: &str, lease: Duration) -> P
     PostgresStore::connect(url, options).await.unwrap()
 }
 
+/// A session of the test server's that reads and writes `schema`'s
+/// tables directly, as another program could.
+async fn sql_in(url: &str, schema: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("SET search_path TO {schema}"))
+        .await
+        .unwrap();
+    client
+}
+
 /// A node: a runner over `dir`'s plugins on the shared schema, with
 /// `max_concurrent` slots; claiming only once asked to.
 async fn node(
@@ -109,14 +123,7 @@ async fn a_node_reads_no_oversized_value_another_node_wrote() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
     let store = store(&url, &schema, "claimer").await;
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("SET search_path TO {schema}"))
-        .await
-        .unwrap();
+    let client = sql_in(&url, &schema).await;
     let mut huge = Run::new("hello", "Hello");
     huge.module_version = Some("v1".into());
     store.enqueue(&huge, 1, None).await.unwrap();
@@ -203,16 +210,11 @@ async fn a_node_fetches_no_module_version_over_its_size_limit() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
     let store = store(&url, &schema, "fetcher").await;
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+    sql_in(&url, &schema)
         .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
         .execute(
-            &format!(
-                "INSERT INTO {schema}.module_versions (hash, module_id, bytes, stored_at) \
-                 VALUES ('sha256:big', 'hello', decode(repeat('00', 5000), 'hex'), 0)"
-            ),
+            "INSERT INTO module_versions (hash, module_id, bytes, stored_at) \
+             VALUES ('sha256:big', 'hello', decode(repeat('00', 5000), 'hex'), 0)",
             &[],
         )
         .await
@@ -889,14 +891,7 @@ async fn a_cleanup_prunes_the_module_versions_no_run_and_no_node_needs() {
     let Some(url) = database_url() else { return };
     let schema = fresh_schema();
     let registry = RunRegistry::new(store(&url, &schema, "pruner").await);
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("SET search_path TO {schema}"))
-        .await
-        .unwrap();
+    let client = sql_in(&url, &schema).await;
     // Four versions stored two hours ago, and one just now.
     let long_ago = (Utc::now() - chrono::Duration::hours(2))
         .timestamp_nanos_opt()
