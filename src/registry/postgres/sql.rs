@@ -155,6 +155,20 @@ const MOVE_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[
      SELECT id, history_len - 1, $2, at, message FROM u) \
      SELECT run_id, module_id FROM u";
 
+/// Announces the progress of the runs of the query `shown` (run id,
+/// module id, fraction, message: at most 30) to the other nodes, in the
+/// one notification format their listeners read; none if it would not
+/// fit a notification. Said once for every statement that announces
+/// progress ([`PROGRESS_MANY`], [`END_MANY`]).
+macro_rules! notify_progress {
+    () => {
+        "SELECT pg_notify(current_schema() || '_events', text)::text FROM (SELECT \
+         json_build_object('node', current_setting('modrun.node', true), 'progress', \
+         json_agg(json_build_array(run_id, module_id, fraction, message)))::text AS text \
+         FROM shown HAVING count(*) > 0) p WHERE octet_length(text) < 7900"
+    };
+}
+
 /// Runs' ends in one terminal status `$2`, from the statuses in `$7`;
 /// fenced as [`MOVE_MANY`] is (attempts `$10`, node `$11`). With each,
 /// the run's latest progress where the batch took one (`$12`, `$13`; NULL
@@ -162,7 +176,8 @@ const MOVE_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[
 /// announces progress, before the end is (the status trigger announces
 /// at the end of the statement): in the end's statement, not one of its
 /// own, which cost a one-at-a-time run about a seventh of its time.
-const END_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], \
+const END_MANY: &str = concat!(
+    "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[], \
      $4::int4[], $5::text[], $6::text[], $8::text[], $9::text[], $10::int4[], $12::float8[], \
      $13::text[]) \
      AS c(run_id, at, exit_code, error_message, output, log, message, attempt, fraction, \
@@ -181,11 +196,10 @@ const END_MANY: &str = "WITH c AS (SELECT * FROM unnest($1::text[], $3::bigint[]
      SELECT id, history_len - 1, $2, at, message FROM u), \
      shown AS (SELECT run_id, module_id, fraction, left(progress, 100) AS message FROM u \
      WHERE fraction IS NOT NULL ORDER BY random() LIMIT 30), \
-     told AS (SELECT pg_notify(current_schema() || '_events', text) FROM (SELECT \
-     json_build_object('node', current_setting('modrun.node', true), 'progress', \
-     json_agg(json_build_array(run_id, module_id, fraction, message)))::text AS text \
-     FROM shown HAVING count(*) > 0) p WHERE octet_length(text) < 7900) \
-     SELECT run_id, module_id FROM u WHERE (SELECT count(*) FROM told) >= 0";
+     told AS (",
+    notify_progress!(),
+    ") SELECT run_id, module_id FROM u WHERE (SELECT count(*) FROM told) >= 0"
+);
 
 const PROGRESS: &str = "UPDATE runs SET progress_fraction = $2, progress_message = $3 \
      WHERE run_id = $1 AND status IN ('queued', 'running') RETURNING module_id";
@@ -205,18 +219,16 @@ const PROGRESS: &str = "UPDATE runs SET progress_fraction = $2, progress_message
 /// status change is never a HOT update), and read each of them. Found
 /// that way, progress cost the writer 2 ms a batch after 100,000 runs,
 /// more than the batch's starts and ends together.
-const PROGRESS_MANY: &str = "WITH u AS (UPDATE runs r SET progress_fraction = p.fraction, \
+const PROGRESS_MANY: &str = concat!(
+    "WITH u AS (UPDATE runs r SET progress_fraction = p.fraction, \
      progress_message = p.message \
      FROM unnest($1::text[], $2::float8[], $3::text[]) AS p(run_id, fraction, message) \
      WHERE r.run_id = p.run_id AND r.status NOT IN ('completed', 'failed', 'cancelled') \
      AND r.node = $4 \
      RETURNING r.run_id, r.module_id, p.fraction, left(p.message, 100) AS message), \
-     shown AS (SELECT * FROM u ORDER BY random() LIMIT 30), \
-     payload AS (SELECT json_build_object('node', current_setting('modrun.node', true), \
-     'progress', json_agg(json_build_array(run_id, module_id, fraction, message)))::text AS text \
-     FROM shown HAVING count(*) > 0) \
-     SELECT pg_notify(current_schema() || '_events', text)::text FROM payload \
-     WHERE octet_length(text) < 7900";
+     shown AS (SELECT * FROM u ORDER BY random() LIMIT 30) ",
+    notify_progress!()
+);
 
 /// Renews this node's lease (`$2` milliseconds from now, server time),
 /// with the module versions it can run (`$3`, NULL while not known) and
