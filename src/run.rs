@@ -35,11 +35,7 @@ pub const MAX_PARAMETERS_BYTES: usize = 16 << 20;
 #[must_use]
 pub(crate) fn cut_to(mut text: String, max: usize) -> String {
     if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+        text.truncate(text.floor_char_boundary(max));
         text.push_str(" [cut]");
     }
     text

@@ -863,14 +863,8 @@ fn cut_middle(text: String, max: usize) -> String {
     if text.len() <= max {
         return text;
     }
-    let mut head = max / 2;
-    while !text.is_char_boundary(head) {
-        head -= 1;
-    }
-    let mut tail = text.len() - max / 2;
-    while !text.is_char_boundary(tail) {
-        tail += 1;
-    }
+    let head = text.floor_char_boundary(max / 2);
+    let tail = text.ceil_char_boundary(text.len() - max / 2);
     format!("{} [cut] {}", &text[..head], &text[tail..])
 }
 
