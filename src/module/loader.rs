@@ -857,7 +857,7 @@ pub fn component_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// The most bytes of each field a module describes: what every run of it
 /// records, and every listing of modules shows.
 const DESCRIBED_MAX: [(&str, usize); 5] = [
-    ("an id", 64),
+    ("an id", ModuleId::MAX_LEN),
     ("a name", 200),
     ("a version", 100),
     ("a description", 4 << 10),

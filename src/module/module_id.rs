@@ -28,6 +28,9 @@ use crate::error::{Error, Result};
 pub struct ModuleId(String);
 
 impl ModuleId {
+    /// The most bytes (ASCII characters) a module id has.
+    pub const MAX_LEN: usize = 64;
+
     /// `id`, if it is a module id; else [`Error::InvalidModuleId`].
     pub fn new(id: impl Into<String>) -> Result<ModuleId> {
         let id = id.into();
@@ -41,7 +44,7 @@ impl ModuleId {
     /// Whether `id` is a module id.
     #[must_use]
     pub fn is_valid(id: &str) -> bool {
-        (1..=64).contains(&id.len())
+        (1..=ModuleId::MAX_LEN).contains(&id.len())
             && id
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
